@@ -1,0 +1,198 @@
+//! `ApiError`: every failure a client can see, rendered as RFC 9457
+//! `application/problem+json`. Internal causes are logged, never sent.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::event::{DecodeError, FieldError};
+use crate::pipeline::IngestError;
+
+/// Seconds a client should wait before retrying an overloaded request.
+const RETRY_AFTER_OVERLOADED_SECS: u32 = 1;
+/// Seconds a client should wait before retrying against a draining instance.
+const RETRY_AFTER_DRAINING_SECS: u32 = 5;
+
+/// A problem details document (RFC 9457).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short summary of the kind.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// Field-level validation errors.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON (400).
+    #[error("{0}")]
+    MalformedJson(String),
+    /// The request is unusable for another reason (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or wrong `Content-Type` (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Body or batch over its limit (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// Fields are invalid (422).
+    #[error("{detail}")]
+    Validation {
+        /// Summary.
+        detail: String,
+        /// Each offending field.
+        errors: Vec<FieldError>,
+    },
+    /// Same id, different content (409).
+    #[error("event `{id}` already exists with different content (sequence {sequence})")]
+    Conflict {
+        /// The id.
+        id: String,
+        /// Sequence of the stored event.
+        sequence: u64,
+    },
+    /// No such resource (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The pipeline is full (503).
+    #[error("the pipeline is at capacity; retry later")]
+    Overloaded,
+    /// The service is draining (503).
+    #[error("the service is shutting down")]
+    ShuttingDown,
+    /// `?wait=published` ran out of time (504).
+    #[error("the event was accepted but not published within {0:?}")]
+    NotPublished(std::time::Duration),
+    /// The event was accepted but processing failed (500).
+    #[error("the event was accepted but processing failed: {0}")]
+    ProcessingFailed(String),
+}
+
+impl ApiError {
+    /// A 422 for one field.
+    pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::Validation {
+            detail: format!("{field}: {message}"),
+            errors: vec![FieldError {
+                field: field.to_owned(),
+                message,
+            }],
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotPublished(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ProcessingFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn slug_and_title(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::MalformedJson(_) => ("malformed-json", "Malformed JSON"),
+            Self::BadRequest(_) => ("bad-request", "Bad request"),
+            Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
+            Self::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
+            Self::Validation { .. } => ("validation", "Invalid event"),
+            Self::Conflict { .. } => ("conflict", "Conflicting event"),
+            Self::NotFound(_) => ("not-found", "Not found"),
+            Self::Overloaded => ("overloaded", "Overloaded"),
+            Self::ShuttingDown => ("shutting-down", "Shutting down"),
+            Self::NotPublished(_) => ("not-published", "Not published in time"),
+            Self::ProcessingFailed(_) => ("processing-failed", "Processing failed"),
+        }
+    }
+
+    /// The problem document for this error.
+    pub fn problem(&self) -> Problem {
+        let (slug, title) = self.slug_and_title();
+        Problem {
+            kind: format!("urn:eventflow:problem:{slug}"),
+            title: title.to_owned(),
+            status: self.status().as_u16(),
+            detail: self.to_string(),
+            errors: match self {
+                Self::Validation { errors, .. } => errors.clone(),
+                _ => Vec::new(),
+            },
+        }
+    }
+}
+
+impl From<DecodeError> for ApiError {
+    fn from(err: DecodeError) -> Self {
+        match err {
+            DecodeError::Malformed(msg) => Self::MalformedJson(format!("malformed JSON: {msg}")),
+            DecodeError::Invalid(errors) => Self::Validation {
+                detail: format!(
+                    "invalid event: {}",
+                    errors
+                        .iter()
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                errors,
+            },
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(err: IngestError) -> Self {
+        match err {
+            IngestError::Overloaded => Self::Overloaded,
+            IngestError::ShuttingDown => Self::ShuttingDown,
+            IngestError::Conflict(record) => Self::Conflict {
+                id: record.event.id.to_string(),
+                sequence: record.sequence,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
+        }
+        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        let retry_after = match self {
+            Self::Overloaded => Some(RETRY_AFTER_OVERLOADED_SECS),
+            Self::ShuttingDown => Some(RETRY_AFTER_DRAINING_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,510 @@
+//! `/events`: ingest (single and batch), listing, and lookup by id.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::body::{MediaType, media_type, read_body};
+use super::error::{ApiError, Problem};
+use crate::event::{DecodeError, EventId, PublishedEvent, decode_event};
+use crate::pipeline::{BatchRejection, Ingested};
+use crate::store::{Outcome, PageQuery, Record, Status};
+use crate::telemetry::TraceId;
+
+/// Default and maximum page sizes of `GET /events`.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// Characters escaped in the `Location` path segment.
+const PATH_SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'|');
+
+/// An event as clients send it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // Documents the wire format; decoding lives in `event`.
+pub(crate) struct EventInput {
+    /// 1..=256 bytes, no control characters; the idempotency key.
+    id: String,
+    /// Unix seconds, a JSON integer in int64 range.
+    timestamp: i64,
+    /// At most `pipeline.max_payload_bytes` bytes.
+    payload: String,
+}
+
+/// How an ingest request was taken.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum IngestStatus {
+    /// New and queued for processing.
+    Accepted,
+    /// Already stored with the same content; not processed again.
+    Duplicate,
+}
+
+/// Answer to `POST /events`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct IngestResponse {
+    id: String,
+    status: IngestStatus,
+    /// Arrival sequence.
+    sequence: u64,
+}
+
+/// One refused event of a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchRejected {
+    /// Position in the batch, from 0.
+    index: usize,
+    /// The event's id, when it had a readable one.
+    id: Option<String>,
+    /// Why it was refused.
+    error: String,
+}
+
+/// Answer to `POST /events/batch`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchResponse {
+    /// Events newly accepted.
+    accepted: usize,
+    /// Events already stored with the same content.
+    duplicates: usize,
+    /// Events refused, with the reason.
+    rejected: Vec<BatchRejected>,
+}
+
+/// A stored event and what became of it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RecordView {
+    id: String,
+    timestamp: i64,
+    /// The payload as received.
+    payload: String,
+    status: Status,
+    sequence: u64,
+    /// When it was accepted (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    received_at: String,
+    /// The published event, once processed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<PublishedEvent>)]
+    result: Option<Arc<PublishedEvent>>,
+    /// Why processing failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl RecordView {
+    pub(crate) fn of(record: &Record) -> Self {
+        let (result, error) = match record.outcome() {
+            Some(Outcome::Processed { published, .. }) => (Some(Arc::clone(published)), None),
+            Some(Outcome::Failed { error }) => (None, Some(error.clone())),
+            None => (None, None),
+        };
+        Self {
+            id: record.event.id.to_string(),
+            timestamp: record.event.timestamp,
+            payload: record.event.payload.clone(),
+            status: record.status(),
+            sequence: record.sequence,
+            received_at: humantime::format_rfc3339_micros(record.received_at).to_string(),
+            result,
+            error,
+        }
+    }
+}
+
+/// A page of events in arrival order.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EventPage {
+    events: Vec<RecordView>,
+    /// Pass as `after` to get the next page; null on the last page.
+    next: Option<String>,
+}
+
+/// Query of `POST /events`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct IngestParams {
+    /// `published`: answer only once the event is published (200 with the
+    /// published event, or 504 after `server.request_timeout`).
+    wait: Option<String>,
+}
+
+/// Query of `GET /events`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListParams {
+    /// Page size, 1..=1000 (larger values are capped); default 100.
+    limit: Option<String>,
+    /// Cursor from a previous page's `next`.
+    after: Option<String>,
+    /// Only events with this status: `pending`, `processed` or `failed`.
+    status: Option<String>,
+}
+
+fn trace_id(headers: &HeaderMap) -> TraceId {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceId::from_traceparent)
+        .unwrap_or_else(TraceId::random)
+}
+
+fn location(id: &EventId) -> Option<HeaderValue> {
+    let path = format!("/events/{}", utf8_percent_encode(id.as_str(), PATH_SEGMENT));
+    HeaderValue::from_str(&path).ok()
+}
+
+fn query_error(rejection: QueryRejection) -> ApiError {
+    ApiError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+}
+
+/// Ingest one event.
+#[utoipa::path(
+    post,
+    path = "/events",
+    tag = "events",
+    params(IngestParams),
+    request_body(content = EventInput, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted; `Location` names the event", body = IngestResponse,
+            headers(("Location" = String, description = "URL of the event"))),
+        (status = 200, description = "Duplicate (same id and content), or the published event with `?wait=published`", body = IngestResponse),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Same id, different content", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded or shutting down; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Not published within `server.request_timeout`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn post_event(
+    State(state): State<AppState>,
+    params: Result<Query<IngestParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(query_error)?;
+    let wait = match params.wait.as_deref() {
+        None => false,
+        Some("published") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_field(
+                "wait",
+                format!("must be `published`, got `{other}`"),
+            ));
+        }
+    };
+    media_type(&headers, &[MediaType::Json])?;
+    let bytes = read_body(&headers, body, state.server.max_body_bytes).await?;
+    let event = decode_event(&bytes, state.pipeline.settings().max_payload_bytes)?;
+    let id = event.id.clone();
+    match state.pipeline.ingest(event, trace_id(&headers), wait).await? {
+        Ingested::Duplicate(record) => Ok((
+            StatusCode::OK,
+            Json(IngestResponse {
+                id: id.to_string(),
+                status: IngestStatus::Duplicate,
+                sequence: record.sequence,
+            }),
+        )
+            .into_response()),
+        Ingested::Accepted {
+            record,
+            waiter: None,
+        } => {
+            let mut response = (
+                StatusCode::ACCEPTED,
+                Json(IngestResponse {
+                    id: id.to_string(),
+                    status: IngestStatus::Accepted,
+                    sequence: record.sequence,
+                }),
+            )
+                .into_response();
+            if let Some(location) = location(&id) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            Ok(response)
+        }
+        Ingested::Accepted {
+            record,
+            waiter: Some(waiter),
+        } => {
+            let timeout = state.server.request_timeout;
+            match tokio::time::timeout(timeout, waiter).await {
+                Ok(Ok(Ok(published))) => Ok((StatusCode::OK, Json(published)).into_response()),
+                Ok(Ok(Err(error))) => Err(ApiError::ProcessingFailed(error)),
+                Ok(Err(_)) => Err(ApiError::ProcessingFailed("the worker stopped".into())),
+                Err(_) => {
+                    state.pipeline.cancel_wait(record.sequence);
+                    Err(ApiError::NotPublished(timeout))
+                }
+            }
+        }
+    }
+}
+
+/// Ingest many events: a JSON array or NDJSON, optionally gzip-compressed.
+#[utoipa::path(
+    post,
+    path = "/events/batch",
+    tag = "events",
+    request_body(
+        description = "A JSON array of events, or one event per line (NDJSON). `Content-Encoding: gzip` is accepted; `server.max_batch_body_bytes` applies after decompression.",
+        content(
+            (Vec<EventInput> = "application/json"),
+            (String = "application/x-ndjson"),
+        )
+    ),
+    responses(
+        (status = 202, description = "The valid events were taken; invalid ones are listed", body = BatchResponse),
+        (status = 400, description = "Malformed JSON array or gzip", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body or event count over the limits", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type or encoding", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "No event in the batch is valid", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The valid events do not all fit; nothing was stored", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn post_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let media = media_type(&headers, &[MediaType::Json, MediaType::Ndjson])?;
+    let bytes = read_body(&headers, body, state.server.max_batch_body_bytes).await?;
+    let settings = state.pipeline.settings();
+    let items = match media {
+        MediaType::Json => split_array(&bytes, settings.max_batch)?,
+        MediaType::Ndjson => split_lines(&bytes, settings.max_batch)?,
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid_field("body", "the batch contains no events"));
+    }
+    let mut valid = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match decode_event(item, settings.max_payload_bytes) {
+            Ok(event) => valid.push((index, event)),
+            Err(err) => rejected.push(BatchRejection {
+                index,
+                id: readable_id(item),
+                error: err.summary(),
+            }),
+        }
+    }
+    if valid.is_empty() {
+        return Err(ApiError::Validation {
+            detail: format!("none of the {} events is valid", items.len()),
+            errors: rejected
+                .iter()
+                .map(|r| crate::event::FieldError {
+                    field: format!("[{}]", r.index),
+                    message: r.error.clone(),
+                })
+                .collect(),
+        });
+    }
+    let mut outcome = state.pipeline.ingest_batch(valid, trace_id(&headers)).await?;
+    rejected.append(&mut outcome.rejected);
+    rejected.sort_by_key(|r| r.index);
+    let body = BatchResponse {
+        accepted: outcome.accepted,
+        duplicates: outcome.duplicates,
+        rejected: rejected
+            .into_iter()
+            .map(|r| BatchRejected {
+                index: r.index,
+                id: r.id,
+                error: r.error,
+            })
+            .collect(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+fn too_many(max: usize) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "the batch holds more than pipeline.max_batch = {max} events"
+    ))
+}
+
+/// Splits a JSON array into its elements without decoding them.
+fn split_array(bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, ApiError> {
+    let elements: Vec<&RawValue> = serde_json::from_slice(bytes).map_err(|err| {
+        if err.is_data() {
+            ApiError::invalid_field("body", "must be a JSON array of events")
+        } else {
+            ApiError::from(DecodeError::Malformed(err.to_string()))
+        }
+    })?;
+    if elements.len() > max {
+        return Err(too_many(max));
+    }
+    Ok(elements.into_iter().map(|raw| raw.get().as_bytes()).collect())
+}
+
+/// Splits NDJSON into its non-blank lines.
+fn split_lines(bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, ApiError> {
+    let mut lines = Vec::new();
+    for line in bytes.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if lines.len() == max {
+            return Err(too_many(max));
+        }
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+/// The `id` of an invalid event, if it has a string one.
+fn readable_id(item: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<IdOnly>(item).ok()?.id? {
+        serde_json::Value::String(id) => Some(id),
+        _ => None,
+    }
+}
+
+/// List events in arrival order.
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "events",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of events", body = EventPage),
+        (status = 422, description = "Invalid limit, cursor or status", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_events(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<EventPage>, ApiError> {
+    let Query(params) = params.map_err(query_error)?;
+    let limit = match params.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(raw) => match raw.parse::<u64>() {
+            Ok(0) => return Err(ApiError::invalid_field("limit", "must be at least 1")),
+            Ok(n) => usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
+            Err(_) => {
+                return Err(ApiError::invalid_field(
+                    "limit",
+                    format!("must be a positive integer, got `{raw}`"),
+                ));
+            }
+        },
+    };
+    let after = match params.after.as_deref() {
+        None | Some("") => 0,
+        Some(raw) => raw.parse::<u64>().map_err(|_| {
+            ApiError::invalid_field("after", format!("`{raw}` is not a cursor from `next`"))
+        })?,
+    };
+    let status = match params.status.as_deref() {
+        None | Some("") => None,
+        Some("pending") => Some(Status::Pending),
+        Some("processed") => Some(Status::Processed),
+        Some("failed") => Some(Status::Failed),
+        Some(other) => {
+            return Err(ApiError::invalid_field(
+                "status",
+                format!("must be pending, processed or failed, got `{other}`"),
+            ));
+        }
+    };
+    let page = state
+        .pipeline
+        .store()
+        .page(PageQuery {
+            after,
+            limit,
+            status,
+            published_up_to: None,
+        })
+        .await;
+    Ok(Json(EventPage {
+        events: page.records.iter().map(|r| RecordView::of(r)).collect(),
+        next: page.next.map(|n| n.to_string()),
+    }))
+}
+
+/// Look up one event.
+#[utoipa::path(
+    get,
+    path = "/events/{id}",
+    tag = "events",
+    params(("id" = String, Path, description = "The event id")),
+    responses(
+        (status = 200, description = "The event, its status and (once processed) its result", body = RecordView),
+        (status = 404, description = "No such event (never received, or evicted)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_event(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<RecordView>, ApiError> {
+    let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
+    let not_found = || ApiError::NotFound(format!("no event with id `{raw}`"));
+    let id = EventId::parse(&raw).map_err(|_| not_found())?;
+    let record = state.pipeline.store().get(&id).await.ok_or_else(not_found)?;
+    Ok(Json(RecordView::of(&record)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ndjson_skips_blank_lines_and_counts() {
+        let body = b"{\"a\":1}\r\n\n  \n{\"b\":2}\n";
+        let lines = split_lines(body, 10).unwrap();
+        assert_eq!(lines, [&b"{\"a\":1}"[..], b"{\"b\":2}"]);
+        assert!(matches!(split_lines(body, 1), Err(ApiError::PayloadTooLarge(_))));
+    }
+
+    #[test]
+    fn arrays_are_split_without_decoding() {
+        let items = split_array(br#"[{"id":"a"}, 5, "x"]"#, 10).unwrap();
+        assert_eq!(items, [&br#"{"id":"a"}"#[..], b"5", b"\"x\""]);
+        assert!(matches!(split_array(b"[1,", 10), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(split_array(b"{}", 10), Err(ApiError::Validation { .. })));
+        assert!(matches!(split_array(b"[1,2,3]", 2), Err(ApiError::PayloadTooLarge(_))));
+    }
+
+    #[test]
+    fn location_escapes_the_id() {
+        let id = EventId::parse("a/b c?d").unwrap();
+        assert_eq!(location(&id).unwrap(), "/events/a%2Fb%20c%3Fd");
+    }
+}

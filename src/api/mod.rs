@@ -1,0 +1,100 @@
+//! The HTTP API: router, shared state, and one module per resource.
+//!
+//! Routes are registered through `utoipa-axum`, so the OpenAPI document at
+//! `GET /openapi.json` is generated from the same handlers and types that
+//! serve requests.
+
+mod body;
+pub mod error;
+mod events;
+mod health;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::config::ServerSettings;
+use crate::pipeline::Pipeline;
+use crate::shutdown::Readiness;
+
+pub use error::{ApiError, Problem};
+
+/// Everything a handler can reach; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The ingest pipeline (and through it the store).
+    pub pipeline: Pipeline,
+    /// Readiness flag.
+    pub readiness: Readiness,
+    /// Server settings (limits, timeouts).
+    pub server: Arc<ServerSettings>,
+    /// Cancelled after the drain so that SSE streams end and the server can stop.
+    pub stream_stop: CancellationToken,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "eventflow",
+        description = "Event ingest and processing service. Errors are application/problem+json (RFC 9457)."
+    ),
+    tags(
+        (name = "events", description = "Ingest, query and stream events"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+struct ApiDoc;
+
+/// Builds the router (with its generated OpenAPI document).
+pub fn router(state: AppState) -> Router {
+    let (api_routes, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(events::post_event, events::list_events))
+        .routes(routes!(events::post_batch))
+        .routes(routes!(stream::stream_events))
+        .routes(routes!(events::get_event))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::health))
+        .routes(routes!(health::readyz))
+        .split_for_parts();
+    let openapi = Arc::new(openapi);
+    // A backstop only: handlers answer within `request_timeout` themselves
+    // (`?wait=published` returns 504 at exactly that point).
+    let backstop = state.server.request_timeout + Duration::from_secs(1);
+    api_routes
+        .route(
+            "/openapi.json",
+            get(move || {
+                let openapi = Arc::clone(&openapi);
+                async move { Json(openapi) }
+            }),
+        )
+        .fallback(not_found)
+        .with_state(state)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            backstop,
+        ))
+        .layer(CatchPanicLayer::new())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
+        )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}

@@ -1,0 +1,161 @@
+//! Building and running the service.
+//!
+//! [`App::build`] binds the listener (port 0 works, which is how tests get
+//! a free port) and wires store, queue, sinks and workers;
+//! [`App::run_until_stopped`] serves until the given shutdown future
+//! resolves, then drains in this order:
+//!
+//! 1. readiness turns 503 and new ingest calls are refused;
+//! 2. the listener stops accepting; in-flight requests finish;
+//! 3. once no ingest call is in progress the queue is closed, and the
+//!    workers publish everything left in it;
+//! 4. sinks are flushed, SSE streams end, the server task completes.
+//!
+//! All of it within `server.shutdown_grace`, or a [`DeadlineExceeded`]
+//! reports what was left.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::Settings;
+use crate::pipeline::{MemoryQueue, Pipeline, WorkerPool};
+use crate::shutdown::{DeadlineExceeded, Phase, Readiness};
+use crate::sink::{Sink, build_sinks};
+use crate::store::MemoryStore;
+
+/// Time allowed to flush sinks after the drain deadline has passed.
+const LATE_FLUSH: Duration = Duration::from_secs(2);
+
+/// A built, not yet running, service.
+#[derive(Debug)]
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AppState,
+    workers: WorkerPool,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    /// Builds the service from settings with the configured sinks.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let sinks = build_sinks(&settings.publish.sinks);
+        Self::build_with_sinks(settings, sinks).await
+    }
+
+    /// Builds the service with explicit sinks (tests use this to observe output).
+    pub async fn build_with_sinks(
+        settings: Settings,
+        sinks: Vec<Arc<dyn Sink>>,
+    ) -> anyhow::Result<Self> {
+        let addr = settings.server.socket_addr()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (server.addr)"))?;
+        let local_addr = listener.local_addr()?;
+        let store = Arc::new(MemoryStore::new(&settings.store));
+        let queue = MemoryQueue::new(settings.pipeline.queue_capacity);
+        let pipeline = Pipeline::new(settings.pipeline.clone(), store, queue, sinks);
+        let workers = pipeline.start_workers();
+        let state = AppState {
+            pipeline,
+            readiness: Readiness::default(),
+            server: Arc::new(settings.server.clone()),
+            stream_stop: CancellationToken::new(),
+        };
+        Ok(Self {
+            listener,
+            local_addr,
+            state,
+            workers,
+            shutdown_grace: settings.server.shutdown_grace,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The shared state (pipeline, readiness).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see the module docs).
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DeadlineExceeded> {
+        let Self {
+            listener,
+            local_addr,
+            state,
+            workers,
+            shutdown_grace,
+        } = self;
+        let pipeline = state.pipeline.clone();
+        let readiness = state.readiness.clone();
+        let stream_stop = state.stream_stop.clone();
+        let http_stop = CancellationToken::new();
+        let router = api::router(state);
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+        let server = tokio::spawn(async move {
+            if let Err(error) = server.await {
+                tracing::error!(%error, "HTTP server failed");
+            }
+        });
+        readiness.set(Phase::Ready);
+        tracing::info!(
+            addr = %local_addr,
+            workers = workers.len(),
+            "eventflow listening"
+        );
+
+        shutdown.await;
+        let started = tokio::time::Instant::now();
+        tracing::info!(grace = ?shutdown_grace, "shutting down: draining accepted events");
+        readiness.set(Phase::Draining);
+        pipeline.close_ingest();
+        http_stop.cancel();
+
+        let drain = async {
+            pipeline.ingest_idle().await;
+            pipeline.close_queue();
+            workers.stopped().await;
+            pipeline.flush_sinks().await;
+            stream_stop.cancel();
+            let _ = server.await;
+        };
+        match tokio::time::timeout(shutdown_grace, drain).await {
+            Ok(()) => {
+                tracing::info!(took = ?started.elapsed(), "shutdown complete: every accepted event was published");
+                Ok(())
+            }
+            Err(_) => {
+                let report = DeadlineExceeded {
+                    grace: shutdown_grace,
+                    queued: pipeline.queue_depth(),
+                    in_flight: pipeline.backpressure().in_use(),
+                };
+                tracing::error!(
+                    queued = report.queued,
+                    in_flight = report.in_flight,
+                    "shutdown deadline passed before the drain finished"
+                );
+                // Still make what was published visible.
+                let _ = tokio::time::timeout(LATE_FLUSH, pipeline.flush_sinks()).await;
+                stream_stop.cancel();
+                Err(report)
+            }
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Typed, layered settings.
+//!
+//! Precedence, lowest first: built-in defaults < optional TOML file
+//! (`--config PATH` or `EVENTFLOW_CONFIG`) < `EVENTFLOW__SECTION__KEY`
+//! environment variables (lists comma-separated, durations like `"30s"`).
+//! Every error names the offending key so a bad deployment fails at start
+//! with a message an operator can act on.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::pipeline::transform::TransformKind;
+
+/// Everything eventflow can be configured with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP listener and request limits.
+    pub server: ServerSettings,
+    /// Queue, workers and event limits.
+    pub pipeline: PipelineSettings,
+    /// Bounds of the in-memory event store.
+    pub store: StoreSettings,
+    /// Where processed events go.
+    pub publish: PublishSettings,
+    /// Logging.
+    pub telemetry: TelemetrySettings,
+}
+
+/// `server.*` keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Listen address, e.g. `0.0.0.0:8080`; port 0 picks a free port.
+    pub addr: String,
+    /// Largest body accepted by single-event requests.
+    pub max_body_bytes: usize,
+    /// Largest batch body, measured after gzip decompression.
+    pub max_batch_body_bytes: usize,
+    /// Upper bound for one request, including `?wait=published`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Time allowed to drain the pipeline after SIGINT/SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `pipeline.*` keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Number of worker tasks.
+    pub workers: usize,
+    /// Maximum number of accepted, not yet published events.
+    pub queue_capacity: usize,
+    /// Maximum payload size of one event, in bytes.
+    pub max_payload_bytes: usize,
+    /// Maximum number of events in one batch request.
+    pub max_batch: usize,
+    /// Transform chain, applied in order.
+    pub transforms: Vec<TransformKind>,
+    /// Maximum bytes of queued (accepted, unpublished) events.
+    pub queue_max_bytes: usize,
+}
+
+/// `store.*` keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Maximum number of records held; oldest processed are evicted first.
+    pub max_events: usize,
+    /// Maximum estimated bytes held by records.
+    pub max_bytes: usize,
+}
+
+/// `publish.*` keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishSettings {
+    /// Sinks every processed event is written to (the SSE stream is always on).
+    pub sinks: Vec<SinkKind>,
+}
+
+/// A configurable publishing destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// One JSON line per event on standard output.
+    Stdout,
+    /// One `tracing` event per published event.
+    Log,
+}
+
+/// `telemetry.*` keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `json` (default) or `pretty`.
+    pub log_format: LogFormat,
+    /// Default level directive; `RUST_LOG` wins when set.
+    pub log_level: String,
+}
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable, multi-line.
+    Pretty,
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The sources could not be read or did not deserialize.
+    #[error("invalid configuration: {0}")]
+    Source(#[from] config::ConfigError),
+    /// A value parsed but is out of its allowed range.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The dotted key, e.g. `pipeline.queue_capacity`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Comma-separated list keys when given through the environment.
+const LIST_KEYS: [&str; 2] = ["pipeline.transforms", "publish.sinks"];
+
+impl Settings {
+    /// Loads settings from defaults, an optional file and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Loads settings with an explicit environment (testable without touching the process env).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("EVENTFLOW__"))
+            .collect();
+        let mut environment = config::Environment::with_prefix("EVENTFLOW")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .try_parsing(true)
+            .source(Some(env));
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        let mut builder = defaults(config::Config::builder())?;
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(environment)
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks ranges and relations that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        self.server.socket_addr()?;
+        let positive = [
+            ("server.max_body_bytes", self.server.max_body_bytes),
+            ("server.max_batch_body_bytes", self.server.max_batch_body_bytes),
+            ("pipeline.workers", self.pipeline.workers),
+            ("pipeline.queue_capacity", self.pipeline.queue_capacity),
+            ("pipeline.max_payload_bytes", self.pipeline.max_payload_bytes),
+            ("pipeline.max_batch", self.pipeline.max_batch),
+            ("pipeline.queue_max_bytes", self.pipeline.queue_max_bytes),
+            ("store.max_events", self.store.max_events),
+            ("store.max_bytes", self.store.max_bytes),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.pipeline.workers > 1024 {
+            return Err(invalid("pipeline.workers", "must be at most 1024"));
+        }
+        // Semaphore permits are limited to usize::MAX >> 3 by tokio.
+        if self.pipeline.queue_capacity > 1 << 30 {
+            return Err(invalid("pipeline.queue_capacity", "must be at most 2^30"));
+        }
+        if self.pipeline.queue_max_bytes > 1 << 40 {
+            return Err(invalid("pipeline.queue_max_bytes", "must be at most 2^40"));
+        }
+        // Pending events can never be evicted, so the store must be able to
+        // hold a full queue or accepted events could find no place.
+        if self.store.max_events < self.pipeline.queue_capacity {
+            return Err(invalid(
+                "store.max_events",
+                format!(
+                    "must be at least pipeline.queue_capacity ({})",
+                    self.pipeline.queue_capacity
+                ),
+            ));
+        }
+        if self.store.max_bytes < self.pipeline.queue_max_bytes {
+            return Err(invalid(
+                "store.max_bytes",
+                format!(
+                    "must be at least pipeline.queue_max_bytes ({})",
+                    self.pipeline.queue_max_bytes
+                ),
+            ));
+        }
+        if self.server.request_timeout.is_zero() {
+            return Err(invalid("server.request_timeout", "must be greater than 0"));
+        }
+        if self
+            .telemetry
+            .log_level
+            .parse::<tracing_subscriber::filter::EnvFilter>()
+            .is_err()
+        {
+            return Err(invalid(
+                "telemetry.log_level",
+                format!("`{}` is not a valid level directive", self.telemetry.log_level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ServerSettings {
+    /// The listen address, parsed.
+    pub fn socket_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.addr.parse().map_err(|_| ConfigError::Invalid {
+            key: "server.addr",
+            message: format!("`{}` is not a socket address like 0.0.0.0:8080", self.addr),
+        })
+    }
+}
+
+fn default_workers() -> i64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as i64)
+}
+
+fn defaults(
+    builder: config::ConfigBuilder<config::builder::DefaultState>,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
+    builder
+        .set_default("server.addr", "0.0.0.0:8080")?
+        .set_default("server.max_body_bytes", 1_048_576)?
+        .set_default("server.max_batch_body_bytes", 16_777_216)?
+        .set_default("server.request_timeout", "10s")?
+        .set_default("server.shutdown_grace", "30s")?
+        .set_default("pipeline.workers", default_workers())?
+        .set_default("pipeline.queue_capacity", 65_536)?
+        .set_default("pipeline.max_payload_bytes", 65_536)?
+        .set_default("pipeline.max_batch", 10_000)?
+        .set_default("pipeline.transforms", vec!["uppercase", "enrich"])?
+        .set_default("pipeline.queue_max_bytes", 268_435_456_i64)?
+        .set_default("store.max_events", 1_000_000)?
+        .set_default("store.max_bytes", 1_073_741_824_i64)?
+        .set_default("publish.sinks", vec!["stdout"])?
+        .set_default("telemetry.log_format", "json")?
+        .set_default("telemetry.log_level", "info")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.server.addr, "0.0.0.0:8080");
+        assert_eq!(s.server.max_body_bytes, 1_048_576);
+        assert_eq!(s.server.max_batch_body_bytes, 16_777_216);
+        assert_eq!(s.server.request_timeout, Duration::from_secs(10));
+        assert_eq!(s.server.shutdown_grace, Duration::from_secs(30));
+        assert!(s.pipeline.workers >= 1);
+        assert_eq!(s.pipeline.queue_capacity, 65_536);
+        assert_eq!(s.pipeline.max_payload_bytes, 65_536);
+        assert_eq!(s.pipeline.max_batch, 10_000);
+        assert_eq!(
+            s.pipeline.transforms,
+            vec![TransformKind::Uppercase, TransformKind::Enrich]
+        );
+        assert_eq!(s.pipeline.queue_max_bytes, 268_435_456);
+        assert_eq!(s.store.max_events, 1_000_000);
+        assert_eq!(s.store.max_bytes, 1_073_741_824);
+        assert_eq!(s.publish.sinks, vec![SinkKind::Stdout]);
+        assert_eq!(s.telemetry.log_format, LogFormat::Json);
+        assert_eq!(s.telemetry.log_level, "info");
+    }
+
+    #[test]
+    fn environment_overrides_with_lists_and_durations() {
+        let s = load(&[
+            ("EVENTFLOW__PIPELINE__WORKERS", "3"),
+            ("EVENTFLOW__PUBLISH__SINKS", "stdout,log"),
+            ("EVENTFLOW__PIPELINE__TRANSFORMS", "enrich"),
+            ("EVENTFLOW__SERVER__SHUTDOWN_GRACE", "2s"),
+            ("EVENTFLOW__TELEMETRY__LOG_FORMAT", "pretty"),
+        ])
+        .unwrap();
+        assert_eq!(s.pipeline.workers, 3);
+        assert_eq!(s.publish.sinks, vec![SinkKind::Stdout, SinkKind::Log]);
+        assert_eq!(s.pipeline.transforms, vec![TransformKind::Enrich]);
+        assert_eq!(s.server.shutdown_grace, Duration::from_secs(2));
+        assert_eq!(s.telemetry.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn file_is_layered_under_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eventflow.toml");
+        std::fs::write(
+            &path,
+            "[pipeline]\nworkers = 7\nqueue_capacity = 10\n[server]\naddr = \"127.0.0.1:9999\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(
+            Some(&path),
+            [("EVENTFLOW__PIPELINE__WORKERS".to_string(), "2".to_string())],
+        )
+        .unwrap();
+        assert_eq!(s.pipeline.workers, 2);
+        assert_eq!(s.pipeline.queue_capacity, 10);
+        assert_eq!(s.server.addr, "127.0.0.1:9999");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: [(&str, &str, &str); 8] = [
+            ("EVENTFLOW__PIPELINE__WORKERS", "lots", "pipeline.workers"),
+            ("EVENTFLOW__PIPELINE__QUEUE_CAPACITY", "0", "pipeline.queue_capacity"),
+            ("EVENTFLOW__SERVER__ADDR", "not an address", "server.addr"),
+            ("EVENTFLOW__SERVER__SHUTDOWN_GRACE", "soon", "server.shutdown_grace"),
+            ("EVENTFLOW__PUBLISH__SINKS", "stdout,kafka", "publish.sinks"),
+            ("EVENTFLOW__PIPELINE__TRANSFORMS", "reverse", "pipeline.transforms"),
+            ("EVENTFLOW__STORE__MAX_EVENTS", "10", "store.max_events"),
+            ("EVENTFLOW__TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
+        ];
+        for (var, value, key) in cases {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(key), "{var}={value}: `{err}` does not name {key}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = load(&[("EVENTFLOW__PIPELINE__WORKRES", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("workres"), "{err}");
+    }
+}

@@ -1,0 +1,368 @@
+//! The event as clients send it, parsed into types that can only hold valid
+//! values ("parse, don't validate"), and the event as it is published.
+//!
+//! Decoding takes a fast path (one typed `serde_json` pass) and only on
+//! failure re-reads the body as a generic JSON value to name every offending
+//! field, so valid traffic never pays for error reporting.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize, Serializer};
+use utoipa::ToSchema;
+
+/// Longest accepted id, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// An event id: 1..=256 bytes of UTF-8 without control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(Arc<str>);
+
+impl EventId {
+    /// Parses an id, explaining what is wrong when it is not valid.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if raw.len() > MAX_ID_BYTES {
+            return Err(format!(
+                "must be at most {MAX_ID_BYTES} bytes, got {}",
+                raw.len()
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err("must not contain control characters".into());
+        }
+        Ok(Self(Arc::from(raw)))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// A validated incoming event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Idempotency key.
+    pub id: EventId,
+    /// Client-supplied Unix seconds.
+    pub timestamp: i64,
+    /// Opaque text, at most `pipeline.max_payload_bytes`.
+    pub payload: String,
+}
+
+/// One problem with one field of an incoming event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    /// Field name (`id`, `timestamp`, `payload`, an unknown field's name, or `body`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why bytes could not become an [`Event`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON at all (→ 400).
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    /// JSON, but fields are missing, of the wrong type or out of range (→ 422).
+    #[error("invalid event")]
+    Invalid(Vec<FieldError>),
+}
+
+impl DecodeError {
+    /// A one-line description, used for batch rejections.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Malformed(msg) => format!("malformed JSON: {msg}"),
+            Self::Invalid(errors) => errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+}
+
+/// The wire shape, used by the fast path.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireEvent {
+    id: String,
+    timestamp: i64,
+    payload: String,
+}
+
+/// Decodes and validates one JSON event.
+pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, DecodeError> {
+    match serde_json::from_slice::<WireEvent>(bytes) {
+        Ok(wire) => validate(wire, max_payload_bytes).map_err(DecodeError::Invalid),
+        Err(fast_err) => Err(explain(bytes, max_payload_bytes, &fast_err)),
+    }
+}
+
+fn validate(wire: WireEvent, max_payload_bytes: usize) -> Result<Event, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let id = EventId::parse(&wire.id).map_err(|m| errors.push(FieldError::new("id", m)));
+    if wire.payload.len() > max_payload_bytes {
+        errors.push(payload_too_large(wire.payload.len(), max_payload_bytes));
+    }
+    match id {
+        Ok(id) if errors.is_empty() => Ok(Event {
+            id,
+            timestamp: wire.timestamp,
+            payload: wire.payload,
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn payload_too_large(len: usize, max: usize) -> FieldError {
+    FieldError::new("payload", format!("must be at most {max} bytes, got {len}"))
+}
+
+/// The slow path: say exactly which fields are wrong.
+fn explain(bytes: &[u8], max_payload_bytes: usize, fast_err: &serde_json::Error) -> DecodeError {
+    let value: serde_json::Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => return DecodeError::Malformed(e.to_string()),
+    };
+    let serde_json::Value::Object(map) = value else {
+        return DecodeError::Invalid(vec![FieldError::new("body", "must be a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    match map.get("id") {
+        None => errors.push(FieldError::new("id", "is required")),
+        Some(serde_json::Value::String(s)) => {
+            if let Err(m) = EventId::parse(s) {
+                errors.push(FieldError::new("id", m));
+            }
+        }
+        Some(_) => errors.push(FieldError::new("id", "must be a string")),
+    }
+    match map.get("timestamp") {
+        None => errors.push(FieldError::new("timestamp", "is required")),
+        Some(serde_json::Value::Number(n)) if n.is_i64() => {}
+        Some(serde_json::Value::Number(n)) if n.is_u64() => errors.push(FieldError::new(
+            "timestamp",
+            "must be within the int64 range",
+        )),
+        Some(serde_json::Value::Number(_)) => errors.push(FieldError::new(
+            "timestamp",
+            "must be an integer (Unix seconds) within the int64 range",
+        )),
+        Some(_) => errors.push(FieldError::new(
+            "timestamp",
+            "must be an integer (Unix seconds)",
+        )),
+    }
+    match map.get("payload") {
+        None => errors.push(FieldError::new("payload", "is required")),
+        Some(serde_json::Value::String(s)) if s.len() > max_payload_bytes => {
+            errors.push(payload_too_large(s.len(), max_payload_bytes));
+        }
+        Some(serde_json::Value::String(_)) => {}
+        Some(_) => errors.push(FieldError::new("payload", "must be a string")),
+    }
+    for key in map.keys() {
+        if !matches!(key.as_str(), "id" | "timestamp" | "payload") {
+            errors.push(FieldError::new(key.clone(), "unknown field"));
+        }
+    }
+    if errors.is_empty() {
+        // Valid as a generic value yet rejected by the typed pass: for
+        // example a duplicated key. Report serde's own words.
+        errors.push(FieldError::new("body", fast_err.to_string()));
+    }
+    DecodeError::Invalid(errors)
+}
+
+/// Metadata the `enrich` transform adds.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Metadata {
+    /// When the service accepted the event (RFC 3339, UTC).
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub received_at: SystemTime,
+    /// When a worker processed it (RFC 3339, UTC).
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub processed_at: SystemTime,
+    /// Id of the worker that processed it.
+    pub worker: u32,
+    /// Arrival order.
+    pub sequence: u64,
+    /// Time spent queued before a worker took it, in milliseconds.
+    pub queue_wait_ms: f64,
+    /// W3C trace id (32 hex digits) of the request that ingested it.
+    pub trace_id: String,
+}
+
+/// The event as published by the sinks.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct PublishedEvent {
+    /// The client's id.
+    #[schema(value_type = String)]
+    pub id: EventId,
+    /// The client's timestamp.
+    pub timestamp: i64,
+    /// The transformed payload.
+    pub payload: String,
+    /// Present when the `enrich` transform ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+/// Serializes a time as RFC 3339 in UTC with microseconds.
+pub fn rfc3339<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_rfc3339_micros(*time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 65_536;
+
+    fn body(id: &str, timestamp: &str, payload: &str) -> Vec<u8> {
+        format!(
+            r#"{{"id":{},"timestamp":{timestamp},"payload":{}}}"#,
+            serde_json::to_string(id).unwrap(),
+            serde_json::to_string(payload).unwrap()
+        )
+        .into_bytes()
+    }
+
+    fn fields(err: DecodeError) -> Vec<String> {
+        match err {
+            DecodeError::Invalid(errors) => errors.into_iter().map(|e| e.field).collect(),
+            DecodeError::Malformed(m) => panic!("expected invalid, got malformed: {m}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_valid_event() {
+        let event = decode_event(&body("a-1", "1700000000", "hello"), MAX).unwrap();
+        assert_eq!(event.id.as_str(), "a-1");
+        assert_eq!(event.timestamp, 1_700_000_000);
+        assert_eq!(event.payload, "hello");
+    }
+
+    #[test]
+    fn id_boundaries() {
+        let ok = "x".repeat(256);
+        assert!(decode_event(&body(&ok, "1", ""), MAX).is_ok());
+        let long = "x".repeat(257);
+        assert_eq!(fields(decode_event(&body(&long, "1", ""), MAX).unwrap_err()), ["id"]);
+        assert_eq!(fields(decode_event(&body("", "1", ""), MAX).unwrap_err()), ["id"]);
+        // 256 bytes of multi-byte characters is fine; 257 bytes is not.
+        let multibyte = "é".repeat(128);
+        assert!(decode_event(&body(&multibyte, "1", ""), MAX).is_ok());
+        let multibyte_long = format!("{multibyte}x");
+        assert!(decode_event(&body(&multibyte_long, "1", ""), MAX).is_err());
+    }
+
+    #[test]
+    fn id_rejects_control_characters() {
+        for id in ["a\nb", "a\u{0}b", "tab\t", "del\u{7f}", "c1\u{85}"] {
+            assert_eq!(fields(decode_event(&body(id, "1", ""), MAX).unwrap_err()), ["id"], "{id:?}");
+        }
+        assert!(decode_event(&body("unicode ✓ id/with spaces", "1", ""), MAX).is_ok());
+    }
+
+    #[test]
+    fn payload_boundaries() {
+        let ok = "p".repeat(MAX);
+        assert!(decode_event(&body("a", "1", &ok), MAX).is_ok());
+        let over = "p".repeat(MAX + 1);
+        let err = decode_event(&body("a", "1", &over), MAX).unwrap_err();
+        assert_eq!(fields(err), ["payload"]);
+        assert!(decode_event(&body("a", "1", ""), MAX).is_ok());
+    }
+
+    #[test]
+    fn timestamp_must_be_an_int64_integer() {
+        assert!(decode_event(&body("a", "9223372036854775807", ""), MAX).is_ok());
+        assert!(decode_event(&body("a", "-9223372036854775808", ""), MAX).is_ok());
+        for bad in [
+            "9223372036854775808",
+            "-9223372036854775809",
+            "1.5",
+            "1.0",
+            "1e3",
+            "\"1700000000\"",
+            "null",
+            "true",
+        ] {
+            let err = decode_event(&body("a", bad, ""), MAX).unwrap_err();
+            assert_eq!(fields(err), ["timestamp"], "timestamp {bad}");
+        }
+    }
+
+    #[test]
+    fn missing_wrong_typed_and_unknown_fields_are_all_named() {
+        let err = decode_event(br#"{"id":5,"extra":1}"#, MAX).unwrap_err();
+        assert_eq!(fields(err), ["id", "timestamp", "payload", "extra"]);
+        let err = decode_event(br#"{"id":"a","timestamp":1,"payload":["x"]}"#, MAX).unwrap_err();
+        assert_eq!(fields(err), ["payload"]);
+        let err = decode_event(br#"[1,2]"#, MAX).unwrap_err();
+        assert_eq!(fields(err), ["body"]);
+        let err = decode_event(br#"{"id":"a","id":"b","timestamp":1,"payload":""}"#, MAX).unwrap_err();
+        assert_eq!(fields(err), ["body"]);
+    }
+
+    #[test]
+    fn malformed_json_is_distinguished() {
+        for bad in [&b"{"[..], b"", b"not json", b"{\"id\":\"a\",}", b"\xff\xfe"] {
+            assert!(matches!(decode_event(bad, MAX), Err(DecodeError::Malformed(_))));
+        }
+    }
+
+    #[test]
+    fn published_event_serializes_metadata_as_rfc3339() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let event = PublishedEvent {
+            id: EventId::parse("a").unwrap(),
+            timestamp: 1,
+            payload: "X".into(),
+            metadata: Some(Metadata {
+                received_at: t,
+                processed_at: t,
+                worker: 2,
+                sequence: 9,
+                queue_wait_ms: 0.5,
+                trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            }),
+        };
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["metadata"]["received_at"], "2023-11-14T22:13:20.123000Z");
+        assert_eq!(json["metadata"]["sequence"], 9);
+        let bare = PublishedEvent { metadata: None, ..event };
+        assert!(serde_json::to_value(&bare).unwrap().get("metadata").is_none());
+    }
+}

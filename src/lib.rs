@@ -1,0 +1,32 @@
+//! eventflow: an observability-first event ingest and processing service.
+//!
+//! Clients POST events over HTTP; eventflow validates and stores them, a
+//! pool of workers transforms each one and publishes the result to stdout,
+//! logs and a live Server-Sent-Events stream, and on SIGINT/SIGTERM it
+//! drains every accepted event before it exits.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed, layered settings (defaults < TOML file < environment).
+//! - [`app`]: builds the service from settings (binds the listener, wires
+//!   store, queue, workers and sinks) and runs it until shutdown.
+//! - [`api`]: the axum router, one module per resource, and the
+//!   problem+json error type.
+//! - [`event`]: the incoming event parsed into valid types, and the
+//!   published event.
+//! - [`pipeline`]: backpressure permits, the queue, the worker pool and the
+//!   transform chain.
+//! - [`store`]: the `Store` trait and its bounded in-memory implementation.
+//! - [`sink`]: the `Sink` trait, the stdout and log sinks, and the SSE broadcast.
+//! - [`telemetry`]: log setup and trace ids.
+//! - [`shutdown`]: signals, readiness, and the drain deadline.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod event;
+pub mod pipeline;
+pub mod shutdown;
+pub mod sink;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,79 @@
+//! The `eventflow` binary: parse flags, load settings, start logging, run
+//! until SIGINT/SIGTERM. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use eventflow::app::App;
+use eventflow::config::Settings;
+use eventflow::{shutdown, telemetry};
+
+/// Event ingest and processing service.
+///
+/// Configuration: built-in defaults < TOML file (--config) < environment
+/// variables EVENTFLOW__SECTION__KEY (e.g. EVENTFLOW__SERVER__ADDR=0.0.0.0:9000).
+#[derive(Debug, Parser)]
+#[command(name = "eventflow", version, about, long_about)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "EVENTFLOW_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+/// Exit code when the drain deadline passes or the service fails to start.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code for invalid configuration.
+const EXIT_CONFIG: u8 = 2;
+/// Exit code when a second signal forces exit.
+const EXIT_FORCED: i32 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            // Logging is not set up yet (its settings may be what is wrong).
+            eprintln!("eventflow: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(error) = telemetry::init_subscriber(&settings.telemetry) {
+        eprintln!("eventflow: cannot initialise logging: {error}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(run(settings))
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let app = match App::build(settings).await {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "cannot start");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let stop = async {
+        let name = shutdown::signal().await;
+        tracing::info!(signal = name, "signal received");
+        tokio::spawn(async {
+            let name = shutdown::signal().await;
+            tracing::error!(signal = name, "second signal: exiting without finishing the drain");
+            std::process::exit(EXIT_FORCED);
+        });
+    };
+    match app.run_until_stopped(stop).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(report) => {
+            tracing::error!(%report, "exiting with events left unpublished");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

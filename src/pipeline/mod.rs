@@ -1,0 +1,366 @@
+//! The ingest pipeline: admission (backpressure), storage, queueing, and the
+//! worker pool that transforms and publishes.
+//!
+//! Invariant: an event is *accepted* only once it holds a [`Permit`], is in
+//! the store, and is in the queue. The permit is released only after the
+//! event was published (or failed), so accepted always means "has a place
+//! in the pipeline" and shutdown can drain by closing the queue.
+
+pub mod backpressure;
+pub mod queue;
+pub mod transform;
+mod waiters;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use crate::config::PipelineSettings;
+use crate::event::{Event, EventId};
+use crate::sink::{EventBroadcast, Sink};
+use crate::store::{Insert, Record, Store, StoreError, event_footprint};
+use crate::telemetry::TraceId;
+
+pub use backpressure::{Backpressure, Overloaded, Permit};
+pub use queue::{MemoryQueue, Queue, QueueError, QueuedEvent};
+pub use transform::TransformChain;
+pub use waiters::WaitOutcome;
+pub use worker::WorkerPool;
+
+use waiters::Waiters;
+
+/// Why an event was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// No room: the pipeline is at capacity (503 + `Retry-After`).
+    #[error("the pipeline is at capacity")]
+    Overloaded,
+    /// The same id is stored with different content (409).
+    #[error("event `{}` already exists with different content", .0.event.id)]
+    Conflict(Arc<Record>),
+    /// The service is draining and accepts nothing new (503).
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+impl From<Overloaded> for IngestError {
+    fn from(_: Overloaded) -> Self {
+        Self::Overloaded
+    }
+}
+
+impl From<StoreError> for IngestError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Full => Self::Overloaded,
+        }
+    }
+}
+
+/// What happened to an accepted single event.
+#[derive(Debug)]
+pub enum Ingested {
+    /// New; queued for processing. `waiter` resolves on publication when asked for.
+    Accepted {
+        /// The stored record.
+        record: Arc<Record>,
+        /// Resolves when the event is published (only with `wait`).
+        waiter: Option<oneshot::Receiver<WaitOutcome>>,
+    },
+    /// Already stored with the same content; not processed again.
+    Duplicate(Arc<Record>),
+}
+
+/// Per-item result of a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events newly accepted.
+    pub accepted: usize,
+    /// Events already stored with the same content (or repeated in the batch).
+    pub duplicates: usize,
+    /// Events refused, by index in the request.
+    pub rejected: Vec<BatchRejection>,
+}
+
+/// One refused event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRejection {
+    /// Position in the request, from 0.
+    pub index: usize,
+    /// The event's id when it had a readable one.
+    pub id: Option<String>,
+    /// Why it was refused.
+    pub error: String,
+}
+
+/// The shared pipeline handle: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: PipelineSettings,
+    store: Arc<dyn Store>,
+    queue: Arc<dyn Queue>,
+    backpressure: Backpressure,
+    chain: TransformChain,
+    sinks: Vec<Arc<dyn Sink>>,
+    broadcast: EventBroadcast,
+    waiters: Waiters,
+    /// Closed at shutdown: new ingest requests are refused from then on.
+    ingest_closed: AtomicBool,
+    /// Ingest calls in progress; shutdown waits for them before closing the queue.
+    ingest_calls: TaskTracker,
+}
+
+impl Pipeline {
+    /// Wires a pipeline from its parts; workers are started separately.
+    pub fn new(
+        settings: PipelineSettings,
+        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
+        sinks: Vec<Arc<dyn Sink>>,
+    ) -> Self {
+        let chain = TransformChain::from_kinds(&settings.transforms);
+        Self::with_chain(settings, store, queue, sinks, chain)
+    }
+
+    /// Like [`Pipeline::new`] with an explicit transform chain.
+    pub fn with_chain(
+        settings: PipelineSettings,
+        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
+        sinks: Vec<Arc<dyn Sink>>,
+        chain: TransformChain,
+    ) -> Self {
+        let backpressure = Backpressure::new(settings.queue_capacity, settings.queue_max_bytes);
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                store,
+                queue,
+                backpressure,
+                chain,
+                sinks,
+                broadcast: EventBroadcast::default(),
+                waiters: Waiters::default(),
+                ingest_closed: AtomicBool::new(false),
+                ingest_calls: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Starts `pipeline.workers` workers.
+    pub fn start_workers(&self) -> WorkerPool {
+        WorkerPool::start(self.clone(), self.inner.settings.workers)
+    }
+
+    /// The pipeline settings.
+    pub fn settings(&self) -> &PipelineSettings {
+        &self.inner.settings
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The live feed of published events.
+    pub fn broadcast(&self) -> &EventBroadcast {
+        &self.inner.broadcast
+    }
+
+    /// Admission state.
+    pub fn backpressure(&self) -> &Backpressure {
+        &self.inner.backpressure
+    }
+
+    /// Events waiting for a worker.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.queue.len()
+    }
+
+    fn enter(&self) -> Result<TaskTrackerToken, IngestError> {
+        if self.inner.ingest_closed.load(Ordering::Acquire) {
+            return Err(IngestError::ShuttingDown);
+        }
+        Ok(self.inner.ingest_calls.token())
+    }
+
+    /// Accepts one event (or recognises a retry).
+    pub async fn ingest(
+        &self,
+        event: Event,
+        trace_id: TraceId,
+        wait: bool,
+    ) -> Result<Ingested, IngestError> {
+        let _in_progress = self.enter()?;
+        let store = &self.inner.store;
+        // Retries are answered even when the pipeline is full.
+        if let Some(existing) = store.get(&event.id).await {
+            return classify_existing(existing, &event);
+        }
+        let permit = self.inner.backpressure.try_acquire(event_footprint(&event))?;
+        match store.insert(event, SystemTime::now(), trace_id).await? {
+            Insert::Inserted(record) => {
+                let waiter = wait.then(|| self.inner.waiters.register(record.sequence));
+                self.enqueue(Arc::clone(&record), permit).await.inspect_err(|_| {
+                    self.inner.waiters.cancel(record.sequence);
+                })?;
+                Ok(Ingested::Accepted { record, waiter })
+            }
+            Insert::Duplicate(record) => Ok(Ingested::Duplicate(record)),
+            Insert::Conflict(record) => Err(IngestError::Conflict(record)),
+        }
+    }
+
+    /// Accepts the valid events of a batch: all of the new ones fit, or the
+    /// whole batch is refused with [`IngestError::Overloaded`].
+    ///
+    /// `events` carries each event's index in the request.
+    pub async fn ingest_batch(
+        &self,
+        events: Vec<(usize, Event)>,
+        trace_id: TraceId,
+    ) -> Result<BatchOutcome, IngestError> {
+        let _in_progress = self.enter()?;
+        let store = &self.inner.store;
+        let mut outcome = BatchOutcome::default();
+        // Repeats inside the batch behave like retries of the first occurrence.
+        let mut first_seen: HashMap<EventId, usize> = HashMap::with_capacity(events.len());
+        let mut unique: Vec<(usize, Event)> = Vec::with_capacity(events.len());
+        let mut repeats: Vec<(usize, Event, usize)> = Vec::new();
+        for (index, event) in events {
+            match first_seen.get(&event.id) {
+                Some(&position) => repeats.push((index, event, position)),
+                None => {
+                    first_seen.insert(event.id.clone(), unique.len());
+                    unique.push((index, event));
+                }
+            }
+        }
+        // Whether each unique event conflicts with what is already stored.
+        let mut conflicts_with_store = vec![false; unique.len()];
+        let mut new_positions = Vec::with_capacity(unique.len());
+        for (position, (index, event)) in unique.iter().enumerate() {
+            match store.get(&event.id).await {
+                Some(existing) if existing.same_content(event) => outcome.duplicates += 1,
+                Some(_) => {
+                    conflicts_with_store[position] = true;
+                    outcome.rejected.push(conflict(*index, &event.id));
+                }
+                None => new_positions.push(position),
+            }
+        }
+        for (index, event, position) in repeats {
+            if conflicts_with_store[position] || unique[position].1 != event {
+                outcome.rejected.push(conflict(index, &event.id));
+            } else {
+                outcome.duplicates += 1;
+            }
+        }
+        let mut unique: Vec<Option<(usize, Event)>> = unique.into_iter().map(Some).collect();
+        let new_events: Vec<(usize, Event)> = new_positions
+            .into_iter()
+            .filter_map(|position| unique[position].take())
+            .collect();
+        let sizes: Vec<usize> = new_events.iter().map(|(_, e)| event_footprint(e)).collect();
+        let permits = self.inner.backpressure.try_acquire_many(&sizes)?;
+        let received_at = SystemTime::now();
+        for ((index, event), permit) in new_events.into_iter().zip(permits) {
+            let id = event.id.clone();
+            match store.insert(event, received_at, trace_id).await {
+                Ok(Insert::Inserted(record)) => match self.enqueue(record, permit).await {
+                    Ok(()) => outcome.accepted += 1,
+                    Err(err) => outcome.rejected.push(BatchRejection {
+                        index,
+                        id: Some(id.to_string()),
+                        error: err.to_string(),
+                    }),
+                },
+                Ok(Insert::Duplicate(_)) => outcome.duplicates += 1,
+                Ok(Insert::Conflict(_)) => outcome.rejected.push(conflict(index, &id)),
+                // Only reachable in a narrow race between concurrent evictions.
+                Err(err) => outcome.rejected.push(BatchRejection {
+                    index,
+                    id: Some(id.to_string()),
+                    error: err.to_string(),
+                }),
+            }
+        }
+        outcome.rejected.sort_by_key(|r| r.index);
+        Ok(outcome)
+    }
+
+    async fn enqueue(&self, record: Arc<Record>, permit: Permit) -> Result<(), IngestError> {
+        let item = QueuedEvent {
+            record,
+            permit,
+            enqueued_at: Instant::now(),
+            span: tracing::Span::current(),
+        };
+        if let Err((err, item)) = self.inner.queue.push(item).await {
+            // Not queued means not accepted: take it back out of the store.
+            self.inner.store.remove(&item.record).await;
+            return Err(match err {
+                QueueError::Closed => IngestError::ShuttingDown,
+                QueueError::Full => IngestError::Overloaded,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops accepting new events; calls already in progress complete.
+    pub fn close_ingest(&self) {
+        self.inner.ingest_closed.store(true, Ordering::Release);
+        self.inner.ingest_calls.close();
+    }
+
+    /// Waits until every ingest call in progress has returned.
+    pub async fn ingest_idle(&self) {
+        self.inner.ingest_calls.wait().await;
+    }
+
+    /// Closes the queue: workers drain what is left, then stop.
+    pub fn close_queue(&self) {
+        self.inner.queue.close();
+    }
+
+    /// Flushes every sink (at shutdown).
+    pub async fn flush_sinks(&self) {
+        for sink in &self.inner.sinks {
+            if let Err(error) = sink.flush().await {
+                tracing::error!(sink = sink.name(), %error, "flushing sink failed");
+            }
+        }
+    }
+
+    /// Gives up waiting for `sequence` (the request timed out).
+    pub fn cancel_wait(&self, sequence: u64) {
+        self.inner.waiters.cancel(sequence);
+    }
+}
+
+fn classify_existing(existing: Arc<Record>, event: &Event) -> Result<Ingested, IngestError> {
+    if existing.same_content(event) {
+        Ok(Ingested::Duplicate(existing))
+    } else {
+        Err(IngestError::Conflict(existing))
+    }
+}
+
+fn conflict(index: usize, id: &EventId) -> BatchRejection {
+    BatchRejection {
+        index,
+        id: Some(id.to_string()),
+        error: "conflict: an event with this id exists with different content".into(),
+    }
+}

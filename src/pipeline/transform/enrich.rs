@@ -1,0 +1,53 @@
+//! `enrich`: adds processing metadata to the event.
+
+use std::time::SystemTime;
+
+use super::{Transform, TransformContext, TransformError};
+use crate::event::{Metadata, PublishedEvent};
+
+/// Adds `received_at`, `processed_at`, `worker`, `sequence`, `queue_wait_ms`, `trace_id`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Enrich;
+
+impl Transform for Enrich {
+    fn name(&self) -> &'static str {
+        "enrich"
+    }
+
+    fn apply(
+        &self,
+        event: &mut PublishedEvent,
+        ctx: &TransformContext<'_>,
+    ) -> Result<(), TransformError> {
+        event.metadata = Some(Metadata {
+            received_at: ctx.received_at,
+            processed_at: SystemTime::now(),
+            worker: ctx.worker,
+            sequence: ctx.sequence,
+            queue_wait_ms: ctx.queue_wait.as_secs_f64() * 1000.0,
+            trace_id: ctx.trace_id.to_owned(),
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{ctx, event};
+    use super::*;
+
+    #[test]
+    fn adds_all_metadata() {
+        let before = SystemTime::now();
+        let mut e = event("payload");
+        Enrich.apply(&mut e, &ctx()).unwrap();
+        let m = e.metadata.unwrap();
+        assert_eq!(m.worker, 3);
+        assert_eq!(m.sequence, 42);
+        assert_eq!(m.received_at, ctx().received_at);
+        assert!(m.processed_at >= before);
+        assert!((m.queue_wait_ms - 1.5).abs() < 1e-9);
+        assert_eq!(m.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(e.payload, "payload", "enrich leaves the payload alone");
+    }
+}

@@ -1,0 +1,472 @@
+//! The in-memory store: a sharded hash map for lookup by id and a lock-free
+//! skip list for arrival order.
+//!
+//! Bounds: `store.max_events` records and `store.max_bytes` estimated bytes.
+//! When an insert would pass either bound the oldest *finished* records are
+//! evicted; pending ones never are (their count is bounded by the queue), so
+//! an insert fails with [`StoreError::Full`] only when finished records
+//! cannot make room.
+
+use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use crossbeam_skiplist::SkipMap;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use parking_lot::Mutex;
+
+use super::{
+    CompleteWith, Insert, Outcome, Page, PageQuery, Record, Status, Store, StoreError,
+    event_footprint,
+};
+use crate::config::StoreSettings;
+use crate::event::{Event, EventId};
+use crate::telemetry::TraceId;
+
+/// Eviction frees this fraction of a bound beyond what the insert needs, so
+/// that it runs in batches rather than on every insert of a full store.
+const EVICTION_SLACK_DIVISOR: usize = 64;
+
+/// In-memory, bounded, concurrent event store.
+#[derive(Debug)]
+pub struct MemoryStore {
+    by_id: DashMap<EventId, Arc<Record>>,
+    by_sequence: SkipMap<u64, Arc<Record>>,
+    last_sequence: AtomicU64,
+    /// Records held, including reservations of inserts in progress.
+    len: AtomicUsize,
+    /// Estimated bytes held, including reservations.
+    bytes: AtomicUsize,
+    max_events: usize,
+    max_bytes: usize,
+    /// Serialises eviction passes; the insert fast path never takes it.
+    evicting: Mutex<()>,
+    evictions: AtomicU64,
+    /// Assigning a publish sequence and making the outcome visible happen
+    /// together under this lock, so that every publish sequence at or below
+    /// the watermark belongs to a visible outcome (SSE replay relies on it).
+    publish_counter: Mutex<u64>,
+    publish_watermark: AtomicU64,
+}
+
+impl MemoryStore {
+    /// An empty store with the given bounds.
+    pub fn new(settings: &StoreSettings) -> Self {
+        Self {
+            by_id: DashMap::new(),
+            by_sequence: SkipMap::new(),
+            last_sequence: AtomicU64::new(0),
+            len: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_events: settings.max_events,
+            max_bytes: settings.max_bytes,
+            evicting: Mutex::new(()),
+            evictions: AtomicU64::new(0),
+            publish_counter: Mutex::new(0),
+            publish_watermark: AtomicU64::new(0),
+        }
+    }
+
+    /// Estimated bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records evicted since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    fn existing(record: &Arc<Record>, event: &Event) -> Insert {
+        if record.same_content(event) {
+            Insert::Duplicate(Arc::clone(record))
+        } else {
+            Insert::Conflict(Arc::clone(record))
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Reserves room for one record of `bytes`, evicting finished records if
+    /// a bound would be passed.
+    fn reserve(&self, bytes: usize) -> Result<(), StoreError> {
+        let len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if len <= self.max_events && total <= self.max_bytes {
+            return Ok(());
+        }
+        self.evict();
+        if self.len.load(Ordering::Relaxed) > self.max_events
+            || self.bytes.load(Ordering::Relaxed) > self.max_bytes
+        {
+            self.release(bytes);
+            return Err(StoreError::Full);
+        }
+        Ok(())
+    }
+
+    /// Evicts the oldest finished records until both bounds have slack.
+    fn evict(&self) {
+        let _guard = self.evicting.lock();
+        let target_len = self.max_events - self.max_events / EVICTION_SLACK_DIVISOR;
+        let target_bytes = self.max_bytes - self.max_bytes / EVICTION_SLACK_DIVISOR;
+        let over = || {
+            self.len.load(Ordering::Relaxed) > target_len
+                || self.bytes.load(Ordering::Relaxed) > target_bytes
+        };
+        let mut cursor = self.by_sequence.front();
+        while let Some(entry) = cursor {
+            if !over() {
+                break;
+            }
+            let next = entry.next();
+            let record = entry.value();
+            if record.status() != Status::Pending {
+                self.by_id
+                    .remove_if(&record.event.id, |_, held| Arc::ptr_eq(held, record));
+                self.release(record.footprint());
+                entry.remove();
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn insert(
+        &self,
+        event: Event,
+        received_at: SystemTime,
+        trace_id: TraceId,
+    ) -> Result<Insert, StoreError> {
+        // Retries are answered without touching the bounds.
+        if let Some(record) = self.by_id.get(&event.id) {
+            return Ok(Self::existing(&record, &event));
+        }
+        let bytes = event_footprint(&event);
+        // Eviction takes shard locks of `by_id`, so it must run before this
+        // insert holds one through `entry`.
+        self.reserve(bytes)?;
+        match self.by_id.entry(event.id.clone()) {
+            Entry::Occupied(held) => {
+                self.release(bytes);
+                Ok(Self::existing(held.get(), &event))
+            }
+            Entry::Vacant(slot) => {
+                let sequence = self.last_sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                let record = Arc::new(Record::new(event, sequence, received_at, trace_id));
+                slot.insert(Arc::clone(&record));
+                self.by_sequence.insert(sequence, Arc::clone(&record));
+                Ok(Insert::Inserted(record))
+            }
+        }
+    }
+
+    async fn get(&self, id: &EventId) -> Option<Arc<Record>> {
+        self.by_id.get(id).map(|r| Arc::clone(&r))
+    }
+
+    async fn remove(&self, record: &Record) {
+        let removed = self
+            .by_id
+            .remove_if(&record.event.id, |_, held| std::ptr::eq(&**held, record));
+        if removed.is_some() {
+            self.by_sequence.remove(&record.sequence);
+            self.release(record.footprint());
+        }
+    }
+
+    async fn complete(&self, record: &Record, with: CompleteWith) -> Option<u64> {
+        // Account for the result before it becomes visible to eviction, which
+        // subtracts the full footprint of finished records.
+        let extra = match &with {
+            CompleteWith::Processed(published) => published.payload.len(),
+            CompleteWith::Failed(error) => error.len(),
+        };
+        self.bytes.fetch_add(extra, Ordering::Relaxed);
+        match with {
+            CompleteWith::Processed(published) => {
+                let mut counter = self.publish_counter.lock();
+                let publish_seq = *counter + 1;
+                let outcome = Outcome::Processed {
+                    published,
+                    publish_seq,
+                };
+                if record.outcome.set(outcome).is_err() {
+                    self.bytes.fetch_sub(extra, Ordering::Relaxed);
+                    return None;
+                }
+                *counter = publish_seq;
+                self.publish_watermark.store(publish_seq, Ordering::Release);
+                Some(publish_seq)
+            }
+            CompleteWith::Failed(error) => {
+                if record.outcome.set(Outcome::Failed { error }).is_err() {
+                    self.bytes.fetch_sub(extra, Ordering::Relaxed);
+                }
+                None
+            }
+        }
+    }
+
+    async fn page(&self, query: PageQuery) -> Page {
+        let mut records = Vec::with_capacity(query.limit.min(1024));
+        let mut next = None;
+        for entry in self
+            .by_sequence
+            .range((Bound::Excluded(query.after), Bound::Unbounded))
+        {
+            let record = entry.value();
+            if query.status.is_some_and(|s| record.status() != s) {
+                continue;
+            }
+            if let Some(limit) = query.published_up_to {
+                match record.outcome() {
+                    Some(Outcome::Processed { publish_seq, .. }) if *publish_seq <= limit => {}
+                    _ => continue,
+                }
+            }
+            if records.len() == query.limit {
+                next = records.last().map(|r: &Arc<Record>| r.sequence);
+                break;
+            }
+            records.push(Arc::clone(record));
+        }
+        Page { records, next }
+    }
+
+    fn publish_watermark(&self) -> u64 {
+        self.publish_watermark.load(Ordering::Acquire)
+    }
+
+    fn len(&self) -> usize {
+        self.by_sequence.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::event::{EventId, PublishedEvent};
+
+    fn settings(max_events: usize, max_bytes: usize) -> StoreSettings {
+        StoreSettings {
+            max_events,
+            max_bytes,
+        }
+    }
+
+    fn event(id: &str, payload: &str) -> Event {
+        Event {
+            id: EventId::parse(id).unwrap(),
+            timestamp: 1,
+            payload: payload.to_owned(),
+        }
+    }
+
+    async fn insert(store: &MemoryStore, id: &str, payload: &str) -> Result<Insert, StoreError> {
+        store
+            .insert(event(id, payload), SystemTime::now(), TraceId::random())
+            .await
+    }
+
+    async fn inserted(store: &MemoryStore, id: &str) -> Arc<Record> {
+        match insert(store, id, "p").await.unwrap() {
+            Insert::Inserted(r) => r,
+            other => panic!("expected insert, got {other:?}"),
+        }
+    }
+
+    async fn process(store: &MemoryStore, record: &Record) -> Option<u64> {
+        let published = PublishedEvent {
+            id: record.event.id.clone(),
+            timestamp: record.event.timestamp,
+            payload: record.event.payload.to_uppercase(),
+            metadata: None,
+        };
+        store
+            .complete(record, CompleteWith::Processed(Arc::new(published)))
+            .await
+    }
+
+    #[tokio::test]
+    async fn duplicates_and_conflicts() {
+        let store = MemoryStore::new(&settings(10, 1 << 20));
+        let first = inserted(&store, "a").await;
+        assert_eq!(first.sequence, 1);
+        assert!(matches!(insert(&store, "a", "p").await, Ok(Insert::Duplicate(r)) if r.sequence == 1));
+        assert!(matches!(insert(&store, "a", "other").await, Ok(Insert::Conflict(_))));
+        assert_eq!(store.len(), 1);
+        assert_eq!(inserted(&store, "b").await.sequence, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_inserts_get_unique_dense_sequences() {
+        let store = Arc::new(MemoryStore::new(&settings(100_000, 1 << 30)));
+        let mut tasks = Vec::new();
+        for t in 0..16 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..500 {
+                    match insert(&store, &format!("{t}-{i}"), "x").await.unwrap() {
+                        Insert::Inserted(r) => seqs.push(r.sequence),
+                        other => panic!("{other:?}"),
+                    }
+                }
+                seqs
+            }));
+        }
+        let mut all = HashSet::new();
+        for task in tasks {
+            for seq in task.await.unwrap() {
+                assert!(all.insert(seq), "sequence {seq} given twice");
+            }
+        }
+        assert_eq!(all.len(), 8000);
+        assert_eq!(all.iter().max(), Some(&8000));
+        assert_eq!(store.len(), 8000);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn duplicate_race_has_exactly_one_winner() {
+        for round in 0..20 {
+            let store = Arc::new(MemoryStore::new(&settings(1000, 1 << 20)));
+            let barrier = Arc::new(tokio::sync::Barrier::new(32));
+            let mut tasks = Vec::new();
+            for _ in 0..32 {
+                let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+                tasks.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    insert(&store, &format!("same-{round}"), "p").await.unwrap()
+                }));
+            }
+            let mut winners = 0;
+            for task in tasks {
+                match task.await.unwrap() {
+                    Insert::Inserted(_) => winners += 1,
+                    Insert::Duplicate(_) => {}
+                    Insert::Conflict(r) => panic!("conflict for identical content: {r:?}"),
+                }
+            }
+            assert_eq!(winners, 1);
+            assert_eq!(store.len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn evicts_oldest_processed_first_and_never_pending() {
+        let store = MemoryStore::new(&settings(4, 1 << 20));
+        let a = inserted(&store, "a").await;
+        let b = inserted(&store, "b").await;
+        let c = inserted(&store, "c").await;
+        let _d = inserted(&store, "d").await;
+        // a stays pending; b and c are processed; b is older than c.
+        process(&store, &c).await;
+        process(&store, &b).await;
+        let _e = inserted(&store, "e").await;
+        assert!(store.get(&a.event.id).await.is_some(), "pending is never evicted");
+        assert!(store.get(&b.event.id).await.is_none(), "oldest processed goes first");
+        assert!(store.get(&c.event.id).await.is_some());
+        assert_eq!(store.len(), 4);
+        assert_eq!(store.evictions(), 1);
+        // Evicted ids may be accepted again: the idempotency window is the store.
+        assert!(matches!(insert(&store, "b", "p").await, Ok(Insert::Inserted(_))));
+    }
+
+    #[tokio::test]
+    async fn full_of_pending_refuses_instead_of_growing() {
+        let store = MemoryStore::new(&settings(2, 1 << 20));
+        inserted(&store, "a").await;
+        inserted(&store, "b").await;
+        assert_eq!(insert(&store, "c", "p").await.unwrap_err(), StoreError::Full);
+        assert_eq!(store.len(), 2);
+        // A refused insert reserves nothing.
+        let bytes = store.bytes();
+        assert_eq!(insert(&store, "c", "p").await.unwrap_err(), StoreError::Full);
+        assert_eq!(store.bytes(), bytes);
+    }
+
+    #[tokio::test]
+    async fn byte_bound_evicts_large_processed_records() {
+        let payload = "x".repeat(60 * 1024);
+        let store = MemoryStore::new(&settings(1000, 300 * 1024));
+        let mut held = Vec::new();
+        for i in 0..20 {
+            let record = match insert(&store, &i.to_string(), &payload).await.unwrap() {
+                Insert::Inserted(r) => r,
+                other => panic!("{other:?}"),
+            };
+            process(&store, &record).await;
+            held.push(record);
+            assert!(store.bytes() <= 300 * 1024, "bytes {} over bound", store.bytes());
+        }
+        assert!(store.len() < 5);
+        assert!(store.get(&held[19].event.id).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn pagination_cursor_and_status_filter() {
+        let store = MemoryStore::new(&settings(100, 1 << 20));
+        let mut records = Vec::new();
+        for i in 0..10 {
+            records.push(inserted(&store, &format!("e{i}")).await);
+        }
+        for r in records.iter().step_by(2) {
+            process(&store, r).await;
+        }
+        let page = store.page(PageQuery { after: 0, limit: 4, ..Default::default() }).await;
+        let seqs: Vec<u64> = page.records.iter().map(|r| r.sequence).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(page.next, Some(4));
+        let page = store.page(PageQuery { after: 4, limit: 4, ..Default::default() }).await;
+        assert_eq!(page.records.iter().map(|r| r.sequence).collect::<Vec<_>>(), [5, 6, 7, 8]);
+        let last = store.page(PageQuery { after: 8, limit: 4, ..Default::default() }).await;
+        assert_eq!(last.records.len(), 2);
+        assert_eq!(last.next, None, "no cursor past the end");
+        let exact = store.page(PageQuery { after: 6, limit: 4, ..Default::default() }).await;
+        assert_eq!(exact.records.len(), 4);
+        assert_eq!(exact.next, None, "an exactly full last page has no cursor");
+        let pending = store
+            .page(PageQuery { after: 0, limit: 100, status: Some(Status::Pending), ..Default::default() })
+            .await;
+        assert_eq!(pending.records.iter().map(|r| r.sequence).collect::<Vec<_>>(), [2, 4, 6, 8, 10]);
+    }
+
+    #[tokio::test]
+    async fn publish_sequence_and_watermark() {
+        let store = MemoryStore::new(&settings(100, 1 << 20));
+        let a = inserted(&store, "a").await;
+        let b = inserted(&store, "b").await;
+        assert_eq!(store.publish_watermark(), 0);
+        assert_eq!(process(&store, &b).await, Some(1));
+        assert_eq!(process(&store, &a).await, Some(2));
+        assert_eq!(process(&store, &a).await, None, "an outcome is set once");
+        assert_eq!(store.publish_watermark(), 2);
+        let up_to_1 = store
+            .page(PageQuery { after: 0, limit: 10, published_up_to: Some(1), ..Default::default() })
+            .await;
+        assert_eq!(up_to_1.records.len(), 1);
+        assert_eq!(up_to_1.records[0].event.id.as_str(), "b");
+    }
+
+    #[tokio::test]
+    async fn remove_rolls_back_an_insert() {
+        let store = MemoryStore::new(&settings(100, 1 << 20));
+        let a = inserted(&store, "a").await;
+        store.remove(&a).await;
+        assert!(store.get(&a.event.id).await.is_none());
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.bytes(), 0);
+    }
+}

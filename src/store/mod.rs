@@ -1,0 +1,190 @@
+//! Where accepted events live: lookup by id (idempotency), arrival order
+//! (pagination, SSE replay) and each event's outcome.
+//!
+//! [`Store`] is the seam for backends; [`MemoryStore`] is the default.
+
+mod memory;
+
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::event::{Event, EventId, PublishedEvent};
+use crate::telemetry::TraceId;
+
+pub use memory::MemoryStore;
+
+/// Fixed per-record cost added to the byte estimate (struct, map entries).
+pub const RECORD_OVERHEAD_BYTES: usize = 256;
+
+/// Processing state of a stored event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Accepted, not yet published.
+    Pending,
+    /// Transformed and published.
+    Processed,
+    /// A transform rejected it; it was not published.
+    Failed,
+}
+
+/// How processing ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Published; `publish_seq` orders publications.
+    Processed {
+        /// The event as the sinks received it.
+        published: Arc<PublishedEvent>,
+        /// Position in publication order (1-based, gap-free per store).
+        publish_seq: u64,
+    },
+    /// Not published.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// One accepted event and what became of it.
+#[derive(Debug)]
+pub struct Record {
+    /// The event as accepted.
+    pub event: Event,
+    /// Arrival order, starting at 1.
+    pub sequence: u64,
+    /// When it was accepted.
+    pub received_at: SystemTime,
+    /// Trace of the request that ingested it.
+    pub trace_id: TraceId,
+    outcome: OnceLock<Outcome>,
+}
+
+impl Record {
+    /// A pending record.
+    pub fn new(event: Event, sequence: u64, received_at: SystemTime, trace_id: TraceId) -> Self {
+        Self {
+            event,
+            sequence,
+            received_at,
+            trace_id,
+            outcome: OnceLock::new(),
+        }
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        match self.outcome.get() {
+            None => Status::Pending,
+            Some(Outcome::Processed { .. }) => Status::Processed,
+            Some(Outcome::Failed { .. }) => Status::Failed,
+        }
+    }
+
+    /// The outcome, once processing ended.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.get()
+    }
+
+    /// Whether `event` carries the same content as this record (idempotent retry).
+    pub fn same_content(&self, event: &Event) -> bool {
+        self.event == *event
+    }
+
+    /// Estimated memory held by this record, in bytes.
+    pub fn footprint(&self) -> usize {
+        let result = match self.outcome.get() {
+            Some(Outcome::Processed { published, .. }) => published.payload.len(),
+            Some(Outcome::Failed { error }) => error.len(),
+            None => 0,
+        };
+        event_footprint(&self.event) + result
+    }
+}
+
+/// Estimated memory an accepted event costs before processing, in bytes;
+/// used for both the queue and the store budgets.
+pub fn event_footprint(event: &Event) -> usize {
+    RECORD_OVERHEAD_BYTES + event.id.as_str().len() + event.payload.len()
+}
+
+/// The outcome of offering an event to the store.
+#[derive(Debug, Clone)]
+pub enum Insert {
+    /// New: stored as pending.
+    Inserted(Arc<Record>),
+    /// Same id and content already stored.
+    Duplicate(Arc<Record>),
+    /// Same id, different content.
+    Conflict(Arc<Record>),
+}
+
+/// Why the store refused an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Full of pending events; nothing can be evicted.
+    #[error("store is full of unprocessed events")]
+    Full,
+}
+
+/// A page of records in arrival order.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Records, ascending by sequence.
+    pub records: Vec<Arc<Record>>,
+    /// Cursor for the next page, if there may be more.
+    pub next: Option<u64>,
+}
+
+/// Which records a page contains.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PageQuery {
+    /// Only records with a greater sequence.
+    pub after: u64,
+    /// At most this many.
+    pub limit: usize,
+    /// Only records with this status.
+    pub status: Option<Status>,
+    /// Only processed records published at or before this publish sequence.
+    pub published_up_to: Option<u64>,
+}
+
+/// Storage of accepted events, shared by handlers and workers.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Looks up `event.id`; stores the event as pending when it is new.
+    async fn insert(
+        &self,
+        event: Event,
+        received_at: SystemTime,
+        trace_id: TraceId,
+    ) -> Result<Insert, StoreError>;
+    /// The record for `id`.
+    async fn get(&self, id: &EventId) -> Option<Arc<Record>>;
+    /// Removes a record that could not be queued after all.
+    async fn remove(&self, record: &Record);
+    /// Records the outcome; returns the publish sequence for processed events.
+    async fn complete(&self, record: &Record, outcome: CompleteWith) -> Option<u64>;
+    /// Records in arrival order.
+    async fn page(&self, query: PageQuery) -> Page;
+    /// The publish sequence of the most recent publication (0 if none).
+    fn publish_watermark(&self) -> u64;
+    /// Number of records held.
+    fn len(&self) -> usize;
+    /// Whether no record is held.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What to record when processing ends.
+#[derive(Debug)]
+pub enum CompleteWith {
+    /// Published as this event.
+    Processed(Arc<PublishedEvent>),
+    /// Failed for this reason.
+    Failed(String),
+}
