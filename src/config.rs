@@ -161,10 +161,7 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
-        let settings: Settings = builder
-            .add_source(environment)
-            .build()?
-            .try_deserialize()?;
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -180,10 +177,16 @@ impl Settings {
         self.server.socket_addr()?;
         let positive = [
             ("server.max_body_bytes", self.server.max_body_bytes),
-            ("server.max_batch_body_bytes", self.server.max_batch_body_bytes),
+            (
+                "server.max_batch_body_bytes",
+                self.server.max_batch_body_bytes,
+            ),
             ("pipeline.workers", self.pipeline.workers),
             ("pipeline.queue_capacity", self.pipeline.queue_capacity),
-            ("pipeline.max_payload_bytes", self.pipeline.max_payload_bytes),
+            (
+                "pipeline.max_payload_bytes",
+                self.pipeline.max_payload_bytes,
+            ),
             ("pipeline.max_batch", self.pipeline.max_batch),
             ("pipeline.queue_max_bytes", self.pipeline.queue_max_bytes),
             ("store.max_events", self.store.max_events),
@@ -235,7 +238,10 @@ impl Settings {
         {
             return Err(invalid(
                 "telemetry.log_level",
-                format!("`{}` is not a valid level directive", self.telemetry.log_level),
+                format!(
+                    "`{}` is not a valid level directive",
+                    self.telemetry.log_level
+                ),
             ));
         }
         Ok(())
@@ -353,17 +359,36 @@ mod tests {
     fn errors_name_the_key() {
         let cases: [(&str, &str, &str); 8] = [
             ("EVENTFLOW__PIPELINE__WORKERS", "lots", "pipeline.workers"),
-            ("EVENTFLOW__PIPELINE__QUEUE_CAPACITY", "0", "pipeline.queue_capacity"),
+            (
+                "EVENTFLOW__PIPELINE__QUEUE_CAPACITY",
+                "0",
+                "pipeline.queue_capacity",
+            ),
             ("EVENTFLOW__SERVER__ADDR", "not an address", "server.addr"),
-            ("EVENTFLOW__SERVER__SHUTDOWN_GRACE", "soon", "server.shutdown_grace"),
+            (
+                "EVENTFLOW__SERVER__SHUTDOWN_GRACE",
+                "soon",
+                "server.shutdown_grace",
+            ),
             ("EVENTFLOW__PUBLISH__SINKS", "stdout,kafka", "publish.sinks"),
-            ("EVENTFLOW__PIPELINE__TRANSFORMS", "reverse", "pipeline.transforms"),
+            (
+                "EVENTFLOW__PIPELINE__TRANSFORMS",
+                "reverse",
+                "pipeline.transforms",
+            ),
             ("EVENTFLOW__STORE__MAX_EVENTS", "10", "store.max_events"),
-            ("EVENTFLOW__TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
+            (
+                "EVENTFLOW__TELEMETRY__LOG_FORMAT",
+                "xml",
+                "telemetry.log_format",
+            ),
         ];
         for (var, value, key) in cases {
             let err = load(&[(var, value)]).unwrap_err().to_string();
-            assert!(err.contains(key), "{var}={value}: `{err}` does not name {key}");
+            assert!(
+                err.contains(key),
+                "{var}={value}: `{err}` does not name {key}"
+            );
         }
     }
 

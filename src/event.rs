@@ -278,8 +278,14 @@ mod tests {
         let ok = "x".repeat(256);
         assert!(decode_event(&body(&ok, "1", ""), MAX).is_ok());
         let long = "x".repeat(257);
-        assert_eq!(fields(decode_event(&body(&long, "1", ""), MAX).unwrap_err()), ["id"]);
-        assert_eq!(fields(decode_event(&body("", "1", ""), MAX).unwrap_err()), ["id"]);
+        assert_eq!(
+            fields(decode_event(&body(&long, "1", ""), MAX).unwrap_err()),
+            ["id"]
+        );
+        assert_eq!(
+            fields(decode_event(&body("", "1", ""), MAX).unwrap_err()),
+            ["id"]
+        );
         // 256 bytes of multi-byte characters is fine; 257 bytes is not.
         let multibyte = "é".repeat(128);
         assert!(decode_event(&body(&multibyte, "1", ""), MAX).is_ok());
@@ -290,7 +296,11 @@ mod tests {
     #[test]
     fn id_rejects_control_characters() {
         for id in ["a\nb", "a\u{0}b", "tab\t", "del\u{7f}", "c1\u{85}"] {
-            assert_eq!(fields(decode_event(&body(id, "1", ""), MAX).unwrap_err()), ["id"], "{id:?}");
+            assert_eq!(
+                fields(decode_event(&body(id, "1", ""), MAX).unwrap_err()),
+                ["id"],
+                "{id:?}"
+            );
         }
         assert!(decode_event(&body("unicode ✓ id/with spaces", "1", ""), MAX).is_ok());
     }
@@ -332,14 +342,18 @@ mod tests {
         assert_eq!(fields(err), ["payload"]);
         let err = decode_event(br#"[1,2]"#, MAX).unwrap_err();
         assert_eq!(fields(err), ["body"]);
-        let err = decode_event(br#"{"id":"a","id":"b","timestamp":1,"payload":""}"#, MAX).unwrap_err();
+        let err =
+            decode_event(br#"{"id":"a","id":"b","timestamp":1,"payload":""}"#, MAX).unwrap_err();
         assert_eq!(fields(err), ["body"]);
     }
 
     #[test]
     fn malformed_json_is_distinguished() {
         for bad in [&b"{"[..], b"", b"not json", b"{\"id\":\"a\",}", b"\xff\xfe"] {
-            assert!(matches!(decode_event(bad, MAX), Err(DecodeError::Malformed(_))));
+            assert!(matches!(
+                decode_event(bad, MAX),
+                Err(DecodeError::Malformed(_))
+            ));
         }
     }
 
@@ -360,9 +374,20 @@ mod tests {
             }),
         };
         let json = serde_json::to_value(&event).unwrap();
-        assert_eq!(json["metadata"]["received_at"], "2023-11-14T22:13:20.123000Z");
+        assert_eq!(
+            json["metadata"]["received_at"],
+            "2023-11-14T22:13:20.123000Z"
+        );
         assert_eq!(json["metadata"]["sequence"], 9);
-        let bare = PublishedEvent { metadata: None, ..event };
-        assert!(serde_json::to_value(&bare).unwrap().get("metadata").is_none());
+        let bare = PublishedEvent {
+            metadata: None,
+            ..event
+        };
+        assert!(
+            serde_json::to_value(&bare)
+                .unwrap()
+                .get("metadata")
+                .is_none()
+        );
     }
 }

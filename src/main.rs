@@ -65,7 +65,10 @@ async fn run(settings: Settings) -> ExitCode {
         tracing::info!(signal = name, "signal received");
         tokio::spawn(async {
             let name = shutdown::signal().await;
-            tracing::error!(signal = name, "second signal: exiting without finishing the drain");
+            tracing::error!(
+                signal = name,
+                "second signal: exiting without finishing the drain"
+            );
             std::process::exit(EXIT_FORCED);
         });
     };

@@ -21,16 +21,26 @@ pub(crate) enum MediaType {
 }
 
 /// The request's media type, if it is one of `accepted`.
-pub(crate) fn media_type(headers: &HeaderMap, accepted: &[MediaType]) -> Result<MediaType, ApiError> {
+pub(crate) fn media_type(
+    headers: &HeaderMap,
+    accepted: &[MediaType],
+) -> Result<MediaType, ApiError> {
     let raw = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let essence = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let found = match essence.as_str() {
         "application/json" => Some(MediaType::Json),
         s if s.starts_with("application/") && s.ends_with("+json") => Some(MediaType::Json),
-        "application/x-ndjson" | "application/jsonl" | "application/ndjson" => Some(MediaType::Ndjson),
+        "application/x-ndjson" | "application/jsonl" | "application/ndjson" => {
+            Some(MediaType::Ndjson)
+        }
         _ => None,
     };
     match found {
@@ -58,7 +68,11 @@ fn too_large(limit: usize) -> ApiError {
 
 /// Reads the body, gunzipping it when `Content-Encoding: gzip`; fails with
 /// 413 as soon as more than `limit` (decompressed) bytes arrive.
-pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -79,19 +93,21 @@ pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> 
     } else {
         limit
     };
-    if let Some(length) = headers
+    let declared_length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if length > raw_limit as u64 {
-            return Err(too_large(limit));
-        }
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > raw_limit as u64) {
+        return Err(too_large(limit));
     }
     let raw = match Limited::new(body, raw_limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<LengthLimitError>() => return Err(too_large(limit)),
-        Err(err) => return Err(ApiError::BadRequest(format!("could not read the request body: {err}"))),
+        Err(err) => {
+            return Err(ApiError::BadRequest(format!(
+                "could not read the request body: {err}"
+            )));
+        }
     };
     if !gzip {
         return Ok(raw);
@@ -141,25 +157,40 @@ mod tests {
     #[test]
     fn media_types() {
         let json = headers(&[(header::CONTENT_TYPE, "application/json; charset=utf-8")]);
-        assert_eq!(media_type(&json, &[MediaType::Json]).unwrap(), MediaType::Json);
+        assert_eq!(
+            media_type(&json, &[MediaType::Json]).unwrap(),
+            MediaType::Json
+        );
         let nd = headers(&[(header::CONTENT_TYPE, "application/x-ndjson")]);
         assert!(media_type(&nd, &[MediaType::Json]).is_err());
-        assert_eq!(media_type(&nd, &[MediaType::Json, MediaType::Ndjson]).unwrap(), MediaType::Ndjson);
+        assert_eq!(
+            media_type(&nd, &[MediaType::Json, MediaType::Ndjson]).unwrap(),
+            MediaType::Ndjson
+        );
         assert!(media_type(&HeaderMap::new(), &[MediaType::Json]).is_err());
         let text = headers(&[(header::CONTENT_TYPE, "text/plain")]);
-        assert!(matches!(media_type(&text, &[MediaType::Json]), Err(ApiError::UnsupportedMediaType(_))));
+        assert!(matches!(
+            media_type(&text, &[MediaType::Json]),
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
     }
 
     #[tokio::test]
     async fn limits_apply_after_decompression() {
         let data = vec![b'a'; 10_000];
         let gz = headers(&[(header::CONTENT_ENCODING, "gzip")]);
-        let ok = read_body(&gz, Body::from(gzip(&data)), 10_000).await.unwrap();
+        let ok = read_body(&gz, Body::from(gzip(&data)), 10_000)
+            .await
+            .unwrap();
         assert_eq!(ok.len(), 10_000);
         // Compresses to a few dozen bytes, inflates past the limit.
-        let err = read_body(&gz, Body::from(gzip(&data)), 9_999).await.unwrap_err();
+        let err = read_body(&gz, Body::from(gzip(&data)), 9_999)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ApiError::PayloadTooLarge(_)));
-        let err = read_body(&gz, Body::from("not gzip"), 100).await.unwrap_err();
+        let err = read_body(&gz, Body::from("not gzip"), 100)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ApiError::BadRequest(_)));
     }
 
@@ -167,8 +198,14 @@ mod tests {
     async fn plain_bodies_are_limited() {
         let none = HeaderMap::new();
         assert_eq!(read_body(&none, Body::from("abc"), 3).await.unwrap(), "abc");
-        assert!(matches!(read_body(&none, Body::from("abcd"), 3).await, Err(ApiError::PayloadTooLarge(_))));
+        assert!(matches!(
+            read_body(&none, Body::from("abcd"), 3).await,
+            Err(ApiError::PayloadTooLarge(_))
+        ));
         let br = headers(&[(header::CONTENT_ENCODING, "br")]);
-        assert!(matches!(read_body(&br, Body::from("x"), 3).await, Err(ApiError::UnsupportedMediaType(_))));
+        assert!(matches!(
+            read_body(&br, Body::from("x"), 3).await,
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
     }
 }

@@ -223,7 +223,11 @@ pub(crate) async fn post_event(
     let bytes = read_body(&headers, body, state.server.max_body_bytes).await?;
     let event = decode_event(&bytes, state.pipeline.settings().max_payload_bytes)?;
     let id = event.id.clone();
-    match state.pipeline.ingest(event, trace_id(&headers), wait).await? {
+    match state
+        .pipeline
+        .ingest(event, trace_id(&headers), wait)
+        .await?
+    {
         Ingested::Duplicate(record) => Ok((
             StatusCode::OK,
             Json(IngestResponse {
@@ -303,7 +307,10 @@ pub(crate) async fn post_batch(
         MediaType::Ndjson => split_lines(&bytes, settings.max_batch)?,
     };
     if items.is_empty() {
-        return Err(ApiError::invalid_field("body", "the batch contains no events"));
+        return Err(ApiError::invalid_field(
+            "body",
+            "the batch contains no events",
+        ));
     }
     let mut valid = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
@@ -329,7 +336,10 @@ pub(crate) async fn post_batch(
                 .collect(),
         });
     }
-    let mut outcome = state.pipeline.ingest_batch(valid, trace_id(&headers)).await?;
+    let mut outcome = state
+        .pipeline
+        .ingest_batch(valid, trace_id(&headers))
+        .await?;
     rejected.append(&mut outcome.rejected);
     rejected.sort_by_key(|r| r.index);
     let body = BatchResponse {
@@ -365,7 +375,10 @@ fn split_array(bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, ApiError> {
     if elements.len() > max {
         return Err(too_many(max));
     }
-    Ok(elements.into_iter().map(|raw| raw.get().as_bytes()).collect())
+    Ok(elements
+        .into_iter()
+        .map(|raw| raw.get().as_bytes())
+        .collect())
 }
 
 /// Splits NDJSON into its non-blank lines.
@@ -477,7 +490,12 @@ pub(crate) async fn get_event(
     let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
     let not_found = || ApiError::NotFound(format!("no event with id `{raw}`"));
     let id = EventId::parse(&raw).map_err(|_| not_found())?;
-    let record = state.pipeline.store().get(&id).await.ok_or_else(not_found)?;
+    let record = state
+        .pipeline
+        .store()
+        .get(&id)
+        .await
+        .ok_or_else(not_found)?;
     Ok(Json(RecordView::of(&record)))
 }
 
@@ -490,16 +508,28 @@ mod tests {
         let body = b"{\"a\":1}\r\n\n  \n{\"b\":2}\n";
         let lines = split_lines(body, 10).unwrap();
         assert_eq!(lines, [&b"{\"a\":1}"[..], b"{\"b\":2}"]);
-        assert!(matches!(split_lines(body, 1), Err(ApiError::PayloadTooLarge(_))));
+        assert!(matches!(
+            split_lines(body, 1),
+            Err(ApiError::PayloadTooLarge(_))
+        ));
     }
 
     #[test]
     fn arrays_are_split_without_decoding() {
         let items = split_array(br#"[{"id":"a"}, 5, "x"]"#, 10).unwrap();
         assert_eq!(items, [&br#"{"id":"a"}"#[..], b"5", b"\"x\""]);
-        assert!(matches!(split_array(b"[1,", 10), Err(ApiError::MalformedJson(_))));
-        assert!(matches!(split_array(b"{}", 10), Err(ApiError::Validation { .. })));
-        assert!(matches!(split_array(b"[1,2,3]", 2), Err(ApiError::PayloadTooLarge(_))));
+        assert!(matches!(
+            split_array(b"[1,", 10),
+            Err(ApiError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            split_array(b"{}", 10),
+            Err(ApiError::Validation { .. })
+        ));
+        assert!(matches!(
+            split_array(b"[1,2,3]", 2),
+            Err(ApiError::PayloadTooLarge(_))
+        ));
     }
 
     #[test]

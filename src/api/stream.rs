@@ -49,7 +49,12 @@ pub(crate) async fn stream_events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    tracing::debug!(?resume_after, watermark, subscribers = broadcast.subscribers(), "SSE subscriber connected");
+    tracing::debug!(
+        ?resume_after,
+        watermark,
+        subscribers = broadcast.subscribers(),
+        "SSE subscriber connected"
+    );
 
     let replay = stream::unfold(resume_after, move |cursor| {
         let store = store.clone();

@@ -161,7 +161,10 @@ mod tests {
     fn oversized_requests_fail_cleanly() {
         let bp = Backpressure::new(2, 10);
         assert_eq!(bp.try_acquire(11).unwrap_err(), Overloaded);
-        assert_eq!(bp.try_acquire_many(&[usize::MAX, 1]).unwrap_err(), Overloaded);
+        assert_eq!(
+            bp.try_acquire_many(&[usize::MAX, 1]).unwrap_err(),
+            Overloaded
+        );
         assert_eq!(bp.in_use(), 0);
         assert!(bp.try_acquire_many(&[]).unwrap().is_empty());
     }

@@ -208,13 +208,18 @@ impl Pipeline {
         if let Some(existing) = store.get(&event.id).await {
             return classify_existing(existing, &event);
         }
-        let permit = self.inner.backpressure.try_acquire(event_footprint(&event))?;
+        let permit = self
+            .inner
+            .backpressure
+            .try_acquire(event_footprint(&event))?;
         match store.insert(event, SystemTime::now(), trace_id).await? {
             Insert::Inserted(record) => {
                 let waiter = wait.then(|| self.inner.waiters.register(record.sequence));
-                self.enqueue(Arc::clone(&record), permit).await.inspect_err(|_| {
-                    self.inner.waiters.cancel(record.sequence);
-                })?;
+                self.enqueue(Arc::clone(&record), permit)
+                    .await
+                    .inspect_err(|_| {
+                        self.inner.waiters.cancel(record.sequence);
+                    })?;
                 Ok(Ingested::Accepted { record, waiter })
             }
             Insert::Duplicate(record) => Ok(Ingested::Duplicate(record)),

@@ -145,14 +145,14 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
             .store
             .complete(&record, CompleteWith::Processed(Arc::clone(&event)))
             .await;
-        if let Some(publish_seq) = publish_seq {
-            if inner.broadcast.has_subscribers() {
-                inner.broadcast.send(StreamMessage {
-                    sequence: record.sequence,
-                    publish_seq,
-                    json: Arc::from(json),
-                });
-            }
+        if let Some(publish_seq) = publish_seq
+            && inner.broadcast.has_subscribers()
+        {
+            inner.broadcast.send(StreamMessage {
+                sequence: record.sequence,
+                publish_seq,
+                json: Arc::from(json),
+            });
         }
         inner.waiters.notify(record.sequence, || Ok(event));
         tracing::Span::current().record("outcome", "ok");
@@ -182,7 +182,11 @@ mod tests {
         fn name(&self) -> &'static str {
             "reject_empty"
         }
-        fn apply(&self, event: &mut PublishedEvent, _: &TransformContext<'_>) -> Result<(), TransformError> {
+        fn apply(
+            &self,
+            event: &mut PublishedEvent,
+            _: &TransformContext<'_>,
+        ) -> Result<(), TransformError> {
             if event.payload.is_empty() {
                 return Err(TransformError {
                     transform: "reject_empty",
@@ -200,7 +204,11 @@ mod tests {
         fn name(&self) -> &'static str {
             "panic_on_boom"
         }
-        fn apply(&self, event: &mut PublishedEvent, _: &TransformContext<'_>) -> Result<(), TransformError> {
+        fn apply(
+            &self,
+            event: &mut PublishedEvent,
+            _: &TransformContext<'_>,
+        ) -> Result<(), TransformError> {
             assert!(event.payload != "boom", "boom");
             Ok(())
         }
@@ -219,7 +227,13 @@ mod tests {
             max_events: 1000,
             max_bytes: 1 << 24,
         }));
-        Pipeline::with_chain(settings, store, MemoryQueue::new(capacity), Vec::new(), chain)
+        Pipeline::with_chain(
+            settings,
+            store,
+            MemoryQueue::new(capacity),
+            Vec::new(),
+            chain,
+        )
     }
 
     fn event(id: &str, payload: &str) -> Event {
@@ -247,12 +261,19 @@ mod tests {
         let pipeline = pipeline(chain, 10);
         let workers = pipeline.start_workers();
         for (id, payload) in [("empty", ""), ("boom", "boom"), ("fine", "fine")] {
-            pipeline.ingest(event(id, payload), TraceId::random(), false).await.unwrap();
+            pipeline
+                .ingest(event(id, payload), TraceId::random(), false)
+                .await
+                .unwrap();
         }
         wait_for(&pipeline, "empty", Status::Failed).await;
         wait_for(&pipeline, "boom", Status::Failed).await;
         wait_for(&pipeline, "fine", Status::Processed).await;
-        assert_eq!(pipeline.backpressure().in_use(), 0, "failed events release their permits");
+        assert_eq!(
+            pipeline.backpressure().in_use(),
+            0,
+            "failed events release their permits"
+        );
         pipeline.close_queue();
         workers.stopped().await;
     }
@@ -261,19 +282,38 @@ mod tests {
     async fn permits_are_released_only_after_publication() {
         let pipeline = pipeline(TransformChain::default(), 2);
         for id in ["a", "b"] {
-            pipeline.ingest(event(id, "x"), TraceId::random(), false).await.unwrap();
+            pipeline
+                .ingest(event(id, "x"), TraceId::random(), false)
+                .await
+                .unwrap();
         }
         assert_eq!(pipeline.backpressure().in_use(), 2);
         assert!(matches!(
-            pipeline.ingest(event("c", "x"), TraceId::random(), false).await,
+            pipeline
+                .ingest(event("c", "x"), TraceId::random(), false)
+                .await,
             Err(crate::pipeline::IngestError::Overloaded)
         ));
-        assert!(pipeline.store().get(&EventId::parse("c").unwrap()).await.is_none(), "nothing stored on 503");
+        assert!(
+            pipeline
+                .store()
+                .get(&EventId::parse("c").unwrap())
+                .await
+                .is_none(),
+            "nothing stored on 503"
+        );
         let workers = pipeline.start_workers();
         wait_for(&pipeline, "b", Status::Processed).await;
         assert_eq!(pipeline.backpressure().in_use(), 0);
-        let accepted = pipeline.ingest(event("c", "x"), TraceId::random(), true).await.unwrap();
-        let Ingested::Accepted { waiter: Some(waiter), .. } = accepted else {
+        let accepted = pipeline
+            .ingest(event("c", "x"), TraceId::random(), true)
+            .await
+            .unwrap();
+        let Ingested::Accepted {
+            waiter: Some(waiter),
+            ..
+        } = accepted
+        else {
             panic!("expected an accepted event with a waiter");
         };
         let published = waiter.await.unwrap().unwrap();

@@ -50,7 +50,9 @@ impl StdoutSink {
         // A plain thread: blocking writes must not stall the async runtime.
         let spawned = thread::Builder::new()
             .name("eventflow-stdout".into())
-            .spawn(move || write_loop(receiver, io::BufWriter::with_capacity(BUFFER_BYTES, writer)));
+            .spawn(move || {
+                write_loop(receiver, io::BufWriter::with_capacity(BUFFER_BYTES, writer))
+            });
         if let Err(error) = spawned {
             // The receiver was dropped with the closure: publishes will report Closed.
             tracing::error!(%error, "could not start the stdout writer thread");
@@ -65,14 +67,16 @@ fn write_loop<W: Write>(mut commands: mpsc::Receiver<Command>, mut out: io::BufW
         let mut next = Some(first);
         while let Some(command) = next {
             match command {
-                Command::Line(line) => {
-                    if !failed {
-                        if let Err(error) = out.write_all(line.as_bytes()).and_then(|()| out.write_all(b"\n")) {
-                            tracing::error!(%error, "writing to stdout failed; dropping further output");
-                            failed = true;
-                        }
+                Command::Line(line) if !failed => {
+                    let written = out
+                        .write_all(line.as_bytes())
+                        .and_then(|()| out.write_all(b"\n"));
+                    if let Err(error) = written {
+                        tracing::error!(%error, "writing to stdout failed; dropping further output");
+                        failed = true;
                     }
                 }
+                Command::Line(_) => {}
                 Command::Flush(done) => {
                     let result = if failed {
                         Err(io::Error::other("stdout write failed earlier"))
@@ -85,11 +89,9 @@ fn write_loop<W: Write>(mut commands: mpsc::Receiver<Command>, mut out: io::BufW
             next = commands.try_recv().ok();
         }
         // The channel ran empty: the pipeline is idle, make the lines visible.
-        if !failed {
-            if let Err(error) = out.flush() {
-                tracing::error!(%error, "flushing stdout failed; dropping further output");
-                failed = true;
-            }
+        if !failed && let Err(error) = out.flush() {
+            tracing::error!(%error, "flushing stdout failed; dropping further output");
+            failed = true;
         }
     }
 }
@@ -154,7 +156,13 @@ mod tests {
             metadata: None,
         };
         for json in [r#"{"n":1}"#, r#"{"n":2}"#] {
-            sink.publish(Publication { event: &event, sequence: 1, json }).await.unwrap();
+            sink.publish(Publication {
+                event: &event,
+                sequence: 1,
+                json,
+            })
+            .await
+            .unwrap();
         }
         sink.flush().await.unwrap();
         let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();

@@ -304,8 +304,13 @@ mod tests {
         let store = MemoryStore::new(&settings(10, 1 << 20));
         let first = inserted(&store, "a").await;
         assert_eq!(first.sequence, 1);
-        assert!(matches!(insert(&store, "a", "p").await, Ok(Insert::Duplicate(r)) if r.sequence == 1));
-        assert!(matches!(insert(&store, "a", "other").await, Ok(Insert::Conflict(_))));
+        assert!(
+            matches!(insert(&store, "a", "p").await, Ok(Insert::Duplicate(r)) if r.sequence == 1)
+        );
+        assert!(matches!(
+            insert(&store, "a", "other").await,
+            Ok(Insert::Conflict(_))
+        ));
         assert_eq!(store.len(), 1);
         assert_eq!(inserted(&store, "b").await.sequence, 2);
     }
@@ -375,13 +380,22 @@ mod tests {
         process(&store, &c).await;
         process(&store, &b).await;
         let _e = inserted(&store, "e").await;
-        assert!(store.get(&a.event.id).await.is_some(), "pending is never evicted");
-        assert!(store.get(&b.event.id).await.is_none(), "oldest processed goes first");
+        assert!(
+            store.get(&a.event.id).await.is_some(),
+            "pending is never evicted"
+        );
+        assert!(
+            store.get(&b.event.id).await.is_none(),
+            "oldest processed goes first"
+        );
         assert!(store.get(&c.event.id).await.is_some());
         assert_eq!(store.len(), 4);
         assert_eq!(store.evictions(), 1);
         // Evicted ids may be accepted again: the idempotency window is the store.
-        assert!(matches!(insert(&store, "b", "p").await, Ok(Insert::Inserted(_))));
+        assert!(matches!(
+            insert(&store, "b", "p").await,
+            Ok(Insert::Inserted(_))
+        ));
     }
 
     #[tokio::test]
@@ -389,11 +403,17 @@ mod tests {
         let store = MemoryStore::new(&settings(2, 1 << 20));
         inserted(&store, "a").await;
         inserted(&store, "b").await;
-        assert_eq!(insert(&store, "c", "p").await.unwrap_err(), StoreError::Full);
+        assert_eq!(
+            insert(&store, "c", "p").await.unwrap_err(),
+            StoreError::Full
+        );
         assert_eq!(store.len(), 2);
         // A refused insert reserves nothing.
         let bytes = store.bytes();
-        assert_eq!(insert(&store, "c", "p").await.unwrap_err(), StoreError::Full);
+        assert_eq!(
+            insert(&store, "c", "p").await.unwrap_err(),
+            StoreError::Full
+        );
         assert_eq!(store.bytes(), bytes);
     }
 
@@ -409,7 +429,11 @@ mod tests {
             };
             process(&store, &record).await;
             held.push(record);
-            assert!(store.bytes() <= 300 * 1024, "bytes {} over bound", store.bytes());
+            assert!(
+                store.bytes() <= 300 * 1024,
+                "bytes {} over bound",
+                store.bytes()
+            );
         }
         assert!(store.len() < 5);
         assert!(store.get(&held[19].event.id).await.is_some());
@@ -425,22 +449,61 @@ mod tests {
         for r in records.iter().step_by(2) {
             process(&store, r).await;
         }
-        let page = store.page(PageQuery { after: 0, limit: 4, ..Default::default() }).await;
+        let page = store
+            .page(PageQuery {
+                after: 0,
+                limit: 4,
+                ..Default::default()
+            })
+            .await;
         let seqs: Vec<u64> = page.records.iter().map(|r| r.sequence).collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
         assert_eq!(page.next, Some(4));
-        let page = store.page(PageQuery { after: 4, limit: 4, ..Default::default() }).await;
-        assert_eq!(page.records.iter().map(|r| r.sequence).collect::<Vec<_>>(), [5, 6, 7, 8]);
-        let last = store.page(PageQuery { after: 8, limit: 4, ..Default::default() }).await;
+        let page = store
+            .page(PageQuery {
+                after: 4,
+                limit: 4,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(
+            page.records.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            [5, 6, 7, 8]
+        );
+        let last = store
+            .page(PageQuery {
+                after: 8,
+                limit: 4,
+                ..Default::default()
+            })
+            .await;
         assert_eq!(last.records.len(), 2);
         assert_eq!(last.next, None, "no cursor past the end");
-        let exact = store.page(PageQuery { after: 6, limit: 4, ..Default::default() }).await;
+        let exact = store
+            .page(PageQuery {
+                after: 6,
+                limit: 4,
+                ..Default::default()
+            })
+            .await;
         assert_eq!(exact.records.len(), 4);
         assert_eq!(exact.next, None, "an exactly full last page has no cursor");
         let pending = store
-            .page(PageQuery { after: 0, limit: 100, status: Some(Status::Pending), ..Default::default() })
+            .page(PageQuery {
+                after: 0,
+                limit: 100,
+                status: Some(Status::Pending),
+                ..Default::default()
+            })
             .await;
-        assert_eq!(pending.records.iter().map(|r| r.sequence).collect::<Vec<_>>(), [2, 4, 6, 8, 10]);
+        assert_eq!(
+            pending
+                .records
+                .iter()
+                .map(|r| r.sequence)
+                .collect::<Vec<_>>(),
+            [2, 4, 6, 8, 10]
+        );
     }
 
     #[tokio::test]
@@ -454,7 +517,12 @@ mod tests {
         assert_eq!(process(&store, &a).await, None, "an outcome is set once");
         assert_eq!(store.publish_watermark(), 2);
         let up_to_1 = store
-            .page(PageQuery { after: 0, limit: 10, published_up_to: Some(1), ..Default::default() })
+            .page(PageQuery {
+                after: 0,
+                limit: 10,
+                published_up_to: Some(1),
+                ..Default::default()
+            })
             .await;
         assert_eq!(up_to_1.records.len(), 1);
         assert_eq!(up_to_1.records[0].event.id.as_str(), "b");

@@ -16,7 +16,12 @@ impl TraceId {
         let hex = |s: &str, len: usize| {
             s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         };
-        if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(parent, 16) || !hex(flags, 2) {
+        if !hex(version, 2)
+            || version == "ff"
+            || !hex(trace, 32)
+            || !hex(parent, 16)
+            || !hex(flags, 2)
+        {
             return None;
         }
         // Version 00 has exactly four fields; later versions may append more.
@@ -56,8 +61,9 @@ mod tests {
 
     #[test]
     fn parses_a_valid_traceparent() {
-        let id = TraceId::from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-            .unwrap();
+        let id =
+            TraceId::from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .unwrap();
         assert_eq!(id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 

@@ -98,7 +98,9 @@ impl TransformChain {
         event: &mut PublishedEvent,
         ctx: &TransformContext<'_>,
     ) -> Result<(), TransformError> {
-        self.steps.iter().try_for_each(|step| step.apply(event, ctx))
+        self.steps
+            .iter()
+            .try_for_each(|step| step.apply(event, ctx))
     }
 
     /// The steps' names, in order.

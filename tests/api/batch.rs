@@ -1,0 +1,244 @@
+//! `POST /events/batch`.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Gate, event, spawn_app, spawn_app_with};
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn ndjson(events: &[Value]) -> String {
+    events.iter().map(|e| format!("{e}\n")).collect()
+}
+
+#[tokio::test]
+async fn json_array_batch_is_accepted_and_published() {
+    let app = spawn_app().await;
+    let events: Vec<Value> = (0..50).map(|i| event(&format!("b-{i}"), "batch")).collect();
+    let response = app
+        .post_raw(
+            "/events/batch",
+            "application/json",
+            Value::from(events).to_string(),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"accepted": 50, "duplicates": 0, "rejected": []})
+    );
+    let lines = app.wait_for_stdout_lines(50).await;
+    assert!(lines.iter().all(|l| l["payload"] == "BATCH"));
+}
+
+#[tokio::test]
+async fn ndjson_batch_reports_rejected_items_and_duplicates() {
+    let app = spawn_app().await;
+    assert_eq!(app.post_event(&event("exists", "x")).await.status(), 202);
+    let body = format!(
+        "{}\n{}\nnot json\n\n{}\n{}\n{}\n{}\n",
+        event("n-1", "a"),
+        json!({"id": "n-2", "timestamp": "soon", "payload": "a"}),
+        event("exists", "x"),
+        event("exists", "changed"),
+        event("n-1", "a"),
+        event("n-1", "other"),
+    );
+    let response = app
+        .post_raw("/events/batch", "application/x-ndjson", body)
+        .await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(
+        body["duplicates"], 2,
+        "a stored event and a repeat within the batch"
+    );
+    let rejected = body["rejected"].as_array().unwrap();
+    let summary: Vec<(u64, &str)> = rejected
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["id"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(summary, [(1, "n-2"), (2, ""), (4, "exists"), (6, "n-1")]);
+    assert!(rejected[0]["error"].as_str().unwrap().contains("timestamp"));
+    assert!(rejected[2]["error"].as_str().unwrap().contains("conflict"));
+}
+
+#[tokio::test]
+async fn gzip_batches_are_decompressed() {
+    let app = spawn_app().await;
+    let events: Vec<Value> = (0..100)
+        .map(|i| event(&format!("gz-{i}"), "zipped"))
+        .collect();
+    let response = app
+        .client
+        .post(app.url("/events/batch"))
+        .header("content-type", "application/x-ndjson")
+        .header("content-encoding", "gzip")
+        .body(gzip(ndjson(&events).as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["accepted"], 100);
+    app.wait_for_stdout_lines(100).await;
+}
+
+#[tokio::test]
+async fn batch_limits_are_413_after_decompression() {
+    let app = spawn_app_with(
+        |s| {
+            s.pipeline.max_batch = 5;
+            s.server.max_batch_body_bytes = 4096;
+        },
+        Vec::new(),
+    )
+    .await;
+    let six: Vec<Value> = (0..6).map(|i| event(&format!("m-{i}"), "x")).collect();
+    let response = app
+        .post_raw(
+            "/events/batch",
+            "application/json",
+            Value::from(six).to_string(),
+        )
+        .await;
+    assert_eq!(response.status(), 413);
+    // 100 KB of zeros compress to ~100 bytes but inflate past the 4 KiB limit.
+    let inflated = format!("{}\n", event("zero", &"0".repeat(100_000)));
+    let response = app
+        .client
+        .post(app.url("/events/batch"))
+        .header("content-type", "application/x-ndjson")
+        .header("content-encoding", "gzip")
+        .body(gzip(inflated.as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+}
+
+#[tokio::test]
+async fn batch_with_no_valid_event_is_422() {
+    let app = spawn_app().await;
+    let response = app
+        .post_raw(
+            "/events/batch",
+            "application/json",
+            r#"[{"id":""},{"timestamp":1}]"#,
+        )
+        .await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    let fields: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["[0]", "[1]"]);
+    assert_eq!(
+        app.post_raw("/events/batch", "application/json", "[]")
+            .await
+            .status(),
+        422
+    );
+    assert_eq!(
+        app.post_raw("/events/batch", "application/json", "{\"id\":1}")
+            .await
+            .status(),
+        422
+    );
+}
+
+#[tokio::test]
+async fn malformed_batch_is_400_and_bad_media_is_415() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_raw("/events/batch", "application/json", "[{")
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        app.post_raw("/events/batch", "text/csv", "a,b")
+            .await
+            .status(),
+        415
+    );
+    let response = app
+        .client
+        .post(app.url("/events/batch"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body("definitely not gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}
+
+#[tokio::test]
+async fn a_batch_that_does_not_fit_is_503_and_stores_nothing() {
+    let gate = Gate::closed();
+    let app = spawn_app_with(
+        |s| s.pipeline.queue_capacity = 10,
+        vec![Arc::new(gate.clone())],
+    )
+    .await;
+    let first: Vec<Value> = (0..6).map(|i| event(&format!("first-{i}"), "x")).collect();
+    let response = app
+        .post_raw(
+            "/events/batch",
+            "application/json",
+            Value::from(first).to_string(),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let second: Vec<Value> = (0..5).map(|i| event(&format!("second-{i}"), "x")).collect();
+    let response = app
+        .post_raw(
+            "/events/batch",
+            "application/json",
+            Value::from(second.clone()).to_string(),
+        )
+        .await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    for i in 0..5 {
+        assert_eq!(
+            app.get(&format!("/events/second-{i}")).await.status(),
+            404,
+            "nothing of a refused batch is stored"
+        );
+    }
+    // Four still fit: duplicates of stored events take no capacity.
+    let mut fits: Vec<Value> = (0..4).map(|i| event(&format!("second-{i}"), "x")).collect();
+    fits.push(event("first-0", "x"));
+    let response = app
+        .post_raw(
+            "/events/batch",
+            "application/json",
+            Value::from(fits).to_string(),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        (body["accepted"].as_u64(), body["duplicates"].as_u64()),
+        (Some(4), Some(1))
+    );
+    gate.open_all();
+    app.wait_for_stdout_lines(10).await;
+}

@@ -1,0 +1,289 @@
+//! `spawn_app` and friends: start the real service on a free loopback port
+//! and talk HTTP to it. A server stops when its `TestApp` is dropped.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventflow::api::AppState;
+use eventflow::app::App;
+use eventflow::config::Settings;
+use eventflow::shutdown::DeadlineExceeded;
+use eventflow::sink::{Publication, Sink, SinkError, StdoutSink};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinHandle;
+
+/// Set `TEST_LOG=1` to see the service's logs while tests run.
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let settings = Settings::load_from(None, std::iter::empty()).expect("default settings");
+        eventflow::telemetry::init_subscriber(&settings.telemetry).expect("subscriber");
+    }
+});
+
+/// Everything the stdout sink wrote, shared with the test.
+#[derive(Clone, Default)]
+pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// The JSON lines written so far.
+    pub(crate) fn lines(&self) -> Vec<Value> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
+            .collect()
+    }
+}
+
+/// A sink that lets events through only as the test releases permits:
+/// a stand-in for a slow downstream, to hold events in the pipeline.
+#[derive(Debug, Clone)]
+pub(crate) struct Gate(pub(crate) Arc<Semaphore>);
+
+#[async_trait]
+impl Sink for Gate {
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+    async fn publish(&self, _: Publication<'_>) -> Result<(), SinkError> {
+        let permit = self
+            .0
+            .acquire()
+            .await
+            .map_err(|_| SinkError::Closed("gate"))?;
+        permit.forget();
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+impl Gate {
+    pub(crate) fn closed() -> Self {
+        Self(Arc::new(Semaphore::new(0)))
+    }
+    pub(crate) fn open_all(&self) {
+        self.0.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+}
+
+/// A running service.
+pub(crate) struct TestApp {
+    pub(crate) addr: SocketAddr,
+    pub(crate) client: reqwest::Client,
+    pub(crate) stdout: Captured,
+    pub(crate) state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), DeadlineExceeded>>>,
+}
+
+/// Default test settings: loopback port 0, small worker pool.
+pub(crate) fn test_settings() -> Settings {
+    let mut settings = Settings::load_from(None, std::iter::empty()).expect("default settings");
+    settings.server.addr = "127.0.0.1:0".into();
+    settings.pipeline.workers = 2;
+    settings
+}
+
+/// Starts the service with default test settings and a captured stdout sink.
+pub(crate) async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}, Vec::new()).await
+}
+
+/// Starts the service with adjusted settings and extra sinks (after stdout).
+pub(crate) async fn spawn_app_with(
+    configure: impl FnOnce(&mut Settings),
+    extra_sinks: Vec<Arc<dyn Sink>>,
+) -> TestApp {
+    LazyLock::force(&TRACING);
+    let mut settings = test_settings();
+    configure(&mut settings);
+    settings.validate().expect("valid test settings");
+    let stdout = Captured::default();
+    let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(StdoutSink::with_writer(stdout.clone()))];
+    sinks.extend(extra_sinks);
+    let app = App::build_with_sinks(settings, sinks)
+        .await
+        .expect("app builds");
+    let addr = app.local_addr();
+    let state = app.state().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        addr,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        stdout,
+        state,
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub(crate) async fn post_event(&self, event: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/events"))
+            .json(event)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub(crate) async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Polls `GET /events/{id}` until its status is `status` (bounded).
+    pub(crate) async fn wait_for_status(&self, id: &str, status: &str) -> Value {
+        for _ in 0..500 {
+            let response = self.get(&format!("/events/{id}")).await;
+            if response.status() == 200 {
+                let body: Value = response.json().await.unwrap();
+                if body["status"] == status {
+                    return body;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("event {id} never reached status {status}");
+    }
+
+    /// Waits until stdout holds at least `n` lines (bounded).
+    pub(crate) async fn wait_for_stdout_lines(&self, n: usize) -> Vec<Value> {
+        for _ in 0..1000 {
+            let lines = self.stdout.lines();
+            if lines.len() >= n {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "stdout has {} lines, expected {n}",
+            self.stdout.lines().len()
+        );
+    }
+
+    /// Triggers shutdown and waits for the drain to finish.
+    pub(crate) async fn shutdown(mut self) -> Result<(), DeadlineExceeded> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.server.take().unwrap().await.expect("server task")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A valid event.
+pub(crate) fn event(id: &str, payload: &str) -> Value {
+    json!({"id": id, "timestamp": 1_700_000_000, "payload": payload})
+}
+
+/// One parsed Server-Sent Event.
+#[derive(Debug, Clone)]
+pub(crate) struct SseMessage {
+    pub(crate) event: String,
+    pub(crate) id: String,
+    pub(crate) data: String,
+}
+
+/// A subscription to `GET /events/stream`.
+pub(crate) struct Subscription {
+    events: std::pin::Pin<Box<dyn futures_util::Stream<Item = SseMessage> + Send>>,
+}
+
+impl TestApp {
+    /// Subscribes to the SSE stream (optionally resuming), and waits until
+    /// the server has registered the subscriber.
+    pub(crate) async fn subscribe(&self, last_event_id: Option<u64>) -> Subscription {
+        use eventsource_stream::Eventsource;
+        let before = self.state.pipeline.broadcast().subscribers();
+        let mut request = self.client.get(self.url("/events/stream"));
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let response = request.send().await.expect("subscribe");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let events = response
+            .bytes_stream()
+            .eventsource()
+            .filter_map(|e| async move {
+                e.ok().map(|e| SseMessage {
+                    event: e.event,
+                    id: e.id,
+                    data: e.data,
+                })
+            });
+        for _ in 0..200 {
+            if self.state.pipeline.broadcast().subscribers() > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Subscription {
+            events: Box::pin(events),
+        }
+    }
+}
+
+impl Subscription {
+    /// The next message, or `None` if none arrives within `wait`.
+    pub(crate) async fn next(&mut self, wait: Duration) -> Option<SseMessage> {
+        tokio::time::timeout(wait, self.events.next())
+            .await
+            .ok()
+            .flatten()
+    }
+}

@@ -1,0 +1,106 @@
+//! `GET /events`: pagination and filters.
+
+use serde_json::Value;
+
+use crate::helpers::{event, spawn_app};
+
+async fn page(app: &crate::helpers::TestApp, query: &str) -> Value {
+    let response = app.get(&format!("/events{query}")).await;
+    assert_eq!(response.status(), 200, "{query}");
+    response.json().await.unwrap()
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn pages_follow_arrival_order_through_the_cursor() {
+    let app = spawn_app().await;
+    for i in 0..7 {
+        assert_eq!(
+            app.post_event(&event(&format!("p{i}"), "x")).await.status(),
+            202
+        );
+    }
+    let mut seen = Vec::new();
+    let mut query = "?limit=3".to_owned();
+    for _ in 0..10 {
+        let p = page(&app, &query).await;
+        seen.extend(ids(&p));
+        match p["next"].as_str() {
+            Some(next) => query = format!("?limit=3&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (0..7).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    let empty = page(&app, "?after=1000").await;
+    assert_eq!(empty["events"].as_array().unwrap().len(), 0);
+    assert!(empty["next"].is_null());
+}
+
+#[tokio::test]
+async fn status_filter_and_limit_cap() {
+    let app = spawn_app().await;
+    let events: Vec<Value> = (0..1005).map(|i| event(&format!("l{i}"), "x")).collect();
+    let response = app
+        .post_raw(
+            "/events/batch",
+            "application/json",
+            Value::from(events).to_string(),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    app.wait_for_stdout_lines(1005).await;
+    for _ in 0..500 {
+        if page(&app, "?status=pending").await["events"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let capped = page(&app, "?limit=5000").await;
+    assert_eq!(capped["events"].as_array().unwrap().len(), 1000);
+    assert_eq!(capped["next"], "1000");
+    let default = page(&app, "").await;
+    assert_eq!(default["events"].as_array().unwrap().len(), 100);
+    let processed = page(&app, "?status=processed&limit=10").await;
+    assert_eq!(processed["events"].as_array().unwrap().len(), 10);
+    assert!(
+        processed["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["status"] == "processed")
+    );
+    let all_processed = page(&app, "?status=processed&limit=1000&after=1000").await;
+    assert_eq!(
+        ids(&all_processed),
+        ["l1000", "l1001", "l1002", "l1003", "l1004"]
+    );
+}
+
+#[tokio::test]
+async fn invalid_parameters_are_422() {
+    let app = spawn_app().await;
+    for (query, field) in [
+        ("?limit=0", "limit"),
+        ("?limit=-1", "limit"),
+        ("?limit=ten", "limit"),
+        ("?after=abc", "after"),
+        ("?status=done", "status"),
+    ] {
+        let response = app.get(&format!("/events{query}")).await;
+        assert_eq!(response.status(), 422, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["errors"][0]["field"], field, "{query}");
+    }
+}

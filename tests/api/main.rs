@@ -1,0 +1,12 @@
+//! Integration tests: the real server on 127.0.0.1:0, spoken to over HTTP.
+
+// Test code: a failed unwrap is a failed test, which is what we want.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod batch;
+mod events;
+mod health;
+mod helpers;
+mod list;
+mod shutdown;
+mod stream;

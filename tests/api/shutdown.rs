@@ -1,0 +1,281 @@
+//! Graceful shutdown of the real binary: SIGTERM under load loses nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::helpers::event;
+
+struct Service {
+    child: Child,
+    addr: SocketAddr,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// Starts the compiled binary on a free port and waits for its listening log line.
+fn start(env: &[(&str, &str)]) -> Service {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_eventflow"));
+    command
+        .env("EVENTFLOW__SERVER__ADDR", "127.0.0.1:0")
+        .env("EVENTFLOW__TELEMETRY__LOG_FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let (lines, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut service = Service {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        stderr: receiver,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = service
+            .stderr
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the service logs that it listens");
+        let Ok(log) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if log["message"] == "eventflow listening" {
+            service.addr = log["addr"].as_str().unwrap().parse().unwrap();
+            return service;
+        }
+    }
+}
+
+impl Drop for Service {
+    /// A failed test must not leave the service running.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn stdout_reader(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn batch(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{}\n", event(&format!("{prefix}-{i}"), "drain me")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_publishes_every_accepted_event_exactly_once() {
+    let mut service = start(&[]);
+    let stdout = stdout_reader(&mut service.child);
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/events/batch", service.addr);
+
+    // 16 senders, each posting batches of 250 back to back.
+    let mut senders = Vec::new();
+    for sender in 0..16 {
+        let (client, url) = (client.clone(), url.clone());
+        senders.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut sent = Vec::new();
+            for round in 0..8 {
+                let prefix = format!("s{sender}-r{round}");
+                sent.push(prefix.clone());
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(batch(&prefix, 250))
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status() == 202 => {
+                        let body: Value = r.json().await.unwrap();
+                        assert_eq!(body["accepted"], 250);
+                        accepted.push(prefix);
+                    }
+                    // Refused while draining, or the listener is gone: not accepted.
+                    Ok(r) => assert_eq!(r.status(), 503),
+                    Err(_) => break,
+                }
+            }
+            (accepted, sent)
+        }));
+    }
+    // Let the load build up, then SIGTERM while batches are in flight.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    kill(Pid::from_raw(service.child.id() as i32), Signal::SIGTERM).unwrap();
+
+    let mut accepted_prefixes = Vec::new();
+    let mut sent_prefixes = HashSet::new();
+    for sender in senders {
+        let (accepted, sent) = sender.await.unwrap();
+        accepted_prefixes.extend(accepted);
+        sent_prefixes.extend(sent);
+    }
+    let (code, service) = tokio::task::spawn_blocking(move || {
+        let code = wait_exit(&mut service.child, Duration::from_secs(30));
+        (code, service)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "a clean drain exits 0");
+
+    let output = stdout.join().unwrap();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for line in output.lines() {
+        let published: Value = serde_json::from_str(line).expect("stdout holds only JSON lines");
+        assert_eq!(published["payload"], "DRAIN ME");
+        *counts
+            .entry(published["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert!(
+        !accepted_prefixes.is_empty(),
+        "some batches were accepted before the signal"
+    );
+    let mut expected = 0;
+    for prefix in &accepted_prefixes {
+        for i in 0..250 {
+            let id = format!("{prefix}-{i}");
+            assert_eq!(
+                counts.get(&id),
+                Some(&1),
+                "{id} accepted but published {:?} times",
+                counts.get(&id)
+            );
+            expected += 1;
+        }
+    }
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "nothing is published twice"
+    );
+    for id in counts.keys() {
+        let prefix = id.rsplit_once('-').unwrap().0;
+        assert!(sent_prefixes.contains(prefix), "{id} was never sent");
+    }
+    assert!(expected >= 250);
+    let logs: Vec<String> = service.stderr.try_iter().collect();
+    assert!(
+        logs.iter().any(|l| l.contains("shutdown complete")),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_past_the_deadline_reports_and_exits_non_zero_and_a_second_signal_forces_exit() {
+    // Nobody reads stdout: once the pipe is full, workers cannot publish.
+    for second_signal in [false, true] {
+        let grace = if second_signal { "60s" } else { "1s" };
+        let mut service = start(&[("EVENTFLOW__SERVER__SHUTDOWN_GRACE", grace)]);
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/events/batch", service.addr);
+        // More than the stdout sink's channel (8192 lines) and the pipe hold.
+        for round in 0..2 {
+            let response = client
+                .post(&url)
+                .header("content-type", "application/x-ndjson")
+                .body(batch(&format!("stuck-{round}"), 6000))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+        }
+        let pid = Pid::from_raw(service.child.id() as i32);
+        kill(pid, Signal::SIGTERM).unwrap();
+        if second_signal {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            kill(pid, Signal::SIGINT).unwrap();
+        }
+        let code = tokio::task::spawn_blocking(move || {
+            let code = wait_exit(&mut service.child, Duration::from_secs(20));
+            (code, service.stderr.try_iter().collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        let (code, logs) = code;
+        if second_signal {
+            assert_eq!(code, 130, "a second signal forces exit");
+            assert!(logs.iter().any(|l| l.contains("second signal")), "{logs:?}");
+        } else {
+            assert_eq!(code, 1, "a missed deadline exits non-zero");
+            let report = logs
+                .iter()
+                .find(|l| l.contains("shutdown deadline passed"))
+                .unwrap_or_else(|| panic!("no deadline report in {logs:?}"));
+            let report: Value = serde_json::from_str(report).unwrap();
+            assert!(report["in_flight"].as_u64().unwrap() > 0, "{report}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn in_process_drain_waits_for_slow_sinks_then_publishes_everything() {
+    use std::sync::Arc;
+
+    use crate::helpers::{Gate, spawn_app_with};
+
+    let gate = Gate::closed();
+    let app = spawn_app_with(|_| {}, vec![Arc::new(gate.clone())]).await;
+    for i in 0..20 {
+        assert_eq!(
+            app.post_event(&event(&format!("d{i}"), "x")).await.status(),
+            202
+        );
+    }
+    let stdout = app.stdout.clone();
+    let pipeline = app.state.pipeline.clone();
+    let readiness = app.state.readiness.clone();
+    let drained = tokio::spawn(app.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(readiness.phase(), eventflow::shutdown::Phase::Draining);
+    assert!(
+        !drained.is_finished(),
+        "the drain waits for the held events"
+    );
+    gate.open_all();
+    drained
+        .await
+        .unwrap()
+        .expect("drained within the grace period");
+    assert_eq!(stdout.lines().len(), 20);
+    assert_eq!(pipeline.backpressure().in_use(), 0);
+}
