@@ -1,1 +1,145 @@
-fn main() {}
+//! Hot-path micro-benchmarks: decode + validate, the transform chain,
+//! publish serialization, and store inserts under contention.
+//!
+//! Run: `cargo bench --bench pipeline`. Figures and machine: docs/performance.md.
+
+// Bench code: a failed unwrap aborts the benchmark, which is what we want.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use eventflow::config::StoreSettings;
+use eventflow::event::{Event, EventId, PublishedEvent, decode_event};
+use eventflow::pipeline::transform::{TransformChain, TransformContext, TransformKind};
+use eventflow::store::{Insert, MemoryStore, Store};
+use eventflow::telemetry::TraceId;
+use futures_util::FutureExt;
+
+const PAYLOAD_100: &str = "user signed in from web client; plan=pro; region=eu-west-1; ab=checkout-v2; ok";
+
+fn body(id: &str, payload: &str) -> Vec<u8> {
+    serde_json::json!({"id": id, "timestamp": 1_700_000_000, "payload": payload})
+        .to_string()
+        .into_bytes()
+}
+
+fn decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decode_validate");
+    group.throughput(Throughput::Elements(1));
+    let valid = body("evt-000123", PAYLOAD_100);
+    group.bench_function("valid_100B", |b| {
+        b.iter(|| decode_event(black_box(&valid), 65_536).unwrap())
+    });
+    let invalid = br#"{"id":"","timestamp":1.5,"payload":5,"extra":1}"#;
+    group.bench_function("invalid_slow_path", |b| {
+        b.iter(|| decode_event(black_box(invalid), 65_536).unwrap_err())
+    });
+    group.finish();
+}
+
+fn published(payload: &str) -> PublishedEvent {
+    PublishedEvent {
+        id: EventId::parse("evt-000123").unwrap(),
+        timestamp: 1_700_000_000,
+        payload: payload.to_owned(),
+        metadata: None,
+    }
+}
+
+fn transform(c: &mut Criterion) {
+    let mut group = c.benchmark_group("transform_chain");
+    group.throughput(Throughput::Elements(1));
+    let chain = TransformChain::from_kinds(&[TransformKind::Uppercase, TransformKind::Enrich]);
+    let trace = TraceId::random().to_hex();
+    let ctx = TransformContext {
+        worker: 1,
+        sequence: 42,
+        received_at: SystemTime::now(),
+        queue_wait: Duration::from_micros(120),
+        trace_id: &trace,
+    };
+    let non_ascii = "Grüße aus der Straße, ﬁnal ✓ ".repeat(3);
+    for (name, payload) in [("ascii_100B", PAYLOAD_100), ("unicode_100B", non_ascii.as_str())] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || published(payload),
+                |mut event| {
+                    chain.apply(&mut event, &ctx).unwrap();
+                    event
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("publish_serialize");
+    group.throughput(Throughput::Elements(1));
+    let mut event = published(PAYLOAD_100);
+    chain.apply(&mut event, &ctx).unwrap();
+    group.bench_function("enriched_100B", |b| {
+        b.iter(|| serde_json::to_string(black_box(&event)).unwrap())
+    });
+    group.finish();
+}
+
+fn event(n: u64) -> Event {
+    Event {
+        id: EventId::parse(&format!("evt-{n:012}")).unwrap(),
+        timestamp: 1_700_000_000,
+        payload: PAYLOAD_100.to_owned(),
+    }
+}
+
+fn store_insert(c: &mut Criterion) {
+    let mut group = c.benchmark_group("store_insert");
+    group.throughput(Throughput::Elements(1));
+    for threads in [1_u64, 2, 4] {
+        group.bench_with_input(BenchmarkId::new("threads", threads), &threads, |b, &threads| {
+            b.iter_custom(|iters| {
+                // A fresh store per sample, large enough never to evict.
+                let store = Arc::new(MemoryStore::new(&StoreSettings {
+                    max_events: usize::MAX / 2,
+                    max_bytes: usize::MAX / 2,
+                }));
+                let next = Arc::new(AtomicU64::new(0));
+                let per_thread = iters.div_ceil(threads);
+                // Build events outside the timed region.
+                let batches: Vec<Vec<Event>> = (0..threads)
+                    .map(|_| {
+                        (0..per_thread)
+                            .map(|_| event(next.fetch_add(1, Ordering::Relaxed)))
+                            .collect()
+                    })
+                    .collect();
+                let start = Instant::now();
+                std::thread::scope(|scope| {
+                    for batch in batches {
+                        let store = Arc::clone(&store);
+                        scope.spawn(move || {
+                            let received = SystemTime::now();
+                            for event in batch {
+                                // The in-memory store never waits.
+                                let inserted = store
+                                    .insert(event, received, TraceId::random())
+                                    .now_or_never()
+                                    .unwrap()
+                                    .unwrap();
+                                assert!(matches!(inserted, Insert::Inserted(_)));
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode, transform, store_insert);
+criterion_main!(benches);
