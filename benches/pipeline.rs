@@ -19,7 +19,8 @@ use eventflow::store::{Insert, MemoryStore, Store};
 use eventflow::telemetry::TraceId;
 use futures_util::FutureExt;
 
-const PAYLOAD_100: &str = "user signed in from web client; plan=pro; region=eu-west-1; ab=checkout-v2; ok";
+const PAYLOAD_100: &str =
+    "user signed in from web client; plan=pro; region=eu-west-1; ab=checkout-v2; ok";
 
 fn body(id: &str, payload: &str) -> Vec<u8> {
     serde_json::json!({"id": id, "timestamp": 1_700_000_000, "payload": payload})
@@ -63,7 +64,10 @@ fn transform(c: &mut Criterion) {
         trace_id: &trace,
     };
     let non_ascii = "Grüße aus der Straße, ﬁnal ✓ ".repeat(3);
-    for (name, payload) in [("ascii_100B", PAYLOAD_100), ("unicode_100B", non_ascii.as_str())] {
+    for (name, payload) in [
+        ("ascii_100B", PAYLOAD_100),
+        ("unicode_100B", non_ascii.as_str()),
+    ] {
         group.bench_function(name, |b| {
             b.iter_batched(
                 || published(payload),
@@ -99,44 +103,48 @@ fn store_insert(c: &mut Criterion) {
     let mut group = c.benchmark_group("store_insert");
     group.throughput(Throughput::Elements(1));
     for threads in [1_u64, 2, 4] {
-        group.bench_with_input(BenchmarkId::new("threads", threads), &threads, |b, &threads| {
-            b.iter_custom(|iters| {
-                // A fresh store per sample, large enough never to evict.
-                let store = Arc::new(MemoryStore::new(&StoreSettings {
-                    max_events: usize::MAX / 2,
-                    max_bytes: usize::MAX / 2,
-                }));
-                let next = Arc::new(AtomicU64::new(0));
-                let per_thread = iters.div_ceil(threads);
-                // Build events outside the timed region.
-                let batches: Vec<Vec<Event>> = (0..threads)
-                    .map(|_| {
-                        (0..per_thread)
-                            .map(|_| event(next.fetch_add(1, Ordering::Relaxed)))
-                            .collect()
-                    })
-                    .collect();
-                let start = Instant::now();
-                std::thread::scope(|scope| {
-                    for batch in batches {
-                        let store = Arc::clone(&store);
-                        scope.spawn(move || {
-                            let received = SystemTime::now();
-                            for event in batch {
-                                // The in-memory store never waits.
-                                let inserted = store
-                                    .insert(event, received, TraceId::random())
-                                    .now_or_never()
-                                    .unwrap()
-                                    .unwrap();
-                                assert!(matches!(inserted, Insert::Inserted(_)));
-                            }
-                        });
-                    }
-                });
-                start.elapsed()
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("threads", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| {
+                    // A fresh store per sample, large enough never to evict.
+                    let store = Arc::new(MemoryStore::new(&StoreSettings {
+                        max_events: usize::MAX / 2,
+                        max_bytes: usize::MAX / 2,
+                    }));
+                    let next = Arc::new(AtomicU64::new(0));
+                    let per_thread = iters.div_ceil(threads);
+                    // Build events outside the timed region.
+                    let batches: Vec<Vec<Event>> = (0..threads)
+                        .map(|_| {
+                            (0..per_thread)
+                                .map(|_| event(next.fetch_add(1, Ordering::Relaxed)))
+                                .collect()
+                        })
+                        .collect();
+                    let start = Instant::now();
+                    std::thread::scope(|scope| {
+                        for batch in batches {
+                            let store = Arc::clone(&store);
+                            scope.spawn(move || {
+                                let received = SystemTime::now();
+                                for event in batch {
+                                    // The in-memory store never waits.
+                                    let inserted = store
+                                        .insert(event, received, TraceId::random())
+                                        .now_or_never()
+                                        .unwrap()
+                                        .unwrap();
+                                    assert!(matches!(inserted, Insert::Inserted(_)));
+                                }
+                            });
+                        }
+                    });
+                    start.elapsed()
+                })
+            },
+        );
     }
     group.finish();
 }
