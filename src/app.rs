@@ -25,13 +25,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::config::Settings;
-use crate::pipeline::{MemoryQueue, Pipeline, WorkerPool};
+use crate::pipeline::{MemoryQueue, Pipeline, PipelineParts, WorkerPool};
 use crate::shutdown::{DeadlineExceeded, Phase, Readiness};
 use crate::sink::{Sink, build_sinks};
 use crate::store::MemoryStore;
+use crate::telemetry::metrics::Metrics;
 
 /// Time allowed to flush sinks after the drain deadline has passed.
 const LATE_FLUSH: Duration = Duration::from_secs(2);
+/// How often histogram buffers are drained between scrapes.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// A built, not yet running, service.
 #[derive(Debug)]
@@ -60,9 +63,15 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {addr} (server.addr)"))?;
         let local_addr = listener.local_addr()?;
-        let store = Arc::new(MemoryStore::new(&settings.store));
-        let queue = MemoryQueue::new(settings.pipeline.queue_capacity);
-        let pipeline = Pipeline::new(settings.pipeline.clone(), store, queue, sinks);
+        let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
+        let parts = PipelineParts {
+            store: Arc::new(MemoryStore::new(&settings.store)),
+            queue: MemoryQueue::new(settings.pipeline.queue_capacity),
+            sinks,
+            chain: None,
+            metrics: Metrics::new(&sink_names),
+        };
+        let pipeline = Pipeline::new(settings.pipeline.clone(), parts);
         let workers = pipeline.start_workers();
         let state = AppState {
             pipeline,
@@ -111,6 +120,17 @@ impl App {
         let server = tokio::spawn(async move {
             if let Err(error) = server.await {
                 tracing::error!(%error, "HTTP server failed");
+            }
+        });
+        let metrics = pipeline.metrics().clone();
+        let upkeep_stop = http_stop.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => metrics.run_upkeep(),
+                    () = upkeep_stop.cancelled() => break,
+                }
             }
         });
         readiness.set(Phase::Ready);

@@ -102,6 +102,16 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     /// Default level directive; `RUST_LOG` wins when set.
     pub log_level: String,
+    /// OTLP/gRPC collector, e.g. `http://jaeger:4317`; unset = no trace export.
+    #[serde(default, deserialize_with = "empty_as_none")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces sampled (parent-based), 0.0..=1.0.
+    pub sample_ratio: f64,
+}
+
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = Option::<String>::deserialize(d)?;
+    Ok(value.filter(|v| !v.trim().is_empty()))
 }
 
 /// Log line format on stderr.
@@ -227,6 +237,23 @@ impl Settings {
                 ),
             ));
         }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                format!(
+                    "must be between 0.0 and 1.0, got {}",
+                    self.telemetry.sample_ratio
+                ),
+            ));
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("`{endpoint}` must be an http:// or https:// URL"),
+            ));
+        }
         if self.server.request_timeout.is_zero() {
             return Err(invalid("server.request_timeout", "must be greater than 0"));
         }
@@ -281,7 +308,8 @@ fn defaults(
         .set_default("store.max_bytes", 1_073_741_824_i64)?
         .set_default("publish.sinks", vec!["stdout"])?
         .set_default("telemetry.log_format", "json")?
-        .set_default("telemetry.log_level", "info")
+        .set_default("telemetry.log_level", "info")?
+        .set_default("telemetry.sample_ratio", 1.0)
 }
 
 #[cfg(test)]
@@ -317,6 +345,8 @@ mod tests {
         assert_eq!(s.publish.sinks, vec![SinkKind::Stdout]);
         assert_eq!(s.telemetry.log_format, LogFormat::Json);
         assert_eq!(s.telemetry.log_level, "info");
+        assert_eq!(s.telemetry.otlp_endpoint, None);
+        assert_eq!(s.telemetry.sample_ratio, 1.0);
     }
 
     #[test]
@@ -334,6 +364,21 @@ mod tests {
         assert_eq!(s.pipeline.transforms, vec![TransformKind::Enrich]);
         assert_eq!(s.server.shutdown_grace, Duration::from_secs(2));
         assert_eq!(s.telemetry.log_format, LogFormat::Pretty);
+        let s = load(&[
+            (
+                "EVENTFLOW__TELEMETRY__OTLP_ENDPOINT",
+                "http://127.0.0.1:4317",
+            ),
+            ("EVENTFLOW__TELEMETRY__SAMPLE_RATIO", "0.01"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(s.telemetry.sample_ratio, 0.01);
+        let s = load(&[("EVENTFLOW__TELEMETRY__OTLP_ENDPOINT", "")]).unwrap();
+        assert_eq!(s.telemetry.otlp_endpoint, None, "empty means unset");
     }
 
     #[test]
@@ -357,7 +402,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str, &str); 8] = [
+        let cases: [(&str, &str, &str); 10] = [
             ("EVENTFLOW__PIPELINE__WORKERS", "lots", "pipeline.workers"),
             (
                 "EVENTFLOW__PIPELINE__QUEUE_CAPACITY",
@@ -381,6 +426,16 @@ mod tests {
                 "EVENTFLOW__TELEMETRY__LOG_FORMAT",
                 "xml",
                 "telemetry.log_format",
+            ),
+            (
+                "EVENTFLOW__TELEMETRY__SAMPLE_RATIO",
+                "1.5",
+                "telemetry.sample_ratio",
+            ),
+            (
+                "EVENTFLOW__TELEMETRY__OTLP_ENDPOINT",
+                "jaeger:4317",
+                "telemetry.otlp_endpoint",
             ),
         ];
         for (var, value, key) in cases {

@@ -18,13 +18,17 @@
 //!   transform chain.
 //! - [`store`]: the `Store` trait and its bounded in-memory implementation.
 //! - [`sink`]: the `Sink` trait, the stdout and log sinks, and the SSE broadcast.
-//! - [`telemetry`]: log setup and trace ids.
+//! - [`telemetry`]: logs (JSON, with trace ids), OpenTelemetry traces over
+//!   OTLP, and the Prometheus metrics (names defined once, in
+//!   [`telemetry::metrics`]).
+//! - [`healthcheck`]: the `eventflow healthcheck` probe used by containers.
 //! - [`shutdown`]: signals, readiness, and the drain deadline.
 
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod event;
+pub mod healthcheck;
 pub mod pipeline;
 pub mod shutdown;
 pub mod sink;

@@ -1,13 +1,13 @@
-//! The `eventflow` binary: parse flags, load settings, start logging, run
+//! The `eventflow` binary: parse flags, load settings, start telemetry, run
 //! until SIGINT/SIGTERM. Everything else lives in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use eventflow::app::App;
 use eventflow::config::Settings;
-use eventflow::{shutdown, telemetry};
+use eventflow::{healthcheck, shutdown, telemetry};
 
 /// Event ingest and processing service.
 ///
@@ -17,8 +17,24 @@ use eventflow::{shutdown, telemetry};
 #[command(name = "eventflow", version, about, long_about)]
 struct Cli {
     /// TOML configuration file.
-    #[arg(long, short = 'c', env = "EVENTFLOW_CONFIG", value_name = "PATH")]
+    #[arg(
+        long,
+        short = 'c',
+        env = "EVENTFLOW_CONFIG",
+        value_name = "PATH",
+        global = true
+    )]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Exit 0 if the service on the configured port answers /healthz (for container health checks).
+    Healthcheck,
 }
 
 /// Exit code when the drain deadline passes or the service fails to start.
@@ -38,14 +54,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(error) = telemetry::init_subscriber(&settings.telemetry) {
-        eprintln!("eventflow: cannot initialise logging: {error}");
-        return ExitCode::from(EXIT_CONFIG);
+    if let Some(Command::Healthcheck) = cli.command {
+        return match healthcheck::check(&settings.server) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("eventflow healthcheck: {error}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        };
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
-            tracing::error!(%error, "cannot start the async runtime");
+            eprintln!("eventflow: cannot start the async runtime: {error}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
@@ -53,6 +74,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(settings: Settings) -> ExitCode {
+    let telemetry = match telemetry::init_subscriber(&settings.telemetry) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("eventflow: cannot initialise telemetry: {error:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let app = match App::build(settings).await {
         Ok(app) => app,
         Err(error) => {
@@ -72,7 +100,9 @@ async fn run(settings: Settings) -> ExitCode {
             std::process::exit(EXIT_FORCED);
         });
     };
-    match app.run_until_stopped(stop).await {
+    let outcome = app.run_until_stopped(stop).await;
+    telemetry.shutdown().await;
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(report) => {
             tracing::error!(%report, "exiting with events left unpublished");

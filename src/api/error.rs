@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use crate::event::{DecodeError, FieldError};
 use crate::pipeline::IngestError;
+use crate::telemetry::metrics::RejectReason;
 
 /// Seconds a client should wait before retrying an overloaded request.
 const RETRY_AFTER_OVERLOADED_SECS: u32 = 1;
@@ -89,6 +90,21 @@ impl ApiError {
                 field: field.to_owned(),
                 message,
             }],
+        }
+    }
+
+    /// How this error counts in `eventflow_events_rejected_total`, if it
+    /// refuses an event.
+    pub fn reject_reason(&self) -> Option<RejectReason> {
+        match self {
+            Self::MalformedJson(_)
+            | Self::BadRequest(_)
+            | Self::UnsupportedMediaType(_)
+            | Self::Validation { .. } => Some(RejectReason::Invalid),
+            Self::PayloadTooLarge(_) => Some(RejectReason::TooLarge),
+            Self::Conflict { .. } => Some(RejectReason::Conflict),
+            Self::Overloaded | Self::ShuttingDown => Some(RejectReason::Overloaded),
+            Self::NotFound(_) | Self::NotPublished(_) | Self::ProcessingFailed(_) => None,
         }
     }
 

@@ -19,7 +19,8 @@ use super::error::{ApiError, Problem};
 use crate::event::{DecodeError, EventId, PublishedEvent, decode_event};
 use crate::pipeline::{BatchRejection, Ingested};
 use crate::store::{Outcome, PageQuery, Record, Status};
-use crate::telemetry::TraceId;
+use crate::telemetry::metrics::RejectReason;
+use crate::telemetry::{self, TraceId};
 
 /// Default and maximum page sizes of `GET /events`.
 const DEFAULT_PAGE: usize = 100;
@@ -62,6 +63,9 @@ pub(crate) enum IngestStatus {
     Accepted,
     /// Already stored with the same content; not processed again.
     Duplicate,
+    /// Accepted and waited for (counted already; never serialized).
+    #[serde(skip)]
+    Waited,
 }
 
 /// Answer to `POST /events`.
@@ -166,11 +170,7 @@ pub(crate) struct ListParams {
 }
 
 fn trace_id(headers: &HeaderMap) -> TraceId {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceId::from_traceparent)
-        .unwrap_or_else(TraceId::random)
+    telemetry::trace_id_of(&tracing::Span::current(), headers)
 }
 
 fn location(id: &EventId) -> Option<HeaderValue> {
@@ -208,6 +208,37 @@ pub(crate) async fn post_event(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let metrics = state.pipeline.metrics().clone();
+    let answer = ingest_one(state, params, headers, body).await;
+    match &answer {
+        Ok((_, counted)) => match counted {
+            IngestStatus::Accepted => {
+                metrics.events_received(1);
+                metrics.events_accepted(1);
+            }
+            IngestStatus::Duplicate => {
+                metrics.events_received(1);
+                metrics.events_duplicate(1);
+            }
+            IngestStatus::Waited => {}
+        },
+        Err(error) => {
+            if let Some(reason) = error.reject_reason() {
+                metrics.events_received(1);
+                metrics.events_rejected(reason, 1);
+            }
+        }
+    }
+    answer.map(|(response, _)| response)
+}
+
+/// `POST /events` proper; returns how the event counts in metrics.
+async fn ingest_one(
+    state: AppState,
+    params: Result<Query<IngestParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(Response, IngestStatus), ApiError> {
     let Query(params) = params.map_err(query_error)?;
     let wait = match params.wait.as_deref() {
         None => false,
@@ -229,14 +260,17 @@ pub(crate) async fn post_event(
         .await?
     {
         Ingested::Duplicate(record) => Ok((
-            StatusCode::OK,
-            Json(IngestResponse {
-                id: id.to_string(),
-                status: IngestStatus::Duplicate,
-                sequence: record.sequence,
-            }),
-        )
-            .into_response()),
+            (
+                StatusCode::OK,
+                Json(IngestResponse {
+                    id: id.to_string(),
+                    status: IngestStatus::Duplicate,
+                    sequence: record.sequence,
+                }),
+            )
+                .into_response(),
+            IngestStatus::Duplicate,
+        )),
         Ingested::Accepted {
             record,
             waiter: None,
@@ -253,14 +287,17 @@ pub(crate) async fn post_event(
             if let Some(location) = location(&id) {
                 response.headers_mut().insert(header::LOCATION, location);
             }
-            Ok(response)
+            Ok((response, IngestStatus::Accepted))
         }
         Ingested::Accepted {
             record,
             waiter: Some(waiter),
         } => {
+            // The event is accepted whatever happens next; a late answer
+            // (504) does not make it less so.
+            state.pipeline.metrics().events_accepted(1);
             let timeout = state.server.request_timeout;
-            match tokio::time::timeout(timeout, waiter).await {
+            let answer = match tokio::time::timeout(timeout, waiter).await {
                 Ok(Ok(Ok(published))) => Ok((StatusCode::OK, Json(published)).into_response()),
                 Ok(Ok(Err(error))) => Err(ApiError::ProcessingFailed(error)),
                 Ok(Err(_)) => Err(ApiError::ProcessingFailed("the worker stopped".into())),
@@ -268,7 +305,9 @@ pub(crate) async fn post_event(
                     state.pipeline.cancel_wait(record.sequence);
                     Err(ApiError::NotPublished(timeout))
                 }
-            }
+            };
+            state.pipeline.metrics().events_received(1);
+            answer.map(|response| (response, IngestStatus::Waited))
         }
     }
 }
@@ -299,19 +338,32 @@ pub(crate) async fn post_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let media = media_type(&headers, &[MediaType::Json, MediaType::Ndjson])?;
-    let bytes = read_body(&headers, body, state.server.max_batch_body_bytes).await?;
+    let metrics = state.pipeline.metrics().clone();
+    // A request refused before its events could be counted counts as one.
+    let refused = |error: ApiError| {
+        if let Some(reason) = error.reject_reason() {
+            metrics.events_received(1);
+            metrics.events_rejected(reason, 1);
+        }
+        error
+    };
+    let media = media_type(&headers, &[MediaType::Json, MediaType::Ndjson]).map_err(refused)?;
+    let bytes = read_body(&headers, body, state.server.max_batch_body_bytes)
+        .await
+        .map_err(refused)?;
     let settings = state.pipeline.settings();
     let items = match media {
-        MediaType::Json => split_array(&bytes, settings.max_batch)?,
-        MediaType::Ndjson => split_lines(&bytes, settings.max_batch)?,
-    };
+        MediaType::Json => split_array(&bytes, settings.max_batch),
+        MediaType::Ndjson => split_lines(&bytes, settings.max_batch),
+    }
+    .map_err(refused)?;
     if items.is_empty() {
-        return Err(ApiError::invalid_field(
+        return Err(refused(ApiError::invalid_field(
             "body",
             "the batch contains no events",
-        ));
+        )));
     }
+    metrics.events_received(items.len() as u64);
     let mut valid = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
     for (index, item) in items.iter().enumerate() {
@@ -319,11 +371,13 @@ pub(crate) async fn post_batch(
             Ok(event) => valid.push((index, event)),
             Err(err) => rejected.push(BatchRejection {
                 index,
+                reason: RejectReason::Invalid,
                 id: readable_id(item),
                 error: err.summary(),
             }),
         }
     }
+    metrics.events_rejected(RejectReason::Invalid, rejected.len() as u64);
     if valid.is_empty() {
         return Err(ApiError::Validation {
             detail: format!("none of the {} events is valid", items.len()),
@@ -336,10 +390,17 @@ pub(crate) async fn post_batch(
                 .collect(),
         });
     }
+    let valid_count = valid.len() as u64;
     let mut outcome = state
         .pipeline
         .ingest_batch(valid, trace_id(&headers))
-        .await?;
+        .await
+        .inspect_err(|_| metrics.events_rejected(RejectReason::Overloaded, valid_count))?;
+    metrics.events_accepted(outcome.accepted as u64);
+    metrics.events_duplicate(outcome.duplicates as u64);
+    for rejection in &outcome.rejected {
+        metrics.events_rejected(rejection.reason, 1);
+    }
     rejected.append(&mut outcome.rejected);
     rejected.sort_by_key(|r| r.index);
     let body = BatchResponse {

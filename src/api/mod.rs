@@ -8,6 +8,8 @@ mod body;
 pub mod error;
 mod events;
 mod health;
+mod metrics;
+mod observe;
 mod stream;
 
 use std::sync::Arc;
@@ -20,8 +22,6 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
-use tracing::Level;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -68,11 +68,13 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::healthz))
         .routes(routes!(health::health))
         .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
         .split_for_parts();
     let openapi = Arc::new(openapi);
     // A backstop only: handlers answer within `request_timeout` themselves
     // (`?wait=published` returns 504 at exactly that point).
     let backstop = state.server.request_timeout + Duration::from_secs(1);
+    let metrics = state.pipeline.metrics().clone();
     api_routes
         .route(
             "/openapi.json",
@@ -88,11 +90,11 @@ pub fn router(state: AppState) -> Router {
             backstop,
         ))
         .layer(CatchPanicLayer::new())
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
-        )
+        // Outermost, so that timeouts and caught panics are counted too.
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            observe::observe,
+        ))
 }
 
 async fn not_found() -> ApiError {

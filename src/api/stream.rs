@@ -85,8 +85,9 @@ pub(crate) async fn stream_events(
     .flatten();
 
     let replaying = resume_after.is_some();
-    let live = live.filter_map(move |message| async move {
-        match message {
+    let metrics = state.pipeline.metrics().clone();
+    let live = live.filter_map(move |message| {
+        let event = match message {
             Ok(message) if replaying && message.publish_seq <= watermark => None,
             Ok(message) => Some(
                 Event::default()
@@ -95,13 +96,15 @@ pub(crate) async fn stream_events(
             ),
             Err(BroadcastStreamRecvError::Lagged(skipped)) => {
                 tracing::warn!(skipped, "SSE subscriber lagged");
+                metrics.sse_lagged();
                 Some(
                     Event::default()
                         .event("lagged")
                         .data(format!("{{\"skipped\":{skipped}}}")),
                 )
             }
-        }
+        };
+        std::future::ready(event)
     });
 
     let stop = state.stream_stop.clone().cancelled_owned();

@@ -20,12 +20,14 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
+use tracing::Instrument;
 
 use crate::config::PipelineSettings;
 use crate::event::{Event, EventId};
 use crate::sink::{EventBroadcast, Sink};
 use crate::store::{Insert, Record, Store, StoreError, event_footprint};
 use crate::telemetry::TraceId;
+use crate::telemetry::metrics::{Metrics, RejectReason};
 
 pub use backpressure::{Backpressure, Overloaded, Permit};
 pub use queue::{MemoryQueue, Queue, QueueError, QueuedEvent};
@@ -93,6 +95,8 @@ pub struct BatchOutcome {
 pub struct BatchRejection {
     /// Position in the request, from 0.
     pub index: usize,
+    /// Why, as counted in metrics.
+    pub reason: RejectReason,
     /// The event's id when it had a readable one.
     pub id: Option<String>,
     /// Why it was refused.
@@ -119,41 +123,44 @@ struct Inner {
     ingest_closed: AtomicBool,
     /// Ingest calls in progress; shutdown waits for them before closing the queue.
     ingest_calls: TaskTracker,
+    metrics: Metrics,
+}
+
+/// The components a pipeline is wired from.
+#[derive(Debug)]
+pub struct PipelineParts {
+    /// Where accepted events are stored.
+    pub store: Arc<dyn Store>,
+    /// Between ingest and the workers.
+    pub queue: Arc<dyn Queue>,
+    /// Where processed events are published.
+    pub sinks: Vec<Arc<dyn Sink>>,
+    /// Transform chain (`None`: the one named in the settings).
+    pub chain: Option<TransformChain>,
+    /// Instrumentation.
+    pub metrics: Metrics,
 }
 
 impl Pipeline {
-    /// Wires a pipeline from its parts; workers are started separately.
-    pub fn new(
-        settings: PipelineSettings,
-        store: Arc<dyn Store>,
-        queue: Arc<dyn Queue>,
-        sinks: Vec<Arc<dyn Sink>>,
-    ) -> Self {
-        let chain = TransformChain::from_kinds(&settings.transforms);
-        Self::with_chain(settings, store, queue, sinks, chain)
-    }
-
-    /// Like [`Pipeline::new`] with an explicit transform chain.
-    pub fn with_chain(
-        settings: PipelineSettings,
-        store: Arc<dyn Store>,
-        queue: Arc<dyn Queue>,
-        sinks: Vec<Arc<dyn Sink>>,
-        chain: TransformChain,
-    ) -> Self {
+    /// Wires a pipeline; workers are started separately.
+    pub fn new(settings: PipelineSettings, parts: PipelineParts) -> Self {
         let backpressure = Backpressure::new(settings.queue_capacity, settings.queue_max_bytes);
+        let chain = parts
+            .chain
+            .unwrap_or_else(|| TransformChain::from_kinds(&settings.transforms));
         Self {
             inner: Arc::new(Inner {
                 settings,
-                store,
-                queue,
+                store: parts.store,
+                queue: parts.queue,
                 backpressure,
                 chain,
-                sinks,
+                sinks: parts.sinks,
                 broadcast: EventBroadcast::default(),
                 waiters: Waiters::default(),
                 ingest_closed: AtomicBool::new(false),
                 ingest_calls: TaskTracker::new(),
+                metrics: parts.metrics,
             }),
         }
     }
@@ -178,6 +185,11 @@ impl Pipeline {
         &self.inner.broadcast
     }
 
+    /// Instrumentation.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
     /// Admission state.
     pub fn backpressure(&self) -> &Backpressure {
         &self.inner.backpressure
@@ -197,6 +209,18 @@ impl Pipeline {
 
     /// Accepts one event (or recognises a retry).
     pub async fn ingest(
+        &self,
+        event: Event,
+        trace_id: TraceId,
+        wait: bool,
+    ) -> Result<Ingested, IngestError> {
+        let span = tracing::info_span!("ingest", event.id = %event.id);
+        self.ingest_inner(event, trace_id, wait)
+            .instrument(span)
+            .await
+    }
+
+    async fn ingest_inner(
         &self,
         event: Event,
         trace_id: TraceId,
@@ -232,6 +256,17 @@ impl Pipeline {
     ///
     /// `events` carries each event's index in the request.
     pub async fn ingest_batch(
+        &self,
+        events: Vec<(usize, Event)>,
+        trace_id: TraceId,
+    ) -> Result<BatchOutcome, IngestError> {
+        let span = tracing::info_span!("ingest_batch", batch.size = events.len());
+        self.ingest_batch_inner(events, trace_id)
+            .instrument(span)
+            .await
+    }
+
+    async fn ingest_batch_inner(
         &self,
         events: Vec<(usize, Event)>,
         trace_id: TraceId,
@@ -287,6 +322,7 @@ impl Pipeline {
                     Ok(()) => outcome.accepted += 1,
                     Err(err) => outcome.rejected.push(BatchRejection {
                         index,
+                        reason: RejectReason::Overloaded,
                         id: Some(id.to_string()),
                         error: err.to_string(),
                     }),
@@ -296,6 +332,7 @@ impl Pipeline {
                 // Only reachable in a narrow race between concurrent evictions.
                 Err(err) => outcome.rejected.push(BatchRejection {
                     index,
+                    reason: RejectReason::Overloaded,
                     id: Some(id.to_string()),
                     error: err.to_string(),
                 }),
@@ -365,6 +402,7 @@ fn classify_existing(existing: Arc<Record>, event: &Event) -> Result<Ingested, I
 fn conflict(index: usize, id: &EventId) -> BatchRejection {
     BatchRejection {
         index,
+        reason: RejectReason::Conflict,
         id: Some(id.to_string()),
         error: "conflict: an event with this id exists with different content".into(),
     }

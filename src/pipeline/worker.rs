@@ -7,6 +7,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::FutureExt;
 use tokio_util::task::TaskTracker;
@@ -65,6 +66,10 @@ async fn run_worker(pipeline: Pipeline, worker: u32) {
             tracing::error!(worker, event.id = %record.event.id, "processing panicked; event marked failed");
             pipeline
                 .inner
+                .metrics
+                .event_processed(false, Default::default());
+            pipeline
+                .inner
                 .store
                 .complete(&record, CompleteWith::Failed("processing panicked".into()))
                 .await;
@@ -94,12 +99,16 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
     );
     async {
         let inner = &pipeline.inner;
+        let metrics = &inner.metrics;
+        let started = Instant::now();
+        let queue_wait = started.saturating_duration_since(enqueued_at);
+        metrics.queue_waited(queue_wait);
         let trace_id = record.trace_id.to_hex();
         let ctx = TransformContext {
             worker,
             sequence: record.sequence,
             received_at: record.received_at,
-            queue_wait: enqueued_at.elapsed(),
+            queue_wait,
             trace_id: &trace_id,
         };
         let mut event = PublishedEvent {
@@ -118,6 +127,7 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
             Err(error) => {
                 tracing::Span::current().record("outcome", "error");
                 tracing::warn!(%error, "event failed processing");
+                metrics.event_processed(false, started.elapsed());
                 inner
                     .store
                     .complete(&record, CompleteWith::Failed(error.clone()))
@@ -136,6 +146,7 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
                 .publish(publication)
                 .instrument(tracing::info_span!("publish", sink = sink.name()))
                 .await;
+            metrics.sink_result(sink.name(), published.is_ok());
             if let Err(error) = published {
                 tracing::error!(sink = sink.name(), %error, "publishing failed");
             }
@@ -153,7 +164,10 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
                 publish_seq,
                 json: Arc::from(json),
             });
+            metrics.sink_result("sse", true);
         }
+        metrics.event_processed(true, started.elapsed());
+        metrics.end_to_end(record.received_at.elapsed().unwrap_or_default());
         inner.waiters.notify(record.sequence, || Ok(event));
         tracing::Span::current().record("outcome", "ok");
     }
@@ -165,15 +179,16 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use super::*;
     use crate::config::{PipelineSettings, StoreSettings};
     use crate::event::{Event, EventId};
     use crate::pipeline::transform::{Transform, TransformChain, TransformError, TransformKind};
-    use crate::pipeline::{Ingested, MemoryQueue};
+    use crate::pipeline::{Ingested, MemoryQueue, PipelineParts};
     use crate::store::{MemoryStore, Status};
     use crate::telemetry::TraceId;
+    use crate::telemetry::metrics::Metrics;
 
     #[derive(Debug)]
     struct RejectEmpty;
@@ -227,12 +242,15 @@ mod tests {
             max_events: 1000,
             max_bytes: 1 << 24,
         }));
-        Pipeline::with_chain(
+        Pipeline::new(
             settings,
-            store,
-            MemoryQueue::new(capacity),
-            Vec::new(),
-            chain,
+            PipelineParts {
+                store,
+                queue: MemoryQueue::new(capacity),
+                sinks: Vec::new(),
+                chain: Some(chain),
+                metrics: Metrics::disabled(),
+            },
         )
     }
 
@@ -320,6 +338,5 @@ mod tests {
         assert_eq!(published.id.as_str(), "c");
         pipeline.close_queue();
         workers.stopped().await;
-        let _ = SystemTime::now();
     }
 }

@@ -75,11 +75,6 @@ impl MemoryStore {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Records evicted since start.
-    pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
-    }
-
     fn existing(record: &Arc<Record>, event: &Event) -> Insert {
         if record.same_content(event) {
             Insert::Duplicate(Arc::clone(record))
@@ -249,6 +244,10 @@ impl Store for MemoryStore {
 
     fn len(&self) -> usize {
         self.by_sequence.len()
+    }
+
+    fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
     }
 }
 

@@ -174,6 +174,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn publish_watermark(&self) -> u64;
     /// Number of records held.
     fn len(&self) -> usize;
+    /// Records evicted since start.
+    fn evictions(&self) -> u64;
     /// Whether no record is held.
     fn is_empty(&self) -> bool {
         self.len() == 0

@@ -1,53 +1,206 @@
-//! Logging setup and trace identity.
+//! Logs, traces and metrics.
 //!
-//! Logs are `tracing` events written to **stderr** (stdout belongs to the
-//! published events), as JSON lines by default.
+//! - Logs are `tracing` events written as JSON lines to **stderr** (stdout
+//!   belongs to the published events), with `trace_id`/`span_id` when
+//!   inside a span. The level filter applies to the log layer only, so it
+//!   never hides spans from the trace exporter.
+//! - Traces go through `tracing-opentelemetry`; with
+//!   `telemetry.otlp_endpoint` set they are exported over OTLP/gRPC by a
+//!   batch processor with a parent-based ratio sampler. Without an endpoint
+//!   spans still get W3C ids (so logs and event metadata carry trace ids)
+//!   but nothing is recorded or exported.
+//! - Metrics live in [`metrics`].
 
+pub mod metrics;
 mod trace_id;
 
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use anyhow::Context as _;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, TelemetrySettings};
 
 pub use trace_id::TraceId;
 
-/// Installs the global subscriber; `RUST_LOG` overrides `telemetry.log_level`.
-pub fn init_subscriber(settings: &TelemetrySettings) -> anyhow::Result<()> {
-    init_with_writer(settings, BoxMakeWriter::new(std::io::stderr))
+/// Keeps the trace pipeline alive; flush it with [`TelemetryGuard::shutdown`].
+#[derive(Debug)]
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+    exporting: bool,
 }
 
-/// Installs the global subscriber writing to `writer` (tests use a sink).
-pub fn init_with_writer(settings: &TelemetrySettings, writer: BoxMakeWriter) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives)?,
-        _ => EnvFilter::try_new(&settings.log_level)?,
-    };
-    let registry = tracing_subscriber::registry();
-    match settings.log_format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_writer(writer)
-                    .with_filter(filter),
-            )
-            .try_init()?,
-        LogFormat::Pretty => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .pretty()
-                    .with_writer(writer)
-                    .with_filter(filter),
-            )
-            .try_init()?,
+impl TelemetryGuard {
+    /// Flushes buffered spans to the exporter and stops it.
+    pub async fn shutdown(self) {
+        if !self.exporting {
+            return;
+        }
+        // The SDK's shutdown blocks; a direct call from the runtime can stall it.
+        let provider = self.provider;
+        let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        match flushed {
+            Ok(Ok(())) => tracing::debug!("trace exporter flushed"),
+            Ok(Err(error)) => tracing::warn!(%error, "flushing the trace exporter failed"),
+            Err(error) => tracing::warn!(%error, "flushing the trace exporter panicked"),
+        }
     }
-    Ok(())
 }
 
-use tracing_subscriber::Layer as _;
+/// Installs the global subscriber writing logs to stderr. Must run inside
+/// a tokio runtime when an OTLP endpoint is configured.
+pub fn init_subscriber(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
+    init_with_writer(settings, std::io::stderr)
+}
+
+/// Installs the global subscriber writing logs to `writer`.
+pub fn init_with_writer<W>(
+    settings: &TelemetrySettings,
+    writer: W,
+) -> anyhow::Result<TelemetryGuard>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let log_filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(&directives)
+            .with_context(|| format!("invalid RUST_LOG `{directives}`"))?,
+        _ => EnvFilter::try_new(&settings.log_level)
+            .with_context(|| format!("invalid telemetry.log_level `{}`", settings.log_level))?,
+    };
+    let (provider, exporting) = tracer_provider(settings)?;
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let tracer = provider.tracer("eventflow");
+    // Only our own spans become traces: never the HTTP/gRPC client
+    // internals of the exporter itself.
+    let trace_filter = Targets::new().with_target("eventflow", LevelFilter::INFO);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(trace_filter);
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = match settings.log_format {
+        LogFormat::Json => Box::new(json_layer(writer).with_filter(log_filter)),
+        LogFormat::Pretty => Box::new(
+            tracing_subscriber::fmt::layer()
+                .pretty()
+                .with_writer(writer)
+                .with_filter(log_filter),
+        ),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(otel)
+        .try_init()
+        .context("a global tracing subscriber is already installed")?;
+    Ok(TelemetryGuard {
+        provider,
+        exporting,
+    })
+}
+
+fn tracer_provider(settings: &TelemetrySettings) -> anyhow::Result<(SdkTracerProvider, bool)> {
+    let resource = Resource::builder()
+        .with_service_name("eventflow")
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build();
+    let builder = SdkTracerProvider::builder().with_resource(resource);
+    let Some(endpoint) = settings.otlp_endpoint.as_deref() else {
+        // Ids for logs and metadata, nothing recorded.
+        return Ok((builder.with_sampler(Sampler::AlwaysOff).build(), false));
+    };
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .with_context(|| {
+            format!("cannot build the OTLP exporter for telemetry.otlp_endpoint `{endpoint}`")
+        })?;
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
+    let provider = builder
+        .with_sampler(sampler)
+        .with_batch_exporter(exporter)
+        .build();
+    Ok((provider, true))
+}
+
+/// JSON log lines: timestamp, level, target, message and fields flattened,
+/// the current span's fields, and `trace_id`/`span_id`.
+fn json_layer<W>(writer: W) -> json_subscriber::JsonLayer<Registry, W>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let mut layer = json_subscriber::JsonLayer::new(writer);
+    layer
+        .with_timer("timestamp", tracing_subscriber::fmt::time::SystemTime)
+        .with_level("level")
+        .with_target("target")
+        .with_flattened_event()
+        .with_current_span("span");
+    layer.add_multiple_dynamic_fields(|event, context, writer| {
+        let Some(span) = context.event_span(event) else {
+            return;
+        };
+        let otel = tracing::dispatcher::get_default(|dispatch| {
+            tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
+        });
+        if let Some(otel) = otel {
+            let otel_span = otel.span();
+            let ids = otel_span.span_context();
+            if ids.is_valid() {
+                let _ = writer.write_field("trace_id", ids.trace_id().to_string());
+                let _ = writer.write_field("span_id", ids.span_id().to_string());
+            }
+        }
+    });
+    layer
+}
+
+/// Reads W3C trace context from HTTP headers.
+struct HeaderExtractor<'a>(&'a axum::http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Makes `span` a child of the W3C `traceparent` in `headers`, if any.
+pub fn set_remote_parent(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    if !headers.contains_key("traceparent") {
+        return;
+    }
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The trace id of `span` when tracing is installed; otherwise the one in
+/// `traceparent`, or a fresh one.
+pub fn trace_id_of(span: &tracing::Span, headers: &axum::http::HeaderMap) -> TraceId {
+    let context = span.context();
+    let otel_span = context.span();
+    let span_context = otel_span.span_context();
+    if span_context.is_valid() {
+        return TraceId::from_bytes(span_context.trace_id().to_bytes());
+    }
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceId::from_traceparent)
+        .unwrap_or_else(TraceId::random)
+}

@@ -33,6 +33,11 @@ impl TraceId {
         (id != 0 && parent_ok).then_some(Self(id))
     }
 
+    /// The id from its 16 big-endian bytes (as OpenTelemetry holds it).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(u128::from_be_bytes(bytes))
+    }
+
     /// A new random trace id.
     pub fn random() -> Self {
         loop {

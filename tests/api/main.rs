@@ -4,9 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod batch;
+mod binary;
 mod events;
 mod health;
 mod helpers;
 mod list;
+mod metrics;
+mod prometheus;
 mod shutdown;
 mod stream;
+mod tracing;

@@ -1,0 +1,47 @@
+//! Per-request instrumentation: one server span per request, keyed on the
+//! matched route template (never the raw path), joined to the caller's
+//! trace through W3C `traceparent`, and the HTTP metrics.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::{Instrument, field};
+
+use crate::telemetry;
+use crate::telemetry::metrics::Metrics;
+
+/// Route label for requests that matched no route.
+const UNMATCHED: &str = "unmatched";
+
+/// Wraps a request in its span and counts it.
+pub(crate) async fn observe(
+    State(metrics): State<Metrics>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "http_request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = field::Empty,
+        http.request.method = %method,
+        http.route = route,
+        url.path = request.uri().path(),
+        http.response.status_code = field::Empty,
+    );
+    telemetry::set_remote_parent(&span, request.headers());
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    metrics.http_request(method.as_str(), route, status.as_u16(), started.elapsed());
+    response
+}

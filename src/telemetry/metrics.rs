@@ -1,0 +1,580 @@
+//! Prometheus metrics: every name in one place, handles registered once.
+//!
+//! Each [`App`](crate::app::App) owns its own recorder (no global), so
+//! several services in one process — as in the tests — count separately.
+//! Hot-path counters and histograms are pre-registered handles (an atomic
+//! add, no lookup). Gauges that move up and down with the pipeline (queue
+//! depth, in-flight permits, store size, SSE subscribers) are read from
+//! their source of truth at scrape time, so they can never drift.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// Metric names: the contract dashboards, alerts and users rely on.
+pub mod names {
+    /// HTTP requests by `method`, `route`, `status`.
+    pub const HTTP_REQUESTS: &str = "eventflow_http_requests_total";
+    /// HTTP request duration by `method`, `route`.
+    pub const HTTP_DURATION: &str = "eventflow_http_request_duration_seconds";
+    /// Events read from requests.
+    pub const RECEIVED: &str = "eventflow_events_received_total";
+    /// Events newly accepted.
+    pub const ACCEPTED: &str = "eventflow_events_accepted_total";
+    /// Retries of stored events.
+    pub const DUPLICATE: &str = "eventflow_events_duplicate_total";
+    /// Refused events by `reason`.
+    pub const REJECTED: &str = "eventflow_events_rejected_total";
+    /// Processed events by `outcome`.
+    pub const PROCESSED: &str = "eventflow_events_processed_total";
+    /// Events handed to a sink, by `sink`.
+    pub const PUBLISHED: &str = "eventflow_events_published_total";
+    /// Sink failures by `sink`.
+    pub const PUBLISH_ERRORS: &str = "eventflow_publish_errors_total";
+    /// Events waiting for a worker.
+    pub const QUEUE_DEPTH: &str = "eventflow_queue_depth";
+    /// Queue capacity (`pipeline.queue_capacity`).
+    pub const QUEUE_CAPACITY: &str = "eventflow_queue_capacity";
+    /// Backpressure permits in use.
+    pub const INFLIGHT: &str = "eventflow_inflight_events";
+    /// Time from enqueue to a worker taking the event.
+    pub const QUEUE_WAIT: &str = "eventflow_queue_wait_seconds";
+    /// Transform + publish time.
+    pub const PROCESSING: &str = "eventflow_processing_duration_seconds";
+    /// Received → published.
+    pub const END_TO_END: &str = "eventflow_end_to_end_latency_seconds";
+    /// Records held by the store.
+    pub const STORE_EVENTS: &str = "eventflow_store_events";
+    /// Records evicted from the store.
+    pub const STORE_EVICTIONS: &str = "eventflow_store_evictions_total";
+    /// Connected SSE subscribers.
+    pub const SSE_SUBSCRIBERS: &str = "eventflow_sse_subscribers";
+    /// Times an SSE subscriber fell behind.
+    pub const SSE_LAGGED: &str = "eventflow_sse_lagged_total";
+    /// Worker tasks.
+    pub const WORKERS: &str = "eventflow_workers";
+    /// Always 1, labelled with the `version`.
+    pub const BUILD_INFO: &str = "eventflow_build_info";
+}
+
+/// Histogram buckets in seconds: 50 µs to 10 s, about three per decade.
+pub const LATENCY_BUCKETS: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Why an event was refused (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Malformed or invalid (400, 415, 422).
+    Invalid,
+    /// Same id, different content (409).
+    Conflict,
+    /// Over a size limit (413).
+    TooLarge,
+    /// No room in the pipeline, or draining (503).
+    Overloaded,
+    /// Missing or wrong bearer token (401).
+    Unauthorized,
+}
+
+impl RejectReason {
+    /// Every reason, for zero-initialisation.
+    pub const ALL: [Self; 5] = [
+        Self::Invalid,
+        Self::Conflict,
+        Self::TooLarge,
+        Self::Overloaded,
+        Self::Unauthorized,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::Conflict => "conflict",
+            Self::TooLarge => "too_large",
+            Self::Overloaded => "overloaded",
+            Self::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// Counters of one sink.
+#[derive(Debug, Clone)]
+struct SinkCounters {
+    published: Counter,
+    errors: Counter,
+}
+
+/// The service's metrics: a recorder plus pre-registered handles.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    recorder: Option<Arc<PrometheusRecorder>>,
+    handle: Option<PrometheusHandle>,
+    received: Counter,
+    accepted: Counter,
+    duplicate: Counter,
+    rejected: [Counter; 5],
+    processed_ok: Counter,
+    processed_error: Counter,
+    sinks: Arc<HashMap<&'static str, SinkCounters>>,
+    queue_wait: Histogram,
+    processing: Histogram,
+    end_to_end: Histogram,
+    sse_lagged: Counter,
+    gauges: ScrapeGauges,
+}
+
+/// Gauges set from their sources at scrape time.
+#[derive(Debug, Clone)]
+struct ScrapeGauges {
+    queue_depth: Gauge,
+    queue_capacity: Gauge,
+    inflight: Gauge,
+    store_events: Gauge,
+    store_evictions: Counter,
+    sse_subscribers: Gauge,
+    workers: Gauge,
+}
+
+/// Pipeline state sampled at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PipelineSnapshot {
+    /// Events waiting for a worker.
+    pub queue_depth: usize,
+    /// Queue capacity.
+    pub queue_capacity: usize,
+    /// Permits in use.
+    pub inflight: usize,
+    /// Records in the store.
+    pub store_events: usize,
+    /// Evictions since start.
+    pub store_evictions: u64,
+    /// SSE subscribers.
+    pub sse_subscribers: usize,
+    /// Worker tasks.
+    pub workers: usize,
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.to_string()))
+        .collect();
+    Key::from_parts(name, labels)
+}
+
+const METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+impl Metrics {
+    /// A recorder with the service's buckets and every metric registered,
+    /// labelled counters at zero for every known label value (so that
+    /// dashboards show 0 instead of "no data"). `sinks` are the sink names.
+    pub fn new(sinks: &[&'static str]) -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .map(PrometheusBuilder::build_recorder)
+            // Only fails for an empty bucket list, which ours is not.
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        let recorder = Arc::new(recorder);
+        let r = &*recorder;
+        let counter = |name, labels: &[(&'static str, &str)]| {
+            let c = r.register_counter(&key(name, labels), &METADATA);
+            c.increment(0);
+            c
+        };
+        let gauge = |name| r.register_gauge(&key(name, &[]), &METADATA);
+        let histogram = |name| r.register_histogram(&key(name, &[]), &METADATA);
+        describe(r);
+        let sinks = sinks
+            .iter()
+            .chain(std::iter::once(&"sse"))
+            .map(|&sink| {
+                (
+                    sink,
+                    SinkCounters {
+                        published: counter(names::PUBLISHED, &[("sink", sink)]),
+                        errors: counter(names::PUBLISH_ERRORS, &[("sink", sink)]),
+                    },
+                )
+            })
+            .collect();
+        r.register_gauge(
+            &key(names::BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))]),
+            &METADATA,
+        )
+        .set(1.0);
+        Self {
+            received: counter(names::RECEIVED, &[]),
+            accepted: counter(names::ACCEPTED, &[]),
+            duplicate: counter(names::DUPLICATE, &[]),
+            rejected: RejectReason::ALL
+                .map(|reason| counter(names::REJECTED, &[("reason", reason.as_str())])),
+            processed_ok: counter(names::PROCESSED, &[("outcome", "ok")]),
+            processed_error: counter(names::PROCESSED, &[("outcome", "error")]),
+            sinks: Arc::new(sinks),
+            queue_wait: histogram(names::QUEUE_WAIT),
+            processing: histogram(names::PROCESSING),
+            end_to_end: histogram(names::END_TO_END),
+            sse_lagged: counter(names::SSE_LAGGED, &[]),
+            gauges: ScrapeGauges {
+                queue_depth: gauge(names::QUEUE_DEPTH),
+                queue_capacity: gauge(names::QUEUE_CAPACITY),
+                inflight: gauge(names::INFLIGHT),
+                store_events: gauge(names::STORE_EVENTS),
+                store_evictions: counter(names::STORE_EVICTIONS, &[]),
+                sse_subscribers: gauge(names::SSE_SUBSCRIBERS),
+                workers: gauge(names::WORKERS),
+            },
+            handle: Some(handle),
+            recorder: Some(recorder),
+        }
+    }
+
+    /// Metrics that record nothing (benchmarks measure their cost against this).
+    pub fn disabled() -> Self {
+        Self {
+            recorder: None,
+            handle: None,
+            received: Counter::noop(),
+            accepted: Counter::noop(),
+            duplicate: Counter::noop(),
+            rejected: RejectReason::ALL.map(|_| Counter::noop()),
+            processed_ok: Counter::noop(),
+            processed_error: Counter::noop(),
+            sinks: Arc::new(HashMap::new()),
+            queue_wait: Histogram::noop(),
+            processing: Histogram::noop(),
+            end_to_end: Histogram::noop(),
+            sse_lagged: Counter::noop(),
+            gauges: ScrapeGauges {
+                queue_depth: Gauge::noop(),
+                queue_capacity: Gauge::noop(),
+                inflight: Gauge::noop(),
+                store_events: Gauge::noop(),
+                store_evictions: Counter::noop(),
+                sse_subscribers: Gauge::noop(),
+                workers: Gauge::noop(),
+            },
+        }
+    }
+
+    /// `n` events were read from a request.
+    pub fn events_received(&self, n: u64) {
+        self.received.increment(n);
+    }
+
+    /// `n` events were newly accepted.
+    pub fn events_accepted(&self, n: u64) {
+        self.accepted.increment(n);
+    }
+
+    /// `n` events were retries of stored events.
+    pub fn events_duplicate(&self, n: u64) {
+        self.duplicate.increment(n);
+    }
+
+    /// `n` events were refused for `reason`.
+    pub fn events_rejected(&self, reason: RejectReason, n: u64) {
+        let index = RejectReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.rejected[index].increment(n);
+    }
+
+    /// A worker finished an event.
+    pub fn event_processed(&self, ok: bool, processing: Duration) {
+        if ok {
+            self.processed_ok.increment(1);
+        } else {
+            self.processed_error.increment(1);
+        }
+        self.processing.record(processing.as_secs_f64());
+    }
+
+    /// A worker took an event off the queue after `wait`.
+    pub fn queue_waited(&self, wait: Duration) {
+        self.queue_wait.record(wait.as_secs_f64());
+    }
+
+    /// An event was published `latency` after it was received.
+    pub fn end_to_end(&self, latency: Duration) {
+        self.end_to_end.record(latency.as_secs_f64());
+    }
+
+    /// A sink took (or failed to take) an event.
+    pub fn sink_result(&self, sink: &str, ok: bool) {
+        if let Some(counters) = self.sinks.get(sink) {
+            if ok {
+                counters.published.increment(1);
+            } else {
+                counters.errors.increment(1);
+            }
+        }
+    }
+
+    /// An SSE subscriber fell behind.
+    pub fn sse_lagged(&self) {
+        self.sse_lagged.increment(1);
+    }
+
+    /// Records one HTTP request.
+    pub fn http_request(&self, method: &str, route: &str, status: u16, duration: Duration) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let status = status.to_string();
+        recorder
+            .register_counter(
+                &key(
+                    names::HTTP_REQUESTS,
+                    &[("method", method), ("route", route), ("status", &status)],
+                ),
+                &METADATA,
+            )
+            .increment(1);
+        recorder
+            .register_histogram(
+                &key(
+                    names::HTTP_DURATION,
+                    &[("method", method), ("route", route)],
+                ),
+                &METADATA,
+            )
+            .record(duration.as_secs_f64());
+    }
+
+    /// Renders the Prometheus text exposition, sampling `snapshot` and the
+    /// process first.
+    pub fn render(&self, snapshot: PipelineSnapshot) -> String {
+        let Some(handle) = &self.handle else {
+            return String::new();
+        };
+        let g = &self.gauges;
+        g.queue_depth.set(snapshot.queue_depth as f64);
+        g.queue_capacity.set(snapshot.queue_capacity as f64);
+        g.inflight.set(snapshot.inflight as f64);
+        g.store_events.set(snapshot.store_events as f64);
+        g.store_evictions.absolute(snapshot.store_evictions);
+        g.sse_subscribers.set(snapshot.sse_subscribers as f64);
+        g.workers.set(snapshot.workers as f64);
+        let mut text = handle.render();
+        render_process(&mut text);
+        text
+    }
+
+    /// Drains histogram buffers; call periodically.
+    pub fn run_upkeep(&self) {
+        if let Some(handle) = &self.handle {
+            handle.run_upkeep();
+        }
+    }
+}
+
+fn describe(recorder: &PrometheusRecorder) {
+    use metrics::Unit;
+    let help = [
+        (
+            names::HTTP_REQUESTS,
+            "HTTP requests by method, route template and status",
+            None,
+        ),
+        (
+            names::HTTP_DURATION,
+            "HTTP request duration by method and route template",
+            Some(Unit::Seconds),
+        ),
+        (names::RECEIVED, "Events read from ingest requests", None),
+        (
+            names::ACCEPTED,
+            "Events newly accepted into the pipeline",
+            None,
+        ),
+        (
+            names::DUPLICATE,
+            "Events that repeated a stored event (not processed again)",
+            None,
+        ),
+        (names::REJECTED, "Events refused, by reason", None),
+        (
+            names::PROCESSED,
+            "Events processed by workers, by outcome",
+            None,
+        ),
+        (names::PUBLISHED, "Events handed to a sink, by sink", None),
+        (names::PUBLISH_ERRORS, "Sink failures, by sink", None),
+        (names::QUEUE_DEPTH, "Events waiting for a worker", None),
+        (
+            names::QUEUE_CAPACITY,
+            "Maximum accepted-but-unpublished events",
+            None,
+        ),
+        (
+            names::INFLIGHT,
+            "Backpressure permits in use (accepted, not yet published)",
+            None,
+        ),
+        (
+            names::QUEUE_WAIT,
+            "Time events wait in the queue",
+            Some(Unit::Seconds),
+        ),
+        (
+            names::PROCESSING,
+            "Transform and publish time per event",
+            Some(Unit::Seconds),
+        ),
+        (
+            names::END_TO_END,
+            "Time from receipt to publication",
+            Some(Unit::Seconds),
+        ),
+        (names::STORE_EVENTS, "Records held by the store", None),
+        (
+            names::STORE_EVICTIONS,
+            "Records evicted from the store",
+            None,
+        ),
+        (
+            names::SSE_SUBSCRIBERS,
+            "Connected Server-Sent-Events subscribers",
+            None,
+        ),
+        (
+            names::SSE_LAGGED,
+            "Times an SSE subscriber fell behind and skipped events",
+            None,
+        ),
+        (names::WORKERS, "Worker tasks", None),
+        (names::BUILD_INFO, "Build information; always 1", None),
+    ];
+    for (name, text, unit) in help {
+        let key = metrics::KeyName::from_const_str(name);
+        let text = metrics::SharedString::const_str(text);
+        if name.ends_with("_total") {
+            recorder.describe_counter(key, unit, text);
+        } else if unit == Some(Unit::Seconds) {
+            recorder.describe_histogram(key, unit, text);
+        } else {
+            recorder.describe_gauge(key, unit, text);
+        }
+    }
+}
+
+/// Appends the standard process metrics (CPU as a float counter, which the
+/// `metrics` crate's integer counters cannot express).
+fn render_process(text: &mut String) {
+    let process = metrics_process::collector::collect();
+    if let Some(cpu) = process.cpu_seconds_total {
+        let _ = write!(
+            text,
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
+             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n"
+        );
+    }
+    if let Some(rss) = process.resident_memory_bytes {
+        let _ = write!(
+            text,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n"
+        );
+    }
+    if let Some(fds) = process.open_fds {
+        let _ = write!(
+            text,
+            "# HELP process_open_fds Number of open file descriptors.\n\
+             # TYPE process_open_fds gauge\nprocess_open_fds {fds}\n"
+        );
+    }
+    if let Some(max) = process.max_fds {
+        let _ = write!(
+            text,
+            "# HELP process_max_fds Maximum number of open file descriptors.\n\
+             # TYPE process_max_fds gauge\nprocess_max_fds {max}\n"
+        );
+    }
+    if let Some(start) = process.start_time_seconds {
+        let _ = write!(
+            text,
+            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n\
+             # TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {start}\n"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn zero_initialised_and_counted() {
+        let m = Metrics::new(&["stdout"]);
+        let text = m.render(PipelineSnapshot::default());
+        for reason in RejectReason::ALL {
+            let series = format!(
+                "eventflow_events_rejected_total{{reason=\"{}\"}} 0",
+                reason.as_str()
+            );
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+        assert!(text.contains("eventflow_events_published_total{sink=\"stdout\"} 0"));
+        assert!(text.contains("eventflow_build_info{version=\""));
+        m.events_rejected(RejectReason::TooLarge, 2);
+        m.events_accepted(3);
+        m.http_request("POST", "/events", 202, Duration::from_micros(300));
+        let text = m.render(PipelineSnapshot {
+            queue_depth: 4,
+            queue_capacity: 10,
+            ..Default::default()
+        });
+        assert!(text.contains("eventflow_events_rejected_total{reason=\"too_large\"} 2"));
+        assert!(text.contains("eventflow_events_accepted_total 3"));
+        assert!(text.contains("eventflow_queue_depth 4"));
+        assert!(text.contains(
+            "eventflow_http_requests_total{method=\"POST\",route=\"/events\",status=\"202\"} 1"
+        ));
+        let bucket = line(
+            &text,
+            "eventflow_http_request_duration_seconds_bucket{method=\"POST\",route=\"/events\",le=\"0.0005\"}",
+        )
+        .expect("sub-millisecond bucket");
+        assert!(bucket.ends_with(" 1"), "{bucket}");
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter"));
+        assert!(line(&text, "process_resident_memory_bytes ").is_some());
+    }
+
+    #[test]
+    fn separate_instances_do_not_share_counts() {
+        let a = Metrics::new(&[]);
+        let b = Metrics::new(&[]);
+        a.events_received(5);
+        assert!(
+            b.render(PipelineSnapshot::default())
+                .contains("eventflow_events_received_total 0")
+        );
+        assert!(
+            a.render(PipelineSnapshot::default())
+                .contains("eventflow_events_received_total 5")
+        );
+    }
+
+    #[test]
+    fn disabled_metrics_render_nothing() {
+        let m = Metrics::disabled();
+        m.events_accepted(1);
+        m.http_request("GET", "/x", 200, Duration::ZERO);
+        assert!(m.render(PipelineSnapshot::default()).is_empty());
+    }
+}

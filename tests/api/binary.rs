@@ -1,0 +1,94 @@
+//! The compiled `eventflow` binary as a child process: start it on a free
+//! port, read its JSON logs, stop it, and make sure a failed test never
+//! leaves it running.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub(crate) struct Service {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
+    pub(crate) stderr: mpsc::Receiver<String>,
+}
+
+/// Starts the compiled binary on a free port and waits for its listening log line.
+pub(crate) fn start(env: &[(&str, &str)]) -> Service {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_eventflow"));
+    command
+        .env("EVENTFLOW__SERVER__ADDR", "127.0.0.1:0")
+        .env("EVENTFLOW__TELEMETRY__LOG_FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let (lines, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut service = Service {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        stderr: receiver,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = service
+            .stderr
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the service logs that it listens");
+        let Ok(log) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if log["message"] == "eventflow listening" {
+            service.addr = log["addr"].as_str().unwrap().parse().unwrap();
+            return service;
+        }
+    }
+}
+
+impl Drop for Service {
+    /// A failed test must not leave the service running.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub(crate) fn stdout_reader(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+pub(crate) fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
