@@ -12,11 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use eventflow::config::StoreSettings;
+use eventflow::config::{PipelineSettings, StoreSettings};
 use eventflow::event::{Event, EventId, PublishedEvent, decode_event};
 use eventflow::pipeline::transform::{TransformChain, TransformContext, TransformKind};
+use eventflow::pipeline::{MemoryQueue, Pipeline, PipelineParts};
+use eventflow::sink::StdoutSink;
 use eventflow::store::{Insert, MemoryStore, Store};
 use eventflow::telemetry::TraceId;
+use eventflow::telemetry::metrics::Metrics;
 use futures_util::FutureExt;
 
 const PAYLOAD_100: &str =
@@ -149,5 +152,98 @@ fn store_insert(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, transform, store_insert);
+/// Settings for an in-process pipeline that never rejects in the benchmark.
+fn pipeline_settings() -> PipelineSettings {
+    PipelineSettings {
+        workers: 1,
+        queue_capacity: 1 << 16,
+        max_payload_bytes: 65_536,
+        max_batch: 10_000,
+        transforms: vec![TransformKind::Uppercase, TransformKind::Enrich],
+        queue_max_bytes: 1 << 30,
+    }
+}
+
+/// Ingest → queue → worker → transform → stdout sink (to a discarding
+/// writer), in process, with metrics recorded or not: the cost of metrics
+/// on the hot path, per event.
+fn pipeline_metrics_overhead(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("pipeline_ingest_to_publish");
+    const EVENTS: u64 = 2_000;
+    group.throughput(Throughput::Elements(EVENTS));
+    for (name, enabled) in [("metrics_off", false), ("metrics_on", true)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let metrics = if enabled {
+                        Metrics::new(&["stdout"])
+                    } else {
+                        Metrics::disabled()
+                    };
+                    let pipeline = Pipeline::new(
+                        pipeline_settings(),
+                        PipelineParts {
+                            store: Arc::new(MemoryStore::new(&StoreSettings {
+                                max_events: 1 << 24,
+                                max_bytes: 1 << 34,
+                            })),
+                            queue: MemoryQueue::new(1 << 16),
+                            sinks: vec![Arc::new(StdoutSink::with_writer(std::io::sink()))],
+                            chain: None,
+                            metrics,
+                        },
+                    );
+                    let workers = pipeline.start_workers();
+                    let mut n = 0_u64;
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        for _ in 0..EVENTS {
+                            pipeline
+                                .ingest(event(n), TraceId::random(), false)
+                                .await
+                                .unwrap();
+                            n += 1;
+                        }
+                        // Wait until every event of this round is published.
+                        while pipeline.backpressure().in_use() > 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    let elapsed = start.elapsed();
+                    pipeline.close_queue();
+                    workers.stopped().await;
+                    elapsed
+                })
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("http_request_metric");
+    group.throughput(Throughput::Elements(1));
+    for (name, metrics) in [
+        ("metrics_off", Metrics::disabled()),
+        ("metrics_on", Metrics::new(&[])),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                metrics.http_request("POST", "/events", 202, Duration::from_micros(80));
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    decode,
+    transform,
+    store_insert,
+    pipeline_metrics_overhead
+);
 criterion_main!(benches);
