@@ -1,0 +1,288 @@
+//! Command-line arguments and their validation into a [`Plan`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Load generator for eventflow: closed- or open-loop HTTP load, HDR latency
+/// percentiles, and a check that every accepted event was published.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "eventflow-loadgen", version, about, long_about = None)]
+pub(crate) struct Args {
+    /// Base URL of the service.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub(crate) url: String,
+    /// `closed`: each connection sends as fast as answers come back;
+    /// `open`: requests are scheduled at --rate and latency is measured from
+    /// the scheduled time, so stalls cannot hide (no coordinated omission).
+    #[arg(long, value_enum, default_value_t = Mode::Closed)]
+    pub(crate) mode: Mode,
+    /// HTTP/1.1 keep-alive connections.
+    #[arg(long, short = 'c', default_value_t = 32)]
+    pub(crate) connections: usize,
+    /// Requests per second (open loop only).
+    #[arg(long)]
+    pub(crate) rate: Option<f64>,
+    /// How long to run, e.g. `30s` (default 10s unless --requests is given).
+    #[arg(long, short = 'd', value_parser = humantime::parse_duration)]
+    pub(crate) duration: Option<Duration>,
+    /// Total requests to send (instead of, or as well as, --duration).
+    #[arg(long, short = 'n')]
+    pub(crate) requests: Option<u64>,
+    /// Events per request: 1 posts to /events, more posts to /events/batch.
+    #[arg(long, short = 'b', default_value_t = 1)]
+    pub(crate) batch_size: usize,
+    /// Batch body format.
+    #[arg(long, value_enum, default_value_t = BatchFormat::Json)]
+    pub(crate) format: BatchFormat,
+    /// Gzip request bodies (batches).
+    #[arg(long)]
+    pub(crate) gzip: bool,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) payload_bytes: usize,
+    /// Event id pattern: `{run}` is a random run id, `{n}` the event number.
+    #[arg(long, default_value = "lg-{run}-{n}")]
+    pub(crate) id_pattern: String,
+    /// Per-request timeout.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Duration,
+    /// Print the summary as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Write a report with latency-over-time and percentile plots (.html or .svg).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) report: Option<PathBuf>,
+    /// After the run, confirm every accepted id was published exactly once
+    /// (watches /events/stream during the run, then checks /events/{id}).
+    #[arg(long)]
+    pub(crate) verify: bool,
+    /// How long --verify waits for publications after the run.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) verify_timeout: Duration,
+    /// Sample this Prometheus endpoint during the run (queue depth, RSS, CPU);
+    /// `auto` means URL/metrics.
+    #[arg(long, value_name = "URL")]
+    pub(crate) metrics_url: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+}
+
+/// How requests are paced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Mode {
+    /// As fast as possible on N connections.
+    Closed,
+    /// At a fixed rate, whatever the answers.
+    Open,
+}
+
+/// How batches are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum BatchFormat {
+    /// A JSON array.
+    Json,
+    /// One event per line.
+    Ndjson,
+}
+
+/// A validated run plan.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) mode: Mode,
+    pub(crate) connections: usize,
+    pub(crate) rate: Option<f64>,
+    pub(crate) duration: Option<Duration>,
+    pub(crate) requests: Option<u64>,
+    pub(crate) batch_size: usize,
+    pub(crate) format: BatchFormat,
+    pub(crate) gzip: bool,
+    pub(crate) payload_bytes: usize,
+    pub(crate) id_prefix: String,
+    pub(crate) id_suffix: String,
+    pub(crate) timeout: Duration,
+    pub(crate) metrics_url: Option<String>,
+}
+
+/// Default run length when neither --duration nor --requests is given.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+/// The service's default `pipeline.max_batch`.
+const MAX_BATCH: usize = 10_000;
+
+impl Args {
+    /// Checks the arguments and resolves them into a plan.
+    pub(crate) fn plan(&self, run_id: &str) -> Result<Plan, String> {
+        let uri: axum::http::Uri = self
+            .url
+            .parse()
+            .map_err(|e| format!("--url `{}` is not a URL: {e}", self.url))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("--url `{}` must start with http://", self.url));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("--url `{}` has no host", self.url))?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(80);
+        if self.connections == 0 {
+            return Err("--connections must be at least 1".into());
+        }
+        let rate = match (self.mode, self.rate) {
+            (Mode::Open, None) => return Err("--mode open needs --rate".into()),
+            (Mode::Open, Some(r)) if !(r.is_finite() && r > 0.0) => {
+                return Err(format!("--rate must be a positive number, got {r}"));
+            }
+            (Mode::Closed, Some(_)) => return Err("--rate only applies to --mode open".into()),
+            (_, rate) => rate,
+        };
+        if self.requests == Some(0) {
+            return Err("--requests must be at least 1".into());
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            return Err("--duration must be positive".into());
+        }
+        let duration = match (self.duration, self.requests) {
+            (None, None) => Some(DEFAULT_DURATION),
+            (duration, _) => duration,
+        };
+        if !(1..=MAX_BATCH).contains(&self.batch_size) {
+            return Err(format!("--batch-size must be 1..={MAX_BATCH}"));
+        }
+        if self.gzip && self.batch_size == 1 {
+            return Err("--gzip applies to batches (--batch-size > 1)".into());
+        }
+        let pattern = self.id_pattern.replace("{run}", run_id);
+        let (id_prefix, id_suffix) = match pattern.split_once("{n}") {
+            Some((prefix, suffix)) if !suffix.contains("{n}") => {
+                (prefix.to_owned(), suffix.to_owned())
+            }
+            _ => return Err("--id-pattern must contain `{n}` exactly once".into()),
+        };
+        let metrics_url = self.metrics_url.as_ref().map(|m| {
+            if m == "auto" {
+                format!("{}/metrics", self.url.trim_end_matches('/'))
+            } else {
+                m.clone()
+            }
+        });
+        Ok(Plan {
+            host,
+            port,
+            mode: self.mode,
+            connections: self.connections,
+            rate,
+            duration,
+            requests: self.requests,
+            batch_size: self.batch_size,
+            format: self.format,
+            gzip: self.gzip,
+            payload_bytes: self.payload_bytes,
+            id_prefix,
+            id_suffix,
+            timeout: self.timeout,
+            metrics_url,
+        })
+    }
+}
+
+impl Plan {
+    /// The id of event number `n`.
+    pub(crate) fn id(&self, n: u64) -> String {
+        format!("{}{n}{}", self.id_prefix, self.id_suffix)
+    }
+
+    /// The event number of an id this run generated.
+    pub(crate) fn number(&self, id: &str) -> Option<u64> {
+        id.strip_prefix(&self.id_prefix)?
+            .strip_suffix(&self.id_suffix)?
+            .parse()
+            .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Plan, String> {
+        let mut argv = vec!["eventflow-loadgen"];
+        argv.extend_from_slice(args);
+        Args::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .plan("r1")
+    }
+
+    #[test]
+    fn defaults_are_a_ten_second_closed_loop() {
+        let plan = parse(&[]).unwrap();
+        assert_eq!(plan.mode, Mode::Closed);
+        assert_eq!(plan.connections, 32);
+        assert_eq!(plan.duration, Some(Duration::from_secs(10)));
+        assert_eq!((plan.host.as_str(), plan.port), ("127.0.0.1", 8080));
+        assert_eq!(plan.batch_size, 1);
+        assert_eq!(plan.id(7), "lg-r1-7");
+        assert_eq!(plan.number("lg-r1-7"), Some(7));
+        assert_eq!(plan.number("other-7"), None);
+    }
+
+    #[test]
+    fn open_loop_needs_a_rate_and_closed_refuses_one() {
+        assert!(parse(&["--mode", "open"]).unwrap_err().contains("--rate"));
+        assert!(
+            parse(&["--rate", "100"])
+                .unwrap_err()
+                .contains("--mode open")
+        );
+        assert!(parse(&["--mode", "open", "--rate", "0"]).is_err());
+        let plan = parse(&["--mode", "open", "--rate", "5000", "-d", "2s"]).unwrap();
+        assert_eq!(plan.rate, Some(5000.0));
+        assert_eq!(plan.duration, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn count_or_duration() {
+        let plan = parse(&["-n", "1000"]).unwrap();
+        assert_eq!((plan.requests, plan.duration), (Some(1000), None));
+        assert!(parse(&["-n", "0"]).is_err());
+        assert!(parse(&["-d", "0s"]).is_err());
+        assert!(parse(&["-d", "soon"]).is_err());
+    }
+
+    #[test]
+    fn batches_formats_and_gzip() {
+        let plan = parse(&["-b", "1000", "--format", "ndjson", "--gzip"]).unwrap();
+        assert_eq!(
+            (plan.batch_size, plan.format, plan.gzip),
+            (1000, BatchFormat::Ndjson, true)
+        );
+        assert!(parse(&["--gzip"]).unwrap_err().contains("batch"));
+        assert!(parse(&["-b", "0"]).is_err());
+        assert!(parse(&["-b", "10001"]).is_err());
+        assert!(parse(&["--format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn urls_patterns_and_metrics() {
+        assert!(parse(&["--url", "https://x:1"]).is_err());
+        assert!(parse(&["--url", "not a url"]).is_err());
+        let plan = parse(&["--url", "http://[::1]:9000/", "--metrics-url", "auto"]).unwrap();
+        assert_eq!((plan.host.as_str(), plan.port), ("::1", 9000));
+        assert_eq!(
+            plan.metrics_url.as_deref(),
+            Some("http://[::1]:9000/metrics")
+        );
+        let plan = parse(&["--id-pattern", "a-{n}-{run}"]).unwrap();
+        assert_eq!(plan.id(3), "a-3-r1");
+        assert_eq!(plan.number("a-3-r1"), Some(3));
+        assert!(parse(&["--id-pattern", "fixed"]).is_err());
+        assert!(parse(&["--id-pattern", "{n}{n}"]).is_err());
+        assert!(parse(&["-c", "0"]).is_err());
+    }
+}

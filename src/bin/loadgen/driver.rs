@@ -1,0 +1,303 @@
+//! Connections and pacing: closed loop (each connection sends as soon as it
+//! has its answer) and open loop (requests scheduled at a fixed rate;
+//! latency counts from the scheduled time, so a stalled server shows up as
+//! latency instead of silently lowering the offered load).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::http::{Request, header};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::args::{Mode, Plan};
+use crate::stats::{Outcome, Recorder};
+use crate::workload::{Payload, Workload};
+
+/// Live counters for the progress bar.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    pub(crate) requests: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) events: AtomicU64,
+}
+
+/// One keep-alive HTTP/1.1 connection that reconnects after failures.
+struct Connection {
+    host: String,
+    port: u16,
+    authority: String,
+    sender: Option<http1::SendRequest<Full<Bytes>>>,
+}
+
+impl Connection {
+    fn new(plan: &Plan) -> Self {
+        let authority = if plan.host.contains(':') {
+            format!("[{}]:{}", plan.host, plan.port)
+        } else {
+            format!("{}:{}", plan.host, plan.port)
+        };
+        Self {
+            host: plan.host.clone(),
+            port: plan.port,
+            authority,
+            sender: None,
+        }
+    }
+
+    async fn connect(&mut self) -> std::io::Result<&mut http1::SendRequest<Full<Bytes>>> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            stream.set_nodelay(true)?;
+            let (sender, connection) = http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            self.sender = Some(sender);
+        }
+        self.sender
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("no connection"))
+    }
+
+    /// Sends one request; returns the status and body.
+    async fn send(&mut self, payload: &Payload) -> Result<(u16, Bytes), ()> {
+        let authority = self.authority.clone();
+        let sender = self.connect().await.map_err(|_| ())?;
+        sender.ready().await.map_err(|_| ())?;
+        let mut request = Request::post(payload.path)
+            .header(header::HOST, authority)
+            .header(header::CONTENT_TYPE, payload.content_type);
+        if payload.gzip {
+            request = request.header(header::CONTENT_ENCODING, "gzip");
+        }
+        let request = request
+            .body(Full::new(payload.body.clone()))
+            .map_err(|_| ())?;
+        let response = sender.send_request(request).await.map_err(|_| ())?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|_| ())?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// The event numbers of `payload` the service accepted, from its answer.
+pub(crate) fn accepted_numbers(payload: &Payload, status: u16, body: &[u8]) -> Vec<Range<u64>> {
+    let all = payload.first..payload.first + payload.count as u64;
+    match (payload.count, status) {
+        // Single event: 202 accepted, 200 already accepted earlier.
+        (1, 200 | 202) => vec![all],
+        (1, _) => Vec::new(),
+        (_, 202) => {
+            #[derive(serde::Deserialize)]
+            struct Rejected {
+                index: u64,
+            }
+            #[derive(serde::Deserialize)]
+            struct BatchAnswer {
+                rejected: Vec<Rejected>,
+            }
+            let Ok(answer) = serde_json::from_slice::<BatchAnswer>(body) else {
+                return Vec::new();
+            };
+            let mut holes: Vec<u64> = answer.rejected.iter().map(|r| r.index).collect();
+            holes.sort_unstable();
+            let mut ranges = Vec::new();
+            let mut next = all.start;
+            for hole in holes {
+                let hole = all.start + hole;
+                if hole > next {
+                    ranges.push(next..hole);
+                }
+                next = next.max(hole + 1);
+            }
+            if next < all.end {
+                ranges.push(next..all.end);
+            }
+            ranges
+        }
+        _ => Vec::new(),
+    }
+}
+
+async fn send_and_record(
+    connection: &mut Connection,
+    workload: &Workload,
+    first: u64,
+    due: Instant,
+    plan: &Plan,
+    recorder: &mut Recorder,
+    live: &Live,
+) {
+    let payload = workload.request(first);
+    let answer = tokio::time::timeout(plan.timeout, connection.send(&payload)).await;
+    let done = Instant::now();
+    let outcome = match answer {
+        Ok(Ok((status, body))) => Outcome::Answer {
+            status,
+            accepted: accepted_numbers(&payload, status, &body),
+        },
+        Ok(Err(())) => {
+            connection.sender = None;
+            Outcome::Transport
+        }
+        Err(_) => {
+            connection.sender = None;
+            Outcome::Timeout
+        }
+    };
+    let failed = !matches!(&outcome, Outcome::Answer { status, .. } if *status < 500);
+    live.requests.fetch_add(1, Ordering::Relaxed);
+    live.events
+        .fetch_add(payload.count as u64, Ordering::Relaxed);
+    if failed {
+        live.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    recorder.record(due, done, payload.count, outcome);
+}
+
+/// Runs the plan; returns the merged measurements and the elapsed time.
+pub(crate) async fn run(
+    plan: &Plan,
+    track_accepted: bool,
+    live: Arc<Live>,
+) -> (Recorder, Duration) {
+    let workload = Arc::new(Workload::new(plan));
+    let start = Instant::now();
+    let deadline = plan.duration.map(|d| start + d);
+    let next_request = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let limit = plan.requests;
+    let batch = plan.batch_size as u64;
+
+    // Open loop: a scheduler hands out (request number, due time) tickets.
+    let tickets = match plan.mode {
+        Mode::Closed => None,
+        Mode::Open => {
+            let (sender, receiver) = async_channel::unbounded::<(u64, Instant)>();
+            let rate = plan.rate.unwrap_or(1.0);
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            tokio::spawn(async move {
+                let mut i: u64 = 0;
+                loop {
+                    let due = start + interval.mul_f64(i as f64);
+                    if deadline.is_some_and(|d| due >= d) || limit.is_some_and(|l| i >= l) {
+                        break;
+                    }
+                    if due > Instant::now() {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    if sender.send((i, due)).await.is_err() {
+                        break;
+                    }
+                    i += 1;
+                }
+            });
+            Some(receiver)
+        }
+    };
+
+    let mut workers = Vec::with_capacity(plan.connections);
+    for _ in 0..plan.connections {
+        let (plan, workload, live) = (plan.clone(), Arc::clone(&workload), Arc::clone(&live));
+        let (next_request, stop, tickets) = (
+            Arc::clone(&next_request),
+            Arc::clone(&stop),
+            tickets.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut connection = Connection::new(&plan);
+            let mut recorder = Recorder::new(start, track_accepted);
+            match tickets {
+                Some(tickets) => {
+                    while let Ok((i, due)) = tickets.recv().await {
+                        send_and_record(
+                            &mut connection,
+                            &workload,
+                            i * batch,
+                            due,
+                            &plan,
+                            &mut recorder,
+                            &live,
+                        )
+                        .await;
+                    }
+                }
+                None => loop {
+                    if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d)
+                    {
+                        break;
+                    }
+                    let i = next_request.fetch_add(1, Ordering::Relaxed);
+                    if limit.is_some_and(|l| i >= l) {
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    let due = Instant::now();
+                    send_and_record(
+                        &mut connection,
+                        &workload,
+                        i * batch,
+                        due,
+                        &plan,
+                        &mut recorder,
+                        &live,
+                    )
+                    .await;
+                },
+            }
+            recorder
+        }));
+    }
+    let mut merged = Recorder::new(start, track_accepted);
+    for worker in workers {
+        if let Ok(recorder) = worker.await {
+            merged.merge(recorder);
+        }
+    }
+    (merged, start.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(first: u64, count: usize) -> Payload {
+        Payload {
+            path: "/events/batch",
+            content_type: "application/json",
+            gzip: false,
+            body: Bytes::new(),
+            first,
+            count,
+        }
+    }
+
+    #[test]
+    fn accepted_numbers_follow_the_answer() {
+        assert_eq!(accepted_numbers(&payload(5, 1), 202, b""), vec![5..6]);
+        assert_eq!(accepted_numbers(&payload(5, 1), 200, b""), vec![5..6]);
+        assert!(accepted_numbers(&payload(5, 1), 503, b"").is_empty());
+        let body =
+            br#"{"accepted":7,"duplicates":0,"rejected":[{"index":0},{"index":4},{"index":5}]}"#;
+        assert_eq!(
+            accepted_numbers(&payload(100, 10), 202, body),
+            vec![101..104, 106..110]
+        );
+        let none = br#"{"accepted":3,"duplicates":0,"rejected":[]}"#;
+        assert_eq!(accepted_numbers(&payload(0, 3), 202, none), vec![0..3]);
+        assert!(accepted_numbers(&payload(0, 3), 503, b"").is_empty());
+    }
+}

@@ -1,0 +1,156 @@
+//! `eventflow-loadgen`: drives load at an eventflow service and reports
+//! throughput, HDR latency percentiles, and (with `--verify`) whether every
+//! accepted event was published exactly once.
+//!
+//! Layout: `args` (flags → plan), `workload` (request bodies), `driver`
+//! (connections, closed and open loop), `stats` (recorders and summary),
+//! `verify` (stream subscriber and reconciliation), `sampler` (the
+//! service's /metrics during the run), `report` (SVG/HTML plots).
+
+mod args;
+mod driver;
+mod report;
+mod sampler;
+mod stats;
+mod verify;
+mod workload;
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::args::Args;
+use crate::stats::Summary;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let plan = match args.plan(&run_id) {
+        Ok(plan) => plan,
+        Err(error) => {
+            eprintln!("eventflow-loadgen: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("eventflow-loadgen: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args, plan))
+}
+
+async fn run(args: Args, plan: args::Plan) -> ExitCode {
+    let subscriber = if args.verify {
+        match verify::subscribe(&plan).await {
+            Ok(subscriber) => Some(subscriber),
+            Err(error) => {
+                eprintln!("eventflow-loadgen: --verify cannot subscribe: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let (stop_sampler, stopped) = tokio::sync::watch::channel(false);
+    let sampler = plan
+        .metrics_url
+        .clone()
+        .map(|url| tokio::spawn(sampler::sample(url, stopped)));
+
+    let live = Arc::new(driver::Live::default());
+    let progress = progress_bar(&args, &plan);
+    let ticker = {
+        let (live, progress) = (Arc::clone(&live), progress.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            let started = tokio::time::Instant::now();
+            loop {
+                every.tick().await;
+                let requests = live.requests.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                progress.set_position(requests);
+                progress.set_message(format!(
+                    "{:.0} req/s  {:.0} events/s  {} errors",
+                    requests as f64 / secs,
+                    live.events.load(Ordering::Relaxed) as f64 / secs,
+                    live.errors.load(Ordering::Relaxed)
+                ));
+            }
+        })
+    };
+
+    let (recorder, elapsed) = driver::run(&plan, args.verify, Arc::clone(&live)).await;
+    ticker.abort();
+    progress.finish_and_clear();
+    let _ = stop_sampler.send(true);
+
+    let mut summary = Summary::new(&plan, &recorder, elapsed);
+    if let Some(sampler) = sampler {
+        match sampler.await {
+            Ok(Ok(stats)) => summary.service = Some(stats),
+            Ok(Err(error)) => eprintln!("eventflow-loadgen: {error}"),
+            Err(error) => eprintln!("eventflow-loadgen: sampler failed: {error}"),
+        }
+    }
+    if let Some(subscriber) = subscriber {
+        summary.verify =
+            Some(verify::finish(subscriber, &plan, &recorder.accepted, args.verify_timeout).await);
+    }
+    if let Some(path) = &args.report
+        && let Err(error) = report::write(path, &summary, &recorder.latency)
+    {
+        eprintln!(
+            "eventflow-loadgen: cannot write {}: {error}",
+            path.display()
+        );
+    }
+    // Stdout is this tool's output: the summary, as a table or as JSON.
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        match serde_json::to_string_pretty(&summary) {
+            Ok(json) => {
+                let _ = writeln!(stdout, "{json}");
+            }
+            Err(error) => eprintln!("eventflow-loadgen: {error}"),
+        }
+    } else {
+        let _ = write!(stdout, "{}", summary.table());
+    }
+    let verified = summary
+        .verify
+        .as_ref()
+        .is_none_or(|v| v.lost == 0 && v.duplicated == 0);
+    if verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
+}
+
+fn progress_bar(args: &Args, plan: &args::Plan) -> ProgressBar {
+    let visible = !args.no_progress && std::io::stderr().is_terminal();
+    let bar = match plan.requests {
+        Some(total) => ProgressBar::new(total),
+        None => ProgressBar::no_length(),
+    };
+    if !visible {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let template = if plan.requests.is_some() {
+        "{elapsed_precise} [{bar:30}] {pos}/{len} requests  {msg}"
+    } else {
+        "{elapsed_precise} {spinner} {pos} requests  {msg}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}

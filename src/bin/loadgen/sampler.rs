@@ -1,0 +1,131 @@
+//! `--metrics-url`: samples the service's Prometheus endpoint during the
+//! run for queue depth, resident memory and CPU time.
+
+use std::time::Duration;
+
+use axum::http::{Request, Uri, header};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// How often the endpoint is sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+
+/// What the samples showed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct ServiceStats {
+    /// Largest `eventflow_queue_depth` seen.
+    pub(crate) queue_depth_max: u64,
+    /// Largest `eventflow_inflight_events` seen.
+    pub(crate) inflight_max: u64,
+    /// Largest `process_resident_memory_bytes` seen.
+    pub(crate) rss_max_bytes: u64,
+    /// `process_cpu_seconds_total` used between the first and last sample.
+    pub(crate) cpu_seconds: f64,
+    /// Samples taken.
+    pub(crate) samples: u64,
+    /// RSS over time, one value per sample (MiB).
+    pub(crate) rss_mib: Vec<f64>,
+}
+
+/// The value of an unlabelled series in a Prometheus text exposition.
+pub(crate) fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+impl ServiceStats {
+    fn add(&mut self, text: &str, first_cpu: &mut Option<f64>) {
+        self.samples += 1;
+        if let Some(depth) = series(text, "eventflow_queue_depth") {
+            self.queue_depth_max = self.queue_depth_max.max(depth as u64);
+        }
+        if let Some(inflight) = series(text, "eventflow_inflight_events") {
+            self.inflight_max = self.inflight_max.max(inflight as u64);
+        }
+        if let Some(rss) = series(text, "process_resident_memory_bytes") {
+            self.rss_max_bytes = self.rss_max_bytes.max(rss as u64);
+            self.rss_mib.push(rss / 1_048_576.0);
+        }
+        if let Some(cpu) = series(text, "process_cpu_seconds_total") {
+            let first = *first_cpu.get_or_insert(cpu);
+            self.cpu_seconds = cpu - first;
+        }
+    }
+}
+
+async fn fetch(uri: &Uri) -> Option<String> {
+    let host = uri
+        .host()?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((host.as_str(), port)).await.ok()?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let path = uri.path_and_query().map_or("/metrics", |p| p.as_str());
+    let request = Request::get(path)
+        .header(header::HOST, format!("{host}:{port}"))
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let response = sender.send_request(request).await.ok()?;
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8(body.to_vec()).ok()
+}
+
+/// Samples until `stop` turns true; then one last sample.
+pub(crate) async fn sample(
+    url: String,
+    mut stop: watch::Receiver<bool>,
+) -> Result<ServiceStats, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("--metrics-url `{url}`: {e}"))?;
+    let mut stats = ServiceStats::default();
+    let mut first_cpu = None;
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.changed() => {}
+        }
+        if let Some(text) = fetch(&uri).await {
+            stats.add(&text, &mut first_cpu);
+        }
+        if *stop.borrow() {
+            break;
+        }
+    }
+    if stats.samples == 0 {
+        return Err(format!("no sample could be read from {url}"));
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_series_and_keeps_maxima() {
+        let a = "# TYPE eventflow_queue_depth gauge\neventflow_queue_depth 12\nprocess_resident_memory_bytes 1048576\nprocess_cpu_seconds_total 1.5\neventflow_queue_depth_other 99\n";
+        let b = "eventflow_queue_depth 3\nprocess_resident_memory_bytes 3145728\nprocess_cpu_seconds_total 4.0\n";
+        assert_eq!(series(a, "eventflow_queue_depth"), Some(12.0));
+        assert_eq!(series(a, "missing"), None);
+        let mut stats = ServiceStats::default();
+        let mut first = None;
+        stats.add(a, &mut first);
+        stats.add(b, &mut first);
+        assert_eq!(stats.queue_depth_max, 12);
+        assert_eq!(stats.rss_max_bytes, 3_145_728);
+        assert!((stats.cpu_seconds - 2.5).abs() < 1e-9);
+        assert_eq!(stats.samples, 2);
+    }
+}

@@ -1,0 +1,372 @@
+//! What a run measured: per-worker recorders merged into one summary.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latencies are recorded in microseconds, 1 µs to 10 min.
+const MAX_MICROS: u64 = 600_000_000;
+
+fn histogram(significant: u8) -> Histogram<u64> {
+    // Bounds are constants known to be valid.
+    Histogram::new_with_bounds(1, MAX_MICROS, significant)
+        .unwrap_or_else(|_| Histogram::new(significant).unwrap_or_else(|_| unreachable_histogram()))
+}
+
+#[allow(clippy::expect_used)] // Only reachable if hdrhistogram rejects its own defaults.
+fn unreachable_histogram() -> Histogram<u64> {
+    Histogram::new(2).expect("a 2-digit histogram is always valid")
+}
+
+/// One second of the run.
+#[derive(Debug, Clone)]
+pub(crate) struct Second {
+    pub(crate) latency: Histogram<u64>,
+    pub(crate) requests: u64,
+    pub(crate) events: u64,
+    pub(crate) errors: u64,
+}
+
+impl Second {
+    fn new() -> Self {
+        Self {
+            latency: histogram(2),
+            requests: 0,
+            events: 0,
+            errors: 0,
+        }
+    }
+}
+
+/// Measurements of one connection worker (merged at the end, so the hot
+/// path shares nothing).
+#[derive(Debug, Clone)]
+pub(crate) struct Recorder {
+    start: Instant,
+    pub(crate) latency: Histogram<u64>,
+    pub(crate) seconds: Vec<Second>,
+    pub(crate) statuses: BTreeMap<u16, u64>,
+    pub(crate) transport_errors: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) requests: u64,
+    pub(crate) events_sent: u64,
+    pub(crate) events_accepted: u64,
+    /// Event numbers the service accepted (kept for --verify).
+    pub(crate) accepted: Vec<Range<u64>>,
+    track_accepted: bool,
+}
+
+/// How one request ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    /// An HTTP answer; `accepted` are the accepted event numbers.
+    Answer {
+        status: u16,
+        accepted: Vec<Range<u64>>,
+    },
+    /// No answer within the timeout.
+    Timeout,
+    /// Connection or protocol failure.
+    Transport,
+}
+
+impl Recorder {
+    pub(crate) fn new(start: Instant, track_accepted: bool) -> Self {
+        Self {
+            start,
+            latency: histogram(3),
+            seconds: Vec::new(),
+            statuses: BTreeMap::new(),
+            transport_errors: 0,
+            timeouts: 0,
+            requests: 0,
+            events_sent: 0,
+            events_accepted: 0,
+            accepted: Vec::new(),
+            track_accepted,
+        }
+    }
+
+    /// Records one request of `events` events that was due at `due` and
+    /// completed at `done`.
+    pub(crate) fn record(&mut self, due: Instant, done: Instant, events: usize, outcome: Outcome) {
+        let micros = done
+            .saturating_duration_since(due)
+            .as_micros()
+            .clamp(1, MAX_MICROS as u128) as u64;
+        let second = done.saturating_duration_since(self.start).as_secs() as usize;
+        while self.seconds.len() <= second {
+            self.seconds.push(Second::new());
+        }
+        let bucket = &mut self.seconds[second];
+        bucket.requests += 1;
+        bucket.events += events as u64;
+        self.requests += 1;
+        self.events_sent += events as u64;
+        match outcome {
+            Outcome::Answer { status, accepted } => {
+                let _ = self.latency.record(micros);
+                let _ = bucket.latency.record(micros);
+                *self.statuses.entry(status).or_default() += 1;
+                if status >= 500 {
+                    bucket.errors += 1;
+                }
+                let count: u64 = accepted.iter().map(|r| r.end - r.start).sum();
+                self.events_accepted += count;
+                if self.track_accepted {
+                    self.accepted.extend(accepted);
+                }
+            }
+            Outcome::Timeout => {
+                self.timeouts += 1;
+                bucket.errors += 1;
+            }
+            Outcome::Transport => {
+                self.transport_errors += 1;
+                bucket.errors += 1;
+            }
+        }
+    }
+
+    /// Folds another worker's measurements into this one.
+    pub(crate) fn merge(&mut self, other: Recorder) {
+        let _ = self.latency.add(&other.latency);
+        if self.seconds.len() < other.seconds.len() {
+            self.seconds.resize_with(other.seconds.len(), Second::new);
+        }
+        for (mine, theirs) in self.seconds.iter_mut().zip(other.seconds) {
+            let _ = mine.latency.add(&theirs.latency);
+            mine.requests += theirs.requests;
+            mine.events += theirs.events;
+            mine.errors += theirs.errors;
+        }
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+        self.transport_errors += other.transport_errors;
+        self.timeouts += other.timeouts;
+        self.requests += other.requests;
+        self.events_sent += other.events_sent;
+        self.events_accepted += other.events_accepted;
+        self.accepted.extend(other.accepted);
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Percentiles {
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) max: f64,
+    pub(crate) mean: f64,
+}
+
+impl Percentiles {
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        Self {
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// One second of the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TimelinePoint {
+    pub(crate) second: usize,
+    pub(crate) requests: u64,
+    pub(crate) events: u64,
+    pub(crate) errors: u64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+}
+
+/// The run's results.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Summary {
+    pub(crate) mode: crate::args::Mode,
+    pub(crate) connections: usize,
+    pub(crate) batch_size: usize,
+    pub(crate) target_rate: Option<f64>,
+    pub(crate) elapsed_s: f64,
+    pub(crate) requests: u64,
+    pub(crate) requests_per_s: f64,
+    pub(crate) events_sent: u64,
+    pub(crate) events_accepted: u64,
+    pub(crate) events_per_s: f64,
+    pub(crate) accepted_events_per_s: f64,
+    pub(crate) status: BTreeMap<String, u64>,
+    pub(crate) timeouts: u64,
+    pub(crate) transport_errors: u64,
+    pub(crate) latency_ms: Percentiles,
+    /// Latency of 2xx answers only.
+    pub(crate) timeline: Vec<TimelinePoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) service: Option<crate::sampler::ServiceStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) verify: Option<crate::verify::VerifyReport>,
+}
+
+impl Summary {
+    pub(crate) fn new(plan: &crate::args::Plan, all: &Recorder, elapsed: Duration) -> Self {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let timeline = all
+            .seconds
+            .iter()
+            .enumerate()
+            .map(|(second, s)| TimelinePoint {
+                second,
+                requests: s.requests,
+                events: s.events,
+                errors: s.errors,
+                p50_ms: s.latency.value_at_quantile(0.5) as f64 / 1000.0,
+                p99_ms: s.latency.value_at_quantile(0.99) as f64 / 1000.0,
+            })
+            .collect();
+        Self {
+            mode: plan.mode,
+            connections: plan.connections,
+            batch_size: plan.batch_size,
+            target_rate: plan.rate,
+            elapsed_s: secs,
+            requests: all.requests,
+            requests_per_s: all.requests as f64 / secs,
+            events_sent: all.events_sent,
+            events_accepted: all.events_accepted,
+            events_per_s: all.events_sent as f64 / secs,
+            accepted_events_per_s: all.events_accepted as f64 / secs,
+            status: all
+                .statuses
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            timeouts: all.timeouts,
+            transport_errors: all.transport_errors,
+            latency_ms: Percentiles::of(&all.latency),
+            timeline,
+            service: None,
+            verify: None,
+        }
+    }
+
+    /// A human-readable table.
+    pub(crate) fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "mode            {:?}, {} connections, batch {}",
+            self.mode, self.connections, self.batch_size
+        );
+        if let Some(rate) = self.target_rate {
+            let _ = writeln!(t, "target rate     {rate:.0} req/s");
+        }
+        let _ = writeln!(t, "elapsed         {:.2} s", self.elapsed_s);
+        let _ = writeln!(
+            t,
+            "requests        {} ({:.0} req/s)",
+            self.requests, self.requests_per_s
+        );
+        let _ = writeln!(
+            t,
+            "events sent     {} ({:.0} events/s)",
+            self.events_sent, self.events_per_s
+        );
+        let _ = writeln!(
+            t,
+            "events accepted {} ({:.0} events/s)",
+            self.events_accepted, self.accepted_events_per_s
+        );
+        let statuses: Vec<String> = self
+            .status
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        let _ = writeln!(t, "status codes    {}", statuses.join(", "));
+        let _ = writeln!(
+            t,
+            "errors          {} timeouts, {} transport",
+            self.timeouts, self.transport_errors
+        );
+        let l = &self.latency_ms;
+        let _ = writeln!(
+            t,
+            "latency (ms)    p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+        );
+        if let Some(s) = &self.service {
+            let _ = writeln!(
+                t,
+                "service         queue depth max {}, RSS max {:.1} MiB, CPU {:.2} s ({} samples)",
+                s.queue_depth_max,
+                s.rss_max_bytes as f64 / 1_048_576.0,
+                s.cpu_seconds,
+                s.samples
+            );
+        }
+        if let Some(v) = &self.verify {
+            let _ = writeln!(
+                t,
+                "verify          {} accepted: {} seen on stream, {} confirmed by lookup, {} LOST, {} DUPLICATED ({} stream lag events)",
+                v.accepted,
+                v.seen_on_stream,
+                v.confirmed_by_lookup,
+                v.lost,
+                v.duplicated,
+                v.stream_lagged
+            );
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorders_merge() {
+        let start = Instant::now();
+        let mut a = Recorder::new(start, true);
+        let mut b = Recorder::new(start, true);
+        let later = start + Duration::from_millis(2);
+        a.record(
+            start,
+            later,
+            1,
+            Outcome::Answer {
+                status: 202,
+                accepted: std::iter::once(0..1).collect(),
+            },
+        );
+        b.record(
+            start,
+            later,
+            10,
+            Outcome::Answer {
+                status: 503,
+                accepted: vec![],
+            },
+        );
+        b.record(start, later, 1, Outcome::Timeout);
+        a.merge(b);
+        assert_eq!((a.requests, a.events_sent, a.events_accepted), (3, 12, 1));
+        assert_eq!(a.statuses[&202], 1);
+        assert_eq!(a.statuses[&503], 1);
+        assert_eq!(a.timeouts, 1);
+        assert_eq!(a.accepted, vec![0..1]);
+        assert_eq!(a.latency.len(), 2, "timeouts have no latency");
+        let p = Percentiles::of(&a.latency);
+        assert!((p.p50 - 2.0).abs() < 0.01, "{p:?}");
+    }
+}

@@ -1,0 +1,315 @@
+//! `--verify`: was every accepted event published exactly once?
+//!
+//! A subscriber reads `/events/stream` for the whole run and counts, per
+//! event number, how often each of this run's ids was published. After the
+//! run it waits (bounded) until every accepted event was seen; events the
+//! stream missed (a lagging subscriber is told so, and skips) are looked up
+//! with `GET /events/{id}`. Lost = accepted but neither seen nor processed;
+//! duplicated = seen more than once.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{Request, header};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use crate::args::Plan;
+
+/// The outcome of verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct VerifyReport {
+    /// Events the service accepted.
+    pub(crate) accepted: u64,
+    /// Of those, seen on the stream.
+    pub(crate) seen_on_stream: u64,
+    /// Not seen on the stream but `processed` when looked up.
+    pub(crate) confirmed_by_lookup: u64,
+    /// Accepted, never published.
+    pub(crate) lost: u64,
+    /// Published more than once.
+    pub(crate) duplicated: u64,
+    /// `lagged` notices the subscriber received.
+    pub(crate) stream_lagged: u64,
+    /// Up to 10 lost event numbers, for debugging.
+    pub(crate) lost_examples: Vec<u64>,
+}
+
+/// Publications seen on the stream, by event number.
+#[derive(Debug, Default)]
+pub(crate) struct Seen {
+    counts: Vec<u8>,
+    lagged: u64,
+}
+
+impl Seen {
+    pub(crate) fn saw(&mut self, n: u64) {
+        let Ok(i) = usize::try_from(n) else { return };
+        if self.counts.len() <= i {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] = self.counts[i].saturating_add(1);
+    }
+
+    fn count(&self, n: u64) -> u8 {
+        usize::try_from(n)
+            .ok()
+            .and_then(|i| self.counts.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn all_seen(&self, accepted: &[Range<u64>]) -> bool {
+        accepted
+            .iter()
+            .all(|r| r.clone().all(|n| self.count(n) > 0))
+    }
+}
+
+/// Compares what was accepted with what was seen; `processed` answers
+/// whether an unseen event is nevertheless processed.
+pub(crate) fn reconcile(
+    accepted: &[Range<u64>],
+    seen: &Seen,
+    mut processed: impl FnMut(u64) -> bool,
+) -> VerifyReport {
+    let mut report = VerifyReport {
+        stream_lagged: seen.lagged,
+        ..Default::default()
+    };
+    for n in accepted.iter().flat_map(|r| r.clone()) {
+        report.accepted += 1;
+        match seen.count(n) {
+            0 if processed(n) => report.confirmed_by_lookup += 1,
+            0 => {
+                report.lost += 1;
+                if report.lost_examples.len() < 10 {
+                    report.lost_examples.push(n);
+                }
+            }
+            1 => report.seen_on_stream += 1,
+            _ => {
+                report.seen_on_stream += 1;
+                report.duplicated += 1;
+            }
+        }
+    }
+    report
+}
+
+/// The running subscriber.
+#[derive(Debug)]
+pub(crate) struct Subscriber {
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = TcpStream::connect((plan.host.as_str(), plan.port))
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = Request::get(path)
+        .header(header::HOST, format!("{}:{}", plan.host, plan.port))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Subscribes to the stream before the run starts.
+pub(crate) async fn subscribe(plan: &Plan) -> Result<Subscriber, String> {
+    let response = open(plan, "/events/stream").await?;
+    if response.status() != 200 {
+        return Err(format!("GET /events/stream answered {}", response.status()));
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (plan, shared) = (plan.clone(), Arc::clone(&seen));
+    let task = tokio::spawn(async move {
+        let mut body = response.into_body();
+        let mut buffer: Vec<u8> = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buffer.extend_from_slice(&data);
+            // SSE messages end with a blank line.
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let message: Vec<u8> = buffer.drain(..end + 2).collect();
+                parse_message(&message, &plan, &shared);
+            }
+        }
+    });
+    Ok(Subscriber { seen, task })
+}
+
+fn parse_message(message: &[u8], plan: &Plan, seen: &Mutex<Seen>) {
+    let text = String::from_utf8_lossy(message);
+    let mut event = "message";
+    let mut data = String::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("event:") {
+            event = if rest.trim() == "lagged" {
+                "lagged"
+            } else {
+                "other"
+            };
+        } else if let Some(rest) = line.strip_prefix("data:") {
+            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+        }
+    }
+    let Ok(mut seen) = seen.lock() else { return };
+    if event == "lagged" {
+        seen.lagged += 1;
+        return;
+    }
+    #[derive(serde::Deserialize)]
+    struct Published {
+        id: String,
+    }
+    if let Ok(published) = serde_json::from_str::<Published>(&data)
+        && let Some(n) = plan.number(&published.id)
+    {
+        seen.saw(n);
+    }
+}
+
+/// After the run: waits for the stream to catch up, looks up what it
+/// missed, and reports.
+pub(crate) async fn finish(
+    subscriber: Subscriber,
+    plan: &Plan,
+    accepted: &[Range<u64>],
+    wait: Duration,
+) -> VerifyReport {
+    let deadline = Instant::now() + wait;
+    loop {
+        let done = subscriber
+            .seen
+            .lock()
+            .map(|s| s.all_seen(accepted))
+            .unwrap_or(true);
+        if done || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    subscriber.task.abort();
+    let seen = match subscriber.seen.lock() {
+        Ok(seen) => Seen {
+            counts: seen.counts.clone(),
+            lagged: seen.lagged,
+        },
+        Err(_) => Seen::default(),
+    };
+    // Look up what the stream did not show (bounded concurrency).
+    let unseen: Vec<u64> = accepted
+        .iter()
+        .flat_map(|r| r.clone())
+        .filter(|&n| seen.count(n) == 0)
+        .collect();
+    let processed = lookup(plan, &unseen).await;
+    reconcile(accepted, &seen, |n| processed.binary_search(&n).is_ok())
+}
+
+/// Which of `numbers` the service reports as processed (sorted).
+async fn lookup(plan: &Plan, numbers: &[u64]) -> Vec<u64> {
+    const CONCURRENCY: usize = 16;
+    let chunks: Vec<Vec<u64>> = numbers
+        .chunks(numbers.len().div_ceil(CONCURRENCY).max(1))
+        .map(<[u64]>::to_vec)
+        .collect();
+    let mut tasks = Vec::new();
+    for chunk in chunks {
+        let plan = plan.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut processed = Vec::new();
+            for n in chunk {
+                let id = plan.id(n);
+                let path = format!("/events/{}", percent_encode(&id));
+                let Ok(response) = open(&plan, &path).await else {
+                    continue;
+                };
+                if response.status() != 200 {
+                    continue;
+                }
+                let Ok(body) = response.into_body().collect().await else {
+                    continue;
+                };
+                let record: serde_json::Value =
+                    serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
+                if record["status"] == "processed" {
+                    processed.push(n);
+                }
+            }
+            processed
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        if let Ok(found) = task.await {
+            all.extend(found);
+        }
+    }
+    all.sort_unstable();
+    all
+}
+
+fn percent_encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(numbers: &[u64]) -> Seen {
+        let mut s = Seen::default();
+        for &n in numbers {
+            s.saw(n);
+        }
+        s
+    }
+
+    #[test]
+    fn everything_seen_once_is_clean() {
+        let report = reconcile(&[0..3, 5..6], &seen(&[0, 1, 2, 5, 9]), |_| false);
+        assert_eq!(report.accepted, 4);
+        assert_eq!(report.seen_on_stream, 4);
+        assert_eq!((report.lost, report.duplicated), (0, 0));
+    }
+
+    #[test]
+    fn unseen_are_looked_up_or_lost_and_repeats_are_duplicates() {
+        let report = reconcile(&[0..5, 5..5], &seen(&[0, 1, 1]), |n| n == 3);
+        assert_eq!(report.seen_on_stream, 2);
+        assert_eq!(report.duplicated, 1);
+        assert_eq!(report.confirmed_by_lookup, 1);
+        assert_eq!(report.lost, 2);
+        assert_eq!(report.lost_examples, vec![2, 4]);
+    }
+
+    #[test]
+    fn ids_are_escaped_for_lookup() {
+        assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
+    }
+}
