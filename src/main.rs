@@ -37,6 +37,11 @@ enum Command {
     Healthcheck,
 }
 
+/// Many small, short-lived allocations per request and per event: mimalloc
+/// serves them faster than glibc's allocator and returns memory better.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code when the drain deadline passes or the service fails to start.
 const EXIT_FAILURE: u8 = 1;
 /// Exit code for invalid configuration.

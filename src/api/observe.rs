@@ -25,7 +25,7 @@ pub(crate) async fn observe(
     let method = request.method().clone();
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "http_request",
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",

@@ -214,7 +214,7 @@ impl Pipeline {
         trace_id: TraceId,
         wait: bool,
     ) -> Result<Ingested, IngestError> {
-        let span = tracing::info_span!("ingest", event.id = %event.id);
+        let span = tracing::debug_span!("ingest", event.id = %event.id);
         self.ingest_inner(event, trace_id, wait)
             .instrument(span)
             .await
@@ -260,7 +260,7 @@ impl Pipeline {
         events: Vec<(usize, Event)>,
         trace_id: TraceId,
     ) -> Result<BatchOutcome, IngestError> {
-        let span = tracing::info_span!("ingest_batch", batch.size = events.len());
+        let span = tracing::debug_span!("ingest_batch", batch.size = events.len());
         self.ingest_batch_inner(events, trace_id)
             .instrument(span)
             .await

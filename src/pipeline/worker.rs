@@ -89,7 +89,7 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         enqueued_at,
         span: ingest_span,
     } = item;
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         parent: &ingest_span,
         "process_event",
         event.id = %record.event.id,
@@ -118,7 +118,7 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
             metadata: None,
         };
         let transformed =
-            tracing::info_span!("transform").in_scope(|| inner.chain.apply(&mut event, &ctx));
+            tracing::debug_span!("transform").in_scope(|| inner.chain.apply(&mut event, &ctx));
         let json = transformed.map_err(|e| e.to_string()).and_then(|()| {
             serde_json::to_string(&event).map_err(|e| format!("serialization failed: {e}"))
         });
@@ -144,7 +144,7 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
             };
             let published = sink
                 .publish(publication)
-                .instrument(tracing::info_span!("publish", sink = sink.name()))
+                .instrument(tracing::debug_span!("publish", sink = sink.name()))
                 .await;
             metrics.sink_result(sink.name(), published.is_ok());
             if let Err(error) = published {

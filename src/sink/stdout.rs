@@ -1,40 +1,52 @@
 //! `stdout` sink: one JSON line per event.
 //!
-//! Workers hand lines to a dedicated writer thread over a bounded channel,
-//! so a slow reader of stdout slows the workers (backpressure) but never
-//! blocks the async runtime. The writer buffers and flushes whenever the
-//! channel runs empty, so output is prompt when idle and batched under load.
+//! Workers append lines to a shared buffer; a dedicated writer thread swaps
+//! the buffer out and writes it, so a slow reader of stdout slows the
+//! workers (they wait once the buffer is full) but never blocks the async
+//! runtime, and a busy pipeline costs one write per batch of lines rather
+//! than a thread wake-up and a syscall per event. The writer waits
+//! [`LINGER`] after the first line of a batch, so idle output appears
+//! within milliseconds.
 
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::{Notify, oneshot};
 
 use super::{Publication, Sink, SinkError};
 
-/// Lines the writer thread may have queued before publishers wait.
-const CHANNEL_LINES: usize = 8192;
-/// Write buffer size.
-const BUFFER_BYTES: usize = 256 * 1024;
+/// Buffered bytes at which publishers wait for the writer.
+const BUFFER_LIMIT: usize = 1024 * 1024;
+/// How long the writer lets a batch accumulate after its first line.
+const LINGER: Duration = Duration::from_millis(2);
 
-enum Command {
-    Line(String),
-    Flush(oneshot::Sender<io::Result<()>>),
+#[derive(Default)]
+struct State {
+    buffer: Vec<u8>,
+    flush_requests: Vec<oneshot::Sender<io::Result<()>>>,
+    failed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer when the buffer stops being empty.
+    work: Condvar,
+    /// Wakes publishers waiting for room.
+    room: Notify,
 }
 
 /// Writes published events as JSON lines to a writer (standard output in production).
-#[derive(Debug)]
 pub struct StdoutSink {
-    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for Command {
+impl std::fmt::Debug for StdoutSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Line(_) => f.write_str("Line"),
-            Self::Flush(_) => f.write_str("Flush"),
-        }
+        f.debug_struct("StdoutSink").finish_non_exhaustive()
     }
 }
 
@@ -46,53 +58,59 @@ impl StdoutSink {
 
     /// A sink writing to any writer (used by tests).
     pub fn with_writer<W: Write + Send + 'static>(writer: W) -> Self {
-        let (commands, receiver) = mpsc::channel(CHANNEL_LINES);
-        // A plain thread: blocking writes must not stall the async runtime.
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            room: Notify::new(),
+        });
+        let for_writer = Arc::clone(&shared);
         let spawned = thread::Builder::new()
             .name("eventflow-stdout".into())
-            .spawn(move || {
-                write_loop(receiver, io::BufWriter::with_capacity(BUFFER_BYTES, writer))
-            });
+            .spawn(move || write_loop(&for_writer, writer));
         if let Err(error) = spawned {
-            // The receiver was dropped with the closure: publishes will report Closed.
             tracing::error!(%error, "could not start the stdout writer thread");
+            shared.state.lock().failed = true;
         }
-        Self { commands }
+        Self { shared }
     }
 }
 
-fn write_loop<W: Write>(mut commands: mpsc::Receiver<Command>, mut out: io::BufWriter<W>) {
-    let mut failed = false;
-    while let Some(first) = commands.blocking_recv() {
-        let mut next = Some(first);
-        while let Some(command) = next {
-            match command {
-                Command::Line(line) if !failed => {
-                    let written = out
-                        .write_all(line.as_bytes())
-                        .and_then(|()| out.write_all(b"\n"));
-                    if let Err(error) = written {
-                        tracing::error!(%error, "writing to stdout failed; dropping further output");
-                        failed = true;
-                    }
-                }
-                Command::Line(_) => {}
-                Command::Flush(done) => {
-                    let result = if failed {
-                        Err(io::Error::other("stdout write failed earlier"))
-                    } else {
-                        out.flush()
-                    };
-                    let _ = done.send(result);
-                }
+fn write_loop<W: Write>(shared: &Shared, mut out: W) {
+    let mut spare = Vec::new();
+    loop {
+        let (batch, flushes) = {
+            let mut state = shared.state.lock();
+            while state.buffer.is_empty() && state.flush_requests.is_empty() {
+                shared.work.wait(&mut state);
             }
-            next = commands.try_recv().ok();
+            if state.flush_requests.is_empty() {
+                // Let the batch grow a little before writing it.
+                let _ = shared.work.wait_for(&mut state, LINGER);
+            }
+            std::mem::swap(&mut state.buffer, &mut spare);
+            (
+                std::mem::take(&mut spare),
+                std::mem::take(&mut state.flush_requests),
+            )
+        };
+        shared.room.notify_waiters();
+        let result = if batch.is_empty() {
+            out.flush()
+        } else {
+            out.write_all(&batch).and_then(|()| out.flush())
+        };
+        if let Err(error) = &result {
+            tracing::error!(%error, "writing to stdout failed; dropping further output");
+            shared.state.lock().failed = true;
         }
-        // The channel ran empty: the pipeline is idle, make the lines visible.
-        if !failed && let Err(error) = out.flush() {
-            tracing::error!(%error, "flushing stdout failed; dropping further output");
-            failed = true;
+        for done in flushes {
+            let _ = done.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            });
         }
+        spare = batch;
+        spare.clear();
     }
 }
 
@@ -103,18 +121,38 @@ impl Sink for StdoutSink {
     }
 
     async fn publish(&self, publication: Publication<'_>) -> Result<(), SinkError> {
-        self.commands
-            .send(Command::Line(publication.json.to_owned()))
-            .await
-            .map_err(|_| SinkError::Closed("stdout"))
+        loop {
+            // Register for room before checking, so a wake-up cannot be missed.
+            let room = self.shared.room.notified();
+            {
+                let mut state = self.shared.state.lock();
+                if state.failed {
+                    return Err(SinkError::Closed("stdout"));
+                }
+                if state.buffer.len() < BUFFER_LIMIT {
+                    let was_empty = state.buffer.is_empty();
+                    state.buffer.extend_from_slice(publication.json.as_bytes());
+                    state.buffer.push(b'\n');
+                    if was_empty {
+                        self.shared.work.notify_one();
+                    }
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
     }
 
     async fn flush(&self) -> Result<(), SinkError> {
         let (done, flushed) = oneshot::channel();
-        self.commands
-            .send(Command::Flush(done))
-            .await
-            .map_err(|_| SinkError::Closed("stdout"))?;
+        {
+            let mut state = self.shared.state.lock();
+            if state.failed {
+                return Err(SinkError::Closed("stdout"));
+            }
+            state.flush_requests.push(done);
+            self.shared.work.notify_one();
+        }
         flushed
             .await
             .map_err(|_| SinkError::Closed("stdout"))?

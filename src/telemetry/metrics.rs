@@ -128,6 +128,56 @@ pub struct Metrics {
     end_to_end: Histogram,
     sse_lagged: Counter,
     gauges: ScrapeGauges,
+    http: Arc<HttpCache>,
+}
+
+/// Handles of one (method, route, status) series.
+#[derive(Debug, Clone)]
+struct HttpHandles {
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// One cached label set.
+type HttpEntry = (Box<str>, Box<str>, u16, HttpHandles);
+
+/// HTTP handles by label set, so that a request costs a hash lookup instead
+/// of building label strings and a registry key. Label sets are bounded by
+/// the routes, methods and statuses the router produces.
+#[derive(Debug, Default)]
+struct HttpCache {
+    entries: parking_lot::RwLock<HashMap<u64, Vec<HttpEntry>>>,
+}
+
+impl HttpCache {
+    fn hash(method: &str, route: &str, status: u16) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (method, route, status).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn get(&self, method: &str, route: &str, status: u16) -> Option<HttpHandles> {
+        let entries = self.entries.read();
+        entries
+            .get(&Self::hash(method, route, status))?
+            .iter()
+            .find(|(m, r, s, _)| &**m == method && &**r == route && *s == status)
+            .map(|(.., handles)| handles.clone())
+    }
+
+    fn insert(&self, method: &str, route: &str, status: u16, handles: HttpHandles) {
+        let mut entries = self.entries.write();
+        let bucket = entries
+            .entry(Self::hash(method, route, status))
+            .or_default();
+        if !bucket
+            .iter()
+            .any(|(m, r, s, _)| &**m == method && &**r == route && *s == status)
+        {
+            bucket.push((method.into(), route.into(), status, handles));
+        }
+    }
 }
 
 /// Gauges set from their sources at scrape time.
@@ -235,6 +285,7 @@ impl Metrics {
             },
             handle: Some(handle),
             recorder: Some(recorder),
+            http: Arc::default(),
         }
     }
 
@@ -263,6 +314,7 @@ impl Metrics {
                 sse_subscribers: Gauge::noop(),
                 workers: Gauge::noop(),
             },
+            http: Arc::default(),
         }
     }
 
@@ -331,25 +383,36 @@ impl Metrics {
         let Some(recorder) = &self.recorder else {
             return;
         };
-        let status = status.to_string();
-        recorder
-            .register_counter(
-                &key(
-                    names::HTTP_REQUESTS,
-                    &[("method", method), ("route", route), ("status", &status)],
-                ),
-                &METADATA,
-            )
-            .increment(1);
-        recorder
-            .register_histogram(
-                &key(
-                    names::HTTP_DURATION,
-                    &[("method", method), ("route", route)],
-                ),
-                &METADATA,
-            )
-            .record(duration.as_secs_f64());
+        let handles = match self.http.get(method, route, status) {
+            Some(handles) => handles,
+            None => {
+                let status_label = status.to_string();
+                let handles = HttpHandles {
+                    requests: recorder.register_counter(
+                        &key(
+                            names::HTTP_REQUESTS,
+                            &[
+                                ("method", method),
+                                ("route", route),
+                                ("status", &status_label),
+                            ],
+                        ),
+                        &METADATA,
+                    ),
+                    duration: recorder.register_histogram(
+                        &key(
+                            names::HTTP_DURATION,
+                            &[("method", method), ("route", route)],
+                        ),
+                        &METADATA,
+                    ),
+                };
+                self.http.insert(method, route, status, handles.clone());
+                handles
+            }
+        };
+        handles.requests.increment(1);
+        handles.duration.record(duration.as_secs_f64());
     }
 
     /// Renders the Prometheus text exposition, sampling `snapshot` and the

@@ -6,9 +6,11 @@
 //!   never hides spans from the trace exporter.
 //! - Traces go through `tracing-opentelemetry`; with
 //!   `telemetry.otlp_endpoint` set they are exported over OTLP/gRPC by a
-//!   batch processor with a parent-based ratio sampler. Without an endpoint
-//!   spans still get W3C ids (so logs and event metadata carry trace ids)
-//!   but nothing is recorded or exported.
+//!   batch processor with a parent-based ratio sampler.
+//! - The per-request and per-event spans are DEBUG spans: without an OTLP
+//!   endpoint (and at the default log level) they are disabled at their
+//!   call sites and cost a relaxed atomic load each, which keeps the hot
+//!   path cheap; with an endpoint the trace layer enables them.
 //! - Metrics live in [`metrics`].
 
 pub mod metrics;
@@ -77,13 +79,15 @@ where
     };
     let (provider, exporting) = tracer_provider(settings)?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let tracer = provider.tracer("eventflow");
-    // Only our own spans become traces: never the HTTP/gRPC client
-    // internals of the exporter itself.
-    let trace_filter = Targets::new().with_target("eventflow", LevelFilter::INFO);
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(trace_filter);
+    // Only when exporting: the layer is what makes every span cost.
+    let otel = exporting.then(|| {
+        // Only our own spans become traces: never the HTTP/gRPC client
+        // internals of the exporter itself.
+        let trace_filter = Targets::new().with_target("eventflow", LevelFilter::DEBUG);
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("eventflow"))
+            .with_filter(trace_filter)
+    });
     let logs: Box<dyn Layer<Registry> + Send + Sync> = match settings.log_format {
         LogFormat::Json => Box::new(json_layer(writer).with_filter(log_filter)),
         LogFormat::Pretty => Box::new(
@@ -114,7 +118,6 @@ fn tracer_provider(settings: &TelemetrySettings) -> anyhow::Result<(SdkTracerPro
         .build();
     let builder = SdkTracerProvider::builder().with_resource(resource);
     let Some(endpoint) = settings.otlp_endpoint.as_deref() else {
-        // Ids for logs and metadata, nothing recorded.
         return Ok((builder.with_sampler(Sampler::AlwaysOff).build(), false));
     };
     use opentelemetry_otlp::WithExportConfig;
@@ -146,20 +149,19 @@ where
         .with_target("target")
         .with_flattened_event()
         .with_current_span("span");
-    layer.add_multiple_dynamic_fields(|event, context, writer| {
-        let Some(span) = context.event_span(event) else {
+    // The current span as the whole subscriber sees it: the pipeline's
+    // DEBUG spans are filtered out of this layer, yet carry the trace.
+    layer.add_multiple_dynamic_fields(|_event, _context, writer| {
+        let current = tracing::Span::current();
+        if current.is_none() {
             return;
-        };
-        let otel = tracing::dispatcher::get_default(|dispatch| {
-            tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
-        });
-        if let Some(otel) = otel {
-            let otel_span = otel.span();
-            let ids = otel_span.span_context();
-            if ids.is_valid() {
-                let _ = writer.write_field("trace_id", ids.trace_id().to_string());
-                let _ = writer.write_field("span_id", ids.span_id().to_string());
-            }
+        }
+        let otel = current.context();
+        let otel_span = otel.span();
+        let ids = otel_span.span_context();
+        if ids.is_valid() {
+            let _ = writer.write_field("trace_id", ids.trace_id().to_string());
+            let _ = writer.write_field("span_id", ids.span_id().to_string());
         }
     });
     layer
