@@ -154,9 +154,18 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let env: std::collections::HashMap<String, String> = env
+        let mut env: std::collections::HashMap<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("EVENTFLOW__"))
+            .collect();
+        // An empty list variable means an empty list (e.g. no sinks), which
+        // the list parser would otherwise read as one empty item.
+        let empty_lists: Vec<&'static str> = LIST_KEYS
+            .into_iter()
+            .filter(|key| {
+                let var = format!("EVENTFLOW__{}", key.replace('.', "__").to_uppercase());
+                env.get(&var).is_some_and(|v| v.trim().is_empty()) && env.remove(&var).is_some()
+            })
             .collect();
         let mut environment = config::Environment::with_prefix("EVENTFLOW")
             .prefix_separator("__")
@@ -171,7 +180,11 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        builder = builder.add_source(environment);
+        for key in empty_lists {
+            builder = builder.set_override(key, Vec::<String>::new())?;
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -377,6 +390,11 @@ mod tests {
             Some("http://127.0.0.1:4317")
         );
         assert_eq!(s.telemetry.sample_ratio, 0.01);
+        let s = load(&[("EVENTFLOW__PUBLISH__SINKS", "")]).unwrap();
+        assert!(
+            s.publish.sinks.is_empty(),
+            "an empty list variable is an empty list"
+        );
         let s = load(&[("EVENTFLOW__TELEMETRY__OTLP_ENDPOINT", "")]).unwrap();
         assert_eq!(s.telemetry.otlp_endpoint, None, "empty means unset");
     }
