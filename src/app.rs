@@ -34,7 +34,9 @@ use crate::telemetry::metrics::Metrics;
 /// Time allowed to flush sinks after the drain deadline has passed.
 const LATE_FLUSH: Duration = Duration::from_secs(2);
 /// How often histogram buffers are drained between scrapes.
-const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// (The exporter buffers histogram samples until then: a short interval
+/// bounds that buffer at high event rates.)
+const METRICS_UPKEEP: Duration = Duration::from_secs(1);
 
 /// A built, not yet running, service.
 #[derive(Debug)]

@@ -240,7 +240,7 @@ pub struct PublishedEvent {
 
 /// Serializes a time as RFC 3339 in UTC with microseconds.
 pub fn rfc3339<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&humantime::format_rfc3339_micros(*time))
+    serializer.serialize_str(crate::time::rfc3339_micros(*time).as_str())
 }
 
 #[cfg(test)]

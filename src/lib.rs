@@ -21,6 +21,7 @@
 //! - [`telemetry`]: logs (JSON, with trace ids), OpenTelemetry traces over
 //!   OTLP, and the Prometheus metrics (names defined once, in
 //!   [`telemetry::metrics`]).
+//! - [`time`]: fast RFC 3339 timestamps for published events.
 //! - [`healthcheck`]: the `eventflow healthcheck` probe used by containers.
 //! - [`shutdown`]: signals, readiness, and the drain deadline.
 
@@ -34,3 +35,4 @@ pub mod shutdown;
 pub mod sink;
 pub mod store;
 pub mod telemetry;
+pub mod time;

@@ -133,7 +133,9 @@ impl RecordView {
             payload: record.event.payload.clone(),
             status: record.status(),
             sequence: record.sequence,
-            received_at: humantime::format_rfc3339_micros(record.received_at).to_string(),
+            received_at: crate::time::rfc3339_micros(record.received_at)
+                .as_str()
+                .to_owned(),
             result,
             error,
         }

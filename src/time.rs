@@ -1,0 +1,108 @@
+//! RFC 3339 timestamps (UTC, microseconds) without going through
+//! `fmt::Display`: two of them go into every published event, so this is
+//! on the hot path.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Length of `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+const LEN: usize = 27;
+
+/// A formatted timestamp.
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339([u8; LEN]);
+
+impl Rfc3339 {
+    /// The timestamp as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).unwrap_or("1970-01-01T00:00:00.000000Z")
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn put(buf: &mut [u8], mut value: u64) {
+    for slot in buf.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+/// Formats `time` as RFC 3339 in UTC with microseconds, e.g.
+/// `2023-11-14T22:13:20.123000Z`. Times before 1970 or after 9999 are
+/// clamped to those bounds.
+pub fn rfc3339_micros(time: SystemTime) -> Rfc3339 {
+    const MAX_SECS: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (secs, micros) = if since.as_secs() > MAX_SECS {
+        (MAX_SECS, 999_999)
+    } else {
+        (since.as_secs(), u64::from(since.subsec_micros()))
+    };
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let mut out = *b"0000-00-00T00:00:00.000000Z";
+    put(&mut out[0..4], year as u64);
+    put(&mut out[5..7], u64::from(month));
+    put(&mut out[8..10], u64::from(day));
+    put(&mut out[11..13], rem / 3600);
+    put(&mut out[14..16], rem % 3600 / 60);
+    put(&mut out[17..19], rem % 60);
+    put(&mut out[20..26], micros);
+    Rfc3339(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn matches_humantime_across_the_calendar() {
+        let mut secs: u64 = 0;
+        // Every ~3.7 days for 400+ years, plus leap days and ends of months.
+        while secs < 13_000_000_000 {
+            for micros in [0_u64, 1, 123_456, 999_999] {
+                let t = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros);
+                assert_eq!(
+                    rfc3339_micros(t).as_str(),
+                    humantime::format_rfc3339_micros(t).to_string(),
+                    "{secs}.{micros}"
+                );
+            }
+            secs += 317_123;
+        }
+        for date in [
+            "2000-02-29T23:59:59.999999Z",
+            "2024-02-29T00:00:00.000000Z",
+            "1970-01-01T00:00:00.000000Z",
+        ] {
+            let t = humantime::parse_rfc3339(date).unwrap();
+            assert_eq!(rfc3339_micros(t).as_str(), date);
+        }
+    }
+
+    #[test]
+    fn out_of_range_is_clamped() {
+        assert_eq!(
+            rfc3339_micros(UNIX_EPOCH - Duration::from_secs(5)).as_str(),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(rfc3339_micros(far).as_str(), "9999-12-31T23:59:59.999999Z");
+    }
+}
