@@ -9,10 +9,11 @@ WORKDIR /build
 
 # Dependencies first: build them against stub targets so this layer is reused
 # until Cargo.toml or Cargo.lock change. Every target the manifest declares
-# explicitly needs a stub here (today: the eventflow bin and the "pipeline" bench).
+# explicitly needs a stub here (today: the two bins and the "pipeline" bench).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches \
+RUN mkdir -p src/bin/loadgen benches \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > src/bin/loadgen/main.rs \
     && echo '' > src/lib.rs \
     && echo 'fn main() {}' > benches/pipeline.rs \
     && cargo build --release --locked \
@@ -22,11 +23,13 @@ RUN mkdir -p src benches \
 COPY src ./src
 COPY benches ./benches
 RUN find src benches -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked --bin eventflow
+    && cargo build --release --locked --bin eventflow --bin eventflow-loadgen
 
 # ---- runtime ---------------------------------------------------------------
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /build/target/release/eventflow /usr/local/bin/eventflow
+# The load generator rides along for the compose `load` profile.
+COPY --from=builder /build/target/release/eventflow-loadgen /usr/local/bin/eventflow-loadgen
 # 65532 is distroless's "nonroot" user and group. Numeric, so Kubernetes
 # runAsNonRoot can verify it (and hadolint DL3066 is satisfied).
 USER 65532:65532

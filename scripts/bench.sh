@@ -122,7 +122,7 @@ bench_single() {
 bench_batch() {
   echo "== 2. batch ingest: 1,000 events (~100-byte payload) a request, accepted and published, ${DURATION}s x $RUNS"
   for run in $(seq "$RUNS"); do
-    start_server eventflow EVENTFLOW__STORE__MAX_EVENTS=2000000
+    start_server eventflow EVENTFLOW__STORE__MAX_EVENTS=8000000 EVENTFLOW__STORE__MAX_BYTES=8000000000
     loadgen -b 1000 -c 4 -d "${DURATION}s" --verify --metrics-url auto --json >"$OUT/batch-$run.json"
     stop_server
     python3 - "$OUT/batch-$run.json" "$run" <<'PY'
@@ -137,9 +137,115 @@ PY
   done
 }
 
+bench_memory() {
+  echo "== 3. memory: 1,000,000 processed events of 100-byte payload held in the store"
+  start_server eventflow
+  loadgen -b 1000 -n 1000 -c 4 --json >"$OUT/memory-fill.json"
+  for _ in $(seq 600); do
+    [[ "$(metric eventflow_inflight_events)" == 0 ]] && break
+    sleep 0.1
+  done
+  local events rss
+  events="$(metric eventflow_store_events)"; rss="$(metric process_resident_memory_bytes)"
+  python3 -c "e=float('$events'); r=float('$rss'); print(f'store holds {e:.0f} events; RSS {r/1e6:.0f} MB = {r/max(e,1):.0f} bytes per event')"
+  echo "soak: store full, ${SOAK}s of batch load at 50,000 events/s (open loop), RSS sampled every 0.5 s"
+  loadgen --mode open --rate 50 -b 1000 -c 4 -d "${SOAK}s" --metrics-url auto --json >"$OUT/memory-soak.json"
+  python3 - "$OUT/memory-soak.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+rss = s["service"]["rss_mib"]
+half = rss[len(rss) // 2:]
+print(f"RSS over the soak: first {rss[0]:.0f} MiB, max {max(rss):.0f} MiB, last {rss[-1]:.0f} MiB; "
+      f"second half min {min(half):.0f} / max {max(half):.0f} MiB "
+      f"(spread {100 * (max(half) - min(half)) / max(half):.1f} %); {s['events_accepted']} events accepted")
+PY
+  stop_server
+}
+
+metric() { curl -s "http://127.0.0.1:$PORT/metrics" | awk -v name="$1" '$1 == name { print $2 }'; }
+
+bench_overload() {
+  echo "== 4. overload: open loop at 2x the sustainable single-event rate for 30 s, then back to half"
+  start_server eventflow
+  local max
+  max="$(loadgen -c 64 -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["accepted_events_per_s"]))')"
+  echo "sustainable (closed loop, 64 connections): $max events/s; offering $((2 * max)) req/s"
+  loadgen --mode open --rate "$((2 * max))" -c 256 -d 30s --timeout 5s --json >"$OUT/overload.json"
+  loadgen --mode open --rate "$((max / 2))" -c 64 -d 10s --json >"$OUT/recovery.json"
+  stop_server
+  python3 - "$OUT/overload.json" "$OUT/recovery.json" "$max" <<'PY'
+import json, sys
+o, r, best = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), float(sys.argv[3])
+print(f"overload: {o['requests_per_s']:.0f} req/s answered of {o['target_rate']:.0f} offered; status {o['status']}; "
+      f"{o['timeouts']} timeouts, {o['transport_errors']} transport errors")
+print(f"goodput {o['accepted_events_per_s']:.0f} events/s = {100 * o['accepted_events_per_s'] / best:.0f} % of the sustainable rate; "
+      f"2xx latency p50 {o['accepted_latency_ms']['p50']:.2f} ms, p99 {o['accepted_latency_ms']['p99']:.2f} ms; "
+      f"all answers p99 {o['latency_ms']['p99']:.2f} ms")
+print(f"recovery at half rate: status {r['status']}, p99 {r['latency_ms']['p99']:.2f} ms, "
+      f"first second p99 {r['timeline'][0]['p99_ms']:.2f} ms")
+PY
+}
+
+bench_tracing() {
+  echo "== 5. tracing cost: export off vs sample ratio 0.01 vs 1.0 (OTLP to a local sink), wrk, ${DURATION}s x $RUNS"
+  local sink_port
+  sink_port="$(free_port)"
+  taskset -c "$LOAD_CPU" "$BIN/examples/otlp_sink" "127.0.0.1:$sink_port" 2>>"$OUT/otlp_sink.log" &
+  local sink_pid=$!
+  sleep 0.5
+  local off=() low=() full=()
+  for run in $(seq "$RUNS"); do
+    start_server eventflow
+    read -r rps _ <<<"$(wrk_run "trace-off-$run")"; off+=("$rps"); stop_server
+    start_server eventflow EVENTFLOW__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" EVENTFLOW__TELEMETRY__SAMPLE_RATIO=0.01
+    read -r rps _ <<<"$(wrk_run "trace-1pct-$run")"; low+=("$rps"); stop_server
+    start_server eventflow EVENTFLOW__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" EVENTFLOW__TELEMETRY__SAMPLE_RATIO=1.0
+    read -r rps _ <<<"$(wrk_run "trace-all-$run")"; full+=("$rps"); stop_server
+    echo "run $run: off ${off[-1]}, ratio 0.01 ${low[-1]}, ratio 1.0 ${full[-1]} req/s"
+  done
+  kill "$sink_pid" 2>/dev/null || true
+  python3 -c "
+off, low, full = $(median "${off[@]}"), $(median "${low[@]}"), $(median "${full[@]}")
+print(f'median: off {off:.0f}, ratio 0.01 {low:.0f} ({100*(1-low/off):.1f} % slower), ratio 1.0 {full:.0f} ({100*(1-full/off):.1f} % slower) req/s')"
+}
+
+bench_shutdown() {
+  echo "== 6. shutdown under full load: SIGTERM while batches pour in; drain time; accepted == published"
+  PORT="$(free_port)"
+  local stdout_file="$OUT/shutdown-stdout.jsonl"
+  env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" EVENTFLOW__TELEMETRY__LOG_LEVEL=info EVENTFLOW__PIPELINE__WORKERS=1 \
+    taskset -c "$SERVER_CPU" "$BIN/eventflow" >"$stdout_file" 2>"$OUT/shutdown-server.log" &
+  SERVER_PID=$!
+  wait_up
+  loadgen -b 1000 -c 8 -d 6s --metrics-url auto --json >"$OUT/shutdown-load.json" &
+  local load_pid=$!
+  sleep 3
+  local depth signalled
+  depth="$(metric eventflow_queue_depth)"
+  signalled="$(date +%s.%N)"
+  kill -TERM "$SERVER_PID"
+  wait "$SERVER_PID" && echo "exit code 0" || echo "exit code $?"
+  python3 -c "import time; print(f'queue depth at SIGTERM: $depth; signal to exit: {time.time() - $signalled:.3f} s')"
+  SERVER_PID=""
+  wait "$load_pid" || true
+  grep -o '"took":"[^"]*"' "$OUT/shutdown-server.log" | tail -1 | sed 's/^/server: drain /'
+  python3 - "$OUT/shutdown-load.json" "$stdout_file" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+ids = [json.loads(line)["id"] for line in open(sys.argv[2])]
+unique = len(set(ids))
+print(f"accepted {s['events_accepted']}, published lines {len(ids)}, unique ids {unique}: "
+      f"lost {s['events_accepted'] - unique}, duplicated {len(ids) - unique}; queue depth max {s.get('service', {}).get('queue_depth_max')}")
+PY
+}
+
 case "${1:-all}" in
   single) machine; bench_single ;;
   batch) machine; bench_batch ;;
-  all) machine; bench_single; bench_batch ;;
+  memory) machine; bench_memory ;;
+  overload) machine; bench_overload ;;
+  tracing) machine; bench_tracing ;;
+  shutdown) machine; bench_shutdown ;;
+  all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_tracing; bench_shutdown ;;
   *) echo "usage: scripts/bench.sh [single|batch|memory|overload|tracing|shutdown|all]" >&2; exit 2 ;;
 esac

@@ -9,6 +9,7 @@ mod events;
 mod health;
 mod helpers;
 mod list;
+mod loadgen;
 mod metrics;
 mod prometheus;
 mod shutdown;

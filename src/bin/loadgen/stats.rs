@@ -47,6 +47,8 @@ impl Second {
 pub(crate) struct Recorder {
     start: Instant,
     pub(crate) latency: Histogram<u64>,
+    /// Latency of 2xx answers only.
+    pub(crate) latency_ok: Histogram<u64>,
     pub(crate) seconds: Vec<Second>,
     pub(crate) statuses: BTreeMap<u16, u64>,
     pub(crate) transport_errors: u64,
@@ -78,6 +80,7 @@ impl Recorder {
         Self {
             start,
             latency: histogram(3),
+            latency_ok: histogram(3),
             seconds: Vec::new(),
             statuses: BTreeMap::new(),
             transport_errors: 0,
@@ -109,6 +112,9 @@ impl Recorder {
         match outcome {
             Outcome::Answer { status, accepted } => {
                 let _ = self.latency.record(micros);
+                if (200..300).contains(&status) {
+                    let _ = self.latency_ok.record(micros);
+                }
                 let _ = bucket.latency.record(micros);
                 *self.statuses.entry(status).or_default() += 1;
                 if status >= 500 {
@@ -134,6 +140,7 @@ impl Recorder {
     /// Folds another worker's measurements into this one.
     pub(crate) fn merge(&mut self, other: Recorder) {
         let _ = self.latency.add(&other.latency);
+        let _ = self.latency_ok.add(&other.latency_ok);
         if self.seconds.len() < other.seconds.len() {
             self.seconds.resize_with(other.seconds.len(), Second::new);
         }
@@ -208,8 +215,10 @@ pub(crate) struct Summary {
     pub(crate) status: BTreeMap<String, u64>,
     pub(crate) timeouts: u64,
     pub(crate) transport_errors: u64,
+    /// Latency of every answer.
     pub(crate) latency_ms: Percentiles,
     /// Latency of 2xx answers only.
+    pub(crate) accepted_latency_ms: Percentiles,
     pub(crate) timeline: Vec<TimelinePoint>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) service: Option<crate::sampler::ServiceStats>,
@@ -253,6 +262,7 @@ impl Summary {
             timeouts: all.timeouts,
             transport_errors: all.transport_errors,
             latency_ms: Percentiles::of(&all.latency),
+            accepted_latency_ms: Percentiles::of(&all.latency_ok),
             timeline,
             service: None,
             verify: None,
@@ -298,12 +308,16 @@ impl Summary {
             "errors          {} timeouts, {} transport",
             self.timeouts, self.transport_errors
         );
-        let l = &self.latency_ms;
-        let _ = writeln!(
-            t,
-            "latency (ms)    p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
-            l.p50, l.p90, l.p99, l.p999, l.max, l.mean
-        );
+        for (label, l) in [
+            ("latency (ms)", &self.latency_ms),
+            ("2xx latency", &self.accepted_latency_ms),
+        ] {
+            let _ = writeln!(
+                t,
+                "{label:<16}p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+                l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+            );
+        }
         if let Some(s) = &self.service {
             let _ = writeln!(
                 t,

@@ -224,33 +224,64 @@ pub(crate) async fn finish(
     reconcile(accepted, &seen, |n| processed.binary_search(&n).is_ok())
 }
 
+/// A keep-alive connection for lookups.
+struct Lookup {
+    plan: Plan,
+    sender: Option<http1::SendRequest<Empty<Bytes>>>,
+}
+
+impl Lookup {
+    async fn get_json(&mut self, path: &str) -> Option<(u16, serde_json::Value)> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = TcpStream::connect((self.plan.host.as_str(), self.plan.port))
+                .await
+                .ok()?;
+            let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.ok()?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            self.sender = Some(sender);
+        }
+        let sender = self.sender.as_mut()?;
+        sender.ready().await.ok()?;
+        let request = Request::get(path)
+            .header(
+                header::HOST,
+                format!("{}:{}", self.plan.host, self.plan.port),
+            )
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, serde_json::from_slice(&body).unwrap_or_default()))
+    }
+}
+
+/// Below this many unseen events they are looked up one by one; above it
+/// the store is paged through instead.
+const LOOKUP_ONE_BY_ONE: usize = 2_000;
+
 /// Which of `numbers` the service reports as processed (sorted).
 async fn lookup(plan: &Plan, numbers: &[u64]) -> Vec<u64> {
-    const CONCURRENCY: usize = 16;
-    let chunks: Vec<Vec<u64>> = numbers
-        .chunks(numbers.len().div_ceil(CONCURRENCY).max(1))
-        .map(<[u64]>::to_vec)
-        .collect();
+    if numbers.is_empty() {
+        return Vec::new();
+    }
+    if numbers.len() > LOOKUP_ONE_BY_ONE {
+        return scan_processed(plan).await;
+    }
+    const CONCURRENCY: usize = 8;
     let mut tasks = Vec::new();
-    for chunk in chunks {
-        let plan = plan.clone();
+    for chunk in numbers.chunks(numbers.len().div_ceil(CONCURRENCY)) {
+        let (plan, chunk) = (plan.clone(), chunk.to_vec());
         tasks.push(tokio::spawn(async move {
+            let mut client = Lookup { plan, sender: None };
             let mut processed = Vec::new();
             for n in chunk {
-                let id = plan.id(n);
-                let path = format!("/events/{}", percent_encode(&id));
-                let Ok(response) = open(&plan, &path).await else {
-                    continue;
-                };
-                if response.status() != 200 {
-                    continue;
-                }
-                let Ok(body) = response.into_body().collect().await else {
-                    continue;
-                };
-                let record: serde_json::Value =
-                    serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
-                if record["status"] == "processed" {
+                let path = format!("/events/{}", percent_encode(&client.plan.id(n)));
+                if let Some((200, record)) = client.get_json(&path).await
+                    && record["status"] == "processed"
+                {
                     processed.push(n);
                 }
             }
@@ -265,6 +296,35 @@ async fn lookup(plan: &Plan, numbers: &[u64]) -> Vec<u64> {
     }
     all.sort_unstable();
     all
+}
+
+/// Every processed event of this run still in the store, by paging
+/// through `GET /events?status=processed`.
+async fn scan_processed(plan: &Plan) -> Vec<u64> {
+    let mut client = Lookup {
+        plan: plan.clone(),
+        sender: None,
+    };
+    let mut found = Vec::new();
+    let mut after = String::new();
+    loop {
+        let path = format!("/events?status=processed&limit=1000&after={after}");
+        let Some((200, page)) = client.get_json(&path).await else {
+            break;
+        };
+        for record in page["events"].as_array().into_iter().flatten() {
+            if let Some(n) = record["id"].as_str().and_then(|id| plan.number(id)) {
+                found.push(n);
+            }
+        }
+        match page["next"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => break,
+        }
+    }
+    found.sort_unstable();
+    found.dedup();
+    found
 }
 
 fn percent_encode(id: &str) -> String {

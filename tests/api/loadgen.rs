@@ -1,0 +1,109 @@
+//! The load generator against a real server: its counts and its --verify.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::helpers::spawn_app;
+
+/// Runs eventflow-loadgen with `args` against `url`; returns (exit code, JSON summary).
+async fn loadgen(url: String, args: &[&str]) -> (i32, Value) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let output = Command::new(env!("CARGO_BIN_EXE_eventflow-loadgen"))
+            .arg("--url")
+            .arg(url)
+            .args(["--json", "--no-progress"])
+            .args(args)
+            .output()
+            .expect("loadgen runs");
+        let summary = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not a JSON summary ({e}): {}\nstderr: {}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.code().unwrap_or(-1), summary)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_events_closed_loop_are_all_verified() {
+    let app = spawn_app().await;
+    let (code, s) = loadgen(
+        app.url(""),
+        &["-n", "300", "-c", "8", "--verify", "--metrics-url", "auto"],
+    )
+    .await;
+    assert_eq!(code, 0, "{s}");
+    assert_eq!(s["requests"], 300);
+    assert_eq!(s["status"]["202"], 300);
+    assert_eq!(s["events_accepted"], 300);
+    assert_eq!(s["verify"]["accepted"], 300);
+    assert_eq!(s["verify"]["lost"], 0);
+    assert_eq!(s["verify"]["duplicated"], 0);
+    assert!(s["service"]["samples"].as_u64().unwrap() >= 1);
+    assert!(s["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    // What the loadgen says it got accepted is what the service published.
+    assert_eq!(app.wait_for_stdout_lines(300).await.len(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzipped_ndjson_batches_are_counted_per_event() {
+    let app = spawn_app().await;
+    let (code, s) = loadgen(
+        app.url(""),
+        &[
+            "-n", "10", "-b", "50", "--format", "ndjson", "--gzip", "-c", "2", "--verify",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{s}");
+    assert_eq!(s["events_sent"], 500);
+    assert_eq!(s["events_accepted"], 500);
+    assert_eq!(s["verify"]["accepted"], 500);
+    assert_eq!(s["verify"]["lost"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_paces_requests_and_verify_catches_refusals() {
+    // A tiny pipeline: most of the burst is refused (503), and only the
+    // accepted events are expected to be published.
+    let app = crate::helpers::spawn_app_with(|s| s.pipeline.queue_capacity = 30, Vec::new()).await;
+    let (code, s) = loadgen(
+        app.url(""),
+        &[
+            "--mode", "open", "--rate", "400", "-d", "1s", "-c", "16", "-b", "20", "--verify",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{s}");
+    let requests = s["requests"].as_u64().unwrap();
+    assert!(
+        (350..=401).contains(&requests),
+        "about 400 requests in 1 s at 400/s, got {requests}"
+    );
+    let accepted = s["events_accepted"].as_u64().unwrap();
+    assert_eq!(s["verify"]["accepted"].as_u64().unwrap(), accepted);
+    assert_eq!(s["verify"]["lost"], 0);
+    if let Some(refused) = s["status"]["503"].as_u64() {
+        assert_eq!(accepted, (requests - refused) * 20);
+    }
+}
+
+#[tokio::test]
+async fn bad_arguments_exit_2_with_a_message() {
+    let output = tokio::task::spawn_blocking(|| {
+        Command::new(env!("CARGO_BIN_EXE_eventflow-loadgen"))
+            .args(["--mode", "open"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--rate"));
+}
