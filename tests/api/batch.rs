@@ -21,13 +21,7 @@ fn ndjson(events: &[Value]) -> String {
 async fn json_array_batch_is_accepted_and_published() {
     let app = spawn_app().await;
     let events: Vec<Value> = (0..50).map(|i| event(&format!("b-{i}"), "batch")).collect();
-    let response = app
-        .post_raw(
-            "/events/batch",
-            "application/json",
-            Value::from(events).to_string(),
-        )
-        .await;
+    let response = app.post_batch(events).await;
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
     assert_eq!(
@@ -103,13 +97,7 @@ async fn batch_limits_are_413_after_decompression() {
     )
     .await;
     let six: Vec<Value> = (0..6).map(|i| event(&format!("m-{i}"), "x")).collect();
-    let response = app
-        .post_raw(
-            "/events/batch",
-            "application/json",
-            Value::from(six).to_string(),
-        )
-        .await;
+    let response = app.post_batch(six).await;
     assert_eq!(response.status(), 413);
     // 100 KB of zeros compress to ~100 bytes but inflate past the 4 KiB limit.
     let inflated = format!("{}\n", event("zero", &"0".repeat(100_000)));
@@ -198,22 +186,10 @@ async fn a_batch_that_does_not_fit_is_503_and_stores_nothing() {
     )
     .await;
     let first: Vec<Value> = (0..6).map(|i| event(&format!("first-{i}"), "x")).collect();
-    let response = app
-        .post_raw(
-            "/events/batch",
-            "application/json",
-            Value::from(first).to_string(),
-        )
-        .await;
+    let response = app.post_batch(first).await;
     assert_eq!(response.status(), 202);
     let second: Vec<Value> = (0..5).map(|i| event(&format!("second-{i}"), "x")).collect();
-    let response = app
-        .post_raw(
-            "/events/batch",
-            "application/json",
-            Value::from(second.clone()).to_string(),
-        )
-        .await;
+    let response = app.post_batch(second.clone()).await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
     for i in 0..5 {
@@ -226,13 +202,7 @@ async fn a_batch_that_does_not_fit_is_503_and_stores_nothing() {
     // Four still fit: duplicates of stored events take no capacity.
     let mut fits: Vec<Value> = (0..4).map(|i| event(&format!("second-{i}"), "x")).collect();
     fits.push(event("first-0", "x"));
-    let response = app
-        .post_raw(
-            "/events/batch",
-            "application/json",
-            Value::from(fits).to_string(),
-        )
-        .await;
+    let response = app.post_batch(fits).await;
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
     assert_eq!(

@@ -170,6 +170,16 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// Posts `events` as a JSON array to `/events/batch`.
+    pub(crate) async fn post_batch(&self, events: Vec<Value>) -> reqwest::Response {
+        self.post_raw(
+            "/events/batch",
+            "application/json",
+            Value::from(events).to_string(),
+        )
+        .await
+    }
+
     pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
         self.client
             .get(self.url(path))

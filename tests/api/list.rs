@@ -48,13 +48,7 @@ async fn pages_follow_arrival_order_through_the_cursor() {
 async fn status_filter_and_limit_cap() {
     let app = spawn_app().await;
     let events: Vec<Value> = (0..1005).map(|i| event(&format!("l{i}"), "x")).collect();
-    let response = app
-        .post_raw(
-            "/events/batch",
-            "application/json",
-            Value::from(events).to_string(),
-        )
-        .await;
+    let response = app.post_batch(events).await;
     assert_eq!(response.status(), 202);
     app.wait_for_stdout_lines(1005).await;
     for _ in 0..500 {

@@ -82,13 +82,7 @@ async fn a_slow_subscriber_is_told_it_lagged_and_does_not_slow_the_pipeline() {
         let events: Vec<Value> = (0..1000)
             .map(|i| event(&format!("lag-{batch}-{i}"), &payload))
             .collect();
-        let response = app
-            .post_raw(
-                "/events/batch",
-                "application/json",
-                Value::from(events).to_string(),
-            )
-            .await;
+        let response = app.post_batch(events).await;
         assert_eq!(response.status(), 202);
     }
     // The pipeline finished without waiting for the subscriber.

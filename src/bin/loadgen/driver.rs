@@ -132,40 +132,45 @@ pub(crate) fn accepted_numbers(payload: &Payload, status: u16, body: &[u8]) -> V
     }
 }
 
-async fn send_and_record(
-    connection: &mut Connection,
-    workload: &Workload,
-    first: u64,
-    due: Instant,
-    plan: &Plan,
-    recorder: &mut Recorder,
-    live: &Live,
-) {
-    let payload = workload.request(first);
-    let answer = tokio::time::timeout(plan.timeout, connection.send(&payload)).await;
-    let done = Instant::now();
-    let outcome = match answer {
-        Ok(Ok((status, body))) => Outcome::Answer {
-            status,
-            accepted: accepted_numbers(&payload, status, &body),
-        },
-        Ok(Err(())) => {
-            connection.sender = None;
-            Outcome::Transport
+/// One connection's worker: sends requests and records what happened.
+struct Worker {
+    connection: Connection,
+    workload: Arc<Workload>,
+    plan: Plan,
+    recorder: Recorder,
+    live: Arc<Live>,
+}
+
+impl Worker {
+    /// Sends the request starting at event `first`, due at `due`.
+    async fn send(&mut self, first: u64, due: Instant) {
+        let payload = self.workload.request(first);
+        let answer = tokio::time::timeout(self.plan.timeout, self.connection.send(&payload)).await;
+        let done = Instant::now();
+        let outcome = match answer {
+            Ok(Ok((status, body))) => Outcome::Answer {
+                status,
+                accepted: accepted_numbers(&payload, status, &body),
+            },
+            Ok(Err(())) => {
+                self.connection.sender = None;
+                Outcome::Transport
+            }
+            Err(_) => {
+                self.connection.sender = None;
+                Outcome::Timeout
+            }
+        };
+        let failed = !matches!(&outcome, Outcome::Answer { status, .. } if *status < 500);
+        self.live.requests.fetch_add(1, Ordering::Relaxed);
+        self.live
+            .events
+            .fetch_add(payload.count as u64, Ordering::Relaxed);
+        if failed {
+            self.live.errors.fetch_add(1, Ordering::Relaxed);
         }
-        Err(_) => {
-            connection.sender = None;
-            Outcome::Timeout
-        }
-    };
-    let failed = !matches!(&outcome, Outcome::Answer { status, .. } if *status < 500);
-    live.requests.fetch_add(1, Ordering::Relaxed);
-    live.events
-        .fetch_add(payload.count as u64, Ordering::Relaxed);
-    if failed {
-        live.errors.fetch_add(1, Ordering::Relaxed);
+        self.recorder.record(due, done, payload.count, outcome);
     }
-    recorder.record(due, done, payload.count, outcome);
 }
 
 /// Runs the plan; returns the merged measurements and the elapsed time.
@@ -218,21 +223,17 @@ pub(crate) async fn run(
             tickets.clone(),
         );
         workers.push(tokio::spawn(async move {
-            let mut connection = Connection::new(&plan);
-            let mut recorder = Recorder::new(start, track_accepted);
+            let mut worker = Worker {
+                connection: Connection::new(&plan),
+                recorder: Recorder::new(start, track_accepted),
+                workload,
+                plan,
+                live,
+            };
             match tickets {
                 Some(tickets) => {
                     while let Ok((i, due)) = tickets.recv().await {
-                        send_and_record(
-                            &mut connection,
-                            &workload,
-                            i * batch,
-                            due,
-                            &plan,
-                            &mut recorder,
-                            &live,
-                        )
-                        .await;
+                        worker.send(i * batch, due).await;
                     }
                 }
                 None => loop {
@@ -245,20 +246,10 @@ pub(crate) async fn run(
                         stop.store(true, Ordering::Relaxed);
                         break;
                     }
-                    let due = Instant::now();
-                    send_and_record(
-                        &mut connection,
-                        &workload,
-                        i * batch,
-                        due,
-                        &plan,
-                        &mut recorder,
-                        &live,
-                    )
-                    .await;
+                    worker.send(i * batch, Instant::now()).await;
                 },
             }
-            recorder
+            worker.recorder
         }));
     }
     let mut merged = Recorder::new(start, track_accepted);
