@@ -210,24 +210,41 @@ print(f'median: off {off:.0f}, ratio 0.01 {low:.0f} ({100*(1-low/off):.1f} % slo
 }
 
 bench_shutdown() {
-  echo "== 6. shutdown under full load: SIGTERM while batches pour in; drain time; accepted == published"
+  echo "== 6. shutdown under full load: stdout read at a throttled 8 MB/s, so the queue fills;"
+  echo "   SIGTERM while batches pour in; drain time; accepted == published"
   PORT="$(free_port)"
-  local stdout_file="$OUT/shutdown-stdout.jsonl"
-  env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" EVENTFLOW__TELEMETRY__LOG_LEVEL=info EVENTFLOW__PIPELINE__WORKERS=1 \
-    taskset -c "$SERVER_CPU" "$BIN/eventflow" >"$stdout_file" 2>"$OUT/shutdown-server.log" &
+  local stdout_file="$OUT/shutdown-stdout.jsonl" fifo="$OUT/shutdown.fifo"
+  rm -f "$fifo"
+  mkfifo "$fifo"
+  # A slow consumer of stdout: 128 KiB every 16 ms.
+  python3 -c '
+import sys, time
+src, dst = open(sys.argv[1], "rb"), open(sys.argv[2], "wb")
+while True:
+    chunk = src.read(131072)
+    if not chunk:
+        break
+    dst.write(chunk)
+    time.sleep(0.016)
+' "$fifo" "$stdout_file" &
+  local reader_pid=$!
+  env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" EVENTFLOW__TELEMETRY__LOG_LEVEL=info \
+    taskset -c "$SERVER_CPU" "$BIN/eventflow" >"$fifo" 2>"$OUT/shutdown-server.log" &
   SERVER_PID=$!
   wait_up
-  loadgen -b 1000 -c 8 -d 6s --metrics-url auto --json >"$OUT/shutdown-load.json" &
+  loadgen -b 1000 -c 8 -d 8s --metrics-url auto --json >"$OUT/shutdown-load.json" &
   local load_pid=$!
-  sleep 3
+  sleep 4
   local depth signalled
   depth="$(metric eventflow_queue_depth)"
   signalled="$(date +%s.%N)"
   kill -TERM "$SERVER_PID"
-  wait "$SERVER_PID" && echo "exit code 0" || echo "exit code $?"
+  if wait "$SERVER_PID"; then echo "exit code 0"; else echo "exit code $?"; fi
   python3 -c "import time; print(f'queue depth at SIGTERM: $depth; signal to exit: {time.time() - $signalled:.3f} s')"
   SERVER_PID=""
   wait "$load_pid" || true
+  wait "$reader_pid" || true
+  rm -f "$fifo"
   grep -o '"took":"[^"]*"' "$OUT/shutdown-server.log" | tail -1 | sed 's/^/server: drain /'
   python3 - "$OUT/shutdown-load.json" "$stdout_file" <<'PY'
 import json, sys
@@ -235,7 +252,8 @@ s = json.load(open(sys.argv[1]))
 ids = [json.loads(line)["id"] for line in open(sys.argv[2])]
 unique = len(set(ids))
 print(f"accepted {s['events_accepted']}, published lines {len(ids)}, unique ids {unique}: "
-      f"lost {s['events_accepted'] - unique}, duplicated {len(ids) - unique}; queue depth max {s.get('service', {}).get('queue_depth_max')}")
+      f"lost {s['events_accepted'] - unique}, duplicated {len(ids) - unique}; "
+      f"status {s['status']}; queue depth max {s.get('service', {}).get('queue_depth_max')}")
 PY
 }
 
