@@ -29,6 +29,7 @@ use crate::pipeline::{MemoryQueue, Pipeline, PipelineParts, WorkerPool};
 use crate::shutdown::{DeadlineExceeded, Phase, Readiness};
 use crate::sink::{Sink, build_sinks};
 use crate::store::MemoryStore;
+use crate::telemetry::TraceSampling;
 use crate::telemetry::metrics::Metrics;
 
 /// Time allowed to flush sinks after the drain deadline has passed.
@@ -80,6 +81,7 @@ impl App {
             readiness: Readiness::default(),
             server: Arc::new(settings.server.clone()),
             stream_stop: CancellationToken::new(),
+            sampling: TraceSampling::from_settings(&settings.telemetry),
         };
         Ok(Self {
             listener,

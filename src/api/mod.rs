@@ -29,6 +29,7 @@ use utoipa_axum::routes;
 use crate::config::ServerSettings;
 use crate::pipeline::Pipeline;
 use crate::shutdown::Readiness;
+use crate::telemetry::TraceSampling;
 
 pub use error::{ApiError, Problem};
 
@@ -43,6 +44,8 @@ pub struct AppState {
     pub server: Arc<ServerSettings>,
     /// Cancelled after the drain so that SSE streams end and the server can stop.
     pub stream_stop: CancellationToken,
+    /// Which requests are traced.
+    pub sampling: TraceSampling,
 }
 
 #[derive(OpenApi)]
@@ -74,7 +77,10 @@ pub fn router(state: AppState) -> Router {
     // A backstop only: handlers answer within `request_timeout` themselves
     // (`?wait=published` returns 504 at exactly that point).
     let backstop = state.server.request_timeout + Duration::from_secs(1);
-    let metrics = state.pipeline.metrics().clone();
+    let observe_state = observe::ObserveState {
+        metrics: state.pipeline.metrics().clone(),
+        sampling: state.sampling,
+    };
     api_routes
         .route(
             "/openapi.json",
@@ -92,7 +98,7 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::new())
         // Outermost, so that timeouts and caught panics are counted too.
         .layer(axum::middleware::from_fn_with_state(
-            metrics,
+            observe_state,
             observe::observe,
         ))
 }

@@ -1,6 +1,11 @@
 //! Per-request instrumentation: one server span per request, keyed on the
 //! matched route template (never the raw path), joined to the caller's
 //! trace through W3C `traceparent`, and the HTTP metrics.
+//!
+//! The sampling decision is taken here, once per request: an unsampled
+//! request creates no span at all, and the trace layer's filter drops
+//! every span that has no traced parent, so that tracing at a low sample
+//! ratio costs little more than not tracing.
 
 use std::time::Instant;
 
@@ -9,15 +14,22 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tracing::{Instrument, field};
 
-use crate::telemetry;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{self, TraceSampling};
+
+/// What the middleware needs.
+#[derive(Debug, Clone)]
+pub(crate) struct ObserveState {
+    pub(crate) metrics: Metrics,
+    pub(crate) sampling: TraceSampling,
+}
 
 /// Route label for requests that matched no route.
 const UNMATCHED: &str = "unmatched";
 
 /// Wraps a request in its span and counts it.
 pub(crate) async fn observe(
-    State(metrics): State<Metrics>,
+    State(ObserveState { metrics, sampling }): State<ObserveState>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -25,8 +37,18 @@ pub(crate) async fn observe(
     let method = request.method().clone();
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+    if !sampling.sample(request.headers()) {
+        let response = next.run(request).await;
+        metrics.http_request(
+            method.as_str(),
+            route,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
+        return response;
+    }
     let span = tracing::debug_span!(
-        "http_request",
+        telemetry::REQUEST_SPAN,
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
         otel.status_code = field::Empty,

@@ -89,14 +89,17 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         enqueued_at,
         span: ingest_span,
     } = item;
-    let span = tracing::debug_span!(
-        parent: &ingest_span,
+    // Created inside the ingest span, so that the trace filter sees a traced
+    // parent (and an untraced request's event creates no span).
+    let span = ingest_span.in_scope(|| {
+        tracing::debug_span!(
         "process_event",
         event.id = %record.event.id,
         event.sequence = record.sequence,
         worker,
         outcome = field::Empty,
-    );
+        )
+    });
     async {
         let inner = &pipeline.inner;
         let metrics = &inner.metrics;

@@ -23,7 +23,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::filter::{DynFilterFn, EnvFilter, FilterExt, LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -32,6 +32,41 @@ use tracing_subscriber::{Layer, Registry};
 use crate::config::{LogFormat, TelemetrySettings};
 
 pub use trace_id::TraceId;
+
+/// Name of the per-request server span, the only span that may start a trace.
+pub const REQUEST_SPAN: &str = "http_request";
+
+/// Which requests are traced: decided once per request, at the edge.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TraceSampling {
+    /// Whether traces are exported at all.
+    pub exporting: bool,
+    /// Fraction of new traces (without a sampled parent) traced.
+    pub ratio: f64,
+}
+
+impl TraceSampling {
+    /// From `telemetry.*`.
+    pub fn from_settings(settings: &TelemetrySettings) -> Self {
+        Self {
+            exporting: settings.otlp_endpoint.is_some(),
+            ratio: settings.sample_ratio,
+        }
+    }
+
+    /// Parent-based ratio sampling: a valid `traceparent` decides by its
+    /// sampled flag; otherwise a `ratio` coin flip.
+    pub fn sample(&self, headers: &axum::http::HeaderMap) -> bool {
+        if !self.exporting {
+            return false;
+        }
+        let parent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        match parent.and_then(TraceId::sampled_flag) {
+            Some(sampled) => sampled,
+            None => self.ratio >= 1.0 || rand::random::<f64>() < self.ratio,
+        }
+    }
+}
 
 /// Keeps the trace pipeline alive; flush it with [`TelemetryGuard::shutdown`].
 #[derive(Debug)]
@@ -83,7 +118,13 @@ where
     let otel = exporting.then(|| {
         // Only our own spans become traces: never the HTTP/gRPC client
         // internals of the exporter itself.
-        let trace_filter = Targets::new().with_target("eventflow", LevelFilter::DEBUG);
+        let targets = Targets::new().with_target("eventflow", LevelFilter::DEBUG);
+        // A span is traced only as the root of a sampled request or inside
+        // a traced span (see `api::observe`): unsampled requests have no root.
+        let traced = DynFilterFn::new(|meta, cx| {
+            meta.name() == REQUEST_SPAN || cx.lookup_current().is_some()
+        });
+        let trace_filter = targets.and(traced);
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("eventflow"))
             // Per-span extras we do not use: each costs clock reads or
@@ -133,7 +174,9 @@ fn tracer_provider(settings: &TelemetrySettings) -> anyhow::Result<(SdkTracerPro
         .with_context(|| {
             format!("cannot build the OTLP exporter for telemetry.otlp_endpoint `{endpoint}`")
         })?;
-    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
+    // The ratio is applied per request at the edge (`TraceSampling`); a
+    // span that reaches the SDK belongs to a sampled request.
+    let sampler = Sampler::ParentBased(Box::new(Sampler::AlwaysOn));
     let provider = builder
         .with_sampler(sampler)
         .with_batch_exporter(exporter)

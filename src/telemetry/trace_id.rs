@@ -33,6 +33,13 @@ impl TraceId {
         (id != 0 && parent_ok).then_some(Self(id))
     }
 
+    /// The sampled flag of a valid `traceparent`, or `None`.
+    pub fn sampled_flag(header: &str) -> Option<bool> {
+        Self::from_traceparent(header)?;
+        let flags = header.trim().split('-').nth(3)?;
+        Some(u8::from_str_radix(flags, 16).ok()? & 1 == 1)
+    }
+
     /// The id from its 16 big-endian bytes (as OpenTelemetry holds it).
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(u128::from_be_bytes(bytes))
@@ -86,6 +93,14 @@ mod tests {
         ] {
             assert_eq!(TraceId::from_traceparent(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sampled_flag() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7";
+        assert_eq!(TraceId::sampled_flag(&format!("00-{id}-01")), Some(true));
+        assert_eq!(TraceId::sampled_flag(&format!("00-{id}-00")), Some(false));
+        assert_eq!(TraceId::sampled_flag("garbage"), None);
     }
 
     #[test]

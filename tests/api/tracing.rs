@@ -62,8 +62,12 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
         })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_event_is_one_trace_from_request_to_publication() {
+/// Starts a collector; returns it, its endpoint URL and its server task.
+async fn collector() -> (
+    Collector,
+    String,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -72,8 +76,82 @@ async fn one_event_is_one_trace_from_request_to_publication() {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
+    (collector, endpoint, server)
+}
 
-    let mut service = start(&[
+/// SIGTERMs the service (which flushes the exporter) and waits for exit 0.
+async fn stop(mut service: crate::binary::Service) -> crate::binary::Service {
+    kill(Pid::from_raw(service.child.id() as i32), Signal::SIGTERM).unwrap();
+    let (code, service) = tokio::task::spawn_blocking(move || {
+        let code = wait_exit(&mut service.child, Duration::from_secs(20));
+        (code, service)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0);
+    service
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsampled_requests_export_nothing_and_sampled_parents_are_followed() {
+    let (collector, endpoint, server) = collector().await;
+    let service = start(&[
+        ("EVENTFLOW__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+        ("EVENTFLOW__TELEMETRY__SAMPLE_RATIO", "0.0"),
+    ]);
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/events?wait=published", service.addr);
+    for i in 0..20 {
+        let response = client
+            .post(&url)
+            .json(&event(&format!("untraced-{i}"), "x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // A caller that did not sample is not traced either.
+    let unsampled = format!("00-{}-{REMOTE_PARENT}-00", "a".repeat(32));
+    let response = client
+        .post(&url)
+        .header("traceparent", unsampled)
+        .json(&event("declined", "x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // A sampled caller is followed whatever the ratio.
+    let response = client
+        .post(&url)
+        .header("traceparent", format!("00-{TRACE_ID}-{REMOTE_PARENT}-01"))
+        .json(&event("followed", "x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    stop(service).await;
+    let spans = collector.0.lock().unwrap().clone();
+    server.abort();
+    assert!(!spans.is_empty(), "the sampled request was exported");
+    for span in &spans {
+        assert_eq!(
+            hex(&span.trace_id),
+            TRACE_ID,
+            "span {} of an unsampled request was exported",
+            span.name
+        );
+    }
+    assert_eq!(
+        spans.iter().filter(|s| s.name == "process_event").count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_is_one_trace_from_request_to_publication() {
+    let (collector, endpoint, server) = collector().await;
+
+    let service = start(&[
         ("EVENTFLOW__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
         ("EVENTFLOW__TELEMETRY__SAMPLE_RATIO", "1.0"),
         ("EVENTFLOW__PUBLISH__SINKS", "stdout,log"),
@@ -93,14 +171,7 @@ async fn one_event_is_one_trace_from_request_to_publication() {
     );
 
     // Shutdown flushes the exporter.
-    kill(Pid::from_raw(service.child.id() as i32), Signal::SIGTERM).unwrap();
-    let (code, service) = tokio::task::spawn_blocking(move || {
-        let code = wait_exit(&mut service.child, Duration::from_secs(20));
-        (code, service)
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, 0);
+    let service = stop(service).await;
 
     let spans = collector.0.lock().unwrap().clone();
     server.abort();
