@@ -58,13 +58,13 @@ fn transform(c: &mut Criterion) {
     let mut group = c.benchmark_group("transform_chain");
     group.throughput(Throughput::Elements(1));
     let chain = TransformChain::from_kinds(&[TransformKind::Uppercase, TransformKind::Enrich]);
-    let trace = TraceId::random().to_hex();
+    let trace = TraceId::random();
     let ctx = TransformContext {
         worker: 1,
         sequence: 42,
         received_at: SystemTime::now(),
         queue_wait: Duration::from_micros(120),
-        trace_id: &trace,
+        trace_id: trace,
     };
     let non_ascii = "Grüße aus der Straße, ﬁnal ✓ ".repeat(3);
     for (name, payload) in [

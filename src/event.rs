@@ -12,6 +12,8 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 
+use crate::telemetry::TraceId;
+
 /// Longest accepted id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -220,7 +222,8 @@ pub struct Metadata {
     /// Time spent queued before a worker took it, in milliseconds.
     pub queue_wait_ms: f64,
     /// W3C trace id (32 hex digits) of the request that ingested it.
-    pub trace_id: String,
+    #[schema(value_type = String)]
+    pub trace_id: TraceId,
 }
 
 /// The event as published by the sinks.
@@ -370,7 +373,9 @@ mod tests {
                 worker: 2,
                 sequence: 9,
                 queue_wait_ms: 0.5,
-                trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+                trace_id: TraceId::from_bytes(
+                    0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes(),
+                ),
             }),
         };
         let json = serde_json::to_value(&event).unwrap();
@@ -379,6 +384,10 @@ mod tests {
             "2023-11-14T22:13:20.123000Z"
         );
         assert_eq!(json["metadata"]["sequence"], 9);
+        assert_eq!(
+            json["metadata"]["trace_id"],
+            "0af7651916cd43dd8448eb211c80319c"
+        );
         let bare = PublishedEvent {
             metadata: None,
             ..event

@@ -106,13 +106,12 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         let started = Instant::now();
         let queue_wait = started.saturating_duration_since(enqueued_at);
         metrics.queue_waited(queue_wait);
-        let trace_id = record.trace_id.to_hex();
         let ctx = TransformContext {
             worker,
             sequence: record.sequence,
             received_at: record.received_at,
             queue_wait,
-            trace_id: &trace_id,
+            trace_id: record.trace_id,
         };
         let mut event = PublishedEvent {
             id: record.event.id.clone(),
@@ -203,7 +202,7 @@ mod tests {
         fn apply(
             &self,
             event: &mut PublishedEvent,
-            _: &TransformContext<'_>,
+            _: &TransformContext,
         ) -> Result<(), TransformError> {
             if event.payload.is_empty() {
                 return Err(TransformError {
@@ -225,7 +224,7 @@ mod tests {
         fn apply(
             &self,
             event: &mut PublishedEvent,
-            _: &TransformContext<'_>,
+            _: &TransformContext,
         ) -> Result<(), TransformError> {
             assert!(event.payload != "boom", "boom");
             Ok(())

@@ -61,6 +61,19 @@ impl TraceId {
     }
 }
 
+impl serde::Serialize for TraceId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // 32 lowercase hex digits without an intermediate String.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, byte) in self.0.to_be_bytes().iter().enumerate() {
+            out[2 * i] = HEX[usize::from(byte >> 4)];
+            out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+        }
+        serializer.serialize_str(std::str::from_utf8(&out).unwrap_or_default())
+    }
+}
+
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)
@@ -93,6 +106,16 @@ mod tests {
         ] {
             assert_eq!(TraceId::from_traceparent(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn serializes_as_hex() {
+        let id = TraceId::from_bytes(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes());
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            "\"0af7651916cd43dd8448eb211c80319c\""
+        );
+        assert_eq!(id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
     }
 
     #[test]

@@ -17,7 +17,7 @@ impl Transform for Enrich {
     fn apply(
         &self,
         event: &mut PublishedEvent,
-        ctx: &TransformContext<'_>,
+        ctx: &TransformContext,
     ) -> Result<(), TransformError> {
         event.metadata = Some(Metadata {
             received_at: ctx.received_at,
@@ -25,7 +25,7 @@ impl Transform for Enrich {
             worker: ctx.worker,
             sequence: ctx.sequence,
             queue_wait_ms: ctx.queue_wait.as_secs_f64() * 1000.0,
-            trace_id: ctx.trace_id.to_owned(),
+            trace_id: ctx.trace_id,
         });
         Ok(())
     }
@@ -47,7 +47,7 @@ mod tests {
         assert_eq!(m.received_at, ctx().received_at);
         assert!(m.processed_at >= before);
         assert!((m.queue_wait_ms - 1.5).abs() < 1e-9);
-        assert_eq!(m.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(m.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(e.payload, "payload", "enrich leaves the payload alone");
     }
 }

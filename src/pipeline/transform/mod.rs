@@ -13,13 +13,14 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 
 use crate::event::PublishedEvent;
+use crate::telemetry::TraceId;
 
 pub use enrich::Enrich;
 pub use uppercase::Uppercase;
 
 /// What a transform knows about the event beyond its fields.
 #[derive(Debug, Clone)]
-pub struct TransformContext<'a> {
+pub struct TransformContext {
     /// The worker running the chain.
     pub worker: u32,
     /// Arrival sequence of the event.
@@ -28,8 +29,8 @@ pub struct TransformContext<'a> {
     pub received_at: SystemTime,
     /// How long it waited in the queue.
     pub queue_wait: Duration,
-    /// Trace id of the ingesting request (32 hex digits).
-    pub trace_id: &'a str,
+    /// Trace id of the ingesting request.
+    pub trace_id: TraceId,
 }
 
 /// Why a transform could not process an event; the event is marked failed.
@@ -50,7 +51,7 @@ pub trait Transform: Send + Sync + fmt::Debug {
     fn apply(
         &self,
         event: &mut PublishedEvent,
-        ctx: &TransformContext<'_>,
+        ctx: &TransformContext,
     ) -> Result<(), TransformError>;
 }
 
@@ -96,7 +97,7 @@ impl TransformChain {
     pub fn apply(
         &self,
         event: &mut PublishedEvent,
-        ctx: &TransformContext<'_>,
+        ctx: &TransformContext,
     ) -> Result<(), TransformError> {
         self.steps
             .iter()
@@ -123,13 +124,16 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn ctx() -> TransformContext<'static> {
+    pub(crate) fn ctx() -> TransformContext {
         TransformContext {
             worker: 3,
             sequence: 42,
             received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             queue_wait: Duration::from_micros(1500),
-            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+            trace_id: TraceId::from_traceparent(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .unwrap(),
         }
     }
 

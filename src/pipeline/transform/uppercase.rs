@@ -15,7 +15,7 @@ impl Transform for Uppercase {
     fn apply(
         &self,
         event: &mut PublishedEvent,
-        _ctx: &TransformContext<'_>,
+        _ctx: &TransformContext,
     ) -> Result<(), TransformError> {
         if event.payload.is_ascii() {
             // In place, no allocation: the common case for machine events.
