@@ -64,6 +64,20 @@ impl Panel {
         );
     }
 
+    /// Labels the x axis in seconds.
+    fn seconds_axis(&self, svg: &mut String) {
+        for step in 0..=4 {
+            let value = self.x_max * f64::from(step) / 4.0;
+            let _ = write!(
+                svg,
+                r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{:.0} s</text>"##,
+                self.x(value),
+                self.top + PANEL_HEIGHT + 14.0,
+                value
+            );
+        }
+    }
+
     fn line(&self, svg: &mut String, points: &[(f64, f64)], color: &str, label: &str, slot: usize) {
         let path: Vec<String> = points
             .iter()
@@ -124,11 +138,8 @@ pub(crate) fn svg(summary: &Summary, latency: &Histogram<u64>) -> String {
         x_max: seconds,
         y_max: throughput.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1,
     };
-    panel.frame(
-        &mut svg,
-        "Events per second over time (x: seconds)",
-        "events/s",
-    );
+    panel.frame(&mut svg, "Events per second over time", "events/s");
+    panel.seconds_axis(&mut svg);
     panel.line(&mut svg, &throughput, "#1f77b4", "events sent/s", 0);
     panel.line(&mut svg, &errors, "#d62728", "errors (events)/s", 1);
 
@@ -147,7 +158,8 @@ pub(crate) fn svg(summary: &Summary, latency: &Histogram<u64>) -> String {
         x_max: seconds,
         y_max: p99.iter().map(|p| p.1).fold(0.1, f64::max) * 1.1,
     };
-    panel.frame(&mut svg, "Latency over time, ms (x: seconds)", "ms");
+    panel.frame(&mut svg, "Latency over time, ms", "ms");
+    panel.seconds_axis(&mut svg);
     panel.line(&mut svg, &p50, "#2ca02c", "p50", 0);
     panel.line(&mut svg, &p99, "#ff7f0e", "p99", 1);
 

@@ -229,8 +229,12 @@ pub(crate) struct Summary {
 impl Summary {
     pub(crate) fn new(plan: &crate::args::Plan, all: &Recorder, elapsed: Duration) -> Self {
         let secs = elapsed.as_secs_f64().max(1e-9);
-        let timeline = all
-            .seconds
+        // A last second that the run barely entered would plot as a drop.
+        let mut whole_seconds = all.seconds.len();
+        if whole_seconds > 1 && secs.fract() < 0.5 && whole_seconds as f64 > secs {
+            whole_seconds -= 1;
+        }
+        let timeline = all.seconds[..whole_seconds]
             .iter()
             .enumerate()
             .map(|(second, s)| TimelinePoint {
