@@ -12,8 +12,6 @@ use axum::http::{Request, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::args::{Mode, Plan};
 use crate::stats::{Outcome, Recorder};
@@ -52,15 +50,7 @@ impl Connection {
 
     async fn connect(&mut self) -> std::io::Result<&mut http1::SendRequest<Full<Bytes>>> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
-            stream.set_nodelay(true)?;
-            let (sender, connection) = http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(std::io::Error::other)?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            self.sender = Some(sender);
+            self.sender = Some(crate::http::connect(&self.host, self.port).await?);
         }
         self.sender
             .as_mut()

@@ -2,13 +2,15 @@
 //! throughput, HDR latency percentiles, and (with `--verify`) whether every
 //! accepted event was published exactly once.
 //!
-//! Layout: `args` (flags → plan), `workload` (request bodies), `driver`
+//! Layout: `args` (flags → plan), `workload` (request bodies), `http`
+//! (connections), `driver`
 //! (connections, closed and open loop), `stats` (recorders and summary),
 //! `verify` (stream subscriber and reconciliation), `sampler` (the
 //! service's /metrics during the run), `report` (SVG/HTML plots).
 
 mod args;
 mod driver;
+mod http;
 mod report;
 mod sampler;
 mod stats;

@@ -6,10 +6,7 @@ use std::time::Duration;
 use axum::http::{Request, Uri, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// How often the endpoint is sampled.
@@ -65,11 +62,7 @@ async fn fetch(uri: &Uri) -> Option<String> {
         .trim_matches(|c| c == '[' || c == ']')
         .to_owned();
     let port = uri.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host.as_str(), port)).await.ok()?;
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await.ok()?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let mut sender = crate::http::connect(&host, port).await.ok()?;
     let path = uri.path_and_query().map_or("/metrics", |p| p.as_str());
     let request = Request::get(path)
         .header(header::HOST, format!("{host}:{port}"))

@@ -15,9 +15,7 @@ use axum::http::{Request, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpStream;
 
 use crate::args::Plan;
 
@@ -110,15 +108,9 @@ pub(crate) struct Subscriber {
 }
 
 async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-    let stream = TcpStream::connect((plan.host.as_str(), plan.port))
+    let mut sender = crate::http::connect(&plan.host, plan.port)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
     let request = Request::get(path)
         .header(header::HOST, format!("{}:{}", plan.host, plan.port))
         .body(Empty::<Bytes>::new())
@@ -233,14 +225,11 @@ struct Lookup {
 impl Lookup {
     async fn get_json(&mut self, path: &str) -> Option<(u16, serde_json::Value)> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = TcpStream::connect((self.plan.host.as_str(), self.plan.port))
-                .await
-                .ok()?;
-            let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.ok()?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            self.sender = Some(sender);
+            self.sender = Some(
+                crate::http::connect(&self.plan.host, self.plan.port)
+                    .await
+                    .ok()?,
+            );
         }
         let sender = self.sender.as_mut()?;
         sender.ready().await.ok()?;
