@@ -63,6 +63,7 @@ fn transform(c: &mut Criterion) {
         worker: 1,
         sequence: 42,
         received_at: SystemTime::now(),
+        processed_at: SystemTime::now(),
         queue_wait: Duration::from_micros(120),
         trace_id: trace,
     };

@@ -1,7 +1,5 @@
 //! `/events`: ingest (single and batch), listing, and lookup by id.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -17,7 +15,7 @@ use super::AppState;
 use super::body::{MediaType, media_type, read_body};
 use super::error::{ApiError, Problem};
 use crate::event::{DecodeError, EventId, PublishedEvent, decode_event};
-use crate::pipeline::{BatchRejection, Ingested};
+use crate::pipeline::{BatchRejection, Ingested, Pipeline};
 use crate::store::{Outcome, PageQuery, Record, Status};
 use crate::telemetry::metrics::RejectReason;
 use crate::telemetry::{self, TraceId};
@@ -114,17 +112,23 @@ pub(crate) struct RecordView {
     /// The published event, once processed.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<PublishedEvent>)]
-    result: Option<Arc<PublishedEvent>>,
+    result: Option<PublishedEvent>,
     /// Why processing failed, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
 impl RecordView {
-    pub(crate) fn of(record: &Record) -> Self {
+    pub(crate) fn of(record: &Record, pipeline: &Pipeline) -> Self {
         let (result, error) = match record.outcome() {
-            Some(Outcome::Processed { published, .. }) => (Some(Arc::clone(published)), None),
-            Some(Outcome::Failed { error }) => (None, Some(error.clone())),
+            Some(Outcome::Processed { .. }) => match pipeline.published(record) {
+                Some(Ok(published)) => (Some(published), None),
+                // Transforms are pure, so this re-derivation cannot fail where
+                // the worker's run succeeded; say so rather than hide it.
+                Some(Err(e)) => (None, Some(format!("re-deriving the result failed: {e}"))),
+                None => (None, None),
+            },
+            Some(Outcome::Failed { error }) => (None, Some(error.to_string())),
             None => (None, None),
         };
         Self {
@@ -530,7 +534,11 @@ pub(crate) async fn list_events(
         })
         .await;
     Ok(Json(EventPage {
-        events: page.records.iter().map(|r| RecordView::of(r)).collect(),
+        events: page
+            .records
+            .iter()
+            .map(|r| RecordView::of(r, &state.pipeline))
+            .collect(),
         next: page.next.map(|n| n.to_string()),
     }))
 }
@@ -559,7 +567,7 @@ pub(crate) async fn get_event(
         .get(&id)
         .await
         .ok_or_else(not_found)?;
-    Ok(Json(RecordView::of(&record)))
+    Ok(Json(RecordView::of(&record, &state.pipeline)))
 }
 
 #[cfg(test)]

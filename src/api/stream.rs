@@ -19,7 +19,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use super::AppState;
-use crate::store::{Outcome, PageQuery, Status};
+use crate::store::{PageQuery, Status};
 
 /// Records read from the store per replay step.
 const REPLAY_PAGE: usize = 256;
@@ -43,7 +43,8 @@ pub(crate) async fn stream_events(
     let broadcast = state.pipeline.broadcast();
     // Order matters: subscribe first, then read the watermark.
     let live = BroadcastStream::new(broadcast.subscribe());
-    let store = state.pipeline.store().clone();
+    let pipeline = state.pipeline.clone();
+    let store = pipeline.store().clone();
     let watermark = store.publish_watermark();
     let resume_after = headers
         .get("last-event-id")
@@ -58,6 +59,7 @@ pub(crate) async fn stream_events(
 
     let replay = stream::unfold(resume_after, move |cursor| {
         let store = store.clone();
+        let pipeline = pipeline.clone();
         async move {
             let after = cursor?;
             let page = store
@@ -71,12 +73,10 @@ pub(crate) async fn stream_events(
             let events: Vec<Event> = page
                 .records
                 .iter()
-                .filter_map(|record| match record.outcome() {
-                    Some(Outcome::Processed { published, .. }) => {
-                        let json = serde_json::to_string(&**published).ok()?;
-                        Some(Event::default().id(record.sequence.to_string()).data(json))
-                    }
-                    _ => None,
+                .filter_map(|record| {
+                    let published = pipeline.published(record)?.ok()?;
+                    let json = serde_json::to_string(&published).ok()?;
+                    Some(Event::default().id(record.sequence.to_string()).data(json))
                 })
                 .collect();
             Some((stream::iter(events), page.next))

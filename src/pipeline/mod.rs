@@ -23,15 +23,15 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
 use crate::config::PipelineSettings;
-use crate::event::{Event, EventId};
+use crate::event::{Event, EventId, PublishedEvent};
 use crate::sink::{EventBroadcast, Sink};
-use crate::store::{Insert, Record, Store, StoreError, event_footprint};
+use crate::store::{Insert, Outcome, Processing, Record, Store, StoreError, event_footprint};
 use crate::telemetry::TraceId;
 use crate::telemetry::metrics::{Metrics, RejectReason};
 
 pub use backpressure::{Backpressure, Overloaded, Permit};
 pub use queue::{MemoryQueue, Queue, QueueError, QueuedEvent};
-pub use transform::TransformChain;
+pub use transform::{TransformChain, TransformContext, TransformError};
 pub use waiters::WaitOutcome;
 pub use worker::WorkerPool;
 
@@ -193,6 +193,41 @@ impl Pipeline {
     /// Admission state.
     pub fn backpressure(&self) -> &Backpressure {
         &self.inner.backpressure
+    }
+
+    /// Runs the transform chain over `record` with the facts of a processing
+    /// run; the workers publish what this returns, and readers of the store
+    /// call it again to re-derive the published event (see [`Processing`]).
+    pub fn render(
+        &self,
+        record: &Record,
+        processing: &Processing,
+    ) -> Result<PublishedEvent, TransformError> {
+        let ctx = TransformContext {
+            worker: processing.worker,
+            sequence: record.sequence,
+            received_at: record.received_at,
+            processed_at: processing.processed_at,
+            queue_wait: processing.queue_wait,
+            trace_id: record.trace_id,
+        };
+        let mut event = PublishedEvent {
+            id: record.event.id.clone(),
+            timestamp: record.event.timestamp,
+            payload: record.event.payload.clone(),
+            metadata: None,
+        };
+        self.inner.chain.apply(&mut event, &ctx)?;
+        Ok(event)
+    }
+
+    /// The published event of a processed record (`None` while pending or
+    /// when it failed).
+    pub fn published(&self, record: &Record) -> Option<Result<PublishedEvent, TransformError>> {
+        match record.outcome()? {
+            Outcome::Processed { processing, .. } => Some(self.render(record, processing)),
+            Outcome::Failed { .. } => None,
+        }
     }
 
     /// Events waiting for a worker.

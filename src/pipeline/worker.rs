@@ -7,7 +7,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use futures_util::FutureExt;
 use tokio_util::task::TaskTracker;
@@ -15,10 +15,8 @@ use tracing::{Instrument, field};
 
 use super::Pipeline;
 use super::queue::QueuedEvent;
-use super::transform::TransformContext;
-use crate::event::PublishedEvent;
 use crate::sink::{Publication, StreamMessage};
-use crate::store::CompleteWith;
+use crate::store::{CompleteWith, Processing};
 
 /// Handle on the running workers.
 #[derive(Debug, Clone)]
@@ -106,26 +104,20 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         let started = Instant::now();
         let queue_wait = started.saturating_duration_since(enqueued_at);
         metrics.queue_waited(queue_wait);
-        let ctx = TransformContext {
+        let processing = Processing {
             worker,
-            sequence: record.sequence,
-            received_at: record.received_at,
+            processed_at: SystemTime::now(),
             queue_wait,
-            trace_id: record.trace_id,
-        };
-        let mut event = PublishedEvent {
-            id: record.event.id.clone(),
-            timestamp: record.event.timestamp,
-            payload: record.event.payload.clone(),
-            metadata: None,
         };
         let transformed =
-            tracing::debug_span!("transform").in_scope(|| inner.chain.apply(&mut event, &ctx));
-        let json = transformed.map_err(|e| e.to_string()).and_then(|()| {
-            serde_json::to_string(&event).map_err(|e| format!("serialization failed: {e}"))
+            tracing::debug_span!("transform").in_scope(|| pipeline.render(&record, &processing));
+        let rendered = transformed.map_err(|e| e.to_string()).and_then(|event| {
+            serde_json::to_string(&event)
+                .map(|json| (event, json))
+                .map_err(|e| format!("serialization failed: {e}"))
         });
-        let json = match json {
-            Ok(json) => json,
+        let (event, json) = match rendered {
+            Ok(rendered) => rendered,
             Err(error) => {
                 tracing::Span::current().record("outcome", "error");
                 tracing::warn!(%error, "event failed processing");
@@ -153,10 +145,9 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
                 tracing::error!(sink = sink.name(), %error, "publishing failed");
             }
         }
-        let event = Arc::new(event);
         let publish_seq = inner
             .store
-            .complete(&record, CompleteWith::Processed(Arc::clone(&event)))
+            .complete(&record, CompleteWith::Processed(processing))
             .await;
         if let Some(publish_seq) = publish_seq
             && inner.broadcast.has_subscribers()
@@ -170,7 +161,9 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         }
         metrics.event_processed(true, started.elapsed());
         metrics.end_to_end(record.received_at.elapsed().unwrap_or_default());
-        inner.waiters.notify(record.sequence, || Ok(event));
+        inner
+            .waiters
+            .notify(record.sequence, || Ok(Arc::new(event)));
         tracing::Span::current().record("outcome", "ok");
     }
     .instrument(span)
@@ -185,8 +178,11 @@ mod tests {
 
     use super::*;
     use crate::config::{PipelineSettings, StoreSettings};
-    use crate::event::{Event, EventId};
-    use crate::pipeline::transform::{Transform, TransformChain, TransformError, TransformKind};
+    use crate::event::{Event, EventId, PublishedEvent};
+    use crate::pipeline::transform::{
+        Transform, TransformChain, TransformContext, TransformError, TransformKind,
+    };
+
     use crate::pipeline::{Ingested, MemoryQueue, PipelineParts};
     use crate::store::{MemoryStore, Status};
     use crate::telemetry::TraceId;

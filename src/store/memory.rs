@@ -183,16 +183,16 @@ impl Store for MemoryStore {
         // Account for the result before it becomes visible to eviction, which
         // subtracts the full footprint of finished records.
         let extra = match &with {
-            CompleteWith::Processed(published) => published.payload.len(),
+            CompleteWith::Processed(_) => 0,
             CompleteWith::Failed(error) => error.len(),
         };
         self.bytes.fetch_add(extra, Ordering::Relaxed);
         match with {
-            CompleteWith::Processed(published) => {
+            CompleteWith::Processed(processing) => {
                 let mut counter = self.publish_counter.lock();
                 let publish_seq = *counter + 1;
                 let outcome = Outcome::Processed {
-                    published,
+                    processing,
                     publish_seq,
                 };
                 if record.outcome.set(outcome).is_err() {
@@ -204,6 +204,7 @@ impl Store for MemoryStore {
                 Some(publish_seq)
             }
             CompleteWith::Failed(error) => {
+                let error = error.into_boxed_str();
                 if record.outcome.set(Outcome::Failed { error }).is_err() {
                     self.bytes.fetch_sub(extra, Ordering::Relaxed);
                 }
@@ -256,7 +257,10 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::event::{EventId, PublishedEvent};
+    use std::time::Duration;
+
+    use crate::event::EventId;
+    use crate::store::Processing;
 
     fn settings(max_events: usize, max_bytes: usize) -> StoreSettings {
         StoreSettings {
@@ -287,14 +291,13 @@ mod tests {
     }
 
     async fn process(store: &MemoryStore, record: &Record) -> Option<u64> {
-        let published = PublishedEvent {
-            id: record.event.id.clone(),
-            timestamp: record.event.timestamp,
-            payload: record.event.payload.to_uppercase(),
-            metadata: None,
+        let processing = Processing {
+            worker: 0,
+            processed_at: SystemTime::now(),
+            queue_wait: Duration::ZERO,
         };
         store
-            .complete(record, CompleteWith::Processed(Arc::new(published)))
+            .complete(record, CompleteWith::Processed(processing))
             .await
     }
 

@@ -6,13 +6,13 @@
 mod memory;
 
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::event::{Event, EventId, PublishedEvent};
+use crate::event::{Event, EventId};
 use crate::telemetry::TraceId;
 
 pub use memory::MemoryStore;
@@ -32,20 +32,34 @@ pub enum Status {
     Failed,
 }
 
+/// The facts of one processing run that the published event was derived
+/// from. Transforms are pure functions of the event and these facts, so the
+/// store keeps them (40 bytes) instead of a copy of the published event, and
+/// readers re-derive it with [`crate::pipeline::Pipeline::render`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Processing {
+    /// The worker that ran the chain.
+    pub worker: u32,
+    /// When it ran.
+    pub processed_at: SystemTime,
+    /// How long the event waited in the queue first.
+    pub queue_wait: Duration,
+}
+
 /// How processing ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// Published; `publish_seq` orders publications.
     Processed {
-        /// The event as the sinks received it.
-        published: Arc<PublishedEvent>,
+        /// What the published event was derived from.
+        processing: Processing,
         /// Position in publication order (1-based, gap-free per store).
         publish_seq: u64,
     },
     /// Not published.
     Failed {
         /// Why.
-        error: String,
+        error: Box<str>,
     },
 }
 
@@ -96,12 +110,11 @@ impl Record {
 
     /// Estimated memory held by this record, in bytes.
     pub fn footprint(&self) -> usize {
-        let result = match self.outcome.get() {
-            Some(Outcome::Processed { published, .. }) => published.payload.len(),
+        let error = match self.outcome.get() {
             Some(Outcome::Failed { error }) => error.len(),
-            None => 0,
+            _ => 0,
         };
-        event_footprint(&self.event) + result
+        event_footprint(&self.event) + error
     }
 }
 
@@ -185,8 +198,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 /// What to record when processing ends.
 #[derive(Debug)]
 pub enum CompleteWith {
-    /// Published as this event.
-    Processed(Arc<PublishedEvent>),
+    /// Published; derived with these facts.
+    Processed(Processing),
     /// Failed for this reason.
     Failed(String),
 }

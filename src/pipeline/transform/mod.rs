@@ -19,6 +19,10 @@ pub use enrich::Enrich;
 pub use uppercase::Uppercase;
 
 /// What a transform knows about the event beyond its fields.
+///
+/// Transforms must be pure functions of the event and this context (the
+/// clock reading is `processed_at`, not a call to `now()`): the store keeps
+/// only the context and re-derives the published event when it is read.
 #[derive(Debug, Clone)]
 pub struct TransformContext {
     /// The worker running the chain.
@@ -27,6 +31,8 @@ pub struct TransformContext {
     pub sequence: u64,
     /// When the event was accepted.
     pub received_at: SystemTime,
+    /// When the chain ran.
+    pub processed_at: SystemTime,
     /// How long it waited in the queue.
     pub queue_wait: Duration,
     /// Trace id of the ingesting request.
@@ -129,6 +135,7 @@ pub(crate) mod tests {
             worker: 3,
             sequence: 42,
             received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            processed_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250),
             queue_wait: Duration::from_micros(1500),
             trace_id: TraceId::from_traceparent(
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
