@@ -1,21 +1,25 @@
-//! The in-memory store: a sharded hash map for lookup by id and a lock-free
-//! skip list for arrival order.
+//! The in-memory store: a sharded hash table for lookup by id and a ring
+//! buffer of dense sequence numbers for arrival order.
 //!
 //! Bounds: `store.max_events` records and `store.max_bytes` estimated bytes.
 //! When an insert would pass either bound the oldest *finished* records are
 //! evicted; pending ones never are (their count is bounded by the queue), so
 //! an insert fails with [`StoreError::Full`] only when finished records
 //! cannot make room.
+//!
+//! Locks: an insert holds its id shard, then briefly the order index (which
+//! hands out the sequence). Eviction takes the order index alone and
+//! removes from the id shards only after letting it go, so the two never
+//! wait on each other in opposite order.
 
-use std::ops::Bound;
+mod by_id;
+mod by_sequence;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use crossbeam_skiplist::SkipMap;
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
 use parking_lot::Mutex;
 
 use super::{
@@ -25,17 +29,26 @@ use super::{
 use crate::config::StoreSettings;
 use crate::event::{Event, EventId};
 use crate::telemetry::TraceId;
+use by_id::IdIndex;
+use by_sequence::{Scan, SequenceIndex, Verdict};
 
 /// Eviction frees this fraction of a bound beyond what the insert needs, so
 /// that it runs in batches rather than on every insert of a full store.
 const EVICTION_SLACK_DIVISOR: usize = 64;
 
+/// Slots a page scan looks at per hold of the order lock, so that a filtered
+/// scan over a large store never stalls inserts for long.
+const SCAN_SLOTS_PER_LOCK: usize = 4096;
+
+/// The order index is sized up front for at most this many records; beyond
+/// that it grows on demand.
+const PRESIZE_LIMIT: usize = 1 << 24;
+
 /// In-memory, bounded, concurrent event store.
 #[derive(Debug)]
 pub struct MemoryStore {
-    by_id: DashMap<EventId, Arc<Record>>,
-    by_sequence: SkipMap<u64, Arc<Record>>,
-    last_sequence: AtomicU64,
+    by_id: IdIndex,
+    by_sequence: Mutex<SequenceIndex>,
     /// Records held, including reservations of inserts in progress.
     len: AtomicUsize,
     /// Estimated bytes held, including reservations.
@@ -55,10 +68,15 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// An empty store with the given bounds.
     pub fn new(settings: &StoreSettings) -> Self {
+        // Room for the bound plus the eviction slack and pending records
+        // overtaken by finished ones, so that a full store does not grow it.
+        let order_capacity = settings
+            .max_events
+            .saturating_add(settings.max_events / 8)
+            .min(PRESIZE_LIMIT);
         Self {
-            by_id: DashMap::new(),
-            by_sequence: SkipMap::new(),
-            last_sequence: AtomicU64::new(0),
+            by_id: IdIndex::new(settings.max_events),
+            by_sequence: Mutex::new(SequenceIndex::with_capacity(order_capacity)),
             len: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             max_events: settings.max_events,
@@ -75,11 +93,11 @@ impl MemoryStore {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    fn existing(record: &Arc<Record>, event: &Event) -> Insert {
+    fn existing(record: Arc<Record>, event: &Event) -> Insert {
         if record.same_content(event) {
-            Insert::Duplicate(Arc::clone(record))
+            Insert::Duplicate(record)
         } else {
-            Insert::Conflict(Arc::clone(record))
+            Insert::Conflict(record)
         }
     }
 
@@ -111,26 +129,23 @@ impl MemoryStore {
         let _guard = self.evicting.lock();
         let target_len = self.max_events - self.max_events / EVICTION_SLACK_DIVISOR;
         let target_bytes = self.max_bytes - self.max_bytes / EVICTION_SLACK_DIVISOR;
-        let over = || {
-            self.len.load(Ordering::Relaxed) > target_len
-                || self.bytes.load(Ordering::Relaxed) > target_bytes
-        };
-        let mut cursor = self.by_sequence.front();
-        while let Some(entry) = cursor {
-            if !over() {
-                break;
-            }
-            let next = entry.next();
-            let record = entry.value();
-            if record.status() != Status::Pending {
-                self.by_id
-                    .remove_if(&record.event.id, |_, held| Arc::ptr_eq(held, record));
+        let evicted = self.by_sequence.lock().evict_oldest(|record| {
+            if self.len.load(Ordering::Relaxed) <= target_len
+                && self.bytes.load(Ordering::Relaxed) <= target_bytes
+            {
+                Verdict::Stop
+            } else if record.status() == Status::Pending {
+                Verdict::Keep
+            } else {
                 self.release(record.footprint());
-                entry.remove();
-                self.evictions.fetch_add(1, Ordering::Relaxed);
+                Verdict::Evict
             }
-            cursor = next;
+        });
+        for record in &evicted {
+            self.by_id.remove(record);
         }
+        self.evictions
+            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -143,38 +158,34 @@ impl Store for MemoryStore {
         trace_id: TraceId,
     ) -> Result<Insert, StoreError> {
         // Retries are answered without touching the bounds.
-        if let Some(record) = self.by_id.get(&event.id) {
-            return Ok(Self::existing(&record, &event));
+        if let Some(record) = self.by_id.get(event.id.as_str()) {
+            return Ok(Self::existing(record, &event));
         }
         let bytes = event_footprint(&event);
-        // Eviction takes shard locks of `by_id`, so it must run before this
-        // insert holds one through `entry`.
+        // Eviction takes id shard locks, so it must run before this insert
+        // holds one.
         self.reserve(bytes)?;
-        match self.by_id.entry(event.id.clone()) {
-            Entry::Occupied(held) => {
+        let inserted = self.by_id.insert_new(event, |event| {
+            self.by_sequence
+                .lock()
+                .push_with(|sequence| Arc::new(Record::new(event, sequence, received_at, trace_id)))
+        });
+        match inserted {
+            Ok(record) => Ok(Insert::Inserted(record)),
+            Err((held, event)) => {
                 self.release(bytes);
-                Ok(Self::existing(held.get(), &event))
-            }
-            Entry::Vacant(slot) => {
-                let sequence = self.last_sequence.fetch_add(1, Ordering::Relaxed) + 1;
-                let record = Arc::new(Record::new(event, sequence, received_at, trace_id));
-                slot.insert(Arc::clone(&record));
-                self.by_sequence.insert(sequence, Arc::clone(&record));
-                Ok(Insert::Inserted(record))
+                Ok(Self::existing(held, &event))
             }
         }
     }
 
     async fn get(&self, id: &EventId) -> Option<Arc<Record>> {
-        self.by_id.get(id).map(|r| Arc::clone(&r))
+        self.by_id.get(id.as_str())
     }
 
     async fn remove(&self, record: &Record) {
-        let removed = self
-            .by_id
-            .remove_if(&record.event.id, |_, held| std::ptr::eq(&**held, record));
-        if removed.is_some() {
-            self.by_sequence.remove(&record.sequence);
+        if self.by_id.remove(record) {
+            self.by_sequence.lock().remove(record);
             self.release(record.footprint());
         }
     }
@@ -216,25 +227,38 @@ impl Store for MemoryStore {
     async fn page(&self, query: PageQuery) -> Page {
         let mut records = Vec::with_capacity(query.limit.min(1024));
         let mut next = None;
-        for entry in self
-            .by_sequence
-            .range((Bound::Excluded(query.after), Bound::Unbounded))
-        {
-            let record = entry.value();
+        let matches = |record: &Record| {
             if query.status.is_some_and(|s| record.status() != s) {
-                continue;
+                return false;
             }
-            if let Some(limit) = query.published_up_to {
-                match record.outcome() {
-                    Some(Outcome::Processed { publish_seq, .. }) if *publish_seq <= limit => {}
-                    _ => continue,
-                }
+            match query.published_up_to {
+                None => true,
+                Some(limit) => matches!(
+                    record.outcome(),
+                    Some(Outcome::Processed { publish_seq, .. }) if *publish_seq <= limit
+                ),
             }
-            if records.len() == query.limit {
-                next = records.last().map(|r: &Arc<Record>| r.sequence);
-                break;
+        };
+        let mut after = query.after;
+        loop {
+            let scan = self
+                .by_sequence
+                .lock()
+                .scan(after, SCAN_SLOTS_PER_LOCK, |record| {
+                    if !matches(record) {
+                        return true;
+                    }
+                    if records.len() == query.limit {
+                        next = records.last().map(|r: &Arc<Record>| r.sequence);
+                        return false;
+                    }
+                    records.push(Arc::clone(record));
+                    true
+                });
+            match scan {
+                Scan::Paused(last) => after = last,
+                Scan::Stopped | Scan::End => break,
             }
-            records.push(Arc::clone(record));
         }
         Page { records, next }
     }
@@ -244,7 +268,7 @@ impl Store for MemoryStore {
     }
 
     fn len(&self) -> usize {
-        self.by_sequence.len()
+        self.by_sequence.lock().len()
     }
 
     fn evictions(&self) -> u64 {
