@@ -99,7 +99,7 @@ fn event(n: u64) -> Event {
     Event {
         id: EventId::parse(&format!("evt-{n:012}")).unwrap(),
         timestamp: 1_700_000_000,
-        payload: PAYLOAD_100.to_owned(),
+        payload: PAYLOAD_100.into(),
     }
 }
 

@@ -134,7 +134,7 @@ impl RecordView {
         Self {
             id: record.event.id.to_string(),
             timestamp: record.event.timestamp,
-            payload: record.event.payload.clone(),
+            payload: record.event.payload.to_string(),
             status: record.status(),
             sequence: record.sequence,
             received_at: crate::time::rfc3339_micros(record.received_at)

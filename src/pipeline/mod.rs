@@ -214,7 +214,7 @@ impl Pipeline {
         let mut event = PublishedEvent {
             id: record.event.id.clone(),
             timestamp: record.event.timestamp,
-            payload: record.event.payload.clone(),
+            payload: record.event.payload.to_string(),
             metadata: None,
         };
         self.inner.chain.apply(&mut event, &ctx)?;

@@ -156,7 +156,7 @@ mod tests {
         let event = Event {
             id: EventId::parse(id).unwrap(),
             timestamp: 1,
-            payload: String::new(),
+            payload: "".into(),
         };
         index.push_with(|seq| {
             Arc::new(Record::new(

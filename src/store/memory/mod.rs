@@ -297,7 +297,7 @@ mod tests {
         Event {
             id: EventId::parse(id).unwrap(),
             timestamp: 1,
-            payload: payload.to_owned(),
+            payload: payload.into(),
         }
     }
 
