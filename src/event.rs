@@ -222,7 +222,7 @@ pub struct Metadata {
     pub worker: u32,
     /// Arrival order.
     pub sequence: u64,
-    /// Time spent queued before a worker took it, in milliseconds.
+    /// Time from acceptance until a worker took it, in milliseconds.
     pub queue_wait_ms: f64,
     /// W3C trace id (32 hex digits) of the request that ingested it.
     #[schema(value_type = String)]

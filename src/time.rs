@@ -2,7 +2,39 @@
 //! `fmt::Display`: two of them go into every published event, so this is
 //! on the hot path.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A wall-clock time as nanoseconds since the Unix epoch: 8 bytes where
+/// `SystemTime` takes 16, for the store's records (1970 to 2554).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixNanos(u64);
+
+impl UnixNanos {
+    /// The current time.
+    pub fn now() -> Self {
+        Self::from(SystemTime::now())
+    }
+
+    /// Time from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Self) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl From<SystemTime> for UnixNanos {
+    fn from(time: SystemTime) -> Self {
+        let nanos = time.duration_since(UNIX_EPOCH).map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        });
+        Self(nanos)
+    }
+}
+
+impl From<UnixNanos> for SystemTime {
+    fn from(time: UnixNanos) -> Self {
+        UNIX_EPOCH + Duration::from_nanos(time.0)
+    }
+}
 
 /// Length of `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 const LEN: usize = 27;
@@ -70,6 +102,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn unix_nanos_round_trips_and_subtracts() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        let nanos = UnixNanos::from(t);
+        assert_eq!(SystemTime::from(nanos), t);
+        let later = UnixNanos::from(t + Duration::from_micros(1500));
+        assert_eq!(later.since(nanos), Duration::from_micros(1500));
+        assert_eq!(nanos.since(later), Duration::ZERO, "never negative");
+        assert_eq!(SystemTime::from(UnixNanos::from(UNIX_EPOCH)), UNIX_EPOCH);
+    }
 
     #[test]
     fn matches_humantime_across_the_calendar() {

@@ -137,7 +137,7 @@ impl RecordView {
             payload: record.event.payload.to_string(),
             status: record.status(),
             sequence: record.sequence,
-            received_at: crate::time::rfc3339_micros(record.received_at)
+            received_at: crate::time::rfc3339_micros(record.received_at.into())
                 .as_str()
                 .to_owned(),
             result,

@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::config::PipelineSettings;
 use crate::event::{Event, EventId, PublishedEvent};
 use crate::sink::{EventBroadcast, Sink};
-use crate::store::{Insert, Outcome, Processing, Record, Store, StoreError, event_footprint};
+use crate::store::{Insert, Processing, Record, Store, StoreError, event_footprint};
 use crate::telemetry::TraceId;
 use crate::telemetry::metrics::{Metrics, RejectReason};
 
@@ -206,9 +206,9 @@ impl Pipeline {
         let ctx = TransformContext {
             worker: processing.worker,
             sequence: record.sequence,
-            received_at: record.received_at,
-            processed_at: processing.processed_at,
-            queue_wait: processing.queue_wait,
+            received_at: record.received_at.into(),
+            processed_at: processing.processed_at.into(),
+            queue_wait: processing.processed_at.since(record.received_at),
             trace_id: record.trace_id,
         };
         let mut event = PublishedEvent {
@@ -224,10 +224,8 @@ impl Pipeline {
     /// The published event of a processed record (`None` while pending or
     /// when it failed).
     pub fn published(&self, record: &Record) -> Option<Result<PublishedEvent, TransformError>> {
-        match record.outcome()? {
-            Outcome::Processed { processing, .. } => Some(self.render(record, processing)),
-            Outcome::Failed { .. } => None,
-        }
+        let processing = record.outcome()?.processing()?;
+        Some(self.render(record, &processing))
     }
 
     /// Events waiting for a worker.

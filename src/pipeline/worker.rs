@@ -17,6 +17,7 @@ use super::Pipeline;
 use super::queue::QueuedEvent;
 use crate::sink::{Publication, StreamMessage};
 use crate::store::{CompleteWith, Processing};
+use crate::time::UnixNanos;
 
 /// Handle on the running workers.
 #[derive(Debug, Clone)]
@@ -106,8 +107,7 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         metrics.queue_waited(queue_wait);
         let processing = Processing {
             worker,
-            processed_at: SystemTime::now(),
-            queue_wait,
+            processed_at: UnixNanos::now(),
         };
         let transformed =
             tracing::debug_span!("transform").in_scope(|| pipeline.render(&record, &processing));
@@ -160,7 +160,11 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
             metrics.sink_result("sse", true);
         }
         metrics.event_processed(true, started.elapsed());
-        metrics.end_to_end(record.received_at.elapsed().unwrap_or_default());
+        metrics.end_to_end(
+            SystemTime::from(record.received_at)
+                .elapsed()
+                .unwrap_or_default(),
+        );
         inner
             .waiters
             .notify(record.sequence, || Ok(Arc::new(event)));

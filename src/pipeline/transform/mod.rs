@@ -33,7 +33,7 @@ pub struct TransformContext {
     pub received_at: SystemTime,
     /// When the chain ran.
     pub processed_at: SystemTime,
-    /// How long it waited in the queue.
+    /// From acceptance until the chain ran (`processed_at - received_at`).
     pub queue_wait: Duration,
     /// Trace id of the ingesting request.
     pub trace_id: TraceId,

@@ -203,7 +203,8 @@ impl Store for MemoryStore {
                 let mut counter = self.publish_counter.lock();
                 let publish_seq = *counter + 1;
                 let outcome = Outcome::Processed {
-                    processing,
+                    worker: processing.worker,
+                    processed_at: processing.processed_at,
                     publish_seq,
                 };
                 if record.outcome.set(outcome).is_err() {
@@ -281,8 +282,6 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use std::time::Duration;
-
     use crate::event::EventId;
     use crate::store::Processing;
 
@@ -317,8 +316,7 @@ mod tests {
     async fn process(store: &MemoryStore, record: &Record) -> Option<u64> {
         let processing = Processing {
             worker: 0,
-            processed_at: SystemTime::now(),
-            queue_wait: Duration::ZERO,
+            processed_at: crate::time::UnixNanos::now(),
         };
         store
             .complete(record, CompleteWith::Processed(processing))
