@@ -103,6 +103,17 @@ pub struct BatchRejection {
     pub error: String,
 }
 
+/// An event repeated inside one batch, answered like a retry of its first
+/// occurrence.
+struct Repeat {
+    index: usize,
+    id: EventId,
+    /// Whether its content differs from the first occurrence.
+    differs: bool,
+    /// Position of the first occurrence among the batch's unique events.
+    position: usize,
+}
+
 /// The shared pipeline handle: cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -272,7 +283,7 @@ impl Pipeline {
         match store.insert(event, SystemTime::now(), trace_id).await? {
             Insert::Inserted(record) => {
                 let waiter = wait.then(|| self.inner.waiters.register(record.sequence));
-                self.enqueue(Arc::clone(&record), permit)
+                self.enqueue(Arc::clone(&record), permit, Instant::now())
                     .await
                     .inspect_err(|_| {
                         self.inner.waiters.cancel(record.sequence);
@@ -310,58 +321,79 @@ impl Pipeline {
         // Repeats inside the batch behave like retries of the first occurrence.
         let mut first_seen: HashMap<EventId, usize> = HashMap::with_capacity(events.len());
         let mut unique: Vec<(usize, Event)> = Vec::with_capacity(events.len());
-        let mut repeats: Vec<(usize, Event, usize)> = Vec::new();
+        let mut repeats: Vec<Repeat> = Vec::new();
         for (index, event) in events {
             match first_seen.get(&event.id) {
-                Some(&position) => repeats.push((index, event, position)),
+                Some(&position) => repeats.push(Repeat {
+                    index,
+                    differs: unique[position].1 != event,
+                    id: event.id,
+                    position,
+                }),
                 None => {
                     first_seen.insert(event.id.clone(), unique.len());
                     unique.push((index, event));
                 }
             }
         }
+        drop(first_seen);
         // Whether each unique event conflicts with what is already stored.
-        let mut conflicts_with_store = vec![false; unique.len()];
-        let mut new_positions = Vec::with_capacity(unique.len());
-        for (position, (index, event)) in unique.iter().enumerate() {
-            match store.get(&event.id).await {
-                Some(existing) if existing.same_content(event) => outcome.duplicates += 1,
-                Some(_) => {
-                    conflicts_with_store[position] = true;
-                    outcome.rejected.push(conflict(*index, &event.id));
+        let mut conflicted = vec![false; unique.len()];
+        // Optimistic admission: most events of a batch are new, so take room
+        // for all of them and let the store sort out retries (their permits
+        // drop). Only when that does not fit, look up which ones are new:
+        // retries are answered even when the pipeline is full.
+        let sizes: Vec<usize> = unique.iter().map(|(_, e)| event_footprint(e)).collect();
+        let admitted: Vec<(usize, usize, Event, Permit)> =
+            match self.inner.backpressure.try_acquire_many(&sizes) {
+                Ok(permits) => unique
+                    .into_iter()
+                    .enumerate()
+                    .zip(permits)
+                    .map(|((position, (index, event)), permit)| (position, index, event, permit))
+                    .collect(),
+                Err(Overloaded) => {
+                    let mut new = Vec::new();
+                    for (position, (index, event)) in unique.into_iter().enumerate() {
+                        match store.get(&event.id).await {
+                            Some(held) if held.same_content(&event) => outcome.duplicates += 1,
+                            Some(_) => {
+                                conflicted[position] = true;
+                                outcome.rejected.push(conflict(index, &event.id));
+                            }
+                            None => new.push((position, index, event)),
+                        }
+                    }
+                    let sizes: Vec<usize> =
+                        new.iter().map(|(_, _, e)| event_footprint(e)).collect();
+                    let permits = self.inner.backpressure.try_acquire_many(&sizes)?;
+                    new.into_iter()
+                        .zip(permits)
+                        .map(|((position, index, event), permit)| (position, index, event, permit))
+                        .collect()
                 }
-                None => new_positions.push(position),
-            }
-        }
-        for (index, event, position) in repeats {
-            if conflicts_with_store[position] || unique[position].1 != event {
-                outcome.rejected.push(conflict(index, &event.id));
-            } else {
-                outcome.duplicates += 1;
-            }
-        }
-        let mut unique: Vec<Option<(usize, Event)>> = unique.into_iter().map(Some).collect();
-        let new_events: Vec<(usize, Event)> = new_positions
-            .into_iter()
-            .filter_map(|position| unique[position].take())
-            .collect();
-        let sizes: Vec<usize> = new_events.iter().map(|(_, e)| event_footprint(e)).collect();
-        let permits = self.inner.backpressure.try_acquire_many(&sizes)?;
+            };
         let received_at = SystemTime::now();
-        for ((index, event), permit) in new_events.into_iter().zip(permits) {
+        let enqueued_at = Instant::now();
+        for (position, index, event, permit) in admitted {
             let id = event.id.clone();
             match store.insert(event, received_at, trace_id).await {
-                Ok(Insert::Inserted(record)) => match self.enqueue(record, permit).await {
-                    Ok(()) => outcome.accepted += 1,
-                    Err(err) => outcome.rejected.push(BatchRejection {
-                        index,
-                        reason: RejectReason::Overloaded,
-                        id: Some(id.to_string()),
-                        error: err.to_string(),
-                    }),
-                },
+                Ok(Insert::Inserted(record)) => {
+                    match self.enqueue(record, permit, enqueued_at).await {
+                        Ok(()) => outcome.accepted += 1,
+                        Err(err) => outcome.rejected.push(BatchRejection {
+                            index,
+                            reason: RejectReason::Overloaded,
+                            id: Some(id.to_string()),
+                            error: err.to_string(),
+                        }),
+                    }
+                }
                 Ok(Insert::Duplicate(_)) => outcome.duplicates += 1,
-                Ok(Insert::Conflict(_)) => outcome.rejected.push(conflict(index, &id)),
+                Ok(Insert::Conflict(_)) => {
+                    conflicted[position] = true;
+                    outcome.rejected.push(conflict(index, &id));
+                }
                 // Only reachable in a narrow race between concurrent evictions.
                 Err(err) => outcome.rejected.push(BatchRejection {
                     index,
@@ -371,15 +403,27 @@ impl Pipeline {
                 }),
             }
         }
+        for repeat in repeats {
+            if conflicted[repeat.position] || repeat.differs {
+                outcome.rejected.push(conflict(repeat.index, &repeat.id));
+            } else {
+                outcome.duplicates += 1;
+            }
+        }
         outcome.rejected.sort_by_key(|r| r.index);
         Ok(outcome)
     }
 
-    async fn enqueue(&self, record: Arc<Record>, permit: Permit) -> Result<(), IngestError> {
+    async fn enqueue(
+        &self,
+        record: Arc<Record>,
+        permit: Permit,
+        enqueued_at: Instant,
+    ) -> Result<(), IngestError> {
         let item = QueuedEvent {
             record,
             permit,
-            enqueued_at: Instant::now(),
+            enqueued_at,
             span: tracing::Span::current(),
         };
         if let Err((err, item)) = self.inner.queue.push(item).await {

@@ -7,7 +7,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use futures_util::FutureExt;
 use tokio_util::task::TaskTracker;
@@ -159,12 +159,10 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
             });
             metrics.sink_result("sse", true);
         }
-        metrics.event_processed(true, started.elapsed());
-        metrics.end_to_end(
-            SystemTime::from(record.received_at)
-                .elapsed()
-                .unwrap_or_default(),
-        );
+        // One clock read for both: received → processing start is known.
+        let processing_time = started.elapsed();
+        metrics.event_processed(true, processing_time);
+        metrics.end_to_end(processing.processed_at.since(record.received_at) + processing_time);
         inner
             .waiters
             .notify(record.sequence, || Ok(Arc::new(event)));
