@@ -23,7 +23,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, SharedState};
 use crate::config::Settings;
 use crate::pipeline::{MemoryQueue, Pipeline, PipelineParts, WorkerPool};
 use crate::shutdown::{DeadlineExceeded, Phase, Readiness};
@@ -76,13 +76,13 @@ impl App {
         };
         let pipeline = Pipeline::new(settings.pipeline.clone(), parts);
         let workers = pipeline.start_workers();
-        let state = AppState {
+        let state = AppState::new(SharedState {
             pipeline,
             readiness: Readiness::default(),
             server: Arc::new(settings.server.clone()),
             stream_stop: CancellationToken::new(),
             sampling: TraceSampling::from_settings(&settings.telemetry),
-        };
+        });
         Ok(Self {
             listener,
             local_addr,

@@ -33,9 +33,29 @@ use crate::telemetry::TraceSampling;
 
 pub use error::{ApiError, Problem};
 
-/// Everything a handler can reach; cheap to clone.
+/// Everything a handler can reach. Every request clones it (axum's `State`),
+/// so a clone is one reference count.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<SharedState>);
+
+impl AppState {
+    /// Wraps the parts.
+    pub fn new(shared: SharedState) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+#[derive(Debug)]
+pub struct SharedState {
     /// The ingest pipeline (and through it the store).
     pub pipeline: Pipeline,
     /// Readiness flag.
@@ -77,10 +97,10 @@ pub fn router(state: AppState) -> Router {
     // A backstop only: handlers answer within `request_timeout` themselves
     // (`?wait=published` returns 504 at exactly that point).
     let backstop = state.server.request_timeout + Duration::from_secs(1);
-    let observe_state = observe::ObserveState {
+    let observe_state = Arc::new(observe::ObserveState {
         metrics: state.pipeline.metrics().clone(),
         sampling: state.sampling,
-    };
+    });
     api_routes
         .route(
             "/openapi.json",

@@ -7,6 +7,7 @@
 //! every span that has no traced parent, so that tracing at a low sample
 //! ratio costs little more than not tracing.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -17,8 +18,8 @@ use tracing::{Instrument, field};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{self, TraceSampling};
 
-/// What the middleware needs.
-#[derive(Debug, Clone)]
+/// What the middleware needs (shared: cloned per request).
+#[derive(Debug)]
 pub(crate) struct ObserveState {
     pub(crate) metrics: Metrics,
     pub(crate) sampling: TraceSampling,
@@ -29,10 +30,11 @@ const UNMATCHED: &str = "unmatched";
 
 /// Wraps a request in its span and counts it.
 pub(crate) async fn observe(
-    State(ObserveState { metrics, sampling }): State<ObserveState>,
+    State(observe): State<Arc<ObserveState>>,
     request: Request,
     next: Next,
 ) -> Response {
+    let ObserveState { metrics, sampling } = &*observe;
     let started = Instant::now();
     let method = request.method().clone();
     let matched = request.extensions().get::<MatchedPath>().cloned();

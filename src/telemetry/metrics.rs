@@ -111,9 +111,22 @@ struct SinkCounters {
     errors: Counter,
 }
 
-/// The service's metrics: a recorder plus pre-registered handles.
+/// The service's metrics: a recorder plus pre-registered handles. Cloned
+/// per request by the HTTP layer, so a clone is one reference count.
 #[derive(Debug, Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<Handles>);
+
+impl std::ops::Deref for Metrics {
+    type Target = Handles;
+
+    fn deref(&self) -> &Handles {
+        &self.0
+    }
+}
+
+/// What [`Metrics`] shares.
+#[derive(Debug)]
+pub struct Handles {
     recorder: Option<Arc<PrometheusRecorder>>,
     handle: Option<PrometheusHandle>,
     received: Counter,
@@ -261,7 +274,7 @@ impl Metrics {
             &METADATA,
         )
         .set(1.0);
-        Self {
+        Self(Arc::new(Handles {
             received: counter(names::RECEIVED, &[]),
             accepted: counter(names::ACCEPTED, &[]),
             duplicate: counter(names::DUPLICATE, &[]),
@@ -286,12 +299,12 @@ impl Metrics {
             handle: Some(handle),
             recorder: Some(recorder),
             http: Arc::default(),
-        }
+        }))
     }
 
     /// Metrics that record nothing (benchmarks measure their cost against this).
     pub fn disabled() -> Self {
-        Self {
+        Self(Arc::new(Handles {
             recorder: None,
             handle: None,
             received: Counter::noop(),
@@ -315,7 +328,7 @@ impl Metrics {
                 workers: Gauge::noop(),
             },
             http: Arc::default(),
-        }
+        }))
     }
 
     /// `n` events were read from a request.
