@@ -68,23 +68,28 @@ impl SequenceIndex {
     }
 
     /// Walks records from the oldest, taking out those `judge` evicts,
-    /// until it says stop; returns what was taken out.
+    /// until it says stop or the records run out; returns what was taken out
+    /// and whether `judge` stopped the walk.
     pub(super) fn evict_oldest(
         &mut self,
         mut judge: impl FnMut(&Record) -> Verdict,
-    ) -> Vec<Arc<Record>> {
+    ) -> (Vec<Arc<Record>>, bool) {
         let mut evicted = Vec::new();
+        let mut stopped = false;
         for slot in &mut self.slots {
             let Some(record) = slot else { continue };
             match judge(record) {
                 Verdict::Evict => evicted.extend(slot.take()),
                 Verdict::Keep => {}
-                Verdict::Stop => break,
+                Verdict::Stop => {
+                    stopped = true;
+                    break;
+                }
             }
         }
         self.held -= evicted.len();
         self.trim_front();
-        evicted
+        (evicted, stopped)
     }
 
     fn trim_front(&mut self) {
@@ -211,7 +216,7 @@ mod tests {
         }
         // Keep sequence 1 (say, pending), evict the next three, then stop.
         let mut evicted_so_far = 0;
-        let evicted = index.evict_oldest(|r| {
+        let (evicted, stopped) = index.evict_oldest(|r| {
             if r.sequence == 1 {
                 Verdict::Keep
             } else if evicted_so_far == 3 {
@@ -225,7 +230,17 @@ mod tests {
             evicted.iter().map(|r| r.sequence).collect::<Vec<_>>(),
             [2, 3, 4]
         );
+        assert!(stopped);
         assert_eq!(index.len(), 5);
         assert_eq!(visit_all(&index, 0, 3), [1, 5, 6, 7, 8]);
+        let (evicted, stopped) = index.evict_oldest(|r| {
+            if r.sequence == 1 {
+                Verdict::Keep
+            } else {
+                Verdict::Evict
+            }
+        });
+        assert_eq!(evicted.len(), 4);
+        assert!(!stopped, "ran out of records");
     }
 }

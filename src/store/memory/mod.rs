@@ -40,8 +40,8 @@ const EVICTION_SLACK_DIVISOR: usize = 64;
 /// scan over a large store never stalls inserts for long.
 const SCAN_SLOTS_PER_LOCK: usize = 4096;
 
-/// The order index is sized up front for at most this many records; beyond
-/// that it grows on demand.
+/// The indexes are sized up front for at most this many records; beyond
+/// that they grow on demand (and the id index may then double under churn).
 const PRESIZE_LIMIT: usize = 1 << 24;
 
 /// In-memory, bounded, concurrent event store.
@@ -75,7 +75,7 @@ impl MemoryStore {
             .saturating_add(settings.max_events / 8)
             .min(PRESIZE_LIMIT);
         Self {
-            by_id: IdIndex::new(settings.max_events),
+            by_id: IdIndex::new(settings.max_events.min(PRESIZE_LIMIT)),
             by_sequence: Mutex::new(SequenceIndex::with_capacity(order_capacity)),
             len: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
@@ -114,9 +114,12 @@ impl MemoryStore {
         if len <= self.max_events && total <= self.max_bytes {
             return Ok(());
         }
-        self.evict();
-        if self.len.load(Ordering::Relaxed) > self.max_events
-            || self.bytes.load(Ordering::Relaxed) > self.max_bytes
+        // A pass that reached its target did so with this reservation
+        // counted, so the record fits, even if other inserts fill the room
+        // before this one looks again (they evict for themselves).
+        if self.evict() == EvictionPass::Exhausted
+            && (self.len.load(Ordering::Relaxed) > self.max_events
+                || self.bytes.load(Ordering::Relaxed) > self.max_bytes)
         {
             self.release(bytes);
             return Err(StoreError::Full);
@@ -125,14 +128,16 @@ impl MemoryStore {
     }
 
     /// Evicts the oldest finished records until both bounds have slack.
-    fn evict(&self) {
+    fn evict(&self) -> EvictionPass {
         let _guard = self.evicting.lock();
         let target_len = self.max_events - self.max_events / EVICTION_SLACK_DIVISOR;
         let target_bytes = self.max_bytes - self.max_bytes / EVICTION_SLACK_DIVISOR;
-        let evicted = self.by_sequence.lock().evict_oldest(|record| {
-            if self.len.load(Ordering::Relaxed) <= target_len
+        let below_target = || {
+            self.len.load(Ordering::Relaxed) <= target_len
                 && self.bytes.load(Ordering::Relaxed) <= target_bytes
-            {
+        };
+        let (evicted, reached) = self.by_sequence.lock().evict_oldest(|record| {
+            if below_target() {
                 Verdict::Stop
             } else if record.status() == Status::Pending {
                 Verdict::Keep
@@ -146,7 +151,22 @@ impl MemoryStore {
         }
         self.evictions
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        if reached {
+            EvictionPass::Reached
+        } else {
+            EvictionPass::Exhausted
+        }
     }
+}
+
+/// How an eviction pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EvictionPass {
+    /// Both bounds had their slack when it stopped (others may have used
+    /// it up since).
+    Reached,
+    /// It ran out of finished records before the bounds had their slack.
+    Exhausted,
 }
 
 #[async_trait]
@@ -280,6 +300,8 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
+
+    use futures_util::FutureExt;
 
     use super::*;
     use crate::event::EventId;
@@ -550,6 +572,39 @@ mod tests {
             .await;
         assert_eq!(up_to_1.records.len(), 1);
         assert_eq!(up_to_1.records[0].event.id.as_str(), "b");
+    }
+
+    #[test]
+    fn concurrent_inserts_into_a_full_store_evict_and_never_fail() {
+        const THREADS: usize = 4;
+        let store = Arc::new(MemoryStore::new(&settings(10_000, 1 << 30)));
+        std::thread::scope(|scope| {
+            for t in 0..THREADS {
+                let store = Arc::clone(&store);
+                scope.spawn(move || {
+                    for i in 0..200_000 / THREADS {
+                        let inserted = insert(&store, &format!("{t}-{i}"), "p")
+                            .now_or_never()
+                            .unwrap();
+                        let Ok(Insert::Inserted(record)) = inserted else {
+                            panic!("insert {t}-{i}: {inserted:?}");
+                        };
+                        process(&store, &record).now_or_never().unwrap();
+                    }
+                });
+            }
+        });
+        assert!(store.len() <= 10_000);
+        assert!(store.evictions() >= 190_000);
+    }
+
+    #[tokio::test]
+    async fn huge_bounds_are_not_allocated_up_front() {
+        let store = MemoryStore::new(&settings(usize::MAX / 2, usize::MAX / 2));
+        assert!(matches!(
+            insert(&store, "a", "p").await,
+            Ok(Insert::Inserted(_))
+        ));
     }
 
     #[tokio::test]
