@@ -26,8 +26,8 @@ use crate::config::PipelineSettings;
 use crate::event::{Event, EventId, PublishedEvent};
 use crate::sink::{EventBroadcast, Sink};
 use crate::store::{Insert, Processing, Record, Store, StoreError, event_footprint};
-use crate::telemetry::TraceId;
 use crate::telemetry::metrics::{Metrics, RejectReason};
+use crate::telemetry::{self, TraceId};
 
 pub use backpressure::{Backpressure, Overloaded, Permit};
 pub use queue::{MemoryQueue, Queue, QueueError, QueuedEvent};
@@ -258,7 +258,10 @@ impl Pipeline {
         trace_id: TraceId,
         wait: bool,
     ) -> Result<Ingested, IngestError> {
-        let span = tracing::debug_span!("ingest", event.id = %event.id);
+        let span = telemetry::child_span(
+            &tracing::Span::current(),
+            || tracing::debug_span!("ingest", event.id = %event.id),
+        );
         self.ingest_inner(event, trace_id, wait)
             .instrument(span)
             .await
@@ -304,7 +307,9 @@ impl Pipeline {
         events: Vec<(usize, Event)>,
         trace_id: TraceId,
     ) -> Result<BatchOutcome, IngestError> {
-        let span = tracing::debug_span!("ingest_batch", batch.size = events.len());
+        let span = telemetry::child_span(&tracing::Span::current(), || {
+            tracing::debug_span!("ingest_batch", batch.size = events.len())
+        });
         self.ingest_batch_inner(events, trace_id)
             .instrument(span)
             .await

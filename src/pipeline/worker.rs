@@ -17,6 +17,7 @@ use super::Pipeline;
 use super::queue::QueuedEvent;
 use crate::sink::{Publication, StreamMessage};
 use crate::store::{CompleteWith, Processing};
+use crate::telemetry;
 use crate::time::UnixNanos;
 
 /// Handle on the running workers.
@@ -88,9 +89,8 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         enqueued_at,
         span: ingest_span,
     } = item;
-    // Created inside the ingest span, so that the trace filter sees a traced
-    // parent (and an untraced request's event creates no span).
-    let span = ingest_span.in_scope(|| {
+    // A child of the ingest span: an untraced request's event has none.
+    let span = telemetry::child_span(&ingest_span, || {
         tracing::debug_span!(
         "process_event",
         event.id = %record.event.id,
@@ -109,8 +109,8 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
             worker,
             processed_at: UnixNanos::now(),
         };
-        let transformed =
-            tracing::debug_span!("transform").in_scope(|| pipeline.render(&record, &processing));
+        let transformed = telemetry::child_span(&span, || tracing::debug_span!("transform"))
+            .in_scope(|| pipeline.render(&record, &processing));
         let rendered = transformed.map_err(|e| e.to_string()).and_then(|event| {
             serde_json::to_string(&event)
                 .map(|json| (event, json))
@@ -119,7 +119,7 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         let (event, json) = match rendered {
             Ok(rendered) => rendered,
             Err(error) => {
-                tracing::Span::current().record("outcome", "error");
+                span.record("outcome", "error");
                 tracing::warn!(%error, "event failed processing");
                 metrics.event_processed(false, started.elapsed());
                 inner
@@ -138,7 +138,9 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
             };
             let published = sink
                 .publish(publication)
-                .instrument(tracing::debug_span!("publish", sink = sink.name()))
+                .instrument(telemetry::child_span(&span, || {
+                    tracing::debug_span!("publish", sink = sink.name())
+                }))
                 .await;
             metrics.sink_result(sink.name(), published.is_ok());
             if let Err(error) = published {
@@ -166,9 +168,9 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         inner
             .waiters
             .notify(record.sequence, || Ok(Arc::new(event)));
-        tracing::Span::current().record("outcome", "ok");
+        span.record("outcome", "ok");
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
     // Only now does the event give its place in the pipeline back.
     drop(permit);
