@@ -75,7 +75,7 @@ pub(crate) async fn stream_events(
                 .iter()
                 .filter_map(|record| {
                     let published = pipeline.published(record)?.ok()?;
-                    let json = serde_json::to_string(&published).ok()?;
+                    let json = published.to_json();
                     Some(Event::default().id(record.sequence.to_string()).data(json))
                 })
                 .collect();

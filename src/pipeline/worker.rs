@@ -111,11 +111,12 @@ async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
         };
         let transformed = telemetry::child_span(&span, || tracing::debug_span!("transform"))
             .in_scope(|| pipeline.render(&record, &processing));
-        let rendered = transformed.map_err(|e| e.to_string()).and_then(|event| {
-            serde_json::to_string(&event)
-                .map(|json| (event, json))
-                .map_err(|e| format!("serialization failed: {e}"))
-        });
+        let rendered = transformed
+            .map(|event| {
+                let json = event.to_json();
+                (event, json)
+            })
+            .map_err(|e| e.to_string());
         let (event, json) = match rendered {
             Ok(rendered) => rendered,
             Err(error) => {

@@ -59,18 +59,23 @@ impl TraceId {
     pub fn to_hex(self) -> String {
         format!("{:032x}", self.0)
     }
+
+    /// Appends the 32 lowercase hex digits to `out`, without formatting
+    /// machinery (this runs once per published event).
+    pub fn push_hex(self, out: &mut String) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for byte in self.0.to_be_bytes() {
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
 }
 
 impl serde::Serialize for TraceId {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // 32 lowercase hex digits without an intermediate String.
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [0u8; 32];
-        for (i, byte) in self.0.to_be_bytes().iter().enumerate() {
-            out[2 * i] = HEX[usize::from(byte >> 4)];
-            out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
-        }
-        serializer.serialize_str(std::str::from_utf8(&out).unwrap_or_default())
+        let mut hex = String::with_capacity(32);
+        self.push_hex(&mut hex);
+        serializer.serialize_str(&hex)
     }
 }
 
