@@ -50,6 +50,11 @@ pub struct TransformError {
 }
 
 /// One step of the chain.
+///
+/// A transform must be a pure function of the event and the
+/// [`TransformContext`]: the store keeps the context, not the result, and
+/// re-runs the chain to answer `GET /events/{id}` and SSE replays, which
+/// must show what the sinks received.
 pub trait Transform: Send + Sync + fmt::Debug {
     /// Short name used in configuration and logs.
     fn name(&self) -> &'static str;
