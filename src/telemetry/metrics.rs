@@ -135,13 +135,13 @@ pub struct Handles {
     rejected: [Counter; 5],
     processed_ok: Counter,
     processed_error: Counter,
-    sinks: Arc<HashMap<&'static str, SinkCounters>>,
+    sinks: HashMap<&'static str, SinkCounters>,
     queue_wait: Histogram,
     processing: Histogram,
     end_to_end: Histogram,
     sse_lagged: Counter,
     gauges: ScrapeGauges,
-    http: Arc<HttpCache>,
+    http: HttpCache,
 }
 
 /// Handles of one (method, route, status) series.
@@ -282,7 +282,7 @@ impl Metrics {
                 .map(|reason| counter(names::REJECTED, &[("reason", reason.as_str())])),
             processed_ok: counter(names::PROCESSED, &[("outcome", "ok")]),
             processed_error: counter(names::PROCESSED, &[("outcome", "error")]),
-            sinks: Arc::new(sinks),
+            sinks,
             queue_wait: histogram(names::QUEUE_WAIT),
             processing: histogram(names::PROCESSING),
             end_to_end: histogram(names::END_TO_END),
@@ -298,7 +298,7 @@ impl Metrics {
             },
             handle: Some(handle),
             recorder: Some(recorder),
-            http: Arc::default(),
+            http: HttpCache::default(),
         }))
     }
 
@@ -313,7 +313,7 @@ impl Metrics {
             rejected: RejectReason::ALL.map(|_| Counter::noop()),
             processed_ok: Counter::noop(),
             processed_error: Counter::noop(),
-            sinks: Arc::new(HashMap::new()),
+            sinks: HashMap::new(),
             queue_wait: Histogram::noop(),
             processing: Histogram::noop(),
             end_to_end: Histogram::noop(),
@@ -327,7 +327,7 @@ impl Metrics {
                 sse_subscribers: Gauge::noop(),
                 workers: Gauge::noop(),
             },
-            http: Arc::default(),
+            http: HttpCache::default(),
         }))
     }
 

@@ -57,7 +57,9 @@ impl TraceId {
 
     /// The id as 32 lowercase hex digits.
     pub fn to_hex(self) -> String {
-        format!("{:032x}", self.0)
+        let mut hex = String::with_capacity(32);
+        self.push_hex(&mut hex);
+        hex
     }
 
     /// Appends the 32 lowercase hex digits to `out`, without formatting
@@ -73,9 +75,7 @@ impl TraceId {
 
 impl serde::Serialize for TraceId {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut hex = String::with_capacity(32);
-        self.push_hex(&mut hex);
-        serializer.serialize_str(&hex)
+        serializer.serialize_str(&self.to_hex())
     }
 }
 
