@@ -1,4 +1,4 @@
-//! Admission control: one permit per queued event, plus its bytes.
+//! Admission control: room for each queued event, plus its bytes.
 //!
 //! A [`Permit`] is taken before an event is stored and travels with it
 //! through the queue; dropping it after publication gives the slot back. So
@@ -24,11 +24,40 @@ pub struct Backpressure {
     max_bytes: usize,
 }
 
-/// The right of one event to sit in the pipeline; released on drop.
+/// Room in the pipeline for some events and their bytes; released on drop.
+///
+/// A batch takes one permit for all its events and splits it as the
+/// events move on: the share of an event that turns out to be a retry is
+/// given back at once, and each queued chunk carries its own share, so a
+/// chunk costs one release rather than one per event.
 #[derive(Debug)]
 pub struct Permit {
-    _slot: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    slots: OwnedSemaphorePermit,
+    bytes: OwnedSemaphorePermit,
+}
+
+impl Permit {
+    /// Events this permit holds room for.
+    pub fn events(&self) -> usize {
+        self.slots.num_permits()
+    }
+
+    /// Bytes this permit holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes.num_permits()
+    }
+
+    /// Moves the room of `events` events totalling `bytes` bytes into a new
+    /// permit, or `None` (and nothing moves) when this one holds less.
+    pub fn split(&mut self, events: usize, bytes: usize) -> Option<Permit> {
+        if events > self.events() || bytes > self.bytes() {
+            return None;
+        }
+        Some(Permit {
+            slots: self.slots.split(events)?,
+            bytes: self.bytes.split(bytes)?,
+        })
+    }
 }
 
 impl Backpressure {
@@ -42,51 +71,25 @@ impl Backpressure {
         }
     }
 
-    /// Takes a permit for one event of `bytes` bytes, or fails at once.
+    /// Takes room for one event of `bytes` bytes, or fails at once.
     pub fn try_acquire(&self, bytes: usize) -> Result<Permit, Overloaded> {
-        let mut permits = self.try_acquire_many(&[bytes])?;
-        permits.pop().ok_or(Overloaded)
+        self.try_acquire_many(1, bytes)
     }
 
-    /// Takes permits for all the events (sizes given) or for none of them.
-    pub fn try_acquire_many(&self, sizes: &[usize]) -> Result<Vec<Permit>, Overloaded> {
-        if sizes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let count = u32::try_from(sizes.len()).map_err(|_| Overloaded)?;
-        let total = sizes
-            .iter()
-            .try_fold(0usize, |acc, &size| acc.checked_add(size))
-            .and_then(|total| u32::try_from(total).ok())
-            .ok_or(Overloaded)?;
-        let mut slots = Arc::clone(&self.slots)
-            .try_acquire_many_owned(count)
+    /// Takes room for `events` events totalling `bytes` bytes, all or
+    /// nothing, or fails at once.
+    pub fn try_acquire_many(&self, events: usize, bytes: usize) -> Result<Permit, Overloaded> {
+        let events = u32::try_from(events).map_err(|_| Overloaded)?;
+        let bytes = u32::try_from(bytes).map_err(|_| Overloaded)?;
+        let slots = Arc::clone(&self.slots)
+            .try_acquire_many_owned(events)
             .map_err(|_| Overloaded)?;
         // On failure here the slot permits drop and return, so a batch
         // that does not fit leaves no trace.
-        let mut bytes = Arc::clone(&self.bytes)
-            .try_acquire_many_owned(total)
+        let bytes = Arc::clone(&self.bytes)
+            .try_acquire_many_owned(bytes)
             .map_err(|_| Overloaded)?;
-        let mut permits = Vec::with_capacity(sizes.len());
-        // Split one share per event; the last event keeps the remainder.
-        for &size in &sizes[..sizes.len() - 1] {
-            let slot = slots.split(1).ok_or(Overloaded)?;
-            let byte_share = if size == 0 {
-                None
-            } else {
-                Some(bytes.split(size).ok_or(Overloaded)?)
-            };
-            permits.push(Permit {
-                _slot: slot,
-                _bytes: byte_share,
-            });
-        }
-        permits.push(Permit {
-            _slot: slots,
-            _bytes: Some(bytes),
-        });
-        debug_assert_eq!(permits.len(), sizes.len());
-        Ok(permits)
+        Ok(Permit { slots, bytes })
     }
 
     /// Permits currently held (events accepted and not yet published).
@@ -138,18 +141,27 @@ mod tests {
     fn batch_is_all_or_nothing() {
         let bp = Backpressure::new(5, 1000);
         let _held = bp.try_acquire(1).unwrap();
-        assert_eq!(bp.try_acquire_many(&[1; 5]).unwrap_err(), Overloaded);
+        assert_eq!(bp.try_acquire_many(5, 5).unwrap_err(), Overloaded);
         assert_eq!(bp.in_use(), 1, "a failed batch holds nothing");
-        assert_eq!(bp.try_acquire_many(&[500, 500]).unwrap_err(), Overloaded);
+        assert_eq!(bp.try_acquire_many(2, 1000).unwrap_err(), Overloaded);
         assert_eq!(bp.in_use(), 1);
         assert_eq!(bp.bytes_in_use(), 1);
-        let batch = bp.try_acquire_many(&[10, 0, 30, 40]).unwrap();
-        assert_eq!(batch.len(), 4);
+        let mut batch = bp.try_acquire_many(4, 80).unwrap();
+        assert_eq!((batch.events(), batch.bytes()), (4, 80));
         assert_eq!(bp.in_use(), 5);
         assert_eq!(bp.bytes_in_use(), 81);
-        // Each event's permit is released independently, as it is published.
-        let mut batch = batch;
-        batch.remove(0);
+        // Shares split off are released independently, as they are published.
+        let first = batch.split(1, 10).unwrap();
+        assert!(
+            batch.split(4, 0).is_none(),
+            "cannot split more events than held"
+        );
+        assert!(
+            batch.split(0, 71).is_none(),
+            "cannot split more bytes than held"
+        );
+        assert_eq!((batch.events(), batch.bytes()), (3, 70));
+        drop(first);
         assert_eq!(bp.in_use(), 4);
         assert_eq!(bp.bytes_in_use(), 71);
         drop(batch);
@@ -161,11 +173,9 @@ mod tests {
     fn oversized_requests_fail_cleanly() {
         let bp = Backpressure::new(2, 10);
         assert_eq!(bp.try_acquire(11).unwrap_err(), Overloaded);
-        assert_eq!(
-            bp.try_acquire_many(&[usize::MAX, 1]).unwrap_err(),
-            Overloaded
-        );
+        assert_eq!(bp.try_acquire_many(1, usize::MAX).unwrap_err(), Overloaded);
+        assert_eq!(bp.try_acquire_many(usize::MAX, 1).unwrap_err(), Overloaded);
         assert_eq!(bp.in_use(), 0);
-        assert!(bp.try_acquire_many(&[]).unwrap().is_empty());
+        assert_eq!(bp.try_acquire_many(0, 0).unwrap().events(), 0);
     }
 }

@@ -30,7 +30,7 @@ use crate::telemetry::metrics::{Metrics, RejectReason};
 use crate::telemetry::{self, TraceId};
 
 pub use backpressure::{Backpressure, Overloaded, Permit};
-pub use queue::{MemoryQueue, Queue, QueueError, QueuedEvent};
+pub use queue::{CHUNK_EVENTS, MemoryQueue, Queue, QueueError, QueuedEvents};
 pub use transform::{TransformChain, TransformContext, TransformError};
 pub use waiters::WaitOutcome;
 pub use worker::WorkerPool;
@@ -112,6 +112,39 @@ struct Repeat {
     differs: bool,
     /// Position of the first occurrence among the batch's unique events.
     position: usize,
+}
+
+/// A unique event of a batch with its place in the request and its size.
+struct Admitted {
+    /// Position among the batch's unique events.
+    position: usize,
+    /// Index in the request.
+    index: usize,
+    /// Footprint counted against `pipeline.queue_max_bytes`.
+    size: usize,
+    event: Event,
+}
+
+/// Stored events of a batch waiting to be queued together.
+#[derive(Default)]
+struct Chunk {
+    /// Each event's index in the request.
+    indexes: Vec<usize>,
+    /// Their total footprint.
+    bytes: usize,
+    records: Vec<Arc<Record>>,
+}
+
+impl Chunk {
+    fn push(&mut self, index: usize, size: usize, record: Arc<Record>) {
+        if self.records.is_empty() {
+            self.indexes.reserve(CHUNK_EVENTS);
+            self.records.reserve(CHUNK_EVENTS);
+        }
+        self.indexes.push(index);
+        self.bytes += size;
+        self.records.push(record);
+    }
 }
 
 /// The shared pipeline handle: cheap to clone.
@@ -286,10 +319,11 @@ impl Pipeline {
         match store.insert(event, SystemTime::now(), trace_id).await? {
             Insert::Inserted(record) => {
                 let waiter = wait.then(|| self.inner.waiters.register(record.sequence));
-                self.enqueue(Arc::clone(&record), permit, Instant::now())
+                self.enqueue(vec![Arc::clone(&record)], permit, Instant::now())
                     .await
-                    .inspect_err(|_| {
+                    .map_err(|(err, _)| {
                         self.inner.waiters.cancel(record.sequence);
+                        err
                     })?;
                 Ok(Ingested::Accepted { record, waiter })
             }
@@ -345,54 +379,61 @@ impl Pipeline {
         // Whether each unique event conflicts with what is already stored.
         let mut conflicted = vec![false; unique.len()];
         // Optimistic admission: most events of a batch are new, so take room
-        // for all of them and let the store sort out retries (their permits
-        // drop). Only when that does not fit, look up which ones are new:
-        // retries are answered even when the pipeline is full.
-        let sizes: Vec<usize> = unique.iter().map(|(_, e)| event_footprint(e)).collect();
-        let admitted: Vec<(usize, usize, Event, Permit)> =
-            match self.inner.backpressure.try_acquire_many(&sizes) {
-                Ok(permits) => unique
-                    .into_iter()
-                    .enumerate()
-                    .zip(permits)
-                    .map(|((position, (index, event)), permit)| (position, index, event, permit))
-                    .collect(),
-                Err(Overloaded) => {
-                    let mut new = Vec::new();
-                    for (position, (index, event)) in unique.into_iter().enumerate() {
-                        match store.get(&event.id).await {
-                            Some(held) if held.same_content(&event) => outcome.duplicates += 1,
-                            Some(_) => {
-                                conflicted[position] = true;
-                                outcome.rejected.push(conflict(index, &event.id));
-                            }
-                            None => new.push((position, index, event)),
+        // for all of them and let the store sort out retries (their shares
+        // are given back). Only when that does not fit, look up which ones
+        // are new: retries are answered even when the pipeline is full.
+        let admitted: Vec<Admitted> = unique
+            .into_iter()
+            .enumerate()
+            .map(|(position, (index, event))| Admitted {
+                position,
+                index,
+                size: event_footprint(&event),
+                event,
+            })
+            .collect();
+        let (admitted, mut permit) = match self.acquire_for(&admitted) {
+            Ok(permit) => (admitted, permit),
+            Err(Overloaded) => {
+                let mut new = Vec::new();
+                for admitted in admitted {
+                    match store.get(&admitted.event.id).await {
+                        Some(held) if held.same_content(&admitted.event) => {
+                            outcome.duplicates += 1;
                         }
+                        Some(_) => {
+                            conflicted[admitted.position] = true;
+                            outcome
+                                .rejected
+                                .push(conflict(admitted.index, &admitted.event.id));
+                        }
+                        None => new.push(admitted),
                     }
-                    let sizes: Vec<usize> =
-                        new.iter().map(|(_, _, e)| event_footprint(e)).collect();
-                    let permits = self.inner.backpressure.try_acquire_many(&sizes)?;
-                    new.into_iter()
-                        .zip(permits)
-                        .map(|((position, index, event), permit)| (position, index, event, permit))
-                        .collect()
                 }
-            };
+                let permit = self.acquire_for(&new)?;
+                (new, permit)
+            }
+        };
         let received_at = SystemTime::now();
         let enqueued_at = Instant::now();
-        for (position, index, event, permit) in admitted {
+        let mut chunk = Chunk::default();
+        for Admitted {
+            position,
+            index,
+            size,
+            event,
+        } in admitted
+        {
             let id = event.id.clone();
             match store.insert(event, received_at, trace_id).await {
                 Ok(Insert::Inserted(record)) => {
-                    match self.enqueue(record, permit, enqueued_at).await {
-                        Ok(()) => outcome.accepted += 1,
-                        Err(err) => outcome.rejected.push(BatchRejection {
-                            index,
-                            reason: RejectReason::Overloaded,
-                            id: Some(id.to_string()),
-                            error: err.to_string(),
-                        }),
+                    chunk.push(index, size, record);
+                    if chunk.records.len() == CHUNK_EVENTS {
+                        let full = std::mem::take(&mut chunk);
+                        self.enqueue_chunk(full, &mut permit, enqueued_at, &mut outcome)
+                            .await;
                     }
+                    continue;
                 }
                 Ok(Insert::Duplicate(_)) => outcome.duplicates += 1,
                 Ok(Insert::Conflict(_)) => {
@@ -407,6 +448,12 @@ impl Pipeline {
                     error: err.to_string(),
                 }),
             }
+            // Not stored: give its room back now.
+            drop(permit.split(1, size));
+        }
+        if !chunk.records.is_empty() {
+            self.enqueue_chunk(chunk, &mut permit, enqueued_at, &mut outcome)
+                .await;
         }
         for repeat in repeats {
             if conflicted[repeat.position] || repeat.differs {
@@ -419,25 +466,83 @@ impl Pipeline {
         Ok(outcome)
     }
 
+    /// Room in the pipeline for all of `events`, or [`Overloaded`].
+    fn acquire_for(&self, events: &[Admitted]) -> Result<Permit, Overloaded> {
+        let bytes = events
+            .iter()
+            .try_fold(0usize, |total, e| total.checked_add(e.size))
+            .ok_or(Overloaded)?;
+        self.inner
+            .backpressure
+            .try_acquire_many(events.len(), bytes)
+    }
+
+    /// Queues a chunk of a batch with its share of the batch's permit;
+    /// counts its events as accepted, or as rejected when it cannot be queued.
+    async fn enqueue_chunk(
+        &self,
+        chunk: Chunk,
+        permit: &mut Permit,
+        enqueued_at: Instant,
+        outcome: &mut BatchOutcome,
+    ) {
+        let Chunk {
+            indexes,
+            bytes,
+            records,
+        } = chunk;
+        let events = records.len();
+        let queued = match permit.split(events, bytes) {
+            Some(share) => self.enqueue(records, share, enqueued_at).await,
+            None => {
+                // The batch's permit covers every stored event by construction.
+                for record in &records {
+                    self.inner.store.remove(record).await;
+                }
+                Err((IngestError::Overloaded, records))
+            }
+        };
+        match queued {
+            Ok(()) => outcome.accepted += events,
+            Err((err, records)) => {
+                outcome
+                    .rejected
+                    .extend(indexes.into_iter().zip(records).map(|(index, record)| {
+                        BatchRejection {
+                            index,
+                            reason: RejectReason::Overloaded,
+                            id: Some(record.event.id.to_string()),
+                            error: err.to_string(),
+                        }
+                    }));
+            }
+        }
+    }
+
+    /// Queues stored records; on failure takes them back out of the store
+    /// and returns them.
     async fn enqueue(
         &self,
-        record: Arc<Record>,
+        records: Vec<Arc<Record>>,
         permit: Permit,
         enqueued_at: Instant,
-    ) -> Result<(), IngestError> {
-        let item = QueuedEvent {
-            record,
+    ) -> Result<(), (IngestError, Vec<Arc<Record>>)> {
+        let item = QueuedEvents {
+            records,
             permit,
             enqueued_at,
             span: tracing::Span::current(),
         };
         if let Err((err, item)) = self.inner.queue.push(item).await {
-            // Not queued means not accepted: take it back out of the store.
-            self.inner.store.remove(&item.record).await;
-            return Err(match err {
+            // Not queued means not accepted: take them back out of the store.
+            for record in &item.records {
+                self.inner.store.remove(record).await;
+            }
+            let err = match err {
                 QueueError::Closed => IngestError::ShuttingDown,
                 QueueError::Full => IngestError::Overloaded,
-            });
+            };
+            return Err((err, item.records));
         }
         Ok(())
     }

@@ -3,8 +3,14 @@
 //! Bounded by the backpressure permits each item carries, so a push never
 //! has to wait. Closing the queue is how shutdown drains: workers keep
 //! popping until it is closed *and* empty.
+//!
+//! An item is a chunk of events accepted together: one for a single
+//! ingest, up to [`CHUNK_EVENTS`] of a batch request. Handing a worker a
+//! chunk costs one queue operation, one permit release and one sink write
+//! for all its events.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -12,14 +18,18 @@ use async_trait::async_trait;
 use super::backpressure::Permit;
 use crate::store::Record;
 
-/// An accepted event on its way to a worker.
+/// Most events a batch request puts in one queue item. Small enough that
+/// the workers share a big batch, large enough that per-item costs vanish.
+pub const CHUNK_EVENTS: usize = 64;
+
+/// Accepted events (at least one, in arrival order) on their way to a worker.
 #[derive(Debug)]
-pub struct QueuedEvent {
-    /// The stored record.
-    pub record: Arc<Record>,
-    /// Its place in the pipeline; released after publication.
+pub struct QueuedEvents {
+    /// The stored records.
+    pub records: Vec<Arc<Record>>,
+    /// Their place in the pipeline; released after publication.
     pub permit: Permit,
-    /// When it was queued (for `queue_wait_ms`).
+    /// When they were queued (for `queue_wait_ms`).
     pub enqueued_at: Instant,
     /// The ingest span, so processing lands in the request's trace.
     pub span: tracing::Span,
@@ -39,10 +49,10 @@ pub enum QueueError {
 /// A multi-producer, multi-consumer queue of accepted events.
 #[async_trait]
 pub trait Queue: Send + Sync + std::fmt::Debug {
-    /// Adds an event without waiting.
-    async fn push(&self, item: QueuedEvent) -> Result<(), (QueueError, Box<QueuedEvent>)>;
-    /// The next event, or `None` once the queue is closed and empty.
-    async fn pop(&self) -> Option<QueuedEvent>;
+    /// Adds accepted events without waiting.
+    async fn push(&self, item: QueuedEvents) -> Result<(), (QueueError, Box<QueuedEvents>)>;
+    /// The next events, or `None` once the queue is closed and empty.
+    async fn pop(&self) -> Option<QueuedEvents>;
     /// Refuses further pushes; pops drain what is left.
     fn close(&self);
     /// Events waiting for a worker.
@@ -54,31 +64,45 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
 }
 
 /// The in-process queue.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct MemoryQueue {
-    sender: async_channel::Sender<QueuedEvent>,
-    receiver: async_channel::Receiver<QueuedEvent>,
+    sender: async_channel::Sender<QueuedEvents>,
+    receiver: async_channel::Receiver<QueuedEvents>,
+    /// Events in the queued items.
+    events: AtomicUsize,
 }
 
 impl MemoryQueue {
-    /// A queue holding at most `capacity` events.
+    /// A queue holding at most `capacity` events (items hold at least one).
     pub fn new(capacity: usize) -> Arc<Self> {
         let (sender, receiver) = async_channel::bounded(capacity.max(1));
-        Arc::new(Self { sender, receiver })
+        Arc::new(Self {
+            sender,
+            receiver,
+            events: AtomicUsize::new(0),
+        })
     }
 }
 
 #[async_trait]
 impl Queue for MemoryQueue {
-    async fn push(&self, item: QueuedEvent) -> Result<(), (QueueError, Box<QueuedEvent>)> {
-        self.sender.try_send(item).map_err(|err| match err {
-            async_channel::TrySendError::Full(item) => (QueueError::Full, Box::new(item)),
-            async_channel::TrySendError::Closed(item) => (QueueError::Closed, Box::new(item)),
+    async fn push(&self, item: QueuedEvents) -> Result<(), (QueueError, Box<QueuedEvents>)> {
+        let events = item.records.len();
+        // Counted before it is visible, so that `len` never goes below zero.
+        self.events.fetch_add(events, Ordering::Relaxed);
+        self.sender.try_send(item).map_err(|err| {
+            self.events.fetch_sub(events, Ordering::Relaxed);
+            match err {
+                async_channel::TrySendError::Full(item) => (QueueError::Full, Box::new(item)),
+                async_channel::TrySendError::Closed(item) => (QueueError::Closed, Box::new(item)),
+            }
         })
     }
 
-    async fn pop(&self) -> Option<QueuedEvent> {
-        self.receiver.recv().await.ok()
+    async fn pop(&self) -> Option<QueuedEvents> {
+        let item = self.receiver.recv().await.ok()?;
+        self.events.fetch_sub(item.records.len(), Ordering::Relaxed);
+        Some(item)
     }
 
     fn close(&self) {
@@ -86,6 +110,6 @@ impl Queue for MemoryQueue {
     }
 
     fn len(&self) -> usize {
-        self.receiver.len()
+        self.events.load(Ordering::Relaxed)
     }
 }

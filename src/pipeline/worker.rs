@@ -7,16 +7,16 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field};
 
 use super::Pipeline;
-use super::queue::QueuedEvent;
+use super::queue::QueuedEvents;
 use crate::sink::{Publication, StreamMessage};
-use crate::store::{CompleteWith, Processing};
+use crate::store::{CompleteWith, Processing, Record};
 use crate::telemetry;
 use crate::time::UnixNanos;
 
@@ -57,124 +57,173 @@ impl WorkerPool {
 
 async fn run_worker(pipeline: Pipeline, worker: u32) {
     tracing::debug!(worker, "worker started");
-    while let Some(item) = pipeline.inner.queue.pop().await {
-        let record = Arc::clone(&item.record);
-        let processed = AssertUnwindSafe(process(&pipeline, worker, item))
-            .catch_unwind()
-            .await;
-        if processed.is_err() {
-            tracing::error!(worker, event.id = %record.event.id, "processing panicked; event marked failed");
-            pipeline
-                .inner
-                .metrics
-                .event_processed(false, Default::default());
-            pipeline
-                .inner
-                .store
-                .complete(&record, CompleteWith::Failed("processing panicked".into()))
-                .await;
-            pipeline
-                .inner
-                .waiters
-                .notify(record.sequence, || Err("processing panicked".into()));
+    while let Some(queued) = pipeline.inner.queue.pop().await {
+        let QueuedEvents {
+            records,
+            permit,
+            enqueued_at,
+            span: ingest_span,
+        } = queued;
+        if records.len() > 1 && !ingest_span.is_disabled() {
+            // A traced request gets a `process_event` span per event.
+            for record in &records {
+                let one = std::slice::from_ref(record);
+                process_guarded(&pipeline, worker, one, enqueued_at, &ingest_span).await;
+            }
+        } else {
+            process_guarded(&pipeline, worker, &records, enqueued_at, &ingest_span).await;
         }
+        // Only now do the events give their place in the pipeline back.
+        drop(permit);
     }
     tracing::debug!(worker, "worker stopped: queue closed and drained");
 }
 
-async fn process(pipeline: &Pipeline, worker: u32, item: QueuedEvent) {
-    let QueuedEvent {
-        record,
-        permit,
-        enqueued_at,
-        span: ingest_span,
-    } = item;
-    // A child of the ingest span: an untraced request's event has none.
-    let span = telemetry::child_span(&ingest_span, || {
+/// Processes `records`; a panic outside the transforms (in a sink, say)
+/// fails whichever of them had no outcome yet, and the worker lives on.
+async fn process_guarded(
+    pipeline: &Pipeline,
+    worker: u32,
+    records: &[Arc<Record>],
+    enqueued_at: Instant,
+    ingest_span: &tracing::Span,
+) {
+    let processed = AssertUnwindSafe(process(pipeline, worker, records, enqueued_at, ingest_span))
+        .catch_unwind()
+        .await;
+    if processed.is_err() {
+        for record in records.iter().filter(|r| r.outcome().is_none()) {
+            tracing::error!(worker, event.id = %record.event.id, "processing panicked; event marked failed");
+            fail(pipeline, record, PANICKED.into(), Duration::ZERO).await;
+        }
+    }
+}
+
+const PANICKED: &str = "processing panicked";
+
+/// Transforms `records` (in arrival order), publishes those that passed to
+/// every sink in one call each, then records their outcome.
+async fn process(
+    pipeline: &Pipeline,
+    worker: u32,
+    records: &[Arc<Record>],
+    enqueued_at: Instant,
+    ingest_span: &tracing::Span,
+) {
+    let Some(first) = records.first() else {
+        return;
+    };
+    // A child of the ingest span: an untraced request's events have none.
+    // (A traced request's events come here one at a time.)
+    let span = telemetry::child_span(ingest_span, || {
         tracing::debug_span!(
-        "process_event",
-        event.id = %record.event.id,
-        event.sequence = record.sequence,
-        worker,
-        outcome = field::Empty,
+            "process_event",
+            event.id = %first.event.id,
+            event.sequence = first.sequence,
+            worker,
+            outcome = field::Empty,
         )
     });
     async {
         let inner = &pipeline.inner;
         let metrics = &inner.metrics;
+        // One clock read each for the whole chunk: its events were queued
+        // together and are published together.
         let started = Instant::now();
-        let queue_wait = started.saturating_duration_since(enqueued_at);
-        metrics.queue_waited(queue_wait);
+        metrics.queue_waited(started.saturating_duration_since(enqueued_at), records.len());
         let processing = Processing {
             worker,
             processed_at: UnixNanos::now(),
         };
-        let transformed = telemetry::child_span(&span, || tracing::debug_span!("transform"))
-            .in_scope(|| pipeline.render(&record, &processing));
-        let rendered = transformed
-            .map(|event| {
-                let json = event.to_json();
-                (event, json)
-            })
-            .map_err(|e| e.to_string());
-        let (event, json) = match rendered {
-            Ok(rendered) => rendered,
-            Err(error) => {
-                span.record("outcome", "error");
-                tracing::warn!(%error, "event failed processing");
-                metrics.event_processed(false, started.elapsed());
-                inner
-                    .store
-                    .complete(&record, CompleteWith::Failed(error.clone()))
-                    .await;
-                inner.waiters.notify(record.sequence, || Err(error));
-                return;
-            }
-        };
-        for sink in &inner.sinks {
-            let publication = Publication {
-                event: &event,
-                sequence: record.sequence,
-                json: &json,
+        let mut rendered = Vec::with_capacity(records.len());
+        for record in records {
+            let transformed = telemetry::child_span(&span, || tracing::debug_span!("transform"))
+                .in_scope(|| {
+                    std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        pipeline.render(record, &processing)
+                    }))
+                });
+            let error = match transformed {
+                Ok(Ok(event)) => {
+                    let json = event.to_json();
+                    rendered.push((record, event, json));
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(event.id = %record.event.id, %error, "event failed processing");
+                    error.to_string()
+                }
+                Err(_) => {
+                    tracing::error!(worker, event.id = %record.event.id, "processing panicked; event marked failed");
+                    PANICKED.into()
+                }
             };
+            span.record("outcome", "error");
+            fail(pipeline, record, error, started.elapsed()).await;
+        }
+        if rendered.is_empty() {
+            return;
+        }
+        let publications: Vec<Publication<'_>> = rendered
+            .iter()
+            .map(|(record, event, json)| Publication {
+                event,
+                sequence: record.sequence,
+                json,
+            })
+            .collect();
+        for sink in &inner.sinks {
             let published = sink
-                .publish(publication)
+                .publish(&publications)
                 .instrument(telemetry::child_span(&span, || {
                     tracing::debug_span!("publish", sink = sink.name())
                 }))
                 .await;
-            metrics.sink_result(sink.name(), published.is_ok());
+            metrics.sink_result(sink.name(), published.is_ok(), publications.len());
             if let Err(error) = published {
                 tracing::error!(sink = sink.name(), %error, "publishing failed");
             }
         }
-        let publish_seq = inner
-            .store
-            .complete(&record, CompleteWith::Processed(processing))
-            .await;
-        if let Some(publish_seq) = publish_seq
-            && inner.broadcast.has_subscribers()
-        {
-            inner.broadcast.send(StreamMessage {
-                sequence: record.sequence,
-                publish_seq,
-                json: Arc::from(json),
-            });
-            metrics.sink_result("sse", true);
-        }
-        // One clock read for both: received → processing start is known.
+        drop(publications);
+        // Every event of the chunk became visible to the sinks just now.
         let processing_time = started.elapsed();
-        metrics.event_processed(true, processing_time);
-        metrics.end_to_end(processing.processed_at.since(record.received_at) + processing_time);
-        inner
-            .waiters
-            .notify(record.sequence, || Ok(Arc::new(event)));
+        metrics.events_processed(true, processing_time, rendered.len());
+        for (record, event, json) in rendered {
+            let publish_seq = inner
+                .store
+                .complete(record, CompleteWith::Processed(processing))
+                .await;
+            if let Some(publish_seq) = publish_seq
+                && inner.broadcast.has_subscribers()
+            {
+                inner.broadcast.send(StreamMessage {
+                    sequence: record.sequence,
+                    publish_seq,
+                    json: Arc::from(json),
+                });
+                metrics.sink_result("sse", true, 1);
+            }
+            // Received → processing start is known without another clock read.
+            metrics.end_to_end(processing.processed_at.since(record.received_at) + processing_time);
+            inner
+                .waiters
+                .notify(record.sequence, || Ok(Arc::new(event)));
+        }
         span.record("outcome", "ok");
     }
     .instrument(span.clone())
     .await;
-    // Only now does the event give its place in the pipeline back.
-    drop(permit);
+}
+
+/// Marks `record` failed and tells whoever waits for it.
+async fn fail(pipeline: &Pipeline, record: &Record, error: String, processing: Duration) {
+    let inner = &pipeline.inner;
+    inner.metrics.events_processed(false, processing, 1);
+    inner
+        .store
+        .complete(record, CompleteWith::Failed(error.clone()))
+        .await;
+    inner.waiters.notify(record.sequence, || Err(error));
 }
 
 #[cfg(test)]
@@ -189,6 +238,7 @@ mod tests {
     };
 
     use crate::pipeline::{Ingested, MemoryQueue, PipelineParts};
+    use crate::sink::{Sink, SinkError};
     use crate::store::{MemoryStore, Status};
     use crate::telemetry::TraceId;
     use crate::telemetry::metrics::Metrics;
@@ -232,7 +282,38 @@ mod tests {
         }
     }
 
+    /// A sink that remembers what it was given, in order.
+    #[derive(Debug, Default)]
+    struct Recorder(std::sync::Mutex<Vec<(u64, String)>>);
+
+    #[async_trait::async_trait]
+    impl Sink for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError> {
+            let mut seen = self.0.lock().unwrap();
+            seen.extend(
+                publications
+                    .iter()
+                    .map(|p| (p.sequence, p.event.payload.clone())),
+            );
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
     fn pipeline(chain: TransformChain, capacity: usize) -> Pipeline {
+        pipeline_with_sinks(chain, capacity, Vec::new())
+    }
+
+    fn pipeline_with_sinks(
+        chain: TransformChain,
+        capacity: usize,
+        sinks: Vec<Arc<dyn Sink>>,
+    ) -> Pipeline {
         let settings = PipelineSettings {
             workers: 1,
             queue_capacity: capacity,
@@ -250,7 +331,7 @@ mod tests {
             PipelineParts {
                 store,
                 queue: MemoryQueue::new(capacity),
-                sinks: Vec::new(),
+                sinks,
                 chain: Some(chain),
                 metrics: Metrics::disabled(),
             },
@@ -339,6 +420,66 @@ mod tests {
         };
         let published = waiter.await.unwrap().unwrap();
         assert_eq!(published.id.as_str(), "c");
+        pipeline.close_queue();
+        workers.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_published_in_order_in_chunks_and_gives_all_its_room_back() {
+        let recorder = Arc::new(Recorder::default());
+        let chain = TransformChain::new(vec![Arc::new(RejectEmpty), Arc::new(PanicOnBoom)]);
+        let pipeline = pipeline_with_sinks(chain, 400, vec![recorder.clone()]);
+        pipeline
+            .ingest(event("dup", "d"), TraceId::random(), false)
+            .await
+            .unwrap();
+        let payload = |i: usize| match i {
+            10 => String::new(),
+            100 => "boom".into(),
+            _ => format!("p{i}"),
+        };
+        let mut batch: Vec<(usize, Event)> = (0..150)
+            .map(|i| (i, event(&format!("e{i:03}"), &payload(i))))
+            .collect();
+        batch.push((150, event("dup", "d")));
+        let outcome = pipeline
+            .ingest_batch(batch, TraceId::random())
+            .await
+            .unwrap();
+        assert_eq!((outcome.accepted, outcome.duplicates), (150, 1));
+        assert!(outcome.rejected.is_empty());
+        assert_eq!(
+            pipeline.queue_depth(),
+            151,
+            "the queue counts events, not chunks"
+        );
+        assert_eq!(
+            pipeline.backpressure().in_use(),
+            151,
+            "the duplicate's share was given back"
+        );
+        let workers = pipeline.start_workers();
+        for _ in 0..500 {
+            if pipeline.backpressure().in_use() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(pipeline.backpressure().in_use(), 0, "every share released");
+        assert_eq!(pipeline.backpressure().bytes_in_use(), 0);
+        assert_eq!(pipeline.queue_depth(), 0);
+        wait_for(&pipeline, "e010", Status::Failed).await;
+        wait_for(&pipeline, "e100", Status::Failed).await;
+        wait_for(&pipeline, "e149", Status::Processed).await;
+        let seen = recorder.0.lock().unwrap().clone();
+        let expected: Vec<(u64, String)> = std::iter::once((1, "d".to_string()))
+            .chain(
+                (0..150)
+                    .filter(|&i| i != 10 && i != 100)
+                    .map(|i| (i as u64 + 2, payload(i))),
+            )
+            .collect();
+        assert_eq!(seen, expected, "published once each, in arrival order");
         pipeline.close_queue();
         workers.stopped().await;
     }

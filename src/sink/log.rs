@@ -14,14 +14,16 @@ impl Sink for LogSink {
         "log"
     }
 
-    async fn publish(&self, publication: Publication<'_>) -> Result<(), SinkError> {
-        tracing::info!(
-            target: "eventflow::published",
-            id = %publication.event.id,
-            sequence = publication.sequence,
-            published = publication.json,
-            "event published"
-        );
+    async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError> {
+        for publication in publications {
+            tracing::info!(
+                target: "eventflow::published",
+                id = %publication.event.id,
+                sequence = publication.sequence,
+                published = publication.json,
+                "event published"
+            );
+        }
         Ok(())
     }
 

@@ -54,8 +54,9 @@ pub enum SinkError {
 pub trait Sink: Send + Sync + fmt::Debug {
     /// Name used in configuration, logs and metrics labels.
     fn name(&self) -> &'static str;
-    /// Hands one event to the sink.
-    async fn publish(&self, publication: Publication<'_>) -> Result<(), SinkError>;
+    /// Hands events to the sink, in order: one call per chunk a worker
+    /// processes, so that a sink can write them together.
+    async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError>;
     /// Makes everything published so far durable at the destination.
     async fn flush(&self) -> Result<(), SinkError>;
 }

@@ -352,19 +352,19 @@ impl Metrics {
         self.rejected[reason as usize].increment(n);
     }
 
-    /// A worker finished an event.
-    pub fn event_processed(&self, ok: bool, processing: Duration) {
+    /// A worker finished `n` events (`ok`: published), each in `processing`.
+    pub fn events_processed(&self, ok: bool, processing: Duration, n: usize) {
         if ok {
-            self.processed_ok.increment(1);
+            self.processed_ok.increment(n as u64);
         } else {
-            self.processed_error.increment(1);
+            self.processed_error.increment(n as u64);
         }
-        self.processing.record(processing.as_secs_f64());
+        self.processing.record_many(processing.as_secs_f64(), n);
     }
 
-    /// A worker took an event off the queue after `wait`.
-    pub fn queue_waited(&self, wait: Duration) {
-        self.queue_wait.record(wait.as_secs_f64());
+    /// A worker took `n` events off the queue after `wait`.
+    pub fn queue_waited(&self, wait: Duration, n: usize) {
+        self.queue_wait.record_many(wait.as_secs_f64(), n);
     }
 
     /// An event was published `latency` after it was received.
@@ -372,13 +372,13 @@ impl Metrics {
         self.end_to_end.record(latency.as_secs_f64());
     }
 
-    /// A sink took (or failed to take) an event.
-    pub fn sink_result(&self, sink: &str, ok: bool) {
+    /// A sink took (or failed to take) `n` events.
+    pub fn sink_result(&self, sink: &str, ok: bool, n: usize) {
         if let Some(counters) = self.sinks.get(sink) {
             if ok {
-                counters.published.increment(1);
+                counters.published.increment(n as u64);
             } else {
-                counters.errors.increment(1);
+                counters.errors.increment(n as u64);
             }
         }
     }

@@ -61,13 +61,16 @@ impl Sink for Gate {
     fn name(&self) -> &'static str {
         "gate"
     }
-    async fn publish(&self, _: Publication<'_>) -> Result<(), SinkError> {
-        let permit = self
-            .0
-            .acquire()
-            .await
-            .map_err(|_| SinkError::Closed("gate"))?;
-        permit.forget();
+    async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError> {
+        // One permit per event, taken one at a time as the test releases them.
+        for _ in publications {
+            let permit = self
+                .0
+                .acquire()
+                .await
+                .map_err(|_| SinkError::Closed("gate"))?;
+            permit.forget();
+        }
         Ok(())
     }
     async fn flush(&self) -> Result<(), SinkError> {
