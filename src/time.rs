@@ -2,6 +2,7 @@
 //! `fmt::Display`: two of them go into every published event, so this is
 //! on the hot path.
 
+use std::cell::Cell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A wall-clock time as nanoseconds since the Unix epoch: 8 bytes where
@@ -84,17 +85,41 @@ pub fn rfc3339_micros(time: SystemTime) -> Rfc3339 {
     } else {
         (since.as_secs(), u64::from(since.subsec_micros()))
     };
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
     let mut out = *b"0000-00-00T00:00:00.000000Z";
-    put(&mut out[0..4], year as u64);
-    put(&mut out[5..7], u64::from(month));
-    put(&mut out[8..10], u64::from(day));
-    put(&mut out[11..13], rem / 3600);
-    put(&mut out[14..16], rem % 3600 / 60);
-    put(&mut out[17..19], rem % 60);
+    out[..SECOND_LEN].copy_from_slice(&formatted_second(secs));
     put(&mut out[20..26], micros);
     Rfc3339(out)
+}
+
+/// Length of `YYYY-MM-DDTHH:MM:SS`.
+const SECOND_LEN: usize = 19;
+
+thread_local! {
+    /// The second this thread formatted last. Timestamps formatted one
+    /// after another mostly share their second, and the calendar arithmetic
+    /// is most of the cost.
+    static LAST_SECOND: Cell<(u64, [u8; SECOND_LEN])> =
+        const { Cell::new((u64::MAX, [0; SECOND_LEN])) };
+}
+
+fn formatted_second(secs: u64) -> [u8; SECOND_LEN] {
+    LAST_SECOND.with(|last| {
+        let (cached_secs, cached) = last.get();
+        if cached_secs == secs {
+            return cached;
+        }
+        let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+        let rem = secs % 86_400;
+        let mut out = *b"0000-00-00T00:00:00";
+        put(&mut out[0..4], year as u64);
+        put(&mut out[5..7], u64::from(month));
+        put(&mut out[8..10], u64::from(day));
+        put(&mut out[11..13], rem / 3600);
+        put(&mut out[14..16], rem % 3600 / 60);
+        put(&mut out[17..19], rem % 60);
+        last.set((secs, out));
+        out
+    })
 }
 
 #[cfg(test)]
@@ -136,6 +161,26 @@ mod tests {
         ] {
             let t = humantime::parse_rfc3339(date).unwrap();
             assert_eq!(rfc3339_micros(t).as_str(), date);
+        }
+    }
+
+    #[test]
+    fn the_cached_second_is_only_reused_within_its_second() {
+        let second = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let next = second + Duration::from_secs(1);
+        for (t, expected) in [
+            (second, "2023-11-14T22:13:20.000000Z"),
+            (
+                second + Duration::from_micros(999_999),
+                "2023-11-14T22:13:20.999999Z",
+            ),
+            (next, "2023-11-14T22:13:21.000000Z"),
+            (
+                second + Duration::from_micros(5),
+                "2023-11-14T22:13:20.000005Z",
+            ),
+        ] {
+            assert_eq!(rfc3339_micros(t).as_str(), expected);
         }
     }
 

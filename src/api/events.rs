@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::body::{MediaType, media_type, read_body};
 use super::error::{ApiError, Problem};
-use crate::event::{DecodeError, EventId, PublishedEvent, decode_event};
+use crate::event::{DecodeError, Event, EventId, PublishedEvent, decode_array, decode_event};
 use crate::pipeline::{BatchRejection, Ingested, Pipeline};
 use crate::store::{Outcome, PageQuery, Record, Status};
 use crate::telemetry::metrics::RejectReason;
@@ -358,10 +358,12 @@ pub(crate) async fn post_batch(
         .await
         .map_err(refused)?;
     let settings = state.pipeline.settings();
-    let items = match media {
-        MediaType::Json => split_array(&bytes, settings.max_batch),
-        MediaType::Ndjson => split_lines(&bytes, settings.max_batch),
-    }
+    let items = decode_batch(
+        &bytes,
+        media,
+        settings.max_batch,
+        settings.max_payload_bytes,
+    )
     .map_err(refused)?;
     if items.is_empty() {
         return Err(refused(ApiError::invalid_field(
@@ -369,16 +371,17 @@ pub(crate) async fn post_batch(
             "the batch contains no events",
         )));
     }
-    metrics.events_received(items.len() as u64);
-    let mut valid = Vec::with_capacity(items.len());
+    let received = items.len();
+    metrics.events_received(received as u64);
+    let mut valid = Vec::with_capacity(received);
     let mut rejected = Vec::new();
-    for (index, item) in items.iter().enumerate() {
-        match decode_event(item, settings.max_payload_bytes) {
+    for (index, item) in items.into_iter().enumerate() {
+        match item {
             Ok(event) => valid.push((index, event)),
-            Err(err) => rejected.push(BatchRejection {
+            Err((err, id)) => rejected.push(BatchRejection {
                 index,
                 reason: RejectReason::Invalid,
-                id: readable_id(item),
+                id,
                 error: err.summary(),
             }),
         }
@@ -386,7 +389,7 @@ pub(crate) async fn post_batch(
     metrics.events_rejected(RejectReason::Invalid, rejected.len() as u64);
     if valid.is_empty() {
         return Err(ApiError::Validation {
-            detail: format!("none of the {} events is valid", items.len()),
+            detail: format!("none of the {received} events is valid"),
             errors: rejected
                 .iter()
                 .map(|r| crate::event::FieldError {
@@ -428,6 +431,38 @@ fn too_many(max: usize) -> ApiError {
     ApiError::PayloadTooLarge(format!(
         "the batch holds more than pipeline.max_batch = {max} events"
     ))
+}
+
+/// A batch element: the event, or why it is invalid and its id if readable.
+type BatchItem = Result<Event, (DecodeError, Option<String>)>;
+
+/// Decodes a batch body into its elements, in order.
+fn decode_batch(
+    bytes: &[u8],
+    media: MediaType,
+    max_batch: usize,
+    max_payload_bytes: usize,
+) -> Result<Vec<BatchItem>, ApiError> {
+    let one_by_one = |items: Vec<&[u8]>| -> Vec<BatchItem> {
+        items
+            .into_iter()
+            .map(|item| {
+                decode_event(item, max_payload_bytes).map_err(|err| (err, readable_id(item)))
+            })
+            .collect()
+    };
+    match media {
+        MediaType::Json => match decode_array(bytes, max_payload_bytes) {
+            // One pass over a well-formed array (the usual case).
+            Some(items) if items.len() <= max_batch => Ok(items
+                .into_iter()
+                .map(|item| item.map_err(|invalid| (invalid.error, Some(invalid.id))))
+                .collect()),
+            Some(_) => Err(too_many(max_batch)),
+            None => split_array(bytes, max_batch).map(one_by_one),
+        },
+        MediaType::Ndjson => split_lines(bytes, max_batch).map(one_by_one),
+    }
 }
 
 /// Splits a JSON array into its elements without decoding them.

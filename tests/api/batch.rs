@@ -66,6 +66,61 @@ async fn ndjson_batch_reports_rejected_items_and_duplicates() {
 }
 
 #[tokio::test]
+async fn json_array_and_ndjson_batches_report_the_same_outcome() {
+    // Well-formed elements, some invalid: a JSON array decodes in one pass,
+    // NDJSON line by line; clients must not be able to tell.
+    let events = vec![
+        event("ok-1", "a"),
+        json!({"id": "bad\u{1}id", "timestamp": 1, "payload": "a"}),
+        json!({"id": "big", "timestamp": 1, "payload": "x".repeat(65_537)}),
+        event("ok-1", "a"),
+        event("ok-1", "changed"),
+    ];
+    let mut outcomes = Vec::new();
+    for (content_type, body) in [
+        ("application/json", Value::Array(events.clone()).to_string()),
+        ("application/x-ndjson", ndjson(&events)),
+    ] {
+        let app = spawn_app().await;
+        // An id written with an escape is the same id.
+        let escaped = r#"[{"id":"esc\u0061ped","timestamp":1,"payload":"e"}]"#;
+        let response = app
+            .post_raw("/events/batch", "application/json", escaped)
+            .await;
+        assert_eq!(response.status(), 202);
+        let response = app.post_raw("/events/batch", content_type, body).await;
+        assert_eq!(response.status(), 202, "{content_type}");
+        outcomes.push(response.json::<Value>().await.unwrap());
+        let stored = app
+            .client
+            .get(format!("http://{}/events/escaped", app.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stored.status(), 200);
+    }
+    assert_eq!(outcomes[0], outcomes[1]);
+    let outcome = &outcomes[0];
+    assert_eq!(
+        (&outcome["accepted"], &outcome["duplicates"]),
+        (&json!(1), &json!(1))
+    );
+    let rejected: Vec<(u64, &str)> = outcome["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rejected, [(1, "bad\u{1}id"), (2, "big"), (4, "ok-1")]);
+    assert!(
+        outcome["rejected"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 65536 bytes")
+    );
+}
+
+#[tokio::test]
 async fn gzip_batches_are_decompressed() {
     let app = spawn_app().await;
     let events: Vec<Value> = (0..100)
