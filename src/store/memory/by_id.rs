@@ -45,19 +45,28 @@ impl IdIndex {
         }
     }
 
-    fn hash(&self, id: &str) -> u64 {
+    /// The hash of `id`, for the calls that take one (an insert looks up,
+    /// then inserts: one hash for both).
+    pub(super) fn hash(&self, id: &str) -> u64 {
         self.hasher.hash_one(id)
     }
 
-    fn shard(&self, hash: u64) -> &RwLock<HashTable<Arc<Record>>> {
+    fn shard_index(&self, hash: u64) -> usize {
         // The table picks buckets with the low bits; shard on higher ones.
-        let index = usize::try_from(hash >> 32).unwrap_or_default() & (self.shards.len() - 1);
-        &self.shards[index]
+        usize::try_from(hash >> 32).unwrap_or_default() & (self.shards.len() - 1)
+    }
+
+    fn shard(&self, hash: u64) -> &RwLock<HashTable<Arc<Record>>> {
+        &self.shards[self.shard_index(hash)]
     }
 
     /// The record with this id.
     pub(super) fn get(&self, id: &str) -> Option<Arc<Record>> {
-        let hash = self.hash(id);
+        self.get_hashed(self.hash(id), id)
+    }
+
+    /// The record with this id, whose [`hash`](Self::hash) is `hash`.
+    pub(super) fn get_hashed(&self, hash: u64, id: &str) -> Option<Arc<Record>> {
         self.shard(hash)
             .read()
             .find(hash, |r| r.event.id.as_str() == id)
@@ -67,12 +76,13 @@ impl IdIndex {
     /// Stores the record `make` builds from `event`, unless one with the
     /// same id is held: then that one comes back with the event. `make` runs
     /// under the shard's lock, so racing inserts of one id build one record.
+    /// `hash` is the [`hash`](Self::hash) of the event's id.
     pub(super) fn insert_new(
         &self,
+        hash: u64,
         event: Event,
         make: impl FnOnce(Event) -> Arc<Record>,
     ) -> Result<Arc<Record>, (Arc<Record>, Event)> {
-        let hash = self.hash(event.id.as_str());
         let mut table = self.shard(hash).write();
         match table.entry(
             hash,
@@ -98,6 +108,37 @@ impl IdIndex {
                 true
             }
             Err(_) => false,
+        }
+    }
+
+    /// Removes each of `records` itself, as [`remove`](Self::remove) does,
+    /// a shard at a time.
+    ///
+    /// Eviction removes thousands of cold records at once. One lock per
+    /// record would put two atomic instructions between consecutive
+    /// lookups, and an atomic waits for every cache miss before it, so the
+    /// misses would be paid one after another; a run of lookups under one
+    /// lock lets the processor overlap them. Runs are bounded so that no
+    /// shard is held for long.
+    pub(super) fn remove_all(&self, records: &[Arc<Record>]) {
+        const RUN: usize = 1024;
+        let mut by_shard: Vec<Vec<(u64, &Record)>> = vec![Vec::new(); self.shards.len()];
+        for record in records {
+            let hash = self.hash(record.event.id.as_str());
+            by_shard[self.shard_index(hash)].push((hash, record));
+        }
+        // Dropped after the locks are let go.
+        let mut removed = Vec::with_capacity(records.len());
+        for (shard, victims) in self.shards.iter().zip(&by_shard) {
+            for run in victims.chunks(RUN) {
+                let mut table = shard.write();
+                for &(hash, record) in run {
+                    if let Ok(entry) = table.find_entry(hash, |held| std::ptr::eq(&**held, record))
+                    {
+                        removed.push(entry.remove().0);
+                    }
+                }
+            }
         }
     }
 }

@@ -132,23 +132,34 @@ impl MemoryStore {
         let _guard = self.evicting.lock();
         let target_len = self.max_events - self.max_events / EVICTION_SLACK_DIVISOR;
         let target_bytes = self.max_bytes - self.max_bytes / EVICTION_SLACK_DIVISOR;
-        let below_target = || {
-            self.len.load(Ordering::Relaxed) <= target_len
-                && self.bytes.load(Ordering::Relaxed) <= target_bytes
-        };
+        // What the pass frees is counted here and released once at the end:
+        // an atomic per record would wait for each record's cache miss in turn.
+        let mut freed_records = 0;
+        let mut freed_bytes = 0;
         let (evicted, reached) = self.by_sequence.lock().evict_oldest(|record| {
-            if below_target() {
+            let below_target = self
+                .len
+                .load(Ordering::Relaxed)
+                .saturating_sub(freed_records)
+                <= target_len
+                && self
+                    .bytes
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(freed_bytes)
+                    <= target_bytes;
+            if below_target {
                 Verdict::Stop
             } else if record.status() == Status::Pending {
                 Verdict::Keep
             } else {
-                self.release(record.footprint());
+                freed_records += 1;
+                freed_bytes += record.footprint();
                 Verdict::Evict
             }
         });
-        for record in &evicted {
-            self.by_id.remove(record);
-        }
+        self.len.fetch_sub(freed_records, Ordering::Relaxed);
+        self.bytes.fetch_sub(freed_bytes, Ordering::Relaxed);
+        self.by_id.remove_all(&evicted);
         self.evictions
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
         if reached {
@@ -177,15 +188,16 @@ impl Store for MemoryStore {
         received_at: SystemTime,
         trace_id: TraceId,
     ) -> Result<Insert, StoreError> {
+        let hash = self.by_id.hash(event.id.as_str());
         // Retries are answered without touching the bounds.
-        if let Some(record) = self.by_id.get(event.id.as_str()) {
+        if let Some(record) = self.by_id.get_hashed(hash, event.id.as_str()) {
             return Ok(Self::existing(record, &event));
         }
         let bytes = event_footprint(&event);
         // Eviction takes id shard locks, so it must run before this insert
         // holds one.
         self.reserve(bytes)?;
-        let inserted = self.by_id.insert_new(event, |event| {
+        let inserted = self.by_id.insert_new(hash, event, |event| {
             self.by_sequence
                 .lock()
                 .push_with(|sequence| Arc::new(Record::new(event, sequence, received_at, trace_id)))
@@ -442,6 +454,36 @@ mod tests {
             insert(&store, "b", "p").await,
             Ok(Insert::Inserted(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_large_eviction_pass_removes_exactly_the_oldest_from_every_shard() {
+        const MAX: usize = 70_000;
+        let store = MemoryStore::new(&settings(MAX, 1 << 30));
+        for i in 0..MAX {
+            let record = inserted(&store, &format!("id-{i}")).await;
+            process(&store, &record).await;
+        }
+        inserted(&store, "one-more").await;
+        // One pass frees 1/64 of the bound beyond the insert's own need.
+        let evicted = MAX / EVICTION_SLACK_DIVISOR + 1;
+        assert_eq!(store.evictions(), evicted as u64);
+        assert_eq!(store.len(), MAX - evicted + 1);
+        for i in [0, evicted / 2, evicted - 1] {
+            let id = EventId::parse(&format!("id-{i}")).unwrap();
+            assert!(store.get(&id).await.is_none(), "id-{i} was evicted");
+        }
+        for i in [evicted, MAX / 2, MAX - 1] {
+            let id = EventId::parse(&format!("id-{i}")).unwrap();
+            assert!(store.get(&id).await.is_some(), "id-{i} is kept");
+        }
+        // The ids can be taken again, so the index let go of every one.
+        for i in 0..evicted {
+            assert!(matches!(
+                insert(&store, &format!("id-{i}"), "again").await,
+                Ok(Insert::Inserted(_))
+            ));
+        }
     }
 
     #[tokio::test]
