@@ -417,15 +417,16 @@ impl Pipeline {
         let received_at = SystemTime::now();
         let enqueued_at = Instant::now();
         let mut chunk = Chunk::default();
-        for Admitted {
-            position,
-            index,
-            size,
-            event,
-        } in admitted
-        {
-            let id = event.id.clone();
-            match store.insert(event, received_at, trace_id).await {
+        let (events, admitted): (Vec<Event>, Vec<(usize, usize, usize, EventId)>) = admitted
+            .into_iter()
+            .map(|a| {
+                let id = a.event.id.clone();
+                (a.event, (a.position, a.index, a.size, id))
+            })
+            .unzip();
+        let inserted = store.insert_batch(events, received_at, trace_id).await;
+        for ((position, index, size, id), inserted) in admitted.into_iter().zip(inserted) {
+            match inserted {
                 Ok(Insert::Inserted(record)) => {
                     chunk.push(index, size, record);
                     if chunk.records.len() == CHUNK_EVENTS {

@@ -199,6 +199,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         received_at: SystemTime,
         trace_id: TraceId,
     ) -> Result<Insert, StoreError>;
+    /// [`insert`](Self::insert) for each event, in order, with one result each.
+    async fn insert_batch(
+        &self,
+        events: Vec<Event>,
+        received_at: SystemTime,
+        trace_id: TraceId,
+    ) -> Vec<Result<Insert, StoreError>> {
+        let mut results = Vec::with_capacity(events.len());
+        for event in events {
+            results.push(self.insert(event, received_at, trace_id).await);
+        }
+        results
+    }
     /// The record for `id`.
     async fn get(&self, id: &EventId) -> Option<Arc<Record>>;
     /// Removes a record that could not be queued after all.

@@ -11,6 +11,9 @@ use parking_lot::RwLock;
 use crate::event::Event;
 use crate::store::Record;
 
+/// Most lookups a batch operation makes under one hold of a shard's lock.
+const RUN: usize = 1024;
+
 /// Records by id. Each slot is one pointer: the key is read from the record,
 /// where a map keyed by a copy of the id would spend 24 bytes a slot.
 /// SipHash with a per-process key (`RandomState`), because ids are chosen by
@@ -73,6 +76,27 @@ impl IdIndex {
             .cloned()
     }
 
+    /// The record for each `(hash, id)`, in order; looked up a shard at a
+    /// time, so that the cache misses of a batch overlap (see
+    /// [`remove_all`](Self::remove_all)).
+    pub(super) fn get_all(&self, keys: &[(u64, &str)]) -> Vec<Option<Arc<Record>>> {
+        let mut found = vec![None; keys.len()];
+        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
+        for (position, &(hash, _)) in keys.iter().enumerate() {
+            by_shard[self.shard_index(hash)].push(position);
+        }
+        for (shard, positions) in self.shards.iter().zip(&by_shard) {
+            for run in positions.chunks(RUN) {
+                let table = shard.read();
+                for &position in run {
+                    let (hash, id) = keys[position];
+                    found[position] = table.find(hash, |r| r.event.id.as_str() == id).cloned();
+                }
+            }
+        }
+        found
+    }
+
     /// Stores the record `make` builds from `event`, unless one with the
     /// same id is held: then that one comes back with the event. `make` runs
     /// under the shard's lock, so racing inserts of one id build one record.
@@ -121,7 +145,6 @@ impl IdIndex {
     /// lock lets the processor overlap them. Runs are bounded so that no
     /// shard is held for long.
     pub(super) fn remove_all(&self, records: &[Arc<Record>]) {
-        const RUN: usize = 1024;
         let mut by_shard: Vec<Vec<(u64, &Record)>> = vec![Vec::new(); self.shards.len()];
         for record in records {
             let hash = self.hash(record.event.id.as_str());

@@ -106,6 +106,33 @@ impl MemoryStore {
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// Inserts an event whose id (hashed to `hash`) was not found just now;
+    /// a racing insert of the same id may still win.
+    fn insert_absent(
+        &self,
+        hash: u64,
+        event: Event,
+        received_at: SystemTime,
+        trace_id: TraceId,
+    ) -> Result<Insert, StoreError> {
+        let bytes = event_footprint(&event);
+        // Eviction takes id shard locks, so it must run before this insert
+        // holds one.
+        self.reserve(bytes)?;
+        let inserted = self.by_id.insert_new(hash, event, |event| {
+            self.by_sequence
+                .lock()
+                .push_with(|sequence| Arc::new(Record::new(event, sequence, received_at, trace_id)))
+        });
+        match inserted {
+            Ok(record) => Ok(Insert::Inserted(record)),
+            Err((held, event)) => {
+                self.release(bytes);
+                Ok(Self::existing(held, &event))
+            }
+        }
+    }
+
     /// Reserves room for one record of `bytes`, evicting finished records if
     /// a bound would be passed.
     fn reserve(&self, bytes: usize) -> Result<(), StoreError> {
@@ -193,22 +220,32 @@ impl Store for MemoryStore {
         if let Some(record) = self.by_id.get_hashed(hash, event.id.as_str()) {
             return Ok(Self::existing(record, &event));
         }
-        let bytes = event_footprint(&event);
-        // Eviction takes id shard locks, so it must run before this insert
-        // holds one.
-        self.reserve(bytes)?;
-        let inserted = self.by_id.insert_new(hash, event, |event| {
-            self.by_sequence
-                .lock()
-                .push_with(|sequence| Arc::new(Record::new(event, sequence, received_at, trace_id)))
-        });
-        match inserted {
-            Ok(record) => Ok(Insert::Inserted(record)),
-            Err((held, event)) => {
-                self.release(bytes);
-                Ok(Self::existing(held, &event))
-            }
-        }
+        self.insert_absent(hash, event, received_at, trace_id)
+    }
+
+    async fn insert_batch(
+        &self,
+        events: Vec<Event>,
+        received_at: SystemTime,
+        trace_id: TraceId,
+    ) -> Vec<Result<Insert, StoreError>> {
+        let keys: Vec<(u64, &str)> = events
+            .iter()
+            .map(|e| (self.by_id.hash(e.id.as_str()), e.id.as_str()))
+            .collect();
+        // All lookups first, while their misses can overlap; the inserts
+        // then find the same table lines in cache.
+        let held = self.by_id.get_all(&keys);
+        let hashes: Vec<u64> = keys.into_iter().map(|(hash, _)| hash).collect();
+        events
+            .into_iter()
+            .zip(hashes)
+            .zip(held)
+            .map(|((event, hash), held)| match held {
+                Some(record) => Ok(Self::existing(record, &event)),
+                None => self.insert_absent(hash, event, received_at, trace_id),
+            })
+            .collect()
     }
 
     async fn get(&self, id: &EventId) -> Option<Arc<Record>> {
@@ -484,6 +521,44 @@ mod tests {
                 Ok(Insert::Inserted(_))
             ));
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_insert_answers_like_inserts_one_by_one() {
+        let store = MemoryStore::new(&settings(100, 1 << 20));
+        inserted(&store, "held").await;
+        let events = vec![
+            event("new-1", "p"),
+            event("held", "p"),
+            event("held", "changed"),
+            event("new-2", "p"),
+            event("new-1", "p"),
+            event("new-2", "other"),
+        ];
+        let results = store
+            .insert_batch(events, SystemTime::now(), TraceId::random())
+            .await;
+        let summary: Vec<(&str, u64)> = results
+            .iter()
+            .map(|r| match r {
+                Ok(Insert::Inserted(r)) => ("inserted", r.sequence),
+                Ok(Insert::Duplicate(r)) => ("duplicate", r.sequence),
+                Ok(Insert::Conflict(r)) => ("conflict", r.sequence),
+                Err(_) => ("error", 0),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("inserted", 2),
+                ("duplicate", 1),
+                ("conflict", 1),
+                ("inserted", 3),
+                ("duplicate", 2),
+                ("conflict", 3),
+            ]
+        );
+        assert_eq!(store.len(), 3);
     }
 
     #[tokio::test]
