@@ -125,6 +125,14 @@ struct Admitted {
     event: Event,
 }
 
+/// Where an admitted event of a batch came from, kept while the store has it.
+struct Placed {
+    position: usize,
+    index: usize,
+    size: usize,
+    id: EventId,
+}
+
 /// Stored events of a batch waiting to be queued together.
 #[derive(Default)]
 struct Chunk {
@@ -417,15 +425,26 @@ impl Pipeline {
         let received_at = SystemTime::now();
         let enqueued_at = Instant::now();
         let mut chunk = Chunk::default();
-        let (events, admitted): (Vec<Event>, Vec<(usize, usize, usize, EventId)>) = admitted
+        let (events, placed): (Vec<Event>, Vec<Placed>) = admitted
             .into_iter()
             .map(|a| {
-                let id = a.event.id.clone();
-                (a.event, (a.position, a.index, a.size, id))
+                let placed = Placed {
+                    position: a.position,
+                    index: a.index,
+                    size: a.size,
+                    id: a.event.id.clone(),
+                };
+                (a.event, placed)
             })
             .unzip();
         let inserted = store.insert_batch(events, received_at, trace_id).await;
-        for ((position, index, size, id), inserted) in admitted.into_iter().zip(inserted) {
+        for (placed, inserted) in placed.into_iter().zip(inserted) {
+            let Placed {
+                position,
+                index,
+                size,
+                id,
+            } = placed;
             match inserted {
                 Ok(Insert::Inserted(record)) => {
                     chunk.push(index, size, record);
