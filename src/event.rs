@@ -296,9 +296,9 @@ impl PublishedEvent {
         push_json_str(&mut out, &self.payload);
         if let Some(m) = &self.metadata {
             out.push_str(",\"metadata\":{\"received_at\":\"");
-            out.push_str(crate::time::rfc3339_micros(m.received_at).as_str());
+            crate::time::push_rfc3339_micros(&mut out, m.received_at);
             out.push_str("\",\"processed_at\":\"");
-            out.push_str(crate::time::rfc3339_micros(m.processed_at).as_str());
+            crate::time::push_rfc3339_micros(&mut out, m.processed_at);
             out.push_str("\",\"worker\":");
             out.push_str(itoa::Buffer::new().format(m.worker));
             out.push_str(",\"sequence\":");
@@ -322,7 +322,12 @@ impl PublishedEvent {
 /// control characters (nearly every id and payload) is copied as is; the
 /// rest goes through `serde_json`'s escaping.
 fn push_json_str(out: &mut String, text: &str) {
-    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // A fold without an early exit, so that the compiler checks many bytes
+    // per instruction.
+    let needs_escaping = text.bytes().fold(false, |found, b| {
+        found | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs_escaping {
         out.push('"');
         out.push_str(text);
         out.push('"');

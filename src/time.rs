@@ -2,7 +2,7 @@
 //! `fmt::Display`: two of them go into every published event, so this is
 //! on the hot path.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A wall-clock time as nanoseconds since the Unix epoch: 8 bytes where
@@ -78,17 +78,34 @@ fn put(buf: &mut [u8], mut value: u64) {
 /// `2023-11-14T22:13:20.123000Z`. Times before 1970 or after 9999 are
 /// clamped to those bounds.
 pub fn rfc3339_micros(time: SystemTime) -> Rfc3339 {
+    let (secs, micros) = clamped(time);
+    let mut out = *b"0000-00-00T00:00:00.000000Z";
+    with_second(secs, |second| {
+        out[..SECOND_LEN].copy_from_slice(second.as_bytes())
+    });
+    put(&mut out[20..26], micros);
+    Rfc3339(out)
+}
+
+/// Appends `time` to `out` as [`rfc3339_micros`] formats it (the
+/// serializer of published events writes straight into its line).
+pub fn push_rfc3339_micros(out: &mut String, time: SystemTime) {
+    let (secs, micros) = clamped(time);
+    with_second(secs, |second| out.push_str(second));
+    let mut digits = *b".000000Z";
+    put(&mut digits[1..7], micros);
+    out.extend(digits.iter().map(|&b| char::from(b)));
+}
+
+/// Seconds and microseconds since the epoch, within 1970..=9999.
+fn clamped(time: SystemTime) -> (u64, u64) {
     const MAX_SECS: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let (secs, micros) = if since.as_secs() > MAX_SECS {
+    if since.as_secs() > MAX_SECS {
         (MAX_SECS, 999_999)
     } else {
         (since.as_secs(), u64::from(since.subsec_micros()))
-    };
-    let mut out = *b"0000-00-00T00:00:00.000000Z";
-    out[..SECOND_LEN].copy_from_slice(&formatted_second(secs));
-    put(&mut out[20..26], micros);
-    Rfc3339(out)
+    }
 }
 
 /// Length of `YYYY-MM-DDTHH:MM:SS`.
@@ -98,27 +115,27 @@ thread_local! {
     /// The second this thread formatted last. Timestamps formatted one
     /// after another mostly share their second, and the calendar arithmetic
     /// is most of the cost.
-    static LAST_SECOND: Cell<(u64, [u8; SECOND_LEN])> =
-        const { Cell::new((u64::MAX, [0; SECOND_LEN])) };
+    static LAST_SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
-fn formatted_second(secs: u64) -> [u8; SECOND_LEN] {
-    LAST_SECOND.with(|last| {
-        let (cached_secs, cached) = last.get();
-        if cached_secs == secs {
-            return cached;
+/// Calls `f` with `secs` formatted as `YYYY-MM-DDTHH:MM:SS`.
+fn with_second<R>(secs: u64, f: impl FnOnce(&str) -> R) -> R {
+    LAST_SECOND.with_borrow_mut(|(cached_secs, cached)| {
+        if *cached_secs != secs || cached.len() != SECOND_LEN {
+            let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+            let rem = secs % 86_400;
+            let mut out = *b"0000-00-00T00:00:00";
+            put(&mut out[0..4], year as u64);
+            put(&mut out[5..7], u64::from(month));
+            put(&mut out[8..10], u64::from(day));
+            put(&mut out[11..13], rem / 3600);
+            put(&mut out[14..16], rem % 3600 / 60);
+            put(&mut out[17..19], rem % 60);
+            cached.clear();
+            cached.extend(out.iter().map(|&b| char::from(b)));
+            *cached_secs = secs;
         }
-        let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-        let rem = secs % 86_400;
-        let mut out = *b"0000-00-00T00:00:00";
-        put(&mut out[0..4], year as u64);
-        put(&mut out[5..7], u64::from(month));
-        put(&mut out[8..10], u64::from(day));
-        put(&mut out[11..13], rem / 3600);
-        put(&mut out[14..16], rem % 3600 / 60);
-        put(&mut out[17..19], rem % 60);
-        last.set((secs, out));
-        out
+        f(cached)
     })
 }
 
@@ -181,6 +198,9 @@ mod tests {
             ),
         ] {
             assert_eq!(rfc3339_micros(t).as_str(), expected);
+            let mut pushed = String::from("at ");
+            push_rfc3339_micros(&mut pushed, t);
+            assert_eq!(pushed, format!("at {expected}"));
         }
     }
 
