@@ -188,11 +188,10 @@ async fn process(
         // Every event of the chunk became visible to the sinks just now.
         let processing_time = started.elapsed();
         metrics.events_processed(true, processing_time, rendered.len());
-        for (record, event, json) in rendered {
-            let publish_seq = inner
-                .store
-                .complete(record, CompleteWith::Processed(processing))
-                .await;
+        let completed: Vec<&Record> = rendered.iter().map(|(record, _, _)| &***record).collect();
+        let publish_seqs = inner.store.complete_processed(&completed, processing).await;
+        drop(completed);
+        for ((record, event, json), publish_seq) in rendered.into_iter().zip(publish_seqs) {
             if let Some(publish_seq) = publish_seq
                 && inner.broadcast.has_subscribers()
             {

@@ -218,6 +218,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn remove(&self, record: &Record);
     /// Records the outcome; returns the publish sequence for processed events.
     async fn complete(&self, record: &Record, outcome: CompleteWith) -> Option<u64>;
+    /// Records that `records` were processed, in order (a worker's chunk);
+    /// returns each one's publish sequence (`None` if it already had an outcome).
+    async fn complete_processed(
+        &self,
+        records: &[&Record],
+        processing: Processing,
+    ) -> Vec<Option<u64>> {
+        let mut results = Vec::with_capacity(records.len());
+        for record in records {
+            let completed = self
+                .complete(record, CompleteWith::Processed(processing))
+                .await;
+            results.push(completed);
+        }
+        results
+    }
     /// Records in arrival order.
     async fn page(&self, query: PageQuery) -> Page;
     /// The publish sequence of the most recent publication (0 if none).

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    CompleteWith, Insert, Outcome, Page, PageQuery, Record, Status, Store, StoreError,
+    CompleteWith, Insert, Outcome, Page, PageQuery, Processing, Record, Status, Store, StoreError,
     event_footprint,
 };
 use crate::config::StoreSettings;
@@ -260,31 +260,17 @@ impl Store for MemoryStore {
     }
 
     async fn complete(&self, record: &Record, with: CompleteWith) -> Option<u64> {
-        // Account for the result before it becomes visible to eviction, which
-        // subtracts the full footprint of finished records.
-        let extra = match &with {
-            CompleteWith::Processed(_) => 0,
-            CompleteWith::Failed(error) => error.len(),
-        };
-        self.bytes.fetch_add(extra, Ordering::Relaxed);
         match with {
-            CompleteWith::Processed(processing) => {
-                let mut counter = self.publish_counter.lock();
-                let publish_seq = *counter + 1;
-                let outcome = Outcome::Processed {
-                    worker: processing.worker,
-                    processed_at: processing.processed_at,
-                    publish_seq,
-                };
-                if record.outcome.set(outcome).is_err() {
-                    self.bytes.fetch_sub(extra, Ordering::Relaxed);
-                    return None;
-                }
-                *counter = publish_seq;
-                self.publish_watermark.store(publish_seq, Ordering::Release);
-                Some(publish_seq)
-            }
+            CompleteWith::Processed(processing) => self
+                .complete_processed(&[record], processing)
+                .await
+                .pop()
+                .flatten(),
             CompleteWith::Failed(error) => {
+                // Account for the error text before it becomes visible to
+                // eviction, which subtracts the full footprint of finished records.
+                let extra = error.len();
+                self.bytes.fetch_add(extra, Ordering::Relaxed);
                 let error = error.into_boxed_str();
                 if record.outcome.set(Outcome::Failed { error }).is_err() {
                     self.bytes.fetch_sub(extra, Ordering::Relaxed);
@@ -292,6 +278,30 @@ impl Store for MemoryStore {
                 None
             }
         }
+    }
+
+    async fn complete_processed(
+        &self,
+        records: &[&Record],
+        processing: Processing,
+    ) -> Vec<Option<u64>> {
+        let mut counter = self.publish_counter.lock();
+        let results = records
+            .iter()
+            .map(|record| {
+                let publish_seq = *counter + 1;
+                let outcome = Outcome::Processed {
+                    worker: processing.worker,
+                    processed_at: processing.processed_at,
+                    publish_seq,
+                };
+                record.outcome.set(outcome).ok()?;
+                *counter = publish_seq;
+                Some(publish_seq)
+            })
+            .collect();
+        self.publish_watermark.store(*counter, Ordering::Release);
+        results
     }
 
     async fn page(&self, query: PageQuery) -> Page {
@@ -689,6 +699,27 @@ mod tests {
             .await;
         assert_eq!(up_to_1.records.len(), 1);
         assert_eq!(up_to_1.records[0].event.id.as_str(), "b");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_completes_with_consecutive_publish_sequences() {
+        let store = MemoryStore::new(&settings(100, 1 << 20));
+        let a = inserted(&store, "a").await;
+        let b = inserted(&store, "b").await;
+        let c = inserted(&store, "c").await;
+        assert_eq!(process(&store, &b).await, Some(1));
+        let processing = Processing {
+            worker: 3,
+            processed_at: crate::time::UnixNanos::now(),
+        };
+        let seqs = store.complete_processed(&[&*a, &*b, &*c], processing).await;
+        assert_eq!(
+            seqs,
+            [Some(2), None, Some(3)],
+            "a record with an outcome keeps it and takes no number"
+        );
+        assert_eq!(store.publish_watermark(), 3);
+        assert_eq!(c.status(), Status::Processed);
     }
 
     #[test]
