@@ -53,6 +53,8 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     async fn push(&self, item: QueuedEvents) -> Result<(), (QueueError, Box<QueuedEvents>)>;
     /// The next events, or `None` once the queue is closed and empty.
     async fn pop(&self) -> Option<QueuedEvents>;
+    /// The next events if some are waiting, without waiting.
+    fn try_pop(&self) -> Option<QueuedEvents>;
     /// Refuses further pushes; pops drain what is left.
     fn close(&self);
     /// Events waiting for a worker.
@@ -101,6 +103,12 @@ impl Queue for MemoryQueue {
 
     async fn pop(&self) -> Option<QueuedEvents> {
         let item = self.receiver.recv().await.ok()?;
+        self.events.fetch_sub(item.records.len(), Ordering::Relaxed);
+        Some(item)
+    }
+
+    fn try_pop(&self) -> Option<QueuedEvents> {
+        let item = self.receiver.try_recv().ok()?;
         self.events.fetch_sub(item.records.len(), Ordering::Relaxed);
         Some(item)
     }
