@@ -101,24 +101,28 @@ impl MemoryStore {
         }
     }
 
-    fn release(&self, bytes: usize) {
-        self.len.fetch_sub(1, Ordering::Relaxed);
+    fn release(&self, records: usize, bytes: usize) {
+        self.len.fetch_sub(records, Ordering::Relaxed);
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Inserts an event whose id (hashed to `hash`) was not found just now;
-    /// a racing insert of the same id may still win.
+    /// a racing insert of the same id may still win. `reserved`: room for
+    /// it is already counted (a batch reserves for all its events at once).
     fn insert_absent(
         &self,
         hash: u64,
         event: Event,
         received_at: SystemTime,
         trace_id: TraceId,
+        reserved: bool,
     ) -> Result<Insert, StoreError> {
         let bytes = event_footprint(&event);
         // Eviction takes id shard locks, so it must run before this insert
         // holds one.
-        self.reserve(bytes)?;
+        if !reserved {
+            self.reserve(1, bytes)?;
+        }
         let inserted = self.by_id.insert_new(hash, event, |event| {
             self.by_sequence
                 .lock()
@@ -127,16 +131,16 @@ impl MemoryStore {
         match inserted {
             Ok(record) => Ok(Insert::Inserted(record)),
             Err((held, event)) => {
-                self.release(bytes);
+                self.release(1, bytes);
                 Ok(Self::existing(held, &event))
             }
         }
     }
 
-    /// Reserves room for one record of `bytes`, evicting finished records if
-    /// a bound would be passed.
-    fn reserve(&self, bytes: usize) -> Result<(), StoreError> {
-        let len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Reserves room for `records` records of `bytes` in total, evicting
+    /// finished records if a bound would be passed.
+    fn reserve(&self, records: usize, bytes: usize) -> Result<(), StoreError> {
+        let len = self.len.fetch_add(records, Ordering::Relaxed) + records;
         let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if len <= self.max_events && total <= self.max_bytes {
             return Ok(());
@@ -148,7 +152,7 @@ impl MemoryStore {
             && (self.len.load(Ordering::Relaxed) > self.max_events
                 || self.bytes.load(Ordering::Relaxed) > self.max_bytes)
         {
-            self.release(bytes);
+            self.release(records, bytes);
             return Err(StoreError::Full);
         }
         Ok(())
@@ -220,7 +224,7 @@ impl Store for MemoryStore {
         if let Some(record) = self.by_id.get_hashed(hash, event.id.as_str()) {
             return Ok(Self::existing(record, &event));
         }
-        self.insert_absent(hash, event, received_at, trace_id)
+        self.insert_absent(hash, event, received_at, trace_id, false)
     }
 
     async fn insert_batch(
@@ -237,13 +241,24 @@ impl Store for MemoryStore {
         // then find the same table lines in cache.
         let held = self.by_id.get_all(&keys);
         let hashes: Vec<u64> = keys.into_iter().map(|(hash, _)| hash).collect();
+        // Room for all the new ones at once: two atomic additions per batch
+        // instead of per event. If that does not fit, each reserves its own
+        // room, and those that still fit get in.
+        let (absent, absent_bytes) = events
+            .iter()
+            .zip(&held)
+            .filter(|(_, held)| held.is_none())
+            .fold((0, 0), |(n, bytes), (event, _)| {
+                (n + 1, bytes + event_footprint(event))
+            });
+        let reserved = self.reserve(absent, absent_bytes).is_ok();
         events
             .into_iter()
             .zip(hashes)
             .zip(held)
             .map(|((event, hash), held)| match held {
                 Some(record) => Ok(Self::existing(record, &event)),
-                None => self.insert_absent(hash, event, received_at, trace_id),
+                None => self.insert_absent(hash, event, received_at, trace_id, reserved),
             })
             .collect()
     }
@@ -255,7 +270,7 @@ impl Store for MemoryStore {
     async fn remove(&self, record: &Record) {
         if self.by_id.remove(record) {
             self.by_sequence.lock().remove(record);
-            self.release(record.footprint());
+            self.release(1, record.footprint());
         }
     }
 
@@ -569,6 +584,25 @@ mod tests {
             ]
         );
         assert_eq!(store.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_does_not_fit_whole_takes_what_fits() {
+        let store = MemoryStore::new(&settings(4, 1 << 20));
+        inserted(&store, "a").await;
+        inserted(&store, "b").await;
+        // Both pending, so nothing can be evicted: room for two of three.
+        let results = store
+            .insert_batch(
+                vec![event("c", "p"), event("d", "p"), event("e", "p")],
+                SystemTime::now(),
+                TraceId::random(),
+            )
+            .await;
+        assert!(matches!(results[0], Ok(Insert::Inserted(_))));
+        assert!(matches!(results[1], Ok(Insert::Inserted(_))));
+        assert!(matches!(results[2], Err(StoreError::Full)));
+        assert_eq!(store.len(), 4);
     }
 
     #[tokio::test]
