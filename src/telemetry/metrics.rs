@@ -502,7 +502,7 @@ fn describe(recorder: &PrometheusRecorder) {
         ),
         (
             names::PROCESSING,
-            "Transform and publish time per event",
+            "Transform and publish time per event (events published together in a worker pass share it)",
             Some(Unit::Seconds),
         ),
         (
