@@ -287,7 +287,10 @@ impl PublishedEvent {
     /// string byte by byte, formatting through its `Serializer`) was the
     /// largest single cost of a batched event.
     pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(self.payload.len() + self.id.as_str().len() + 224);
+        // Everything but the id and payload takes at most ~300 bytes (keys,
+        // two timestamps, numbers at their longest, the trace id): sized so
+        // that a line without escapes never reallocates.
+        let mut out = String::with_capacity(self.payload.len() + self.id.as_str().len() + 320);
         out.push_str("{\"id\":");
         push_json_str(&mut out, self.id.as_str());
         out.push_str(",\"timestamp\":");
@@ -538,6 +541,32 @@ mod tests {
         };
         let value: serde_json::Value = serde_json::from_str(&odd.to_json()).unwrap();
         assert!(value["metadata"]["queue_wait_ms"].is_null());
+    }
+
+    #[test]
+    fn a_line_without_escapes_is_written_in_one_allocation() {
+        // Every number at its longest.
+        let event = PublishedEvent {
+            id: EventId::parse(&"i".repeat(MAX_ID_BYTES)).unwrap(),
+            timestamp: i64::MIN,
+            payload: "p".repeat(100),
+            metadata: Some(Metadata {
+                received_at: SystemTime::UNIX_EPOCH
+                    + std::time::Duration::from_secs(253_402_300_799),
+                processed_at: SystemTime::UNIX_EPOCH,
+                worker: u32::MAX,
+                sequence: u64::MAX,
+                queue_wait_ms: -1.234_567_890_123_456_7e-300,
+                trace_id: TraceId::from_bytes([0xff; 16]),
+            }),
+        };
+        let json = event.to_json();
+        assert_eq!(
+            json.capacity(),
+            event.payload.len() + MAX_ID_BYTES + 320,
+            "grew while writing {} bytes",
+            json.len()
+        );
     }
 
     #[test]
