@@ -121,7 +121,8 @@ thread_local! {
 /// Calls `f` with `secs` formatted as `YYYY-MM-DDTHH:MM:SS`.
 fn with_second<R>(secs: u64, f: impl FnOnce(&str) -> R) -> R {
     LAST_SECOND.with_borrow_mut(|(cached_secs, cached)| {
-        if *cached_secs != secs || cached.len() != SECOND_LEN {
+        // The initial `u64::MAX` is past any clamped second, so it never matches.
+        if *cached_secs != secs {
             let (year, month, day) = civil_from_days((secs / 86_400) as i64);
             let rem = secs % 86_400;
             let mut out = *b"0000-00-00T00:00:00";

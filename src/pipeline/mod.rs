@@ -114,21 +114,19 @@ struct Repeat {
     position: usize,
 }
 
-/// A unique event of a batch with its place in the request and its size.
+/// A unique event of a batch with where it came from.
 struct Admitted {
+    placed: Placed,
+    event: Event,
+}
+
+/// Where a unique event of a batch came from, kept while the store has it.
+struct Placed {
     /// Position among the batch's unique events.
     position: usize,
     /// Index in the request.
     index: usize,
     /// Footprint counted against `pipeline.queue_max_bytes`.
-    size: usize,
-    event: Event,
-}
-
-/// Where an admitted event of a batch came from, kept while the store has it.
-struct Placed {
-    position: usize,
-    index: usize,
     size: usize,
     id: EventId,
 }
@@ -394,9 +392,12 @@ impl Pipeline {
             .into_iter()
             .enumerate()
             .map(|(position, (index, event))| Admitted {
-                position,
-                index,
-                size: event_footprint(&event),
+                placed: Placed {
+                    position,
+                    index,
+                    size: event_footprint(&event),
+                    id: event.id.clone(),
+                },
                 event,
             })
             .collect();
@@ -410,10 +411,11 @@ impl Pipeline {
                             outcome.duplicates += 1;
                         }
                         Some(_) => {
-                            conflicted[admitted.position] = true;
-                            outcome
-                                .rejected
-                                .push(conflict(admitted.index, &admitted.event.id));
+                            let Placed {
+                                position, index, ..
+                            } = admitted.placed;
+                            conflicted[position] = true;
+                            outcome.rejected.push(conflict(index, &admitted.event.id));
                         }
                         None => new.push(admitted),
                     }
@@ -425,18 +427,8 @@ impl Pipeline {
         let received_at = SystemTime::now();
         let enqueued_at = Instant::now();
         let mut chunk = Chunk::default();
-        let (events, placed): (Vec<Event>, Vec<Placed>) = admitted
-            .into_iter()
-            .map(|a| {
-                let placed = Placed {
-                    position: a.position,
-                    index: a.index,
-                    size: a.size,
-                    id: a.event.id.clone(),
-                };
-                (a.event, placed)
-            })
-            .unzip();
+        let (events, placed): (Vec<Event>, Vec<Placed>) =
+            admitted.into_iter().map(|a| (a.event, a.placed)).unzip();
         let inserted = store.insert_batch(events, received_at, trace_id).await;
         for (placed, inserted) in placed.into_iter().zip(inserted) {
             let Placed {
@@ -490,7 +482,7 @@ impl Pipeline {
     fn acquire_for(&self, events: &[Admitted]) -> Result<Permit, Overloaded> {
         let bytes = events
             .iter()
-            .try_fold(0usize, |total, e| total.checked_add(e.size))
+            .try_fold(0usize, |total, e| total.checked_add(e.placed.size))
             .ok_or(Overloaded)?;
         self.inner
             .backpressure

@@ -230,6 +230,7 @@ async fn process(
         let completed: Vec<&Record> = rendered.iter().map(|(record, _, _)| &***record).collect();
         let publish_seqs = inner.store.complete_processed(&completed, processing).await;
         drop(completed);
+        let mut streamed = 0;
         for ((record, event, json), publish_seq) in rendered.into_iter().zip(publish_seqs) {
             if let Some(publish_seq) = publish_seq
                 && inner.broadcast.has_subscribers()
@@ -239,13 +240,16 @@ async fn process(
                     publish_seq,
                     json: Arc::from(json),
                 });
-                metrics.sink_result("sse", true, 1);
+                streamed += 1;
             }
             // Received → processing start is known without another clock read.
             metrics.end_to_end(processing.processed_at.since(record.received_at) + processing_time);
             inner
                 .waiters
                 .notify(record.sequence, || Ok(Arc::new(event)));
+        }
+        if streamed > 0 {
+            metrics.sink_result("sse", true, streamed);
         }
         span.record("outcome", "ok");
     }

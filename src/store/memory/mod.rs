@@ -233,14 +233,19 @@ impl Store for MemoryStore {
         received_at: SystemTime,
         trace_id: TraceId,
     ) -> Vec<Result<Insert, StoreError>> {
-        let keys: Vec<(u64, &str)> = events
+        let hashes: Vec<u64> = events
             .iter()
-            .map(|e| (self.by_id.hash(e.id.as_str()), e.id.as_str()))
+            .map(|e| self.by_id.hash(e.id.as_str()))
+            .collect();
+        let keys: Vec<(u64, &str)> = hashes
+            .iter()
+            .zip(&events)
+            .map(|(&hash, e)| (hash, e.id.as_str()))
             .collect();
         // All lookups first, while their misses can overlap; the inserts
         // then find the same table lines in cache.
         let held = self.by_id.get_all(&keys);
-        let hashes: Vec<u64> = keys.into_iter().map(|(hash, _)| hash).collect();
+        drop(keys);
         // Room for all the new ones at once: two atomic additions per batch
         // instead of per event. If that does not fit, each reserves its own
         // room, and those that still fit get in.
