@@ -21,6 +21,7 @@ use tracing::{Instrument, field};
 
 use super::Pipeline;
 use super::queue::QueuedEvents;
+use crate::event::JsonWriter;
 use crate::sink::{Publication, StreamMessage};
 use crate::store::{CompleteWith, Processing, Record};
 use crate::telemetry;
@@ -175,6 +176,7 @@ async fn process(
             processed_at: UnixNanos::now(),
         };
         let mut rendered = Vec::with_capacity(records.len());
+        let mut lines = JsonWriter::default();
         for record in records {
             let transformed = telemetry::child_span(&span, || tracing::debug_span!("transform"))
                 .in_scope(|| {
@@ -184,7 +186,7 @@ async fn process(
                 });
             let error = match transformed {
                 Ok(Ok(event)) => {
-                    let json = event.to_json();
+                    let json = lines.write(&event);
                     rendered.push((record, event, json));
                     continue;
                 }
