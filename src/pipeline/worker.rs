@@ -232,6 +232,15 @@ async fn process(
         let completed: Vec<&Record> = rendered.iter().map(|(record, _, _)| &***record).collect();
         let publish_seqs = inner.store.complete_processed(&completed, processing).await;
         drop(completed);
+        // The events of one request were received together: one latency.
+        // (Received → processing start is known without another clock read.)
+        for received_together in rendered.chunk_by(|a, b| a.0.received_at == b.0.received_at) {
+            let received_at = received_together[0].0.received_at;
+            metrics.end_to_end(
+                processing.processed_at.since(received_at) + processing_time,
+                received_together.len(),
+            );
+        }
         let mut streamed = 0;
         for ((record, event, json), publish_seq) in rendered.into_iter().zip(publish_seqs) {
             if let Some(publish_seq) = publish_seq
@@ -244,8 +253,6 @@ async fn process(
                 });
                 streamed += 1;
             }
-            // Received → processing start is known without another clock read.
-            metrics.end_to_end(processing.processed_at.since(record.received_at) + processing_time);
             inner
                 .waiters
                 .notify(record.sequence, || Ok(Arc::new(event)));

@@ -15,6 +15,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use super::histogram::LatencyHistogram;
+
 /// Metric names: the contract dashboards, alerts and users rely on.
 pub mod names {
     /// HTTP requests by `method`, `route`, `status`.
@@ -136,12 +138,39 @@ pub struct Handles {
     processed_ok: Counter,
     processed_error: Counter,
     sinks: HashMap<&'static str, SinkCounters>,
-    queue_wait: Histogram,
-    processing: Histogram,
-    end_to_end: Histogram,
+    /// The pipeline's latencies (`None` when disabled); see [`LatencyHistogram`].
+    pipeline: Option<PipelineHistograms>,
     sse_lagged: Counter,
     gauges: ScrapeGauges,
     http: HttpCache,
+}
+
+/// Latencies the workers observe for many events at once.
+#[derive(Debug)]
+struct PipelineHistograms {
+    queue_wait: LatencyHistogram,
+    processing: LatencyHistogram,
+    end_to_end: LatencyHistogram,
+}
+
+impl PipelineHistograms {
+    fn new() -> Self {
+        let histogram = |name, help| LatencyHistogram::new(name, help, &LATENCY_BUCKETS);
+        Self {
+            queue_wait: histogram(names::QUEUE_WAIT, "Time events wait in the queue"),
+            processing: histogram(
+                names::PROCESSING,
+                "Transform and publish time per event (events published together in a worker pass share it)",
+            ),
+            end_to_end: histogram(names::END_TO_END, "Time from receipt to publication"),
+        }
+    }
+
+    fn render(&self, text: &mut String) {
+        self.queue_wait.render(text);
+        self.processing.render(text);
+        self.end_to_end.render(text);
+    }
 }
 
 /// Handles of one (method, route, status) series.
@@ -254,7 +283,6 @@ impl Metrics {
             c
         };
         let gauge = |name| r.register_gauge(&key(name, &[]), &METADATA);
-        let histogram = |name| r.register_histogram(&key(name, &[]), &METADATA);
         describe(r);
         let sinks = sinks
             .iter()
@@ -283,9 +311,7 @@ impl Metrics {
             processed_ok: counter(names::PROCESSED, &[("outcome", "ok")]),
             processed_error: counter(names::PROCESSED, &[("outcome", "error")]),
             sinks,
-            queue_wait: histogram(names::QUEUE_WAIT),
-            processing: histogram(names::PROCESSING),
-            end_to_end: histogram(names::END_TO_END),
+            pipeline: Some(PipelineHistograms::new()),
             sse_lagged: counter(names::SSE_LAGGED, &[]),
             gauges: ScrapeGauges {
                 queue_depth: gauge(names::QUEUE_DEPTH),
@@ -314,9 +340,7 @@ impl Metrics {
             processed_ok: Counter::noop(),
             processed_error: Counter::noop(),
             sinks: HashMap::new(),
-            queue_wait: Histogram::noop(),
-            processing: Histogram::noop(),
-            end_to_end: Histogram::noop(),
+            pipeline: None,
             sse_lagged: Counter::noop(),
             gauges: ScrapeGauges {
                 queue_depth: Gauge::noop(),
@@ -359,17 +383,23 @@ impl Metrics {
         } else {
             self.processed_error.increment(n as u64);
         }
-        self.processing.record_many(processing.as_secs_f64(), n);
+        if let Some(histograms) = &self.pipeline {
+            histograms.processing.record(processing, n);
+        }
     }
 
     /// A worker took `n` events off the queue after `wait`.
     pub fn queue_waited(&self, wait: Duration, n: usize) {
-        self.queue_wait.record_many(wait.as_secs_f64(), n);
+        if let Some(histograms) = &self.pipeline {
+            histograms.queue_wait.record(wait, n);
+        }
     }
 
-    /// An event was published `latency` after it was received.
-    pub fn end_to_end(&self, latency: Duration) {
-        self.end_to_end.record(latency.as_secs_f64());
+    /// `n` events were published `latency` after they were received.
+    pub fn end_to_end(&self, latency: Duration, n: usize) {
+        if let Some(histograms) = &self.pipeline {
+            histograms.end_to_end.record(latency, n);
+        }
     }
 
     /// A sink took (or failed to take) `n` events.
@@ -440,6 +470,9 @@ impl Metrics {
         g.sse_subscribers.set(snapshot.sse_subscribers as f64);
         g.workers.set(snapshot.workers as f64);
         let mut text = handle.render();
+        if let Some(histograms) = &self.pipeline {
+            histograms.render(&mut text);
+        }
         render_process(&mut text);
         text
     }
@@ -494,21 +527,6 @@ fn describe(recorder: &PrometheusRecorder) {
             names::INFLIGHT,
             "Backpressure permits in use (accepted, not yet published)",
             None,
-        ),
-        (
-            names::QUEUE_WAIT,
-            "Time events wait in the queue",
-            Some(Unit::Seconds),
-        ),
-        (
-            names::PROCESSING,
-            "Transform and publish time per event (events published together in a worker pass share it)",
-            Some(Unit::Seconds),
-        ),
-        (
-            names::END_TO_END,
-            "Time from receipt to publication",
-            Some(Unit::Seconds),
         ),
         (names::STORE_EVENTS, "Records held by the store", None),
         (

@@ -13,6 +13,7 @@
 //!   path cheap; with an endpoint the trace layer enables them.
 //! - Metrics live in [`metrics`].
 
+mod histogram;
 pub mod metrics;
 mod trace_id;
 
