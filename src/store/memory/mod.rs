@@ -257,13 +257,52 @@ impl Store for MemoryStore {
                 (n + 1, bytes + event_footprint(event))
             });
         let reserved = self.reserve(absent, absent_bytes).is_ok();
-        events
+        if !reserved || absent < self.by_id.shard_count() {
+            return events
+                .into_iter()
+                .zip(hashes)
+                .zip(held)
+                .map(|((event, hash), held)| match held {
+                    Some(record) => Ok(Self::existing(record, &event)),
+                    None => self.insert_absent(hash, event, received_at, trace_id, reserved),
+                })
+                .collect();
+        }
+        // The new ones are inserted with each lock taken once: every id
+        // shard, then (lock order) the order index.
+        let mut answers = Vec::with_capacity(events.len());
+        let mut new = Vec::with_capacity(absent);
+        for ((event, hash), held) in events.into_iter().zip(hashes).zip(held) {
+            match held {
+                Some(record) => answers.push(Some(Self::existing(record, &event))),
+                None => {
+                    answers.push(None);
+                    new.push((hash, event));
+                }
+            }
+        }
+        let mut order = None;
+        let inserted = self.by_id.insert_new_all(new, |event| {
+            order
+                .get_or_insert_with(|| self.by_sequence.lock())
+                .push_with(|sequence| Arc::new(Record::new(event, sequence, received_at, trace_id)))
+        });
+        drop(order);
+        let mut inserted = inserted.into_iter();
+        answers
             .into_iter()
-            .zip(hashes)
-            .zip(held)
-            .map(|((event, hash), held)| match held {
-                Some(record) => Ok(Self::existing(record, &event)),
-                None => self.insert_absent(hash, event, received_at, trace_id, reserved),
+            .map(|answer| match answer {
+                Some(existing) => Ok(existing),
+                None => match inserted.next() {
+                    Some(Ok(record)) => Ok(Insert::Inserted(record)),
+                    // A racing insert of the same id got in first.
+                    Some(Err((held, event))) => {
+                        self.release(1, event_footprint(&event));
+                        Ok(Self::existing(held, &event))
+                    }
+                    // Not reached: one result per new event.
+                    None => Err(StoreError::Full),
+                },
             })
             .collect()
     }
@@ -589,6 +628,100 @@ mod tests {
             ]
         );
         assert_eq!(store.len(), 3);
+    }
+
+    /// What each insert answered: its kind and the record's sequence.
+    fn summary(results: &[Result<Insert, StoreError>]) -> Vec<(&'static str, u64)> {
+        results
+            .iter()
+            .map(|r| match r {
+                Ok(Insert::Inserted(r)) => ("inserted", r.sequence),
+                Ok(Insert::Duplicate(r)) => ("duplicate", r.sequence),
+                Ok(Insert::Conflict(r)) => ("conflict", r.sequence),
+                Err(_) => ("error", 0),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_large_batch_inserted_under_one_hold_of_each_lock_answers_like_inserts_one_by_one() {
+        // Enough new events for the one-hold path, with held ids, repeats
+        // and conflicts among them.
+        let events: Vec<Event> = (0..200)
+            .map(|i| match i % 10 {
+                3 => event("held", "p"),
+                6 => event("held", "changed"),
+                8 => event(&format!("e{}", i - 5), "p"),
+                9 => event(&format!("e{}", i - 5), "other"),
+                _ => event(&format!("e{i}"), "p"),
+            })
+            .collect();
+        let batched = MemoryStore::new(&settings(1000, 1 << 20));
+        let one_by_one = MemoryStore::new(&settings(1000, 1 << 20));
+        for store in [&batched, &one_by_one] {
+            inserted(store, "held").await;
+        }
+        let results = batched
+            .insert_batch(events.clone(), SystemTime::now(), TraceId::random())
+            .await;
+        let mut expected = Vec::new();
+        for event in events {
+            expected.push(
+                one_by_one
+                    .insert(event, SystemTime::now(), TraceId::random())
+                    .await,
+            );
+        }
+        assert_eq!(summary(&results), summary(&expected));
+        assert_eq!(batched.len(), 141);
+        assert_eq!(batched.len(), one_by_one.len());
+        assert_eq!(batched.bytes(), one_by_one.bytes());
+        let e0 = EventId::parse("e0").unwrap();
+        assert_eq!(batched.get(&e0).await.map(|r| r.sequence), Some(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_batches_with_the_same_ids_insert_each_id_once() {
+        let store = Arc::new(MemoryStore::new(&settings(100_000, 1 << 30)));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let mut inserted = Vec::new();
+                for round in 0..20 {
+                    let events = (0..100)
+                        .map(|i| event(&format!("{round}-{i}"), "x"))
+                        .collect();
+                    for result in store
+                        .insert_batch(events, SystemTime::now(), TraceId::random())
+                        .await
+                    {
+                        match result.unwrap() {
+                            Insert::Inserted(r) => inserted.push(r.sequence),
+                            Insert::Duplicate(_) => {}
+                            Insert::Conflict(r) => panic!("conflict on {}", r.event.id),
+                        }
+                    }
+                }
+                inserted
+            }));
+        }
+        let mut sequences = Vec::new();
+        for task in tasks {
+            sequences.extend(task.await.unwrap());
+        }
+        sequences.sort_unstable();
+        // Each id inserted once, with dense sequences and nothing left over.
+        assert_eq!(sequences, (1..=2000).collect::<Vec<u64>>());
+        assert_eq!(store.len(), 2000);
+        let mut held_bytes = 0;
+        for round in 0..20 {
+            for i in 0..100 {
+                let id = EventId::parse(&format!("{round}-{i}")).unwrap();
+                held_bytes += store.get(&id).await.unwrap().footprint();
+            }
+        }
+        assert_eq!(store.bytes(), held_bytes);
     }
 
     #[tokio::test]
