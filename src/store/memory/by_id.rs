@@ -14,6 +14,10 @@ use crate::store::Record;
 /// Most lookups a batch operation makes under one hold of a shard's lock.
 const RUN: usize = 1024;
 
+/// What an insert of a new record gives: the record, or the one already
+/// held with that id along with the event.
+pub(super) type InsertNew = Result<Arc<Record>, (Arc<Record>, Event)>;
+
 /// Records by id. Each slot is one pointer: the key is read from the record,
 /// where a map keyed by a copy of the id would spend 24 bytes a slot.
 /// SipHash with a per-process key (`RandomState`), because ids are chosen by
@@ -106,7 +110,7 @@ impl IdIndex {
         hash: u64,
         event: Event,
         make: impl FnOnce(Event) -> Arc<Record>,
-    ) -> Result<Arc<Record>, (Arc<Record>, Event)> {
+    ) -> InsertNew {
         let mut table = self.shard(hash).write();
         match table.entry(
             hash,
@@ -140,7 +144,7 @@ impl IdIndex {
         &self,
         events: Vec<(u64, Event)>,
         mut make: impl FnMut(Event) -> Arc<Record>,
-    ) -> Vec<Result<Arc<Record>, (Arc<Record>, Event)>> {
+    ) -> Vec<InsertNew> {
         let mut tables: Vec<_> = self.shards.iter().map(|shard| shard.write()).collect();
         events
             .into_iter()
