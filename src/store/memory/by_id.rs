@@ -142,7 +142,7 @@ impl IdIndex {
     /// built, to memory not yet in cache. Per batch, they are paid once.
     pub(super) fn insert_new_all(
         &self,
-        events: Vec<(u64, Event)>,
+        events: impl IntoIterator<Item = (u64, Event)>,
         mut make: impl FnMut(Event) -> Arc<Record>,
     ) -> Vec<InsertNew> {
         let mut tables: Vec<_> = self.shards.iter().map(|shard| shard.write()).collect();

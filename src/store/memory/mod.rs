@@ -107,22 +107,18 @@ impl MemoryStore {
     }
 
     /// Inserts an event whose id (hashed to `hash`) was not found just now;
-    /// a racing insert of the same id may still win. `reserved`: room for
-    /// it is already counted (a batch reserves for all its events at once).
+    /// a racing insert of the same id may still win.
     fn insert_absent(
         &self,
         hash: u64,
         event: Event,
         received_at: SystemTime,
         trace_id: TraceId,
-        reserved: bool,
     ) -> Result<Insert, StoreError> {
         let bytes = event_footprint(&event);
         // Eviction takes id shard locks, so it must run before this insert
         // holds one.
-        if !reserved {
-            self.reserve(1, bytes)?;
-        }
+        self.reserve(1, bytes)?;
         let inserted = self.by_id.insert_new(hash, event, |event| {
             self.by_sequence
                 .lock()
@@ -135,6 +131,39 @@ impl MemoryStore {
                 Ok(Self::existing(held, &event))
             }
         }
+    }
+
+    /// Inserts `events` (whose ids hash to `hashes`), room for all of which
+    /// is reserved, with each lock taken once: every id shard, then (lock
+    /// order) the order index. A retry gives its room back.
+    fn insert_reserved(
+        &self,
+        events: Vec<Event>,
+        hashes: Vec<u64>,
+        received_at: SystemTime,
+        trace_id: TraceId,
+    ) -> Vec<Result<Insert, StoreError>> {
+        let mut order = None;
+        let inserted = self
+            .by_id
+            .insert_new_all(hashes.into_iter().zip(events), |event| {
+                order
+                    .get_or_insert_with(|| self.by_sequence.lock())
+                    .push_with(|sequence| {
+                        Arc::new(Record::new(event, sequence, received_at, trace_id))
+                    })
+            });
+        drop(order);
+        inserted
+            .into_iter()
+            .map(|inserted| match inserted {
+                Ok(record) => Ok(Insert::Inserted(record)),
+                Err((held, event)) => {
+                    self.release(1, event_footprint(&event));
+                    Ok(Self::existing(held, &event))
+                }
+            })
+            .collect()
     }
 
     /// Reserves room for `records` records of `bytes` in total, evicting
@@ -224,7 +253,7 @@ impl Store for MemoryStore {
         if let Some(record) = self.by_id.get_hashed(hash, event.id.as_str()) {
             return Ok(Self::existing(record, &event));
         }
-        self.insert_absent(hash, event, received_at, trace_id, false)
+        self.insert_absent(hash, event, received_at, trace_id)
     }
 
     async fn insert_batch(
@@ -237,72 +266,29 @@ impl Store for MemoryStore {
             .iter()
             .map(|e| self.by_id.hash(e.id.as_str()))
             .collect();
+        // A batch takes room for all its events up front, as if all were
+        // new (the usual case), and each retry among them gives it back.
+        let bytes = events.iter().map(event_footprint).sum();
+        if events.len() >= self.by_id.shard_count() && self.reserve(events.len(), bytes).is_ok() {
+            return self.insert_reserved(events, hashes, received_at, trace_id);
+        }
+        // A small batch, or one that does not fit whole: look up first, so
+        // that retries take no room; each new event then reserves its own,
+        // and those that still fit get in.
         let keys: Vec<(u64, &str)> = hashes
             .iter()
             .zip(&events)
             .map(|(&hash, e)| (hash, e.id.as_str()))
             .collect();
-        // All lookups first, while their misses can overlap; the inserts
-        // then find the same table lines in cache.
         let held = self.by_id.get_all(&keys);
         drop(keys);
-        // Room for all the new ones at once: two atomic additions per batch
-        // instead of per event. If that does not fit, each reserves its own
-        // room, and those that still fit get in.
-        let (absent, absent_bytes) = events
-            .iter()
-            .zip(&held)
-            .filter(|(_, held)| held.is_none())
-            .fold((0, 0), |(n, bytes), (event, _)| {
-                (n + 1, bytes + event_footprint(event))
-            });
-        let reserved = self.reserve(absent, absent_bytes).is_ok();
-        if !reserved || absent < self.by_id.shard_count() {
-            return events
-                .into_iter()
-                .zip(hashes)
-                .zip(held)
-                .map(|((event, hash), held)| match held {
-                    Some(record) => Ok(Self::existing(record, &event)),
-                    None => self.insert_absent(hash, event, received_at, trace_id, reserved),
-                })
-                .collect();
-        }
-        // The new ones are inserted with each lock taken once: every id
-        // shard, then (lock order) the order index.
-        let mut answers = Vec::with_capacity(events.len());
-        let mut new = Vec::with_capacity(absent);
-        for ((event, hash), held) in events.into_iter().zip(hashes).zip(held) {
-            match held {
-                Some(record) => answers.push(Some(Self::existing(record, &event))),
-                None => {
-                    answers.push(None);
-                    new.push((hash, event));
-                }
-            }
-        }
-        let mut order = None;
-        let inserted = self.by_id.insert_new_all(new, |event| {
-            order
-                .get_or_insert_with(|| self.by_sequence.lock())
-                .push_with(|sequence| Arc::new(Record::new(event, sequence, received_at, trace_id)))
-        });
-        drop(order);
-        let mut inserted = inserted.into_iter();
-        answers
+        events
             .into_iter()
-            .map(|answer| match answer {
-                Some(existing) => Ok(existing),
-                None => match inserted.next() {
-                    Some(Ok(record)) => Ok(Insert::Inserted(record)),
-                    // A racing insert of the same id got in first.
-                    Some(Err((held, event))) => {
-                        self.release(1, event_footprint(&event));
-                        Ok(Self::existing(held, &event))
-                    }
-                    // Not reached: one result per new event.
-                    None => Err(StoreError::Full),
-                },
+            .zip(hashes)
+            .zip(held)
+            .map(|((event, hash), held)| match held {
+                Some(record) => Ok(Self::existing(record, &event)),
+                None => self.insert_absent(hash, event, received_at, trace_id),
             })
             .collect()
     }
