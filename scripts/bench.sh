@@ -31,6 +31,15 @@ PORT=""
 cleanup() { if [[ -n "$SERVER_PID" ]]; then kill -KILL "$SERVER_PID" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 
+# in_turn RUN A B ...: the names in order on odd runs, reversed on even
+# ones. The server started second in a pair measures a few percent faster
+# on these machines, so a fixed order would favour one side.
+in_turn() {
+  local run="$1"
+  shift
+  if (( run % 2 == 1 )); then printf '%s\n' "$@"; else printf '%s\n' "$@" | tac; fi
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 wait_up() {
@@ -94,22 +103,26 @@ machine() {
 
 bench_single() {
   echo "== 1. single-event ingest: eventflow (full pipeline) vs the ceiling, wrk -t1 -c64, ${DURATION}s x $RUNS"
-  local ceil=() flow=() ceil_p99=() flow_p99=() line
+  local ceil=() flow=() ceil_p99=() flow_p99=() ratios=() line server non2xx=0
   for run in $(seq "$RUNS"); do
-    start_server ceiling
-    read -r rps p99 _ <<<"$(wrk_run "ceiling-$run")"
-    stop_server
-    ceil+=("$rps"); ceil_p99+=("$p99")
-    start_server eventflow
-    read -r rps p99 non2xx <<<"$(wrk_run "eventflow-$run")"
-    stop_server
-    flow+=("$rps"); flow_p99+=("$p99")
-    echo "run $run: ceiling ${ceil[-1]} req/s (p99 ${ceil_p99[-1]} ms) | eventflow $rps req/s (p99 $p99 ms, non-2xx $non2xx)"
+    for server in $(in_turn "$run" ceiling eventflow); do
+      start_server "$server"
+      if [[ "$server" == ceiling ]]; then
+        read -r rps p99 _ <<<"$(wrk_run "ceiling-$run")"
+        ceil+=("$rps"); ceil_p99+=("$p99")
+      else
+        read -r rps p99 non2xx <<<"$(wrk_run "eventflow-$run")"
+        flow+=("$rps"); flow_p99+=("$p99")
+      fi
+      stop_server
+    done
+    ratios+=("$(python3 -c "print(${flow[-1]} / ${ceil[-1]})")")
+    echo "run $run: ceiling ${ceil[-1]} req/s (p99 ${ceil_p99[-1]} ms) | eventflow ${flow[-1]} req/s (p99 ${flow_p99[-1]} ms, non-2xx $non2xx)"
   done
   local mc mf
   mc="$(median "${ceil[@]}")"; mf="$(median "${flow[@]}")"
-  line="$(python3 -c "print(f'median: ceiling {float($mc):.0f} req/s, eventflow {float($mf):.0f} req/s = {100*float($mf)/float($mc):.1f} % of the ceiling')")"
-  echo "$line; p99 at saturation: ceiling $(median "${ceil_p99[@]}") ms, eventflow $(median "${flow_p99[@]}") ms"
+  line="$(python3 -c "print(f'median: ceiling {float($mc):.0f} req/s, eventflow {float($mf):.0f} req/s = {100*float($mf)/float($mc):.1f} % of the ceiling (median of the runs\' ratios {100*float($(median "${ratios[@]}")):.1f} %)')")"
+  echo "$line; p99 at saturation: ceiling $(printf %.2f "$(median "${ceil_p99[@]}")") ms, eventflow $(printf %.2f "$(median "${flow_p99[@]}")") ms"
   # Latency at 80 % of the ceiling's rate, open loop (no coordinated omission).
   local rate
   rate="$(python3 -c "print(int(0.8*float($mc)))")"
@@ -209,20 +222,28 @@ bench_tracing() {
   taskset -c "$LOAD_CPU" "$BIN/examples/otlp_sink" "127.0.0.1:$sink_port" 2>>"$OUT/otlp_sink.log" &
   local sink_pid=$!
   sleep 0.5
-  local off=() low=() full=()
+  local off=() low=() full=() low_cost=() full_cost=() config
+  local otlp="EVENTFLOW__TELEMETRY__OTLP_ENDPOINT=http://127.0.0.1:$sink_port"
   for run in $(seq "$RUNS"); do
-    start_server eventflow
-    read -r rps _ <<<"$(wrk_run "trace-off-$run")"; off+=("$rps"); stop_server
-    start_server eventflow EVENTFLOW__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" EVENTFLOW__TELEMETRY__SAMPLE_RATIO=0.01
-    read -r rps _ <<<"$(wrk_run "trace-1pct-$run")"; low+=("$rps"); stop_server
-    start_server eventflow EVENTFLOW__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port" EVENTFLOW__TELEMETRY__SAMPLE_RATIO=1.0
-    read -r rps _ <<<"$(wrk_run "trace-all-$run")"; full+=("$rps"); stop_server
+    for config in $(in_turn "$run" off 0.01 1.0); do
+      case "$config" in
+        off) start_server eventflow; read -r rps _ <<<"$(wrk_run "trace-off-$run")"; off+=("$rps") ;;
+        0.01) start_server eventflow "$otlp" EVENTFLOW__TELEMETRY__SAMPLE_RATIO=0.01
+          read -r rps _ <<<"$(wrk_run "trace-1pct-$run")"; low+=("$rps") ;;
+        1.0) start_server eventflow "$otlp" EVENTFLOW__TELEMETRY__SAMPLE_RATIO=1.0
+          read -r rps _ <<<"$(wrk_run "trace-all-$run")"; full+=("$rps") ;;
+      esac
+      stop_server
+    done
+    low_cost+=("$(python3 -c "print(1 - ${low[-1]} / ${off[-1]})")")
+    full_cost+=("$(python3 -c "print(1 - ${full[-1]} / ${off[-1]})")")
     echo "run $run: off ${off[-1]}, ratio 0.01 ${low[-1]}, ratio 1.0 ${full[-1]} req/s"
   done
   kill "$sink_pid" 2>/dev/null || true
   python3 -c "
 off, low, full = $(median "${off[@]}"), $(median "${low[@]}"), $(median "${full[@]}")
-print(f'median: off {off:.0f}, ratio 0.01 {low:.0f} ({100*(1-low/off):.1f} % slower), ratio 1.0 {full:.0f} ({100*(1-full/off):.1f} % slower) req/s')"
+print(f'median: off {off:.0f}, ratio 0.01 {low:.0f} ({100*(1-low/off):.1f} % slower), ratio 1.0 {full:.0f} ({100*(1-full/off):.1f} % slower) req/s')
+print(f'median of the runs\' own costs: ratio 0.01 {100*$(median "${low_cost[@]}"):.1f} %, ratio 1.0 {100*$(median "${full_cost[@]}"):.1f} %')"
 }
 
 bench_shutdown() {
