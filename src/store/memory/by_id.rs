@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockWriteGuard};
 
 use crate::event::Event;
 use crate::store::Record;
@@ -17,6 +17,76 @@ const RUN: usize = 1024;
 /// What an insert of a new record gives: the record, or the one already
 /// held with that id along with the event.
 pub(super) type InsertNew = Result<Arc<Record>, (Arc<Record>, Event)>;
+
+/// What [`AllShards::find_all`] found for one event of a batch.
+#[derive(Debug)]
+pub(super) enum Found {
+    /// A record with its id is held.
+    Held(Arc<Record>),
+    /// An earlier event of the batch (at this position) has its id and is new.
+    Earlier(usize),
+    /// Its id is new.
+    New,
+}
+
+/// Every shard of an [`IdIndex`], write-locked.
+///
+/// A batch is inserted in steps that keep atomic instructions away from
+/// stores to memory not in cache, because an atomic waits until every
+/// store before it is done: looking up (reads only), building the records
+/// and taking their references (the caller), then linking them into the
+/// tables (moves only), so that the cache misses of one step overlap
+/// instead of being paid one event at a time.
+pub(super) struct AllShards<'a> {
+    index: &'a IdIndex,
+    tables: Vec<RwLockWriteGuard<'a, HashTable<Arc<Record>>>>,
+}
+
+impl std::fmt::Debug for AllShards<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AllShards").finish_non_exhaustive()
+    }
+}
+
+impl AllShards<'_> {
+    /// For each of `events`, whose ids hash to `hashes`: whether its id is
+    /// held, repeats a new one earlier in the batch, or is new.
+    pub(super) fn find_all(&self, events: &[Event], hashes: &[u64]) -> Vec<Found> {
+        let mut new_in_batch: HashTable<usize> = HashTable::with_capacity(events.len());
+        events
+            .iter()
+            .zip(hashes)
+            .enumerate()
+            .map(|(position, (event, &hash))| {
+                let table = &self.tables[self.index.shard_index(hash)];
+                if let Some(held) = table.find(hash, |r| r.event.id == event.id) {
+                    return Found::Held(Arc::clone(held));
+                }
+                match new_in_batch.entry(
+                    hash,
+                    |&earlier| events[earlier].id == event.id,
+                    |&earlier| hashes[earlier],
+                ) {
+                    Entry::Occupied(earlier) => Found::Earlier(*earlier.get()),
+                    Entry::Vacant(slot) => {
+                        slot.insert(position);
+                        Found::New
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Links `records`, whose ids hash to the paired values and were found
+    /// [`New`](Found::New), into the tables.
+    pub(super) fn insert_all(&mut self, records: Vec<(u64, Arc<Record>)>) {
+        let Self { index, tables } = self;
+        for (hash, record) in records {
+            tables[index.shard_index(hash)]
+                .insert_unique(hash, record, |r| index.hash(r.event.id.as_str()));
+        }
+    }
+}
 
 /// Records by id. Each slot is one pointer: the key is read from the record,
 /// where a map keyed by a copy of the id would spend 24 bytes a slot.
@@ -127,43 +197,18 @@ impl IdIndex {
     }
 
     /// Number of shards: a batch of at least this many events is inserted
-    /// with [`insert_new_all`](Self::insert_new_all).
+    /// with every shard locked at once ([`lock_all`](Self::lock_all)).
     pub(super) fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
-    /// [`insert_new`](Self::insert_new) for each `(hash, event)`, in order,
-    /// with every shard write-locked once for the whole batch (taken in
-    /// shard order, the only order in which anyone holds more than one).
-    /// `make` may take the order lock, as for `insert_new`.
-    ///
-    /// A lock and an unlock per event cost two atomic instructions, and an
-    /// atomic waits for the stores before it: those of the record just
-    /// built, to memory not yet in cache. Per batch, they are paid once.
-    pub(super) fn insert_new_all(
-        &self,
-        events: impl IntoIterator<Item = (u64, Event)>,
-        mut make: impl FnMut(Event) -> Arc<Record>,
-    ) -> Vec<InsertNew> {
-        let mut tables: Vec<_> = self.shards.iter().map(|shard| shard.write()).collect();
-        events
-            .into_iter()
-            .map(|(hash, event)| {
-                let table = &mut tables[self.shard_index(hash)];
-                match table.entry(
-                    hash,
-                    |r| r.event.id == event.id,
-                    |r| self.hash(r.event.id.as_str()),
-                ) {
-                    Entry::Occupied(held) => Err((Arc::clone(held.get()), event)),
-                    Entry::Vacant(slot) => {
-                        let record = make(event);
-                        slot.insert(Arc::clone(&record));
-                        Ok(record)
-                    }
-                }
-            })
-            .collect()
+    /// Every shard write-locked, taken in shard order (the only order in
+    /// which anyone holds more than one), for inserting a batch.
+    pub(super) fn lock_all(&self) -> AllShards<'_> {
+        AllShards {
+            index: self,
+            tables: self.shards.iter().map(|shard| shard.write()).collect(),
+        }
     }
 
     /// Removes `record` itself (not a newer record with the same id).

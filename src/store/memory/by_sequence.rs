@@ -43,6 +43,22 @@ impl SequenceIndex {
         record
     }
 
+    /// The sequence the next appended record gets.
+    pub(super) fn next_sequence(&self) -> u64 {
+        self.first + self.slots.len() as u64
+    }
+
+    /// Appends records built for consecutive sequences from
+    /// [`next_sequence`](Self::next_sequence) on (the caller held the lock
+    /// since it asked).
+    pub(super) fn push_all<'a>(&mut self, records: impl Iterator<Item = &'a Arc<Record>>) {
+        for (next, record) in (self.next_sequence()..).zip(records) {
+            debug_assert_eq!(record.sequence, next, "records appended out of sequence");
+            self.slots.push_back(Some(Arc::clone(record)));
+            self.held += 1;
+        }
+    }
+
     fn position(&self, sequence: u64) -> Option<usize> {
         usize::try_from(sequence.checked_sub(self.first)?).ok()
     }

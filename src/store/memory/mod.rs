@@ -29,7 +29,7 @@ use super::{
 use crate::config::StoreSettings;
 use crate::event::{Event, EventId};
 use crate::telemetry::TraceId;
-use by_id::IdIndex;
+use by_id::{Found, IdIndex};
 use by_sequence::{Scan, SequenceIndex, Verdict};
 
 /// Eviction frees this fraction of a bound beyond what the insert needs, so
@@ -136,6 +136,11 @@ impl MemoryStore {
     /// Inserts `events` (whose ids hash to `hashes`), room for all of which
     /// is reserved, with each lock taken once: every id shard, then (lock
     /// order) the order index. A retry gives its room back.
+    ///
+    /// The steps are ordered for the cache (see [`by_id::AllShards`]): look
+    /// every id up; build the new records (allocations and plain stores);
+    /// take their references for the two indexes (atomic instructions, on
+    /// lines just written); link them in (moves).
     fn insert_reserved(
         &self,
         events: Vec<Event>,
@@ -143,27 +148,51 @@ impl MemoryStore {
         received_at: SystemTime,
         trace_id: TraceId,
     ) -> Vec<Result<Insert, StoreError>> {
-        let mut order = None;
-        let inserted = self
-            .by_id
-            .insert_new_all(hashes.into_iter().zip(events), |event| {
-                order
-                    .get_or_insert_with(|| self.by_sequence.lock())
-                    .push_with(|sequence| {
-                        Arc::new(Record::new(event, sequence, received_at, trace_id))
-                    })
-            });
-        drop(order);
-        inserted
-            .into_iter()
-            .map(|inserted| match inserted {
-                Ok(record) => Ok(Insert::Inserted(record)),
-                Err((held, event)) => {
+        let mut shards = self.by_id.lock_all();
+        let found = shards.find_all(&events, &hashes);
+        let mut order = self.by_sequence.lock();
+        let mut sequence = order.next_sequence();
+        let mut results: Vec<Result<Insert, StoreError>> = Vec::with_capacity(events.len());
+        for (event, found) in events.into_iter().zip(found) {
+            let result = match found {
+                Found::New => {
+                    let record = Record::new(event, sequence, received_at, trace_id);
+                    sequence += 1;
+                    Ok(Insert::Inserted(Arc::new(record)))
+                }
+                Found::Held(held) => {
                     self.release(1, event_footprint(&event));
                     Ok(Self::existing(held, &event))
                 }
-            })
-            .collect()
+                Found::Earlier(position) => {
+                    self.release(1, event_footprint(&event));
+                    match results.get(position) {
+                        Some(Ok(Insert::Inserted(first))) => {
+                            Ok(Self::existing(Arc::clone(first), &event))
+                        }
+                        // Not reached: `Earlier` names a new event.
+                        _ => Err(StoreError::Full),
+                    }
+                }
+            };
+            results.push(result);
+        }
+        let inserted = || {
+            results
+                .iter()
+                .zip(&hashes)
+                .filter_map(|(result, &hash)| match result {
+                    Ok(Insert::Inserted(record)) => Some((hash, record)),
+                    _ => None,
+                })
+        };
+        order.push_all(inserted().map(|(_, record)| record));
+        drop(order);
+        let linked = inserted()
+            .map(|(hash, record)| (hash, Arc::clone(record)))
+            .collect();
+        shards.insert_all(linked);
+        results
     }
 
     /// Reserves room for `records` records of `bytes` in total, evicting
