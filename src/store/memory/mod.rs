@@ -32,9 +32,13 @@ use crate::telemetry::TraceId;
 use by_id::{Found, IdIndex};
 use by_sequence::{Scan, SequenceIndex, Verdict};
 
-/// Eviction frees this fraction of a bound beyond what the insert needs, so
-/// that it runs in batches rather than on every insert of a full store.
-const EVICTION_SLACK_DIVISOR: usize = 64;
+/// Eviction frees this fraction of a bound beyond what the insert needs
+/// (244 records of the default 1,000,000), so that it runs for many inserts
+/// at once rather than on every insert of a full store, while a pass's
+/// records stay in the cache from one of its steps to the next (judging
+/// them, removing them from the id index, freeing them). Passes of 1/64
+/// made batch ingest 5–10 % slower (`docs/performance.md`).
+const EVICTION_SLACK_DIVISOR: usize = 4096;
 
 /// Slots a page scan looks at per hold of the order lock, so that a filtered
 /// scan over a large store never stalls inserts for long.
