@@ -626,17 +626,8 @@ mod tests {
         let results = store
             .insert_batch(events, SystemTime::now(), TraceId::random())
             .await;
-        let summary: Vec<(&str, u64)> = results
-            .iter()
-            .map(|r| match r {
-                Ok(Insert::Inserted(r)) => ("inserted", r.sequence),
-                Ok(Insert::Duplicate(r)) => ("duplicate", r.sequence),
-                Ok(Insert::Conflict(r)) => ("conflict", r.sequence),
-                Err(_) => ("error", 0),
-            })
-            .collect();
         assert_eq!(
-            summary,
+            summary(&results),
             [
                 ("inserted", 2),
                 ("duplicate", 1),
