@@ -53,8 +53,8 @@ impl LatencyHistogram {
         let n = n as u64;
         self.counts[bucket].fetch_add(n, Ordering::Relaxed);
         let add = latency.as_secs_f64() * n as f64;
-        // Only this call's addition can fail to apply; retrying is bounded
-        // by the number of racing writers.
+        // A compare-and-swap loop: it retries only while another record
+        // changes the sum in between, and the update itself never refuses.
         let _ = self
             .sum
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
