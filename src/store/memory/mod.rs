@@ -8,9 +8,10 @@
 //! cannot make room.
 //!
 //! Locks: an insert holds its id shard, then briefly the order index (which
-//! hands out the sequence). Eviction takes the order index alone and
-//! removes from the id shards only after letting it go, so the two never
-//! wait on each other in opposite order.
+//! hands out the sequence); a large batch holds every id shard (taken in
+//! shard order), then the order index. Eviction takes the order index alone
+//! and removes from the id shards only after letting it go, so inserts and
+//! eviction never wait on each other in opposite order.
 
 mod by_id;
 mod by_sequence;
