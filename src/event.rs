@@ -379,16 +379,25 @@ impl MetadataText {
 impl JsonWriter {
     /// `event` as one line of JSON (no newline); see [`PublishedEvent::to_json`].
     pub fn write(&mut self, event: &PublishedEvent) -> String {
+        let mut out = String::new();
+        self.append(event, &mut out);
+        out
+    }
+
+    /// Appends `event` as one line of JSON (no newline) to `out`: a worker
+    /// writes all the lines of a pass into one buffer, saving an allocation
+    /// per line and letting a sink of lines copy them in one piece.
+    pub fn append(&mut self, event: &PublishedEvent, out: &mut String) {
         // Everything but the id and payload takes at most ~300 bytes (keys,
-        // two timestamps, numbers at their longest, the trace id): sized so
-        // that a line without escapes never reallocates.
-        let mut out = String::with_capacity(event.payload.len() + event.id.as_str().len() + 320);
+        // two timestamps, numbers at their longest, the trace id): reserved
+        // so that a line without escapes never reallocates halfway.
+        out.reserve(line_size_hint(&event.payload, event.id.as_str()));
         out.push_str("{\"id\":");
-        push_json_str(&mut out, event.id.as_str());
+        push_json_str(out, event.id.as_str());
         out.push_str(",\"timestamp\":");
         out.push_str(itoa::Buffer::new().format(event.timestamp));
         out.push_str(",\"payload\":");
-        push_json_str(&mut out, &event.payload);
+        push_json_str(out, &event.payload);
         if let Some(m) = &event.metadata {
             let source = MetadataSource::of(m);
             if self.last.as_ref().is_some_and(|text| text.source != source) {
@@ -400,8 +409,13 @@ impl JsonWriter {
             out.push_str(&text.tail);
         }
         out.push('}');
-        out
     }
+}
+
+/// Room for the JSON line of an event with this payload and id, unless
+/// they need escaping.
+pub fn line_size_hint(payload: &str, id: &str) -> usize {
+    payload.len() + id.len() + 320
 }
 
 /// Appends `text` as a JSON string. Text without quotes, backslashes or
@@ -720,6 +734,28 @@ mod tests {
             writer.write(&bare),
             r#"{"id":"bare","timestamp":0,"payload":"X"}"#
         );
+    }
+
+    #[test]
+    fn lines_appended_to_one_buffer_are_each_events_json() {
+        let events: Vec<PublishedEvent> = ["plain", "with \"quotes\"\n", "straße"]
+            .iter()
+            .enumerate()
+            .map(|(i, payload)| PublishedEvent {
+                id: EventId::parse(&format!("e{i}")).unwrap(),
+                timestamp: i as i64,
+                payload: (*payload).into(),
+                metadata: None,
+            })
+            .collect();
+        let mut writer = JsonWriter::default();
+        let mut lines = String::from("kept\n");
+        for event in &events {
+            writer.append(event, &mut lines);
+            lines.push('\n');
+        }
+        let expected: Vec<String> = events.iter().map(PublishedEvent::to_json).collect();
+        assert_eq!(lines, format!("kept\n{}\n", expected.join("\n")));
     }
 
     #[test]

@@ -21,8 +21,8 @@ use tracing::{Instrument, field};
 
 use super::Pipeline;
 use super::queue::QueuedEvents;
-use crate::event::JsonWriter;
-use crate::sink::{Publication, StreamMessage};
+use crate::event::{JsonWriter, line_size_hint};
+use crate::sink::{Publication, Publications, StreamMessage};
 use crate::store::{CompleteWith, Processing, Record};
 use crate::telemetry;
 use crate::time::UnixNanos;
@@ -176,7 +176,15 @@ async fn process(
             processed_at: UnixNanos::now(),
         };
         let mut rendered = Vec::with_capacity(records.len());
-        let mut lines = JsonWriter::default();
+        // The pass's JSON lines, one after another; `rendered` keeps where
+        // each one is.
+        let mut lines = String::with_capacity(
+            records
+                .iter()
+                .map(|r| line_size_hint(&r.event.payload, r.event.id.as_str()) + 1)
+                .sum(),
+        );
+        let mut writer = JsonWriter::default();
         for record in records {
             let transformed = telemetry::child_span(&span, || tracing::debug_span!("transform"))
                 .in_scope(|| {
@@ -186,8 +194,10 @@ async fn process(
                 });
             let error = match transformed {
                 Ok(Ok(event)) => {
-                    let json = lines.write(&event);
-                    rendered.push((record, event, json));
+                    let start = lines.len();
+                    writer.append(&event, &mut lines);
+                    rendered.push((record, event, start..lines.len()));
+                    lines.push('\n');
                     continue;
                 }
                 Ok(Err(error)) => {
@@ -207,15 +217,15 @@ async fn process(
         }
         let publications: Vec<Publication<'_>> = rendered
             .iter()
-            .map(|(record, event, json)| Publication {
+            .map(|(record, event, line)| Publication {
                 event,
                 sequence: record.sequence,
-                json,
+                json: &lines[line.clone()],
             })
             .collect();
         for sink in &inner.sinks {
             let published = sink
-                .publish(&publications)
+                .publish(Publications::new(&publications, &lines))
                 .instrument(telemetry::child_span(&span, || {
                     tracing::debug_span!("publish", sink = sink.name())
                 }))
@@ -242,14 +252,14 @@ async fn process(
             );
         }
         let mut streamed = 0;
-        for ((record, event, json), publish_seq) in rendered.into_iter().zip(publish_seqs) {
+        for ((record, event, line), publish_seq) in rendered.into_iter().zip(publish_seqs) {
             if let Some(publish_seq) = publish_seq
                 && inner.broadcast.has_subscribers()
             {
                 inner.broadcast.send(StreamMessage {
                     sequence: record.sequence,
                     publish_seq,
-                    json: Arc::from(json),
+                    json: Arc::from(&lines[line]),
                 });
                 streamed += 1;
             }
@@ -345,11 +355,12 @@ mod tests {
         fn name(&self) -> &'static str {
             "recorder"
         }
-        async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError> {
+        async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError> {
             self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut seen = self.0.lock().unwrap();
             seen.extend(
                 publications
+                    .events()
                     .iter()
                     .map(|p| (p.sequence, p.event.payload.clone())),
             );

@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use super::{Publication, Sink, SinkError};
+use super::{Publications, Sink, SinkError};
 
 /// Logs every published event at INFO on target `eventflow::published`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -14,8 +14,8 @@ impl Sink for LogSink {
         "log"
     }
 
-    async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError> {
-        for publication in publications {
+    async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError> {
+        for publication in publications.events() {
             tracing::info!(
                 target: "eventflow::published",
                 id = %publication.event.id,

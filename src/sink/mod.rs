@@ -32,6 +32,53 @@ pub struct Publication<'a> {
     pub json: &'a str,
 }
 
+/// The events of one worker pass, in order, handed to every sink at once.
+///
+/// Their JSON lines sit in one buffer, so that a sink that writes lines
+/// (stdout) copies the pass in one piece rather than line by line.
+#[derive(Debug, Clone, Copy)]
+pub struct Publications<'a> {
+    events: &'a [Publication<'a>],
+    lines: &'a str,
+}
+
+impl<'a> Publications<'a> {
+    /// `lines` must be every event's `json`, in order, each followed by a
+    /// newline (checked in debug builds).
+    pub fn new(events: &'a [Publication<'a>], lines: &'a str) -> Self {
+        debug_assert_eq!(
+            lines,
+            events.iter().fold(String::new(), |mut all, p| {
+                all.push_str(p.json);
+                all.push('\n');
+                all
+            }),
+            "the lines must be the events' JSON, in order"
+        );
+        Self { events, lines }
+    }
+
+    /// The events.
+    pub fn events(&self) -> &'a [Publication<'a>] {
+        self.events
+    }
+
+    /// Every event's JSON, in order, each followed by a newline.
+    pub fn lines(&self) -> &'a str {
+        self.lines
+    }
+
+    /// How many events there are.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
 /// Why a sink could not take an event.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -54,9 +101,9 @@ pub enum SinkError {
 pub trait Sink: Send + Sync + fmt::Debug {
     /// Name used in configuration, logs and metrics labels.
     fn name(&self) -> &'static str;
-    /// Hands events to the sink, in order: one call per chunk a worker
-    /// processes, so that a sink can write them together.
-    async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError>;
+    /// Hands events to the sink, in order: one call per pass a worker
+    /// makes, so that a sink can write them together.
+    async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError>;
     /// Makes everything published so far durable at the destination.
     async fn flush(&self) -> Result<(), SinkError>;
 }

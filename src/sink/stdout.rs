@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::{Notify, oneshot};
 
-use super::{Publication, Sink, SinkError};
+use super::{Publications, Sink, SinkError};
 
 /// Buffered bytes at which publishers wait for the writer.
 const BUFFER_LIMIT: usize = 1024 * 1024;
@@ -120,7 +120,7 @@ impl Sink for StdoutSink {
         "stdout"
     }
 
-    async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError> {
+    async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError> {
         loop {
             // Register for room before checking, so a wake-up cannot be missed.
             let room = self.shared.room.notified();
@@ -132,10 +132,9 @@ impl Sink for StdoutSink {
                 // A chunk goes in whole: the buffer may pass the limit by one.
                 if state.buffer.len() < BUFFER_LIMIT {
                     let was_empty = state.buffer.is_empty();
-                    for publication in publications {
-                        state.buffer.extend_from_slice(publication.json.as_bytes());
-                        state.buffer.push(b'\n');
-                    }
+                    state
+                        .buffer
+                        .extend_from_slice(publications.lines().as_bytes());
                     if was_empty {
                         self.shared.work.notify_one();
                     }
@@ -172,6 +171,7 @@ mod tests {
 
     use super::*;
     use crate::event::{EventId, PublishedEvent};
+    use crate::sink::Publication;
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -201,8 +201,12 @@ mod tests {
             sequence: 1,
             json,
         };
-        sink.publish(&[publication(r#"{"n":1}"#)]).await.unwrap();
-        sink.publish(&[publication(r#"{"n":2}"#), publication(r#"{"n":3}"#)])
+        let one = [publication(r#"{"n":1}"#)];
+        sink.publish(Publications::new(&one, "{\"n\":1}\n"))
+            .await
+            .unwrap();
+        let two = [publication(r#"{"n":2}"#), publication(r#"{"n":3}"#)];
+        sink.publish(Publications::new(&two, "{\"n\":2}\n{\"n\":3}\n"))
             .await
             .unwrap();
         sink.flush().await.unwrap();

@@ -11,7 +11,7 @@ use eventflow::api::AppState;
 use eventflow::app::App;
 use eventflow::config::Settings;
 use eventflow::shutdown::DeadlineExceeded;
-use eventflow::sink::{Publication, Sink, SinkError, StdoutSink};
+use eventflow::sink::{Publications, Sink, SinkError, StdoutSink};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, oneshot};
@@ -61,9 +61,9 @@ impl Sink for Gate {
     fn name(&self) -> &'static str {
         "gate"
     }
-    async fn publish(&self, publications: &[Publication<'_>]) -> Result<(), SinkError> {
+    async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError> {
         // One permit per event, taken one at a time as the test releases them.
-        for _ in publications {
+        for _ in publications.events() {
             let permit = self
                 .0
                 .acquire()
