@@ -13,6 +13,7 @@ mod waiters;
 mod worker;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
@@ -112,12 +113,6 @@ struct Repeat {
     differs: bool,
     /// Position of the first occurrence among the batch's unique events.
     position: usize,
-}
-
-/// A unique event of a batch with where it came from.
-struct Admitted {
-    placed: Placed,
-    event: Event,
 }
 
 /// Where a unique event of a batch came from, kept while the store has it.
@@ -364,20 +359,34 @@ impl Pipeline {
         let store = &self.inner.store;
         let mut outcome = BatchOutcome::default();
         // Repeats inside the batch behave like retries of the first occurrence.
+        // The unique events go to the store as they are; `placed` keeps, at
+        // the same positions, where each came from.
         let mut first_seen: HashMap<EventId, usize> = HashMap::with_capacity(events.len());
-        let mut unique: Vec<(usize, Event)> = Vec::with_capacity(events.len());
+        let mut unique: Vec<Event> = Vec::with_capacity(events.len());
+        let mut placed: Vec<Placed> = Vec::with_capacity(events.len());
         let mut repeats: Vec<Repeat> = Vec::new();
         for (index, event) in events {
-            match first_seen.get(&event.id) {
-                Some(&position) => repeats.push(Repeat {
-                    index,
-                    differs: unique[position].1 != event,
-                    id: event.id,
-                    position,
-                }),
-                None => {
-                    first_seen.insert(event.id.clone(), unique.len());
-                    unique.push((index, event));
+            // One hash per id: `entry` rather than `get` then `insert`.
+            match first_seen.entry(event.id.clone()) {
+                Entry::Occupied(first) => {
+                    let position = *first.get();
+                    repeats.push(Repeat {
+                        index,
+                        differs: unique[position] != event,
+                        id: event.id,
+                        position,
+                    });
+                }
+                Entry::Vacant(slot) => {
+                    let position = unique.len();
+                    slot.insert(position);
+                    placed.push(Placed {
+                        position,
+                        index,
+                        size: event_footprint(&event),
+                        id: event.id.clone(),
+                    });
+                    unique.push(event);
                 }
             }
         }
@@ -388,47 +397,33 @@ impl Pipeline {
         // for all of them and let the store sort out retries (their shares
         // are given back). Only when that does not fit, look up which ones
         // are new: retries are answered even when the pipeline is full.
-        let admitted: Vec<Admitted> = unique
-            .into_iter()
-            .enumerate()
-            .map(|(position, (index, event))| Admitted {
-                placed: Placed {
-                    position,
-                    index,
-                    size: event_footprint(&event),
-                    id: event.id.clone(),
-                },
-                event,
-            })
-            .collect();
-        let (admitted, mut permit) = match self.acquire_for(&admitted) {
-            Ok(permit) => (admitted, permit),
+        let (events, placed, mut permit) = match self.acquire_for(&placed) {
+            Ok(permit) => (unique, placed, permit),
             Err(Overloaded) => {
-                let mut new = Vec::new();
-                for admitted in admitted {
-                    match store.get(&admitted.event.id).await {
-                        Some(held) if held.same_content(&admitted.event) => {
+                let mut new_events = Vec::new();
+                let mut new_placed = Vec::new();
+                for (event, placed) in unique.into_iter().zip(placed) {
+                    match store.get(&event.id).await {
+                        Some(held) if held.same_content(&event) => {
                             outcome.duplicates += 1;
                         }
                         Some(_) => {
-                            let Placed {
-                                position, index, ..
-                            } = admitted.placed;
-                            conflicted[position] = true;
-                            outcome.rejected.push(conflict(index, &admitted.event.id));
+                            conflicted[placed.position] = true;
+                            outcome.rejected.push(conflict(placed.index, &event.id));
                         }
-                        None => new.push(admitted),
+                        None => {
+                            new_events.push(event);
+                            new_placed.push(placed);
+                        }
                     }
                 }
-                let permit = self.acquire_for(&new)?;
-                (new, permit)
+                let permit = self.acquire_for(&new_placed)?;
+                (new_events, new_placed, permit)
             }
         };
         let received_at = SystemTime::now();
         let enqueued_at = Instant::now();
         let mut chunk = Chunk::default();
-        let (events, placed): (Vec<Event>, Vec<Placed>) =
-            admitted.into_iter().map(|a| (a.event, a.placed)).unzip();
         let inserted = store.insert_batch(events, received_at, trace_id).await;
         for (placed, inserted) in placed.into_iter().zip(inserted) {
             let Placed {
@@ -479,10 +474,10 @@ impl Pipeline {
     }
 
     /// Room in the pipeline for all of `events`, or [`Overloaded`].
-    fn acquire_for(&self, events: &[Admitted]) -> Result<Permit, Overloaded> {
+    fn acquire_for(&self, events: &[Placed]) -> Result<Permit, Overloaded> {
         let bytes = events
             .iter()
-            .try_fold(0usize, |total, e| total.checked_add(e.placed.size))
+            .try_fold(0usize, |total, e| total.checked_add(e.size))
             .ok_or(Overloaded)?;
         self.inner
             .backpressure
