@@ -139,7 +139,7 @@ struct WireEvent<'a> {
 
 /// Decodes and validates one JSON event.
 pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, DecodeError> {
-    match serde_json::from_slice::<WireEvent>(bytes) {
+    match from_json::<WireEvent>(bytes) {
         Ok(wire) => validate(wire, max_payload_bytes).map_err(DecodeError::Invalid),
         Err(fast_err) => Err(explain(bytes, max_payload_bytes, &fast_err)),
     }
@@ -163,7 +163,7 @@ pub fn decode_array(
     bytes: &[u8],
     max_payload_bytes: usize,
 ) -> Option<Vec<Result<Event, InvalidElement>>> {
-    let wire: Vec<WireEvent<'_>> = serde_json::from_slice(bytes).ok()?;
+    let wire: Vec<WireEvent<'_>> = from_json(bytes).ok()?;
     Some(
         wire.into_iter()
             .map(|wire| {
@@ -176,6 +176,17 @@ pub fn decode_array(
             })
             .collect(),
     )
+}
+
+/// Parses JSON bytes. Text that is valid UTF-8 (nearly every body) is
+/// checked once, in one pass over the whole of it, rather than string by
+/// string as `serde_json` checks bytes; other bytes go to `serde_json` as
+/// they are, for its error.
+fn from_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    }
 }
 
 fn validate(wire: WireEvent<'_>, max_payload_bytes: usize) -> Result<Event, Vec<FieldError>> {
@@ -485,6 +496,7 @@ mod tests {
             br#"[{"id":"a","timestamp":"1","payload":"p"}]"#,
             br#"[{"id":"a","timestamp":1,"payload":"p"}, 5]"#,
             br#"[{"id":"a","timestamp":1,"payload":"p"}"#,
+            b"[{\"id\":\"a\",\"timestamp\":1,\"payload\":\"\xe2\x82\"}]",
         ] {
             assert!(
                 decode_array(body, MAX).is_none(),
@@ -596,7 +608,16 @@ mod tests {
 
     #[test]
     fn malformed_json_is_distinguished() {
-        for bad in [&b"{"[..], b"", b"not json", b"{\"id\":\"a\",}", b"\xff\xfe"] {
+        for bad in [
+            &b"{"[..],
+            b"",
+            b"not json",
+            b"{\"id\":\"a\",}",
+            b"\xff\xfe",
+            // Well-formed but for a string that is not UTF-8.
+            b"{\"id\":\"a\",\"timestamp\":1,\"payload\":\"\xff\"}",
+            b"{\"id\":\"\xc3\",\"timestamp\":1,\"payload\":\"\"}",
+        ] {
             assert!(matches!(
                 decode_event(bad, MAX),
                 Err(DecodeError::Malformed(_))
