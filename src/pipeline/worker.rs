@@ -215,6 +215,8 @@ async fn process(
         if rendered.is_empty() {
             return;
         }
+        // Moved, not copied: sinks may keep the lines after the pass.
+        let lines = Arc::new(lines);
         let publications: Vec<Publication<'_>> = rendered
             .iter()
             .map(|(record, event, line)| Publication {

@@ -34,20 +34,20 @@ pub struct Publication<'a> {
 
 /// The events of one worker pass, in order, handed to every sink at once.
 ///
-/// Their JSON lines sit in one buffer, so that a sink that writes lines
-/// (stdout) copies the pass in one piece rather than line by line.
+/// Their JSON lines sit in one shared buffer, so that a sink that writes
+/// lines (stdout) can keep the pass's buffer rather than copy it.
 #[derive(Debug, Clone, Copy)]
 pub struct Publications<'a> {
     events: &'a [Publication<'a>],
-    lines: &'a str,
+    lines: &'a Arc<String>,
 }
 
 impl<'a> Publications<'a> {
     /// `lines` must be every event's `json`, in order, each followed by a
     /// newline (checked in debug builds).
-    pub fn new(events: &'a [Publication<'a>], lines: &'a str) -> Self {
+    pub fn new(events: &'a [Publication<'a>], lines: &'a Arc<String>) -> Self {
         debug_assert_eq!(
-            lines,
+            **lines,
             events.iter().fold(String::new(), |mut all, p| {
                 all.push_str(p.json);
                 all.push('\n');
@@ -66,6 +66,11 @@ impl<'a> Publications<'a> {
     /// Every event's JSON, in order, each followed by a newline.
     pub fn lines(&self) -> &'a str {
         self.lines
+    }
+
+    /// The same lines, shared: a sink can keep them after the call.
+    pub fn shared_lines(&self) -> Arc<String> {
+        Arc::clone(self.lines)
     }
 
     /// How many events there are.

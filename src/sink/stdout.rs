@@ -1,14 +1,15 @@
 //! `stdout` sink: one JSON line per event.
 //!
-//! Workers append lines to a shared buffer; a dedicated writer thread swaps
-//! the buffer out and writes it, so a slow reader of stdout slows the
-//! workers (they wait once the buffer is full) but never blocks the async
-//! runtime, and a busy pipeline costs one write per batch of lines rather
-//! than a thread wake-up and a syscall per event. The writer waits
-//! [`LINGER`] after the first line of a batch, so idle output appears
+//! Workers hand over the buffer of lines each pass wrote (shared, not
+//! copied); a dedicated writer thread takes what has queued up and writes
+//! it in one vectored write, so a slow reader of stdout slows the workers
+//! (they wait once [`BUFFER_LIMIT`] bytes are queued) but never blocks the
+//! async runtime, and a busy pipeline costs one system call per batch of
+//! passes rather than a thread wake-up and a syscall per event. The writer
+//! waits [`LINGER`] after the first pass of a batch, so idle output appears
 //! within milliseconds.
 
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -19,21 +20,24 @@ use tokio::sync::{Notify, oneshot};
 
 use super::{Publications, Sink, SinkError};
 
-/// Buffered bytes at which publishers wait for the writer.
+/// Queued bytes at which publishers wait for the writer.
 const BUFFER_LIMIT: usize = 1024 * 1024;
-/// How long the writer lets a batch accumulate after its first line.
+/// How long the writer lets a batch accumulate after its first pass.
 const LINGER: Duration = Duration::from_millis(2);
 
 #[derive(Default)]
 struct State {
-    buffer: Vec<u8>,
+    /// Passes' lines waiting to be written, in order.
+    queued: Vec<Arc<String>>,
+    /// Their bytes in total.
+    queued_bytes: usize,
     flush_requests: Vec<oneshot::Sender<io::Result<()>>>,
     failed: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the writer when the buffer stops being empty.
+    /// Wakes the writer when the queue stops being empty.
     work: Condvar,
     /// Wakes publishers waiting for room.
     room: Notify,
@@ -76,29 +80,23 @@ impl StdoutSink {
 }
 
 fn write_loop<W: Write>(shared: &Shared, mut out: W) {
-    let mut spare = Vec::new();
+    let mut batch = Vec::new();
     loop {
-        let (batch, flushes) = {
+        let flushes = {
             let mut state = shared.state.lock();
-            while state.buffer.is_empty() && state.flush_requests.is_empty() {
+            while state.queued.is_empty() && state.flush_requests.is_empty() {
                 shared.work.wait(&mut state);
             }
             if state.flush_requests.is_empty() {
                 // Let the batch grow a little before writing it.
                 let _ = shared.work.wait_for(&mut state, LINGER);
             }
-            std::mem::swap(&mut state.buffer, &mut spare);
-            (
-                std::mem::take(&mut spare),
-                std::mem::take(&mut state.flush_requests),
-            )
+            std::mem::swap(&mut state.queued, &mut batch);
+            state.queued_bytes = 0;
+            std::mem::take(&mut state.flush_requests)
         };
         shared.room.notify_waiters();
-        let result = if batch.is_empty() {
-            out.flush()
-        } else {
-            out.write_all(&batch).and_then(|()| out.flush())
-        };
+        let result = write_all(&mut out, &batch).and_then(|()| out.flush());
         if let Err(error) = &result {
             tracing::error!(%error, "writing to stdout failed; dropping further output");
             shared.state.lock().failed = true;
@@ -109,9 +107,29 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
                 Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
             });
         }
-        spare = batch;
-        spare.clear();
+        // Frees the passes' buffers here, off the workers' threads.
+        batch.clear();
     }
+}
+
+/// Writes every buffer, in order, in as few vectored writes as the writer
+/// takes.
+fn write_all<W: Write>(out: &mut W, buffers: &[Arc<String>]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = buffers
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| IoSlice::new(b.as_bytes()))
+        .collect();
+    let mut unwritten = &mut slices[..];
+    while !unwritten.is_empty() {
+        match out.write_vectored(unwritten) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut unwritten, written),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -129,12 +147,11 @@ impl Sink for StdoutSink {
                 if state.failed {
                     return Err(SinkError::Closed("stdout"));
                 }
-                // A chunk goes in whole: the buffer may pass the limit by one.
-                if state.buffer.len() < BUFFER_LIMIT {
-                    let was_empty = state.buffer.is_empty();
-                    state
-                        .buffer
-                        .extend_from_slice(publications.lines().as_bytes());
+                // A pass goes in whole: the queue may pass the limit by one.
+                if state.queued_bytes < BUFFER_LIMIT {
+                    let was_empty = state.queued.is_empty();
+                    state.queued_bytes += publications.lines().len();
+                    state.queued.push(publications.shared_lines());
                     if was_empty {
                         self.shared.work.notify_one();
                     }
@@ -173,13 +190,91 @@ mod tests {
     use crate::event::{EventId, PublishedEvent};
     use crate::sink::Publication;
 
+    /// Collects what is written, taking at most `max_write` bytes a call
+    /// (0: no limit), as a pipe or terminal may.
     #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
+    struct Shared(Arc<Mutex<Vec<u8>>>, usize);
 
     impl Write for Shared {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
+            let n = if self.1 == 0 {
+                buf.len()
+            } else {
+                buf.len().min(self.1)
+            };
+            self.0.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn event() -> PublishedEvent {
+        PublishedEvent {
+            id: EventId::parse("a").unwrap(),
+            timestamp: 1,
+            payload: "X".into(),
+            metadata: None,
+        }
+    }
+
+    /// Publishes one pass with these lines.
+    async fn publish(sink: &StdoutSink, event: &PublishedEvent, jsons: &[&str]) {
+        let events: Vec<Publication<'_>> = jsons
+            .iter()
+            .map(|json| Publication {
+                event,
+                sequence: 1,
+                json,
+            })
+            .collect();
+        let lines = Arc::new(jsons.iter().map(|j| format!("{j}\n")).collect::<String>());
+        sink.publish(Publications::new(&events, &lines))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn writes_one_line_per_event_and_flushes() {
+        let out = Shared::default();
+        let sink = StdoutSink::with_writer(out.clone());
+        let event = event();
+        publish(&sink, &event, &[r#"{"n":1}"#]).await;
+        publish(&sink, &event, &[]).await;
+        publish(&sink, &event, &[r#"{"n":2}"#, r#"{"n":3}"#]).await;
+        sink.flush().await.unwrap();
+        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(written, "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n");
+    }
+
+    #[tokio::test]
+    async fn short_writes_keep_every_pass_whole_and_in_order() {
+        let out = Shared(Arc::default(), 5);
+        let sink = StdoutSink::with_writer(out.clone());
+        let event = event();
+        let mut expected = String::new();
+        for pass in 0..50 {
+            let jsons: Vec<String> = (0..pass % 4)
+                .map(|i| format!("{{\"p\":{pass},\"i\":{i}}}"))
+                .collect();
+            let refs: Vec<&str> = jsons.iter().map(String::as_str).collect();
+            publish(&sink, &event, &refs).await;
+            for json in &jsons {
+                expected.push_str(json);
+                expected.push('\n');
+            }
+        }
+        sink.flush().await.unwrap();
+        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(written, expected);
+    }
+
+    struct Broken;
+
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
@@ -187,30 +282,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writes_one_line_per_event_and_flushes() {
-        let out = Shared::default();
-        let sink = StdoutSink::with_writer(out.clone());
-        let event = PublishedEvent {
-            id: EventId::parse("a").unwrap(),
-            timestamp: 1,
-            payload: "X".into(),
-            metadata: None,
-        };
-        let publication = |json| Publication {
-            event: &event,
-            sequence: 1,
-            json,
-        };
-        let one = [publication(r#"{"n":1}"#)];
-        sink.publish(Publications::new(&one, "{\"n\":1}\n"))
-            .await
-            .unwrap();
-        let two = [publication(r#"{"n":2}"#), publication(r#"{"n":3}"#)];
-        sink.publish(Publications::new(&two, "{\"n\":2}\n{\"n\":3}\n"))
-            .await
-            .unwrap();
-        sink.flush().await.unwrap();
-        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(written, "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n");
+    async fn a_failed_write_is_reported_and_closes_the_sink() {
+        let sink = StdoutSink::with_writer(Broken);
+        let event = event();
+        publish(&sink, &event, &[r#"{"n":1}"#]).await;
+        // The failure reaches the flush as the write's error, or, when the
+        // write ran before the flush was asked for, as the closed sink.
+        let flushed = sink.flush().await;
+        assert!(
+            matches!(
+                flushed,
+                Err(SinkError::Io { ref source, .. }) if source.kind() == io::ErrorKind::BrokenPipe
+            ) || matches!(flushed, Err(SinkError::Closed("stdout"))),
+            "{flushed:?}"
+        );
+        let lines = Arc::new(String::new());
+        let again = sink.publish(Publications::new(&[], &lines)).await;
+        assert!(
+            matches!(again, Err(SinkError::Closed("stdout"))),
+            "{again:?}"
+        );
     }
 }
