@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use eventflow::config::{PipelineSettings, StoreSettings};
-use eventflow::event::{Event, EventId, JsonWriter, PublishedEvent, decode_event};
+use eventflow::event::{Event, EventId, JsonWriter, PublishedEvent, decode_array, decode_event};
 use eventflow::pipeline::transform::{TransformChain, TransformContext, TransformKind};
 use eventflow::pipeline::{MemoryQueue, Pipeline, PipelineParts};
 use eventflow::sink::StdoutSink;
@@ -42,6 +42,22 @@ fn decode(c: &mut Criterion) {
     let invalid = br#"{"id":"","timestamp":1.5,"payload":5,"extra":1}"#;
     group.bench_function("invalid_slow_path", |b| {
         b.iter(|| decode_event(black_box(invalid), 65_536).unwrap_err())
+    });
+    group.finish();
+
+    // A batch body as the load generator sends it, per event.
+    let mut group = c.benchmark_group("decode_validate_batch");
+    group.throughput(Throughput::Elements(1000));
+    let events: Vec<String> = (0..1000)
+        .map(|i| String::from_utf8(body(&format!("lg-0123abcd-{i}"), PAYLOAD_100)).unwrap())
+        .collect();
+    let array = format!("[{}]", events.join(","));
+    group.bench_function("array_1000x100B", |b| {
+        b.iter(|| {
+            let decoded = decode_array(black_box(array.as_bytes()), 65_536).unwrap();
+            assert_eq!(decoded.valid.len(), 1000);
+            decoded
+        })
     });
     group.finish();
 }

@@ -148,34 +148,71 @@ pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, Dec
 /// An element of a batch that decoded but is not a valid event.
 #[derive(Debug)]
 pub struct InvalidElement {
+    /// Its index in the array.
+    pub index: usize,
     /// What is wrong with it.
     pub error: DecodeError,
     /// Its id, as sent.
     pub id: String,
 }
 
-/// Decodes a JSON array of events in one pass and validates each element.
+/// A JSON array of events, decoded and validated.
+#[derive(Debug, Default)]
+pub struct DecodedArray {
+    /// How many elements the array has.
+    pub len: usize,
+    /// The valid events, with their index in the array.
+    pub valid: Vec<(usize, Event)>,
+    /// The elements that decoded but are not valid events.
+    pub invalid: Vec<InvalidElement>,
+}
+
+/// Decodes a JSON array of events in one pass, validating each element as
+/// it is read (no array of raw elements in between).
 ///
 /// `None` when the body is not an array whose every element is a
 /// well-formed event object: the caller then splits the array and decodes
 /// element by element, to say which ones are wrong and how.
-pub fn decode_array(
-    bytes: &[u8],
+pub fn decode_array(bytes: &[u8], max_payload_bytes: usize) -> Option<DecodedArray> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let decoded =
+        serde::Deserializer::deserialize_seq(&mut deserializer, ArrayVisitor { max_payload_bytes })
+            .ok()?;
+    deserializer.end().ok()?;
+    Some(decoded)
+}
+
+/// Reads the elements of a JSON array of events into a [`DecodedArray`].
+struct ArrayVisitor {
     max_payload_bytes: usize,
-) -> Option<Vec<Result<Event, InvalidElement>>> {
-    let wire: Vec<WireEvent<'_>> = from_json(bytes).ok()?;
-    Some(
-        wire.into_iter()
-            .map(|wire| {
-                // Free while borrowed; only a rejection makes it a `String`.
-                let id = wire.id.clone();
-                validate(wire, max_payload_bytes).map_err(|errors| InvalidElement {
+}
+
+impl<'de> serde::de::Visitor<'de> for ArrayVisitor {
+    type Value = DecodedArray;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON array of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<DecodedArray, A::Error> {
+        let mut decoded = DecodedArray::default();
+        while let Some(wire) = seq.next_element::<WireEvent<'de>>()? {
+            let index = decoded.len;
+            decoded.len += 1;
+            // Free while borrowed; only a rejection makes it a `String`.
+            let id = wire.id.clone();
+            match validate(wire, self.max_payload_bytes) {
+                Ok(event) => decoded.valid.push((index, event)),
+                Err(errors) => decoded.invalid.push(InvalidElement {
+                    index,
                     error: DecodeError::Invalid(errors),
                     id: id.into_owned(),
-                })
-            })
-            .collect(),
-    )
+                }),
+            }
+        }
+        Ok(decoded)
+    }
 }
 
 /// Parses JSON bytes. Text that is valid UTF-8 (nearly every body) is
@@ -473,18 +510,24 @@ mod tests {
 
     #[test]
     fn arrays_decode_in_one_pass_with_each_element_validated() {
-        let items = decode_array(
+        let decoded = decode_array(
             br#"[{"id":"a","timestamp":1,"payload":"p"},
-                {"id":"esc\u0061ped","timestamp":2,"payload":"q"},
-                {"id":"","timestamp":3,"payload":"r"}]"#,
+                {"id":"","timestamp":3,"payload":"r"},
+                {"id":"esc\u0061ped","timestamp":2,"payload":"q"}] "#,
             MAX,
         )
         .expect("well-formed elements");
-        assert_eq!(items.len(), 3);
-        assert_eq!(items[0].as_ref().unwrap().id.as_str(), "a");
-        assert_eq!(items[1].as_ref().unwrap().id.as_str(), "escaped");
-        let invalid = items[2].as_ref().unwrap_err();
-        assert_eq!(invalid.id, "");
+        assert_eq!(decoded.len, 3);
+        let valid: Vec<(usize, &str)> = decoded
+            .valid
+            .iter()
+            .map(|(index, event)| (*index, event.id.as_str()))
+            .collect();
+        assert_eq!(valid, [(0, "a"), (2, "escaped")]);
+        let [invalid] = &decoded.invalid[..] else {
+            panic!("{:?}", decoded.invalid)
+        };
+        assert_eq!((invalid.index, invalid.id.as_str()), (1, ""));
         assert!(invalid.error.summary().starts_with("id: "));
     }
 
@@ -497,6 +540,7 @@ mod tests {
             br#"[{"id":"a","timestamp":1,"payload":"p"}, 5]"#,
             br#"[{"id":"a","timestamp":1,"payload":"p"}"#,
             b"[{\"id\":\"a\",\"timestamp\":1,\"payload\":\"\xe2\x82\"}]",
+            br#"[{"id":"a","timestamp":1,"payload":"p"}] []"#,
         ] {
             assert!(
                 decode_array(body, MAX).is_none(),
@@ -504,7 +548,7 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        assert!(decode_array(b"[]", MAX).unwrap().is_empty());
+        assert_eq!(decode_array(b"[]", MAX).unwrap().len, 0);
     }
 
     fn fields(err: DecodeError) -> Vec<String> {

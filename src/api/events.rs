@@ -358,34 +358,24 @@ pub(crate) async fn post_batch(
         .await
         .map_err(refused)?;
     let settings = state.pipeline.settings();
-    let items = decode_batch(
+    let DecodedBatch {
+        received,
+        valid,
+        mut rejected,
+    } = decode_batch(
         &bytes,
         media,
         settings.max_batch,
         settings.max_payload_bytes,
     )
     .map_err(refused)?;
-    if items.is_empty() {
+    if received == 0 {
         return Err(refused(ApiError::invalid_field(
             "body",
             "the batch contains no events",
         )));
     }
-    let received = items.len();
     metrics.events_received(received as u64);
-    let mut valid = Vec::with_capacity(received);
-    let mut rejected = Vec::new();
-    for (index, item) in items.into_iter().enumerate() {
-        match item {
-            Ok(event) => valid.push((index, event)),
-            Err((err, id)) => rejected.push(BatchRejection {
-                index,
-                reason: RejectReason::Invalid,
-                id,
-                error: err.summary(),
-            }),
-        }
-    }
     metrics.events_rejected(RejectReason::Invalid, rejected.len() as u64);
     if valid.is_empty() {
         return Err(ApiError::Validation {
@@ -433,31 +423,64 @@ fn too_many(max: usize) -> ApiError {
     ))
 }
 
-/// A batch element: the event, or why it is invalid and its id if readable.
-type BatchItem = Result<Event, (DecodeError, Option<String>)>;
+/// A batch body's elements: the valid events with their index in the
+/// request, and why each other one was refused.
+struct DecodedBatch {
+    received: usize,
+    valid: Vec<(usize, Event)>,
+    rejected: Vec<BatchRejection>,
+}
 
-/// Decodes a batch body into its elements, in order.
+impl DecodedBatch {
+    fn invalid(index: usize, error: &DecodeError, id: Option<String>) -> BatchRejection {
+        BatchRejection {
+            index,
+            reason: RejectReason::Invalid,
+            id,
+            error: error.summary(),
+        }
+    }
+}
+
+/// Decodes a batch body into its elements.
 fn decode_batch(
     bytes: &[u8],
     media: MediaType,
     max_batch: usize,
     max_payload_bytes: usize,
-) -> Result<Vec<BatchItem>, ApiError> {
-    let one_by_one = |items: Vec<&[u8]>| -> Vec<BatchItem> {
-        items
-            .into_iter()
-            .map(|item| {
-                decode_event(item, max_payload_bytes).map_err(|err| (err, readable_id(item)))
-            })
-            .collect()
+) -> Result<DecodedBatch, ApiError> {
+    let one_by_one = |items: Vec<&[u8]>| {
+        let mut decoded = DecodedBatch {
+            received: items.len(),
+            valid: Vec::with_capacity(items.len()),
+            rejected: Vec::new(),
+        };
+        for (index, item) in items.into_iter().enumerate() {
+            match decode_event(item, max_payload_bytes) {
+                Ok(event) => decoded.valid.push((index, event)),
+                Err(error) => {
+                    decoded
+                        .rejected
+                        .push(DecodedBatch::invalid(index, &error, readable_id(item)))
+                }
+            }
+        }
+        decoded
     };
     match media {
         MediaType::Json => match decode_array(bytes, max_payload_bytes) {
             // One pass over a well-formed array (the usual case).
-            Some(items) if items.len() <= max_batch => Ok(items
-                .into_iter()
-                .map(|item| item.map_err(|invalid| (invalid.error, Some(invalid.id))))
-                .collect()),
+            Some(array) if array.len <= max_batch => Ok(DecodedBatch {
+                received: array.len,
+                valid: array.valid,
+                rejected: array
+                    .invalid
+                    .into_iter()
+                    .map(|invalid| {
+                        DecodedBatch::invalid(invalid.index, &invalid.error, Some(invalid.id))
+                    })
+                    .collect(),
+            }),
             Some(_) => Err(too_many(max_batch)),
             None => split_array(bytes, max_batch).map(one_by_one),
         },
