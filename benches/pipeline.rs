@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use eventflow::config::{PipelineSettings, StoreSettings};
 use eventflow::event::{Event, EventId, JsonWriter, PublishedEvent, decode_array, decode_event};
 use eventflow::pipeline::transform::{TransformChain, TransformContext, TransformKind};
@@ -22,6 +22,10 @@ use eventflow::telemetry::TraceId;
 use eventflow::telemetry::metrics::Metrics;
 use eventflow::time::UnixNanos;
 use futures_util::FutureExt;
+
+/// The service's allocator (src/main.rs), so that allocation costs match.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const PAYLOAD_100: &str =
     "user signed in from web client; plan=pro; region=eu-west-1; ab=checkout-v2; ok";
@@ -197,6 +201,56 @@ fn store_insert(c: &mut Criterion) {
     group.finish();
 }
 
+/// Batches of 1,000 new events into a full store, completed as a worker
+/// would: what a batch request costs the store per event, eviction included.
+fn store_insert_batch(c: &mut Criterion) {
+    let mut group = c.benchmark_group("store_insert_batch");
+    group.throughput(Throughput::Elements(1000));
+    let store = MemoryStore::new(&StoreSettings {
+        max_events: 1_000_000,
+        max_bytes: 1 << 32,
+    });
+    let processing = Processing {
+        worker: 0,
+        processed_at: UnixNanos::now(),
+    };
+    let mut next = 0;
+    let mut new_events = || {
+        let events: Vec<Event> = (next..next + 1000).map(event).collect();
+        next += 1000;
+        events
+    };
+    let insert_batch = |store: &MemoryStore, events: Vec<Event>| {
+        let records: Vec<Arc<eventflow::store::Record>> = store
+            .insert_batch(events, SystemTime::now(), TraceId::random())
+            .now_or_never()
+            .unwrap()
+            .into_iter()
+            .map(|inserted| match inserted {
+                Ok(Insert::Inserted(record)) => record,
+                other => panic!("every event is new: {other:?}"),
+            })
+            .collect();
+        let completed: Vec<&eventflow::store::Record> = records.iter().map(|r| &**r).collect();
+        store
+            .complete_processed(&completed, processing)
+            .now_or_never()
+            .unwrap();
+    };
+    // Full before measuring, as a long-running service's store is.
+    for _ in 0..1000 {
+        insert_batch(&store, new_events());
+    }
+    group.bench_function("1000_into_full_store", |b| {
+        b.iter_batched(
+            &mut new_events,
+            |events| insert_batch(&store, events),
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
 /// Settings for an in-process pipeline that never rejects in the benchmark.
 fn pipeline_settings() -> PipelineSettings {
     PipelineSettings {
@@ -294,6 +348,7 @@ criterion_group!(
     decode,
     transform,
     store_insert,
+    store_insert_batch,
     pipeline_metrics_overhead
 );
 criterion_main!(benches);
