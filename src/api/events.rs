@@ -431,14 +431,13 @@ struct DecodedBatch {
     rejected: Vec<BatchRejection>,
 }
 
-impl DecodedBatch {
-    fn invalid(index: usize, error: &DecodeError, id: Option<String>) -> BatchRejection {
-        BatchRejection {
-            index,
-            reason: RejectReason::Invalid,
-            id,
-            error: error.summary(),
-        }
+/// The rejection of a batch element that is not a valid event.
+fn invalid_element(index: usize, error: &DecodeError, id: Option<String>) -> BatchRejection {
+    BatchRejection {
+        index,
+        reason: RejectReason::Invalid,
+        id,
+        error: error.summary(),
     }
 }
 
@@ -461,7 +460,7 @@ fn decode_batch(
                 Err(error) => {
                     decoded
                         .rejected
-                        .push(DecodedBatch::invalid(index, &error, readable_id(item)))
+                        .push(invalid_element(index, &error, readable_id(item)))
                 }
             }
         }
@@ -476,9 +475,7 @@ fn decode_batch(
                 rejected: array
                     .invalid
                     .into_iter()
-                    .map(|invalid| {
-                        DecodedBatch::invalid(invalid.index, &invalid.error, Some(invalid.id))
-                    })
+                    .map(|invalid| invalid_element(invalid.index, &invalid.error, Some(invalid.id)))
                     .collect(),
             }),
             Some(_) => Err(too_many(max_batch)),

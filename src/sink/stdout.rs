@@ -96,7 +96,7 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
             std::mem::take(&mut state.flush_requests)
         };
         shared.room.notify_waiters();
-        let result = write_all(&mut out, &batch).and_then(|()| out.flush());
+        let result = write_queued(&mut out, &batch).and_then(|()| out.flush());
         if let Err(error) = &result {
             tracing::error!(%error, "writing to stdout failed; dropping further output");
             shared.state.lock().failed = true;
@@ -114,7 +114,7 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
 
 /// Writes every buffer, in order, in as few vectored writes as the writer
 /// takes.
-fn write_all<W: Write>(out: &mut W, buffers: &[Arc<String>]) -> io::Result<()> {
+fn write_queued<W: Write>(out: &mut W, buffers: &[Arc<String>]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = buffers
         .iter()
         .filter(|b| !b.is_empty())
