@@ -159,12 +159,22 @@ pub struct InvalidElement {
 /// A JSON array of events, decoded and validated.
 #[derive(Debug, Default)]
 pub struct DecodedArray {
-    /// How many elements the array has.
-    pub len: usize,
     /// The valid events, with their index in the array.
     pub valid: Vec<(usize, Event)>,
     /// The elements that decoded but are not valid events.
     pub invalid: Vec<InvalidElement>,
+}
+
+impl DecodedArray {
+    /// How many elements the array has.
+    pub fn len(&self) -> usize {
+        self.valid.len() + self.invalid.len()
+    }
+
+    /// Whether the array is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Decodes a JSON array of events in one pass, validating each element as
@@ -198,8 +208,7 @@ impl<'de> serde::de::Visitor<'de> for ArrayVisitor {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<DecodedArray, A::Error> {
         let mut decoded = DecodedArray::default();
         while let Some(wire) = seq.next_element::<WireEvent<'de>>()? {
-            let index = decoded.len;
-            decoded.len += 1;
+            let index = decoded.len();
             // Free while borrowed; only a rejection makes it a `String`.
             let id = wire.id.clone();
             match validate(wire, self.max_payload_bytes) {
@@ -517,7 +526,7 @@ mod tests {
             MAX,
         )
         .expect("well-formed elements");
-        assert_eq!(decoded.len, 3);
+        assert_eq!(decoded.len(), 3);
         let valid: Vec<(usize, &str)> = decoded
             .valid
             .iter()
@@ -548,7 +557,7 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        assert_eq!(decode_array(b"[]", MAX).unwrap().len, 0);
+        assert_eq!(decode_array(b"[]", MAX).unwrap().len(), 0);
     }
 
     fn fields(err: DecodeError) -> Vec<String> {

@@ -469,8 +469,8 @@ fn decode_batch(
     match media {
         MediaType::Json => match decode_array(bytes, max_payload_bytes) {
             // One pass over a well-formed array (the usual case).
-            Some(array) if array.len <= max_batch => Ok(DecodedBatch {
-                received: array.len,
+            Some(array) if array.len() <= max_batch => Ok(DecodedBatch {
+                received: array.len(),
                 valid: array.valid,
                 rejected: array
                     .invalid
