@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures in docs/performance.md.
 #
-#   scripts/bench.sh [single|batch|memory|overload|tracing|shutdown|all]
+#   scripts/bench.sh [single|batch|memory|overload|tracing|shutdown|sweep|all]
 #
 # The server is pinned to one core and the load generator (or wrk) to the
 # other; stdout goes to /dev/null; release build; default config unless a
@@ -99,6 +99,49 @@ median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) f
 
 machine() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r); $(date -u +%F)"
+}
+
+# cpu_ticks: the server's user + system CPU time so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
+
+# sweep_steps LABEL MAX LOADGEN-ARGS...: open loop at rising fractions of
+# MAX requests/s, a fresh server per step; one line per step.
+sweep_steps() {
+  local label="$1" max="$2" pct rate before after
+  shift 2
+  printf '%-5s %9s %9s %10s %8s %8s %8s %9s %9s %6s %7s  %s\n' load offered answered events_ok/s p50_ms p90_ms p99_ms p99.9_ms max_ms cpu% queue status
+  for pct in 25 50 75 90 100 125 150; do
+    rate=$(( max * pct / 100 ))
+    start_server eventflow
+    before="$(cpu_ticks)"
+    loadgen --mode open --rate "$rate" -d "${DURATION}s" --timeout 5s --metrics-url auto --json "$@" >"$OUT/sweep-$label-$pct.json"
+    after="$(cpu_ticks)"
+    stop_server
+    python3 - "$OUT/sweep-$label-$pct.json" "$pct" "$before" "$after" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+pct, ticks, hz = sys.argv[2], float(sys.argv[4]) - float(sys.argv[3]), float(sys.argv[5])
+lat, svc = s["latency_ms"], s.get("service") or {}
+print(f"{pct + '%':<5} {s['target_rate']:9.0f} {s['requests_per_s']:9.0f} {s['accepted_events_per_s']:10.0f} "
+      f"{lat['p50']:8.2f} {lat['p90']:8.2f} {lat['p99']:8.2f} {lat['p999']:9.2f} {lat['max']:9.2f} "
+      f"{100 * ticks / hz / s['elapsed_s']:6.0f} {svc.get('queue_depth_max', '-'):>7}  {s['status']}")
+PY
+  done
+}
+
+bench_sweep() {
+  echo "== as load rises: open loop at 25-150 % of the closed-loop maximum, ${DURATION}s a step, a fresh server a step"
+  local max
+  start_server eventflow
+  max="$(loadgen -c 64 -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["requests_per_s"]))')"
+  stop_server
+  echo "single events, 64 connections; closed-loop maximum $max requests/s:"
+  sweep_steps single "$max" -c 64
+  start_server eventflow
+  max="$(loadgen -b 1000 -c 4 -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["requests_per_s"]))')"
+  stop_server
+  echo "batches of 1,000 events, 8 connections; closed-loop maximum (4 connections) $max requests/s:"
+  sweep_steps batch "$max" -b 1000 -c 8
 }
 
 bench_single() {
@@ -301,6 +344,7 @@ case "${1:-all}" in
   overload) machine; bench_overload ;;
   tracing) machine; bench_tracing ;;
   shutdown) machine; bench_shutdown ;;
-  all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_tracing; bench_shutdown ;;
-  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|tracing|shutdown|all]" >&2; exit 2 ;;
+  sweep) machine; bench_sweep ;;
+  all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_tracing; bench_shutdown; bench_sweep ;;
+  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|tracing|shutdown|sweep|all]" >&2; exit 2 ;;
 esac

@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 
 use crate::args::{Mode, Plan};
+use crate::pacer;
 use crate::stats::{Outcome, Recorder};
 use crate::workload::{Payload, Workload};
 
@@ -163,6 +164,33 @@ impl Worker {
     }
 }
 
+/// Hands out open-loop tickets, (request number, due time), each at its
+/// due time (see [`pacer`] for why not on tokio's timer alone), until
+/// `deadline` or `limit`.
+fn schedule(
+    start: Instant,
+    interval: Duration,
+    deadline: Option<Instant>,
+    limit: Option<u64>,
+) -> async_channel::Receiver<(u64, Instant)> {
+    let (sender, receiver) = async_channel::unbounded::<(u64, Instant)>();
+    tokio::spawn(async move {
+        let mut i: u64 = 0;
+        loop {
+            let due = start + interval.mul_f64(i as f64);
+            if deadline.is_some_and(|d| due >= d) || limit.is_some_and(|l| i >= l) {
+                break;
+            }
+            pacer::wait_until(due).await;
+            if sender.send((i, due)).await.is_err() {
+                break;
+            }
+            i += 1;
+        }
+    });
+    receiver
+}
+
 /// Runs the plan; returns the merged measurements and the elapsed time.
 pub(crate) async fn run(
     plan: &Plan,
@@ -181,26 +209,8 @@ pub(crate) async fn run(
     let tickets = match plan.mode {
         Mode::Closed => None,
         Mode::Open => {
-            let (sender, receiver) = async_channel::unbounded::<(u64, Instant)>();
-            let rate = plan.rate.unwrap_or(1.0);
-            let interval = Duration::from_secs_f64(1.0 / rate);
-            tokio::spawn(async move {
-                let mut i: u64 = 0;
-                loop {
-                    let due = start + interval.mul_f64(i as f64);
-                    if deadline.is_some_and(|d| due >= d) || limit.is_some_and(|l| i >= l) {
-                        break;
-                    }
-                    if due > Instant::now() {
-                        tokio::time::sleep_until(due.into()).await;
-                    }
-                    if sender.send((i, due)).await.is_err() {
-                        break;
-                    }
-                    i += 1;
-                }
-            });
-            Some(receiver)
+            let interval = Duration::from_secs_f64(1.0 / plan.rate.unwrap_or(1.0));
+            Some(schedule(start, interval, deadline, limit))
         }
     };
 

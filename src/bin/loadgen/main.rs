@@ -11,6 +11,7 @@
 mod args;
 mod driver;
 mod http;
+mod pacer;
 mod report;
 mod sampler;
 mod stats;
