@@ -58,6 +58,27 @@ impl Connection {
             .ok_or_else(|| std::io::Error::other("no connection"))
     }
 
+    /// Connects and sends one `GET /healthz`, so that the first measured
+    /// requests do not pay for the connection or for first use of this
+    /// process's code and buffers; errors are left for the run to meet.
+    async fn warm_up(&mut self) {
+        let authority = self.authority.clone();
+        let Ok(sender) = self.connect().await else {
+            return;
+        };
+        let Ok(request) = Request::get("/healthz")
+            .header(header::HOST, authority)
+            .body(Full::new(Bytes::new()))
+        else {
+            return;
+        };
+        if sender.ready().await.is_ok()
+            && let Ok(response) = sender.send_request(request).await
+        {
+            let _ = response.into_body().collect().await;
+        }
+    }
+
     /// Sends one request; returns the status and body.
     async fn send(&mut self, payload: &Payload) -> Result<(u16, Bytes), ()> {
         let authority = self.authority.clone();
@@ -198,6 +219,15 @@ pub(crate) async fn run(
     live: Arc<Live>,
 ) -> (Recorder, Duration) {
     let workload = Arc::new(Workload::new(plan));
+    // Connected and warmed up before the clock starts: setting up is not
+    // the server's latency. (One that fails here connects again on first use.)
+    let mut connections = Vec::with_capacity(plan.connections);
+    for _ in 0..plan.connections {
+        let mut connection = Connection::new(plan);
+        let _ = tokio::time::timeout(plan.timeout, connection.warm_up()).await;
+        let recorder = Recorder::new(Instant::now(), track_accepted);
+        connections.push((connection, recorder));
+    }
     let start = Instant::now();
     let deadline = plan.duration.map(|d| start + d);
     let next_request = Arc::new(AtomicU64::new(0));
@@ -215,7 +245,8 @@ pub(crate) async fn run(
     };
 
     let mut workers = Vec::with_capacity(plan.connections);
-    for _ in 0..plan.connections {
+    for (connection, mut recorder) in connections {
+        recorder.restart_at(start);
         let (plan, workload, live) = (plan.clone(), Arc::clone(&workload), Arc::clone(&live));
         let (next_request, stop, tickets) = (
             Arc::clone(&next_request),
@@ -224,8 +255,8 @@ pub(crate) async fn run(
         );
         workers.push(tokio::spawn(async move {
             let mut worker = Worker {
-                connection: Connection::new(&plan),
-                recorder: Recorder::new(start, track_accepted),
+                connection,
+                recorder,
                 workload,
                 plan,
                 live,

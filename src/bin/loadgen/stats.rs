@@ -87,6 +87,12 @@ impl Recorder {
         }
     }
 
+    /// Counts seconds from `start` (recorders are made before the run's
+    /// clock starts, so that making them is not measured).
+    pub(crate) fn restart_at(&mut self, start: Instant) {
+        self.start = start;
+    }
+
     /// Records one request of `events` events that was due at `due` and
     /// completed at `done`.
     pub(crate) fn record(&mut self, due: Instant, done: Instant, events: usize, outcome: Outcome) {
