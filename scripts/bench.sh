@@ -8,7 +8,8 @@
 # figure says otherwise. Each comparison is interleaved RUNS times and the
 # medians are printed. Needs: wrk, curl, python3, taskset (util-linux).
 # Knobs (environment): RUNS (3), DURATION (10 s), SERVER_CPU (1), LOAD_CPU (0),
-# SOAK (600 s, the memory soak), OUT (target/bench, raw outputs).
+# SOAK (600 s, the memory soak), WARMUP (2 s of unmeasured load before each
+# step of the sweep), OUT (target/bench, raw outputs).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,6 +18,7 @@ DURATION="${DURATION:-10}"
 SERVER_CPU="${SERVER_CPU:-1}"
 LOAD_CPU="${LOAD_CPU:-0}"
 SOAK="${SOAK:-600}"
+WARMUP="${WARMUP:-2}"
 OUT="${OUT:-target/bench}"
 BIN=target/release
 mkdir -p "$OUT"
@@ -114,23 +116,24 @@ sweep_steps() {
     rate=$(( max * pct / 100 ))
     start_server eventflow
     before="$(cpu_ticks)"
-    loadgen --mode open --rate "$rate" -d "${DURATION}s" --timeout 5s --metrics-url auto --json "$@" >"$OUT/sweep-$label-$pct.json"
+    loadgen --mode open --rate "$rate" --warmup "${WARMUP}s" -d "${DURATION}s" --timeout 5s --metrics-url auto --json "$@" >"$OUT/sweep-$label-$pct.json"
     after="$(cpu_ticks)"
     stop_server
-    python3 - "$OUT/sweep-$label-$pct.json" "$pct" "$before" "$after" "$(getconf CLK_TCK)" <<'PY'
+    python3 - "$OUT/sweep-$label-$pct.json" "$pct" "$before" "$after" "$(getconf CLK_TCK)" "$WARMUP" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 pct, ticks, hz = sys.argv[2], float(sys.argv[4]) - float(sys.argv[3]), float(sys.argv[5])
+run_s = s["elapsed_s"] + float(sys.argv[6])
 lat, svc = s["latency_ms"], s.get("service") or {}
 print(f"{pct + '%':<5} {s['target_rate']:9.0f} {s['requests_per_s']:9.0f} {s['accepted_events_per_s']:10.0f} "
       f"{lat['p50']:8.2f} {lat['p90']:8.2f} {lat['p99']:8.2f} {lat['p999']:9.2f} {lat['max']:9.2f} "
-      f"{100 * ticks / hz / s['elapsed_s']:6.0f} {svc.get('queue_depth_max', '-'):>7}  {s['status']}")
+      f"{100 * ticks / hz / run_s:6.0f} {svc.get('queue_depth_max', '-'):>7}  {s['status']}")
 PY
   done
 }
 
 bench_sweep() {
-  echo "== as load rises: open loop at 25-150 % of the closed-loop maximum, ${DURATION}s a step, a fresh server a step"
+  echo "== as load rises: open loop at 25-150 % of the closed-loop maximum, a fresh server a step, ${WARMUP}s of warm-up then ${DURATION}s measured (CPU over both)"
   local max
   start_server eventflow
   max="$(loadgen -c 64 -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["requests_per_s"]))')"

@@ -30,6 +30,11 @@ pub(crate) struct Args {
     /// Total requests to send (instead of, or as well as, --duration).
     #[arg(long, short = 'n')]
     pub(crate) requests: Option<u64>,
+    /// Load the service this long before --duration starts, unmeasured (a
+    /// fresh server's first second is its start-up, not its steady state).
+    /// Warm-up requests still count for --verify.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "requests")]
+    pub(crate) warmup: Option<Duration>,
     /// Events per request: 1 posts to /events, more posts to /events/batch.
     #[arg(long, short = 'b', default_value_t = 1)]
     pub(crate) batch_size: usize,
@@ -102,6 +107,8 @@ pub(crate) struct Plan {
     pub(crate) rate: Option<f64>,
     pub(crate) duration: Option<Duration>,
     pub(crate) requests: Option<u64>,
+    /// Unmeasured load before the measured run.
+    pub(crate) warmup: Duration,
     pub(crate) batch_size: usize,
     pub(crate) format: BatchFormat,
     pub(crate) gzip: bool,
@@ -182,6 +189,7 @@ impl Args {
             rate,
             duration,
             requests: self.requests,
+            warmup: self.warmup.unwrap_or_default(),
             batch_size: self.batch_size,
             format: self.format,
             gzip: self.gzip,
@@ -219,6 +227,19 @@ mod tests {
         Args::try_parse_from(argv)
             .map_err(|e| e.to_string())?
             .plan("r1")
+    }
+
+    #[test]
+    fn warmup_is_unmeasured_time_before_a_duration() {
+        assert_eq!(parse(&[]).unwrap().warmup, Duration::ZERO);
+        let plan = parse(&["--warmup", "2s", "-d", "5s"]).unwrap();
+        assert_eq!(
+            (plan.warmup, plan.duration),
+            (Duration::from_secs(2), Some(Duration::from_secs(5)))
+        );
+        // A count of requests has no measured window to put a warm-up before.
+        let refused = parse(&["--warmup", "2s", "-n", "100"]).unwrap_err();
+        assert!(refused.contains("--warmup"), "{refused}");
     }
 
     #[test]

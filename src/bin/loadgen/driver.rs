@@ -229,7 +229,9 @@ pub(crate) async fn run(
         connections.push((connection, recorder));
     }
     let start = Instant::now();
-    let deadline = plan.duration.map(|d| start + d);
+    // Requests due before this are the warm-up: sent, not measured.
+    let measured_from = start + plan.warmup;
+    let deadline = plan.duration.map(|d| measured_from + d);
     let next_request = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let limit = plan.requests;
@@ -246,7 +248,7 @@ pub(crate) async fn run(
 
     let mut workers = Vec::with_capacity(plan.connections);
     for (connection, mut recorder) in connections {
-        recorder.restart_at(start);
+        recorder.restart_at(measured_from);
         let (plan, workload, live) = (plan.clone(), Arc::clone(&workload), Arc::clone(&live));
         let (next_request, stop, tickets) = (
             Arc::clone(&next_request),
@@ -283,13 +285,13 @@ pub(crate) async fn run(
             worker.recorder
         }));
     }
-    let mut merged = Recorder::new(start, track_accepted);
+    let mut merged = Recorder::new(measured_from, track_accepted);
     for worker in workers {
         if let Ok(recorder) = worker.await {
             merged.merge(recorder);
         }
     }
-    (merged, start.elapsed())
+    (merged, measured_from.elapsed())
 }
 
 #[cfg(test)]

@@ -87,8 +87,9 @@ impl Recorder {
         }
     }
 
-    /// Counts seconds from `start` (recorders are made before the run's
-    /// clock starts, so that making them is not measured).
+    /// Measures from `start`: requests due earlier are the warm-up, kept
+    /// only for --verify. (Recorders are made before the run's clock starts,
+    /// so that making them is not measured.)
     pub(crate) fn restart_at(&mut self, start: Instant) {
         self.start = start;
     }
@@ -96,6 +97,14 @@ impl Recorder {
     /// Records one request of `events` events that was due at `due` and
     /// completed at `done`.
     pub(crate) fn record(&mut self, due: Instant, done: Instant, events: usize, outcome: Outcome) {
+        if due < self.start {
+            if let Outcome::Answer { accepted, .. } = outcome
+                && self.track_accepted
+            {
+                self.accepted.extend(accepted);
+            }
+            return;
+        }
         let micros = done
             .saturating_duration_since(due)
             .as_micros()
@@ -351,6 +360,36 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warm_up_requests_are_kept_for_verify_but_not_measured() {
+        let start = Instant::now();
+        let mut recorder = Recorder::new(start, true);
+        recorder.restart_at(start + Duration::from_secs(1));
+        let accepted = |range: Range<u64>| Outcome::Answer {
+            status: 202,
+            accepted: vec![range],
+        };
+        // Due during the warm-up, answered after it: still the warm-up.
+        recorder.record(
+            start,
+            start + Duration::from_millis(1500),
+            1,
+            accepted(0..1),
+        );
+        let measured = start + Duration::from_millis(1200);
+        recorder.record(
+            measured,
+            measured + Duration::from_millis(3),
+            1,
+            accepted(1..2),
+        );
+        assert_eq!((recorder.requests, recorder.events_accepted), (1, 1));
+        assert_eq!(recorder.latency.len(), 1);
+        assert!(recorder.latency.equivalent(recorder.latency.max(), 3000));
+        assert_eq!(recorder.accepted, vec![0..1, 1..2]);
+        assert_eq!(recorder.seconds.len(), 1);
+    }
 
     #[test]
     fn recorders_merge() {
