@@ -39,6 +39,7 @@ enum Command {
 
 /// Many small, short-lived allocations per request and per event: mimalloc
 /// serves them faster than glibc's allocator and returns memory better.
+/// (Built without transparent huge pages: see `Cargo.toml`.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
