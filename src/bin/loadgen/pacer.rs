@@ -5,7 +5,7 @@
 //! alone leaves up to a millisecond late; since open-loop latency counts
 //! from the scheduled time, that lateness would be reported as the
 //! server's (a bare server at light load measured p50 0.9 ms that way,
-//! 0.2 ms without). So the timer only brings the schedule to within
+//! 0.09 ms without). So the timer only brings the schedule to within
 //! [`COARSE_MARGIN`] of the instant, and the rest of the wait yields to the
 //! runtime, which meanwhile reads answers and sends requests, until the
 //! instant has come. The price: above ~1,000 requests/s the generator's
