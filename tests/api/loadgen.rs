@@ -94,6 +94,39 @@ async fn open_loop_paces_requests_and_verify_catches_refusals() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_requests_are_verified_but_not_measured() {
+    let app = spawn_app().await;
+    let (code, s) = loadgen(
+        app.url(""),
+        &[
+            "--mode", "open", "--rate", "200", "--warmup", "1s", "-d", "1s", "-c", "4", "--verify",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{s}");
+    // The summary covers the measured second only ...
+    let measured = s["events_accepted"].as_u64().unwrap();
+    assert!(
+        (180..=201).contains(&measured),
+        "about 200 measured requests in 1 s at 200/s, got {measured}"
+    );
+    assert_eq!(s["requests"].as_u64().unwrap(), measured);
+    // ... while --verify checks the warm-up's events too: about 400 in all,
+    // every one published once.
+    let verified = s["verify"]["accepted"].as_u64().unwrap();
+    assert!(
+        (360..=401).contains(&verified) && verified > measured,
+        "warm-up and measured events verified, got {verified}"
+    );
+    assert_eq!(s["verify"]["lost"], 0);
+    assert_eq!(s["verify"]["duplicated"], 0);
+    assert_eq!(
+        app.wait_for_stdout_lines(verified as usize).await.len(),
+        verified as usize
+    );
+}
+
 #[tokio::test]
 async fn bad_arguments_exit_2_with_a_message() {
     let output = tokio::task::spawn_blocking(|| {
