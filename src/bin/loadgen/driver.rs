@@ -58,34 +58,22 @@ impl Connection {
             .ok_or_else(|| std::io::Error::other("no connection"))
     }
 
-    /// Connects and sends one `GET /healthz`, so that the first measured
-    /// requests do not pay for the connection or for first use of this
-    /// process's code and buffers; errors are left for the run to meet.
+    /// Sends one `GET /healthz`, so that the first measured requests do
+    /// not pay for the connection or for first use of this process's code
+    /// and buffers; errors are left for the run to meet.
     async fn warm_up(&mut self) {
-        let authority = self.authority.clone();
-        let Ok(sender) = self.connect().await else {
-            return;
-        };
-        let Ok(request) = Request::get("/healthz")
-            .header(header::HOST, authority)
+        if let Ok(request) = Request::get("/healthz")
+            .header(header::HOST, self.authority.as_str())
             .body(Full::new(Bytes::new()))
-        else {
-            return;
-        };
-        if sender.ready().await.is_ok()
-            && let Ok(response) = sender.send_request(request).await
         {
-            let _ = response.into_body().collect().await;
+            let _ = self.exchange(request).await;
         }
     }
 
     /// Sends one request; returns the status and body.
     async fn send(&mut self, payload: &Payload) -> Result<(u16, Bytes), ()> {
-        let authority = self.authority.clone();
-        let sender = self.connect().await.map_err(|_| ())?;
-        sender.ready().await.map_err(|_| ())?;
         let mut request = Request::post(payload.path)
-            .header(header::HOST, authority)
+            .header(header::HOST, self.authority.as_str())
             .header(header::CONTENT_TYPE, payload.content_type);
         if payload.gzip {
             request = request.header(header::CONTENT_ENCODING, "gzip");
@@ -93,6 +81,14 @@ impl Connection {
         let request = request
             .body(Full::new(payload.body.clone()))
             .map_err(|_| ())?;
+        self.exchange(request).await
+    }
+
+    /// Sends `request` on this connection (connecting first if need be);
+    /// returns the answer's status and body.
+    async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<(u16, Bytes), ()> {
+        let sender = self.connect().await.map_err(|_| ())?;
+        sender.ready().await.map_err(|_| ())?;
         let response = sender.send_request(request).await.map_err(|_| ())?;
         let status = response.status().as_u16();
         let body = response
