@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures in docs/performance.md.
 #
-#   scripts/bench.sh [single|batch|memory|overload|tracing|shutdown|sweep|all]
+#   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|all]
 #
 # The server is pinned to one core and the load generator (or wrk) to the
 # other; stdout goes to /dev/null; release build; default config unless a
@@ -239,6 +239,25 @@ PY
 
 metric() { curl -s "http://127.0.0.1:$PORT/metrics" | awk -v name="$1" '$1 == name { print $2 }'; }
 
+# slow_reader FIFO DEST CHUNK: a slow consumer of the server's stdout,
+# started in the background on the load core ($! is its pid): CHUNK bytes
+# from the fifo FIFO to the file DEST every 16 ms, so that the stdout sink,
+# and behind it the queue, is the bottleneck.
+slow_reader() {
+  rm -f "$1"
+  mkfifo "$1"
+  taskset -c "$LOAD_CPU" python3 -c '
+import sys, time
+src, dst, size = open(sys.argv[1], "rb"), open(sys.argv[2], "wb"), int(sys.argv[3])
+while True:
+    chunk = src.read(size)
+    if not chunk:
+        break
+    dst.write(chunk)
+    time.sleep(0.016)
+' "$@" &
+}
+
 bench_overload() {
   echo "== 4. overload: open loop at 2x the sustainable single-event rate for 30 s, then back to half"
   start_server eventflow
@@ -248,19 +267,50 @@ bench_overload() {
   # The same 64 connections as the maximum it is compared with: the number
   # of connections alone moves a closed-loop maximum here by up to ~20 %.
   loadgen --mode open --rate "$((2 * max))" -c 64 -d 30s --timeout 5s --json >"$OUT/overload.json"
-  loadgen --mode open --rate "$((max / 2))" -c 64 -d 10s --json >"$OUT/recovery.json"
+  loadgen --mode open --rate "$((max / 2))" -c 64 -d 10s --json >"$OUT/overload-recovery.json"
   stop_server
-  python3 - "$OUT/overload.json" "$OUT/recovery.json" "$max" <<'PY'
+  overload_report overload "$max"
+}
+
+# overload_report NAME MAX: the overload run ($OUT/NAME.json) and the
+# recovery after it ($OUT/NAME-recovery.json) against the sustainable MAX.
+overload_report() {
+  python3 - "$OUT/$1.json" "$OUT/$1-recovery.json" "$2" <<'PY'
 import json, sys
 o, r, best = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), float(sys.argv[3])
 print(f"overload: {o['requests_per_s']:.0f} req/s answered of {o['target_rate']:.0f} offered; status {o['status']}; "
       f"{o['timeouts']} timeouts, {o['transport_errors']} transport errors")
 print(f"goodput {o['accepted_events_per_s']:.0f} events/s = {100 * o['accepted_events_per_s'] / best:.0f} % of the sustainable rate; "
       f"2xx latency p50 {o['accepted_latency_ms']['p50']:.2f} ms, p99 {o['accepted_latency_ms']['p99']:.2f} ms; "
-      f"all answers p99 {o['latency_ms']['p99']:.2f} ms")
+      f"all answers p50 {o['latency_ms']['p50']:.2f} ms, p99 {o['latency_ms']['p99']:.2f} ms, max {o['latency_ms']['max']:.2f} ms")
 print(f"recovery at half rate: status {r['status']}, p99 {r['latency_ms']['p99']:.2f} ms, "
       f"first second p99 {r['timeline'][0]['p99_ms']:.2f} ms")
 PY
+}
+
+# The same where the pipeline, not the HTTP work, is what runs out: stdout
+# is read at a throttled 4 MB/s, so the queue fills and admission control
+# answers 503 + Retry-After for what does not fit.
+bench_overload_sink() {
+  echo "== 4b. overload behind a slow stdout consumer (4 MB/s): sustainable rate, then 2x for 30 s, then half"
+  PORT="$(free_port)"
+  local fifo="$OUT/overload-sink.fifo"
+  slow_reader "$fifo" /dev/null 65536
+  local reader_pid=$!
+  env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" EVENTFLOW__TELEMETRY__LOG_LEVEL=warn \
+    taskset -c "$SERVER_CPU" "$BIN/eventflow" >"$fifo" 2>>"$OUT/server.log" &
+  SERVER_PID=$!
+  wait_up
+  local max
+  # The warm-up fills the queue: the measured rate is then what the sink drains.
+  max="$(loadgen -c 64 --warmup 5s -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["accepted_events_per_s"]))')"
+  echo "sustainable (closed loop, 64 connections, queue full): $max events/s; offering $((2 * max)) req/s"
+  loadgen --mode open --rate "$((2 * max))" -c 64 -d 30s --timeout 5s --json >"$OUT/overload-sink.json"
+  loadgen --mode open --rate "$((max / 2))" -c 64 -d 10s --json >"$OUT/overload-sink-recovery.json"
+  stop_server
+  wait "$reader_pid" || true
+  rm -f "$fifo"
+  overload_report overload-sink "$max"
 }
 
 bench_tracing() {
@@ -299,19 +349,7 @@ bench_shutdown() {
   echo "   SIGTERM while batches pour in; drain time; accepted == published"
   PORT="$(free_port)"
   local stdout_file="$OUT/shutdown-stdout.jsonl" fifo="$OUT/shutdown.fifo"
-  rm -f "$fifo"
-  mkfifo "$fifo"
-  # A slow consumer of stdout: 128 KiB every 16 ms.
-  python3 -c '
-import sys, time
-src, dst = open(sys.argv[1], "rb"), open(sys.argv[2], "wb")
-while True:
-    chunk = src.read(131072)
-    if not chunk:
-        break
-    dst.write(chunk)
-    time.sleep(0.016)
-' "$fifo" "$stdout_file" &
+  slow_reader "$fifo" "$stdout_file" 131072
   local reader_pid=$!
   env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" EVENTFLOW__TELEMETRY__LOG_LEVEL=info \
     taskset -c "$SERVER_CPU" "$BIN/eventflow" >"$fifo" 2>"$OUT/shutdown-server.log" &
@@ -347,9 +385,10 @@ case "${1:-all}" in
   batch) machine; bench_batch ;;
   memory) machine; bench_memory ;;
   overload) machine; bench_overload ;;
+  overload-sink) machine; bench_overload_sink ;;
   tracing) machine; bench_tracing ;;
   shutdown) machine; bench_shutdown ;;
   sweep) machine; bench_sweep ;;
-  all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_tracing; bench_shutdown; bench_sweep ;;
-  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|tracing|shutdown|sweep|all]" >&2; exit 2 ;;
+  all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_overload_sink; bench_tracing; bench_shutdown; bench_sweep ;;
+  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|all]" >&2; exit 2 ;;
 esac
