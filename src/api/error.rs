@@ -189,7 +189,11 @@ impl From<IngestError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // Only the service's own failures warn. A 503 for load is admission
+        // control doing its job, counted in `eventflow_events_rejected_total`:
+        // a log line for each would flood the logs when the service is
+        // busiest, and cost more than the work it refuses.
+        if matches!(self, Self::NotPublished(_) | Self::ProcessingFailed(_)) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else {
             tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
@@ -210,5 +214,58 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A log destination the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The status of `error`'s response and the WARN lines it logged.
+    fn answer_and_warnings(error: ApiError) -> (StatusCode, String) {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        let status =
+            tracing::subscriber::with_default(subscriber, || error.into_response().status());
+        let logged = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+        (status, logged)
+    }
+
+    #[test]
+    fn refusals_for_load_answer_503_without_a_warning_each() {
+        for error in [ApiError::Overloaded, ApiError::ShuttingDown] {
+            let (status, logged) = answer_and_warnings(error);
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(logged, "");
+        }
+    }
+
+    #[test]
+    fn failures_of_the_service_are_warned() {
+        let (status, logged) = answer_and_warnings(ApiError::ProcessingFailed("sink down".into()));
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(logged.contains("request failed"), "{logged}");
+        assert!(logged.contains("sink down"), "{logged}");
     }
 }
