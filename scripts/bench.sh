@@ -63,7 +63,7 @@ start_server() {
   if [[ "$name" == ceiling ]]; then
     taskset -c "$SERVER_CPU" "$BIN/examples/ceiling" "127.0.0.1:$PORT" >/dev/null 2>>"$OUT/server.log" &
   else
-    env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" EVENTFLOW__TELEMETRY__LOG_LEVEL=warn "$@" \
+    env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" "$@" \
       taskset -c "$SERVER_CPU" "$BIN/eventflow" >/dev/null 2>>"$OUT/server.log" &
   fi
   SERVER_PID=$!
@@ -297,7 +297,7 @@ bench_overload_sink() {
   local fifo="$OUT/overload-sink.fifo"
   slow_reader "$fifo" /dev/null 65536
   local reader_pid=$!
-  env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" EVENTFLOW__TELEMETRY__LOG_LEVEL=warn \
+  env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" \
     taskset -c "$SERVER_CPU" "$BIN/eventflow" >"$fifo" 2>>"$OUT/server.log" &
   SERVER_PID=$!
   wait_up
