@@ -261,31 +261,7 @@ while True:
 bench_overload() {
   echo "== 4. overload: open loop at 2x the sustainable single-event rate for 30 s, then back to half"
   start_server eventflow
-  local max
-  max="$(loadgen -c 64 -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["accepted_events_per_s"]))')"
-  echo "sustainable (closed loop, 64 connections): $max events/s; offering $((2 * max)) req/s"
-  # The same 64 connections as the maximum it is compared with: the number
-  # of connections alone moves a closed-loop maximum here by up to ~20 %.
-  loadgen --mode open --rate "$((2 * max))" -c 64 -d 30s --timeout 5s --json >"$OUT/overload.json"
-  loadgen --mode open --rate "$((max / 2))" -c 64 -d 10s --json >"$OUT/overload-recovery.json"
-  stop_server
-  overload_report overload "$max"
-}
-
-# overload_report NAME MAX: the overload run ($OUT/NAME.json) and the
-# recovery after it ($OUT/NAME-recovery.json) against the sustainable MAX.
-overload_report() {
-  python3 - "$OUT/$1.json" "$OUT/$1-recovery.json" "$2" <<'PY'
-import json, sys
-o, r, best = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), float(sys.argv[3])
-print(f"overload: {o['requests_per_s']:.0f} req/s answered of {o['target_rate']:.0f} offered; status {o['status']}; "
-      f"{o['timeouts']} timeouts, {o['transport_errors']} transport errors")
-print(f"goodput {o['accepted_events_per_s']:.0f} events/s = {100 * o['accepted_events_per_s'] / best:.0f} % of the sustainable rate; "
-      f"2xx latency p50 {o['accepted_latency_ms']['p50']:.2f} ms, p99 {o['accepted_latency_ms']['p99']:.2f} ms; "
-      f"all answers p50 {o['latency_ms']['p50']:.2f} ms, p99 {o['latency_ms']['p99']:.2f} ms, max {o['latency_ms']['max']:.2f} ms")
-print(f"recovery at half rate: status {r['status']}, p99 {r['latency_ms']['p99']:.2f} ms, "
-      f"first second p99 {r['timeline'][0]['p99_ms']:.2f} ms")
-PY
+  overload_runs overload ""
 }
 
 # The same where the pipeline, not the HTTP work, is what runs out: stdout
@@ -301,16 +277,37 @@ bench_overload_sink() {
     taskset -c "$SERVER_CPU" "$BIN/eventflow" >"$fifo" 2>>"$OUT/server.log" &
   SERVER_PID=$!
   wait_up
-  local max
   # The warm-up fills the queue: the measured rate is then what the sink drains.
-  max="$(loadgen -c 64 --warmup 5s -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["accepted_events_per_s"]))')"
-  echo "sustainable (closed loop, 64 connections, queue full): $max events/s; offering $((2 * max)) req/s"
-  loadgen --mode open --rate "$((2 * max))" -c 64 -d 30s --timeout 5s --json >"$OUT/overload-sink.json"
-  loadgen --mode open --rate "$((max / 2))" -c 64 -d 10s --json >"$OUT/overload-sink-recovery.json"
-  stop_server
+  overload_runs overload-sink ", queue full" --warmup 5s
   wait "$reader_pid" || true
   rm -f "$fifo"
-  overload_report overload-sink "$max"
+}
+
+# overload_runs NAME LABEL [LOADGEN-ARGS...]: against the running server,
+# the sustainable rate (closed loop, 64 connections, LOADGEN-ARGS added),
+# then twice it for 30 s and half of it for 10 s, open loop; stops the
+# server and reports ($OUT/NAME.json, $OUT/NAME-recovery.json).
+overload_runs() {
+  local name="$1" label="$2" max
+  shift 2
+  max="$(loadgen -c 64 "$@" -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["accepted_events_per_s"]))')"
+  echo "sustainable (closed loop, 64 connections$label): $max events/s; offering $((2 * max)) req/s"
+  # The same 64 connections as the maximum it is compared with: the number
+  # of connections alone moves a closed-loop maximum here by up to ~20 %.
+  loadgen --mode open --rate "$((2 * max))" -c 64 -d 30s --timeout 5s --json >"$OUT/$name.json"
+  loadgen --mode open --rate "$((max / 2))" -c 64 -d 10s --json >"$OUT/$name-recovery.json"
+  stop_server
+  python3 - "$OUT/$name.json" "$OUT/$name-recovery.json" "$max" <<'PY'
+import json, sys
+o, r, best = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), float(sys.argv[3])
+print(f"overload: {o['requests_per_s']:.0f} req/s answered of {o['target_rate']:.0f} offered; status {o['status']}; "
+      f"{o['timeouts']} timeouts, {o['transport_errors']} transport errors")
+print(f"goodput {o['accepted_events_per_s']:.0f} events/s = {100 * o['accepted_events_per_s'] / best:.0f} % of the sustainable rate; "
+      f"2xx latency p50 {o['accepted_latency_ms']['p50']:.2f} ms, p99 {o['accepted_latency_ms']['p99']:.2f} ms; "
+      f"all answers p50 {o['latency_ms']['p50']:.2f} ms, p99 {o['latency_ms']['p99']:.2f} ms, max {o['latency_ms']['max']:.2f} ms")
+print(f"recovery at half rate: status {r['status']}, p99 {r['latency_ms']['p99']:.2f} ms, "
+      f"first second p99 {r['timeline'][0]['p99_ms']:.2f} ms")
+PY
 }
 
 bench_tracing() {
