@@ -309,14 +309,18 @@ impl Pipeline {
     ) -> Result<Ingested, IngestError> {
         let _in_progress = self.enter()?;
         let store = &self.inner.store;
-        // Retries are answered even when the pipeline is full.
-        if let Some(existing) = store.get(&event.id).await {
-            return classify_existing(existing, &event);
-        }
-        let permit = self
-            .inner
-            .backpressure
-            .try_acquire(event_footprint(&event))?;
+        // Room first: the insert recognises a retry itself, so a new event
+        // (the usual case) is looked up once, not twice.
+        let permit = match self.inner.backpressure.try_acquire(event_footprint(&event)) {
+            Ok(permit) => permit,
+            // Retries are answered even when the pipeline is full.
+            Err(overloaded) => {
+                return match store.get(&event.id).await {
+                    Some(existing) => classify_existing(existing, &event),
+                    None => Err(overloaded.into()),
+                };
+            }
+        };
         match store.insert(event, SystemTime::now(), trace_id).await? {
             Insert::Inserted(record) => {
                 let waiter = wait.then(|| self.inner.waiters.register(record.sequence));
