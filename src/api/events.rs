@@ -15,7 +15,7 @@ use super::AppState;
 use super::body::{MediaType, media_type, read_body};
 use super::error::{ApiError, Problem};
 use crate::event::{DecodeError, Event, EventId, PublishedEvent, decode_array, decode_event};
-use crate::pipeline::{BatchRejection, Ingested, Pipeline};
+use crate::pipeline::{BatchRejection, Ingested, Pipeline, WaitFor, WaitOutcome};
 use crate::store::{Outcome, PageQuery, Record, Status};
 use crate::telemetry::metrics::RejectReason;
 use crate::telemetry::{self, TraceId};
@@ -61,9 +61,6 @@ pub(crate) enum IngestStatus {
     Accepted,
     /// Already stored with the same content; not processed again.
     Duplicate,
-    /// Accepted and waited for (counted already; never serialized).
-    #[serde(skip)]
-    Waited,
 }
 
 /// Answer to `POST /events`.
@@ -214,41 +211,32 @@ pub(crate) async fn post_event(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let metrics = state.pipeline.metrics().clone();
-    let answer = ingest_one(state, params, headers, body).await;
-    match &answer {
-        Ok((_, counted)) => match counted {
-            IngestStatus::Accepted => {
-                metrics.events_received(1);
-                metrics.events_accepted(1);
-            }
-            IngestStatus::Duplicate => {
-                metrics.events_received(1);
-                metrics.events_duplicate(1);
-            }
-            IngestStatus::Waited => {}
-        },
-        Err(error) => {
-            if let Some(reason) = error.reject_reason() {
-                metrics.events_received(1);
-                metrics.events_rejected(reason, 1);
-            }
-        }
+    let answer = ingest_one(&state, params, headers, body).await;
+    // Events taken (accepted or duplicate) are counted where they are taken.
+    if let Err(error) = &answer
+        && let Some(reason) = error.reject_reason()
+    {
+        let metrics = state.pipeline.metrics();
+        metrics.events_received(1);
+        metrics.events_rejected(reason, 1);
     }
-    answer.map(|(response, _)| response)
+    answer
 }
 
-/// `POST /events` proper; returns how the event counts in metrics.
+/// `POST /events` proper.
 async fn ingest_one(
-    state: AppState,
+    state: &AppState,
     params: Result<Query<IngestParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(Response, IngestStatus), ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(query_error)?;
-    let wait = match params.wait.as_deref() {
-        None => false,
-        Some("published") => true,
+    // A wait ends at `request_timeout` from here, where the request's
+    // backstop timeout (a second longer) started too, so that a late event
+    // is answered with this 504 and not the backstop's 408.
+    let deadline = match params.wait.as_deref() {
+        None => None,
+        Some("published") => Some(tokio::time::Instant::now() + state.server.request_timeout),
         Some(other) => {
             return Err(ApiError::invalid_field(
                 "wait",
@@ -260,27 +248,41 @@ async fn ingest_one(
     let bytes = read_body(&headers, body, state.server.max_body_bytes).await?;
     let event = decode_event(&bytes, state.pipeline.settings().max_payload_bytes)?;
     let id = event.id.clone();
-    match state
-        .pipeline
-        .ingest(event, trace_id(&headers), wait)
-        .await?
-    {
-        Ingested::Duplicate(record) => Ok((
-            (
-                StatusCode::OK,
-                Json(IngestResponse {
-                    id: id.to_string(),
-                    status: IngestStatus::Duplicate,
-                    sequence: record.sequence,
-                }),
-            )
-                .into_response(),
-            IngestStatus::Duplicate,
-        )),
-        Ingested::Accepted {
-            record,
-            waiter: None,
-        } => {
+    let pipeline = &state.pipeline;
+    let metrics = pipeline.metrics();
+    let ingested = pipeline
+        .ingest(event, trace_id(&headers), deadline.is_some())
+        .await?;
+    // Counted before any wait: the event is taken whatever the wait brings,
+    // and a wait cut short (the client left) must not lose the count.
+    metrics.events_received(1);
+    match ingested {
+        Ingested::Duplicate(record) => {
+            metrics.events_duplicate(1);
+            match deadline {
+                // A retry after a 504 gets the published event all the same.
+                Some(deadline) => match pipeline.wait_for(&record) {
+                    WaitFor::Ended(outcome) => published_answer(Some(outcome), state),
+                    WaitFor::Pending(waiter) => {
+                        published_answer(waiter.until(deadline).await, state)
+                    }
+                },
+                None => Ok((
+                    StatusCode::OK,
+                    Json(IngestResponse {
+                        id: id.to_string(),
+                        status: IngestStatus::Duplicate,
+                        sequence: record.sequence,
+                    }),
+                )
+                    .into_response()),
+            }
+        }
+        Ingested::Accepted { record, waiter } => {
+            metrics.events_accepted(1);
+            if let (Some(waiter), Some(deadline)) = (waiter, deadline) {
+                return published_answer(waiter.until(deadline).await, state);
+            }
             let mut response = (
                 StatusCode::ACCEPTED,
                 Json(IngestResponse {
@@ -293,28 +295,18 @@ async fn ingest_one(
             if let Some(location) = location(&id) {
                 response.headers_mut().insert(header::LOCATION, location);
             }
-            Ok((response, IngestStatus::Accepted))
+            Ok(response)
         }
-        Ingested::Accepted {
-            record,
-            waiter: Some(waiter),
-        } => {
-            // The event is accepted whatever happens next; a late answer
-            // (504) does not make it less so.
-            state.pipeline.metrics().events_accepted(1);
-            let timeout = state.server.request_timeout;
-            let answer = match tokio::time::timeout(timeout, waiter).await {
-                Ok(Ok(Ok(published))) => Ok((StatusCode::OK, Json(published)).into_response()),
-                Ok(Ok(Err(error))) => Err(ApiError::ProcessingFailed(error)),
-                Ok(Err(_)) => Err(ApiError::ProcessingFailed("the worker stopped".into())),
-                Err(_) => {
-                    state.pipeline.cancel_wait(record.sequence);
-                    Err(ApiError::NotPublished(timeout))
-                }
-            };
-            state.pipeline.metrics().events_received(1);
-            answer.map(|response| (response, IngestStatus::Waited))
-        }
+    }
+}
+
+/// The answer to `?wait=published`: the published event, or why there is
+/// none (`None`: the deadline came first).
+fn published_answer(outcome: Option<WaitOutcome>, state: &AppState) -> Result<Response, ApiError> {
+    match outcome {
+        Some(Ok(published)) => Ok((StatusCode::OK, Json(published)).into_response()),
+        Some(Err(error)) => Err(ApiError::ProcessingFailed(error)),
+        None => Err(ApiError::NotPublished(state.server.request_timeout)),
     }
 }
 

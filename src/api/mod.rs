@@ -94,8 +94,9 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(metrics::metrics))
         .split_for_parts();
     let openapi = Arc::new(openapi);
-    // A backstop only: handlers answer within `request_timeout` themselves
-    // (`?wait=published` returns 504 at exactly that point).
+    // A backstop only: `?wait=published` answers 504 at `request_timeout`
+    // from the handler's start; this ends, a second later, whatever else
+    // takes too long (a body that arrives too slowly: 408).
     let backstop = state.server.request_timeout + Duration::from_secs(1);
     let observe_state = Arc::new(observe::ObserveState {
         metrics: state.pipeline.metrics().clone(),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::{Instrument, field};
@@ -40,13 +41,14 @@ pub(crate) async fn observe(
     let ObserveState { metrics, sampling } = &*observe;
     let started = Instant::now();
     let method = request.method().clone();
+    let method_label = method_label(&method);
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
     if !sampling.sample(request.headers()) {
         let response = next.run(request).await;
         answer_in_rounds().await;
         metrics.http_request(
-            method.as_str(),
+            method_label,
             route,
             response.status().as_u16(),
             started.elapsed(),
@@ -71,8 +73,26 @@ pub(crate) async fn observe(
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    metrics.http_request(method.as_str(), route, status.as_u16(), started.elapsed());
+    metrics.http_request(method_label, route, status.as_u16(), started.elapsed());
     response
+}
+
+/// The method as a metric label: the standard methods by name, any other
+/// as `other`, because HTTP allows any token as a method and each label
+/// value would be a series kept for the life of the process.
+fn method_label(method: &Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "CONNECT" => "CONNECT",
+        _ => "other",
+    }
 }
 
 /// Defers writing a response until the runtime has run the other tasks that
@@ -88,4 +108,19 @@ pub(crate) async fn observe(
 /// server, fast enough to find its client awake, gains nothing from it.
 async fn answer_in_rounds() {
     tokio::task::yield_now().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_outside_the_standard_set_share_one_label() {
+        assert_eq!(method_label(&Method::POST), "POST");
+        assert_eq!(method_label(&Method::OPTIONS), "OPTIONS");
+        for custom in ["PURGE", "X12345", "get"] {
+            let method = Method::from_bytes(custom.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), "other", "{custom}");
+        }
+    }
 }

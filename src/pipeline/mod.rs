@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
@@ -26,14 +25,14 @@ use tracing::Instrument;
 use crate::config::PipelineSettings;
 use crate::event::{Event, EventId, PublishedEvent};
 use crate::sink::{EventBroadcast, Sink};
-use crate::store::{Insert, Processing, Record, Store, StoreError, event_footprint};
+use crate::store::{Insert, Outcome, Processing, Record, Store, StoreError, event_footprint};
 use crate::telemetry::metrics::{Metrics, RejectReason};
 use crate::telemetry::{self, TraceId};
 
 pub use backpressure::{Backpressure, Overloaded, Permit};
 pub use queue::{CHUNK_EVENTS, MemoryQueue, Queue, QueueError, QueuedEvents};
 pub use transform::{TransformChain, TransformContext, TransformError};
-pub use waiters::WaitOutcome;
+pub use waiters::{PublishedWait, WaitOutcome};
 pub use worker::WorkerPool;
 
 use waiters::Waiters;
@@ -74,10 +73,19 @@ pub enum Ingested {
         /// The stored record.
         record: Arc<Record>,
         /// Resolves when the event is published (only with `wait`).
-        waiter: Option<oneshot::Receiver<WaitOutcome>>,
+        waiter: Option<PublishedWait>,
     },
     /// Already stored with the same content; not processed again.
     Duplicate(Arc<Record>),
+}
+
+/// Where a wait for an event's publication stands.
+#[derive(Debug)]
+pub enum WaitFor {
+    /// Processing already ended.
+    Ended(WaitOutcome),
+    /// Still to come.
+    Pending(PublishedWait),
 }
 
 /// Per-item result of a batch.
@@ -323,13 +331,11 @@ impl Pipeline {
         };
         match store.insert(event, SystemTime::now(), trace_id).await? {
             Insert::Inserted(record) => {
-                let waiter = wait.then(|| self.inner.waiters.register(record.sequence));
+                // Registered before it is queued: a worker may publish it at once.
+                let waiter = wait.then(|| PublishedWait::new(self, record.sequence));
                 self.enqueue(vec![Arc::clone(&record)], permit, Instant::now())
                     .await
-                    .map_err(|(err, _)| {
-                        self.inner.waiters.cancel(record.sequence);
-                        err
-                    })?;
+                    .map_err(|(err, _)| err)?;
                 Ok(Ingested::Accepted { record, waiter })
             }
             Insert::Duplicate(record) => Ok(Ingested::Duplicate(record)),
@@ -583,9 +589,30 @@ impl Pipeline {
         }
     }
 
-    /// Gives up waiting for `sequence` (the request timed out).
-    pub fn cancel_wait(&self, sequence: u64) {
-        self.inner.waiters.cancel(sequence);
+    /// Waits for a stored event's publication (a retry with
+    /// `?wait=published`): how it ended when it already has.
+    pub fn wait_for(&self, record: &Record) -> WaitFor {
+        if let Some(ended) = self.ended(record) {
+            return WaitFor::Ended(ended);
+        }
+        let waiter = PublishedWait::new(self, record.sequence);
+        // Processing may have ended between the look and the registration.
+        match self.ended(record) {
+            Some(ended) => WaitFor::Ended(ended),
+            None => WaitFor::Pending(waiter),
+        }
+    }
+
+    /// How processing of `record` ended, if it has.
+    fn ended(&self, record: &Record) -> Option<WaitOutcome> {
+        match record.outcome()? {
+            Outcome::Processed { .. } => Some(
+                self.published(record)?
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string()),
+            ),
+            Outcome::Failed { error } => Some(Err(error.to_string())),
+        }
     }
 }
 

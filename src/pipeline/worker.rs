@@ -486,7 +486,8 @@ mod tests {
         else {
             panic!("expected an accepted event with a waiter");
         };
-        let published = waiter.await.unwrap().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let published = waiter.until(deadline).await.unwrap().unwrap();
         assert_eq!(published.id.as_str(), "c");
         pipeline.close_queue();
         workers.stopped().await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Gate, event, spawn_app, spawn_app_with};
+use crate::helpers::{Gate, TestApp, event, spawn_app, spawn_app_with};
 
 async fn problem(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status(), status);
@@ -332,6 +332,53 @@ async fn wait_published_times_out_with_504() {
     // The event was accepted all the same and is published once the sink frees up.
     gate.open_all();
     app.wait_for_status("slow", "processed").await;
+}
+
+#[tokio::test]
+async fn a_retry_after_504_gets_the_published_event_and_every_try_is_counted() {
+    let gate = Gate::closed();
+    let app = Arc::new(
+        spawn_app_with(
+            |s| s.server.request_timeout = Duration::from_millis(400),
+            vec![Arc::new(gate.clone())],
+        )
+        .await,
+    );
+    let waiting = |app: Arc<TestApp>| {
+        app.client
+            .post(app.url("/events?wait=published"))
+            .json(&event("late", "x"))
+    };
+    problem(waiting(Arc::clone(&app)).send().await.unwrap(), 504).await;
+    // A client that stops waiting: its try is counted all the same.
+    let gave_up = waiting(Arc::clone(&app))
+        .timeout(Duration::from_millis(50))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    let retry = tokio::spawn(waiting(Arc::clone(&app)).send());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gate.open_all();
+    let retry = retry.await.unwrap().unwrap();
+    assert_eq!(retry.status(), 200);
+    let published: Value = retry.json().await.unwrap();
+    assert_eq!(published["id"], "late");
+    assert_eq!(published["payload"], "X");
+    // Once published, a retry gets it at once.
+    let again = waiting(Arc::clone(&app)).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap(), published);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for (series, value) in [
+        ("eventflow_events_received_total", 4),
+        ("eventflow_events_accepted_total", 1),
+        ("eventflow_events_duplicate_total", 3),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == format!("{series} {value}")),
+            "{series} {value} not in:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -182,3 +182,32 @@ async fn sse_subscribers_and_lag_are_counted() {
     assert_eq!(value(&text, "eventflow_sse_subscribers"), 1.0);
     assert_eq!(value(&text, "eventflow_sse_lagged_total"), 0.0);
 }
+
+#[tokio::test]
+async fn methods_outside_the_standard_set_are_one_label() {
+    let app = spawn_app_with(|_| {}, Vec::new()).await;
+    for custom in ["PURGE", "X1", "X2", "X3"] {
+        let method = reqwest::Method::from_bytes(custom.as_bytes()).unwrap();
+        let response = app
+            .client
+            .request(method, app.url("/events"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{custom}");
+    }
+    let text = scrape(&app).await;
+    assert_eq!(
+        value(
+            &text,
+            "eventflow_http_requests_total{method=\"other\",route=\"/events\",status=\"405\"}"
+        ),
+        4.0
+    );
+    for custom in ["PURGE", "X1"] {
+        assert!(
+            !text.contains(&format!("method=\"{custom}\"")),
+            "{custom} became a label"
+        );
+    }
+}
