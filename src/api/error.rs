@@ -178,6 +178,9 @@ impl From<IngestError> for ApiError {
         match err {
             IngestError::Overloaded => Self::Overloaded,
             IngestError::ShuttingDown => Self::ShuttingDown,
+            never @ IngestError::NeverFits { .. } => {
+                Self::PayloadTooLarge(format!("{never}; send fewer at a time"))
+            }
             IngestError::Conflict(record) => Self::Conflict {
                 id: record.event.id.to_string(),
                 sequence: record.sequence,

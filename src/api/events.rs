@@ -386,7 +386,12 @@ pub(crate) async fn post_batch(
         .pipeline
         .ingest_batch(valid, trace_id(&headers))
         .await
-        .inspect_err(|_| metrics.events_rejected(RejectReason::Overloaded, valid_count))?;
+        .map_err(ApiError::from)
+        .inspect_err(|error| {
+            if let Some(reason) = error.reject_reason() {
+                metrics.events_rejected(reason, valid_count);
+            }
+        })?;
     metrics.events_accepted(outcome.accepted as u64);
     metrics.events_duplicate(outcome.duplicates as u64);
     for rejection in &outcome.rejected {

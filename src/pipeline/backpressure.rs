@@ -106,6 +106,11 @@ impl Backpressure {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// The byte budget.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
 }
 
 #[cfg(test)]

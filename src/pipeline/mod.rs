@@ -49,6 +49,22 @@ pub enum IngestError {
     /// The service is draining and accepts nothing new (503).
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// More than the pipeline holds even when empty (413): a retry would
+    /// be refused forever.
+    #[error(
+        "{events} new events of {bytes} bytes in all are more than the pipeline can hold \
+         (pipeline.queue_capacity = {capacity} events, pipeline.queue_max_bytes = {max_bytes} bytes)"
+    )]
+    NeverFits {
+        /// New events asking for room.
+        events: usize,
+        /// Their footprint.
+        bytes: usize,
+        /// The pipeline's event budget.
+        capacity: usize,
+        /// The pipeline's byte budget.
+        max_bytes: usize,
+    },
 }
 
 impl From<Overloaded> for IngestError {
@@ -322,10 +338,10 @@ impl Pipeline {
         let permit = match self.inner.backpressure.try_acquire(event_footprint(&event)) {
             Ok(permit) => permit,
             // Retries are answered even when the pipeline is full.
-            Err(overloaded) => {
+            Err(Overloaded) => {
                 return match store.get(&event.id).await {
                     Some(existing) => classify_existing(existing, &event),
-                    None => Err(overloaded.into()),
+                    None => Err(self.refusal(1, event_footprint(&event))),
                 };
             }
         };
@@ -427,7 +443,13 @@ impl Pipeline {
                         }
                     }
                 }
-                let permit = self.acquire_for(&new_placed)?;
+                let permit = self.acquire_for(&new_placed).map_err(|Overloaded| {
+                    let bytes = new_placed
+                        .iter()
+                        .map(|e| e.size)
+                        .fold(0, usize::saturating_add);
+                    self.refusal(new_placed.len(), bytes)
+                })?;
                 (new_events, new_placed, permit)
             }
         };
@@ -484,6 +506,23 @@ impl Pipeline {
     }
 
     /// Room in the pipeline for all of `events`, or [`Overloaded`].
+    /// Why `events` new events of `bytes` bytes got no room: the pipeline
+    /// is full now, or they would not fit even in an empty one.
+    fn refusal(&self, events: usize, bytes: usize) -> IngestError {
+        let backpressure = &self.inner.backpressure;
+        let (capacity, max_bytes) = (backpressure.capacity(), backpressure.max_bytes());
+        if events > capacity || bytes > max_bytes {
+            IngestError::NeverFits {
+                events,
+                bytes,
+                capacity,
+                max_bytes,
+            }
+        } else {
+            IngestError::Overloaded
+        }
+    }
+
     fn acquire_for(&self, events: &[Placed]) -> Result<Permit, Overloaded> {
         let bytes = events
             .iter()

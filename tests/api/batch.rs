@@ -267,3 +267,29 @@ async fn a_batch_that_does_not_fit_is_503_and_stores_nothing() {
     gate.open_all();
     app.wait_for_stdout_lines(10).await;
 }
+
+#[tokio::test]
+async fn a_batch_larger_than_the_pipeline_is_413_not_503_forever() {
+    let app = spawn_app_with(|s| s.pipeline.queue_capacity = 10, Vec::new()).await;
+    let batch: Vec<Value> = (0..11).map(|i| event(&format!("big-{i}"), "x")).collect();
+    let response = app.post_batch(batch).await;
+    assert_eq!(response.status(), 413);
+    assert!(!response.headers().contains_key("retry-after"));
+    let problem: Value = response.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("11 new events") && detail.contains("pipeline.queue_capacity = 10"),
+        "{detail}"
+    );
+    assert_eq!(app.get("/events/big-0").await.status(), 404);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "eventflow_events_rejected_total{reason=\"too_large\"} 11"),
+        "{metrics}"
+    );
+    // Ten fit.
+    let batch: Vec<Value> = (0..10).map(|i| event(&format!("big-{i}"), "x")).collect();
+    assert_eq!(app.post_batch(batch).await.status(), 202);
+}
