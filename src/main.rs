@@ -111,7 +111,8 @@ async fn run(settings: Settings) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(report) => {
-            tracing::error!(%report, "exiting with events left unpublished");
+            // The report says what was left: events, or only open connections.
+            tracing::error!(%report, "exiting: shutdown did not finish within the grace period");
             ExitCode::from(EXIT_FAILURE)
         }
     }

@@ -22,7 +22,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         store_events: pipeline.store().len(),
         store_evictions: pipeline.store().evictions(),
         sse_subscribers: pipeline.broadcast().subscribers(),
-        workers: pipeline.settings().workers,
+        workers: pipeline.live_workers(),
     };
     let body = pipeline.metrics().render(snapshot);
     let mut response = body.into_response();

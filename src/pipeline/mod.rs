@@ -15,7 +15,7 @@ mod worker;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
 use tokio_util::task::TaskTracker;
@@ -192,6 +192,8 @@ struct Inner {
     ingest_closed: AtomicBool,
     /// Ingest calls in progress; shutdown waits for them before closing the queue.
     ingest_calls: TaskTracker,
+    /// Worker tasks running (a worker that died is not counted).
+    live_workers: AtomicUsize,
     metrics: Metrics,
 }
 
@@ -229,6 +231,7 @@ impl Pipeline {
                 waiters: Waiters::default(),
                 ingest_closed: AtomicBool::new(false),
                 ingest_calls: TaskTracker::new(),
+                live_workers: AtomicUsize::new(0),
                 metrics: parts.metrics,
             }),
         }
@@ -295,6 +298,11 @@ impl Pipeline {
     pub fn published(&self, record: &Record) -> Option<Result<PublishedEvent, TransformError>> {
         let processing = record.outcome()?.processing()?;
         Some(self.render(record, &processing))
+    }
+
+    /// Worker tasks running now.
+    pub fn live_workers(&self) -> usize {
+        self.inner.live_workers.load(Ordering::Relaxed)
     }
 
     /// Events waiting for a worker.

@@ -13,6 +13,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -65,7 +66,24 @@ impl WorkerPool {
 /// Most events a worker takes off the queue for one pass.
 const MAX_PASS_EVENTS: usize = 1024;
 
+/// Counts a worker as live for as long as its task runs, however it ends.
+struct Live<'a>(&'a AtomicUsize);
+
+impl<'a> Live<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn run_worker(pipeline: Pipeline, worker: u32) {
+    let _live = Live::new(&pipeline.inner.live_workers);
     tracing::debug!(worker, "worker started");
     let queue = &pipeline.inner.queue;
     let metrics = &pipeline.inner.metrics;
@@ -489,8 +507,10 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let published = waiter.until(deadline).await.unwrap().unwrap();
         assert_eq!(published.id.as_str(), "c");
+        assert_eq!(pipeline.live_workers(), workers.len());
         pipeline.close_queue();
         workers.stopped().await;
+        assert_eq!(pipeline.live_workers(), 0, "stopped workers are not live");
     }
 
     #[tokio::test]

@@ -249,7 +249,7 @@ pub struct PipelineSnapshot {
     pub store_evictions: u64,
     /// SSE subscribers.
     pub sse_subscribers: usize,
-    /// Worker tasks.
+    /// Worker tasks running.
     pub workers: usize,
 }
 
@@ -544,7 +544,7 @@ fn describe(recorder: &PrometheusRecorder) {
             "Times an SSE subscriber fell behind and skipped events",
             None,
         ),
-        (names::WORKERS, "Worker tasks", None),
+        (names::WORKERS, "Worker tasks running", None),
         (names::BUILD_INFO, "Build information; always 1", None),
     ];
     for (name, text, unit) in help {

@@ -279,12 +279,15 @@ impl TestApp {
                     data: e.data,
                 })
             });
-        for _ in 0..200 {
+        let mut registered = false;
+        for _ in 0..400 {
             if self.state.pipeline.broadcast().subscribers() > before {
+                registered = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert!(registered, "the server never registered the subscriber");
         Subscription {
             events: Box::pin(events),
         }

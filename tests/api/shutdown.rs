@@ -122,7 +122,7 @@ async fn drain_past_the_deadline_reports_and_exits_non_zero_and_a_second_signal_
         let mut service = start(&[("EVENTFLOW__SERVER__SHUTDOWN_GRACE", grace)]);
         let client = reqwest::Client::new();
         let url = format!("http://{}/events/batch", service.addr);
-        // More than the stdout sink's channel (8192 lines) and the pipe hold.
+        // More than the stdout sink's buffer (1 MiB) and the pipe hold.
         for round in 0..2 {
             let response = client
                 .post(&url)

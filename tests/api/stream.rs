@@ -101,4 +101,13 @@ async fn a_slow_subscriber_is_told_it_lagged_and_does_not_slow_the_pipeline() {
     let lagged = lagged.expect("a lagged event");
     let body: Value = serde_json::from_str(&lagged.data).unwrap();
     assert!(body["skipped"].as_u64().unwrap() > 0);
+    // And operators see it.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let lags: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("eventflow_sse_lagged_total "))
+        .expect("eventflow_sse_lagged_total")
+        .parse()
+        .unwrap();
+    assert!(lags >= 1.0, "eventflow_sse_lagged_total {lags}");
 }
