@@ -23,7 +23,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, SharedState};
+use crate::api::{self, AppState, BodyBudget, SharedState};
 use crate::config::Settings;
 use crate::pipeline::{MemoryQueue, Pipeline, PipelineParts, WorkerPool};
 use crate::shutdown::{DeadlineExceeded, Phase, Readiness};
@@ -82,6 +82,7 @@ impl App {
             server: Arc::new(settings.server.clone()),
             stream_stop: CancellationToken::new(),
             sampling: TraceSampling::from_settings(&settings.telemetry),
+            bodies: BodyBudget::new(settings.server.max_inflight_body_bytes),
         });
         Ok(Self {
             listener,

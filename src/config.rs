@@ -40,6 +40,9 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Largest batch body, measured after gzip decompression.
     pub max_batch_body_bytes: usize,
+    /// Bytes of request bodies (as received and inflated) held in memory
+    /// at once across all requests; past it requests get 503.
+    pub max_inflight_body_bytes: usize,
     /// Upper bound for one request, including `?wait=published`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -220,6 +223,16 @@ impl Settings {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        // A gzip batch holds its compressed and its inflated bytes.
+        if self.server.max_inflight_body_bytes / 3 < self.server.max_batch_body_bytes {
+            return Err(invalid(
+                "server.max_inflight_body_bytes",
+                format!(
+                    "must be at least three times server.max_batch_body_bytes ({})",
+                    self.server.max_batch_body_bytes
+                ),
+            ));
+        }
         if self.pipeline.workers > 1024 {
             return Err(invalid("pipeline.workers", "must be at most 1024"));
         }
@@ -309,6 +322,7 @@ fn defaults(
         .set_default("server.addr", "0.0.0.0:8080")?
         .set_default("server.max_body_bytes", 1_048_576)?
         .set_default("server.max_batch_body_bytes", 16_777_216)?
+        .set_default("server.max_inflight_body_bytes", 134_217_728)?
         .set_default("server.request_timeout", "10s")?
         .set_default("server.shutdown_grace", "30s")?
         .set_default("pipeline.workers", default_workers())?
@@ -342,6 +356,7 @@ mod tests {
         assert_eq!(s.server.addr, "0.0.0.0:8080");
         assert_eq!(s.server.max_body_bytes, 1_048_576);
         assert_eq!(s.server.max_batch_body_bytes, 16_777_216);
+        assert_eq!(s.server.max_inflight_body_bytes, 134_217_728);
         assert_eq!(s.server.request_timeout, Duration::from_secs(10));
         assert_eq!(s.server.shutdown_grace, Duration::from_secs(30));
         assert!(s.pipeline.workers >= 1);

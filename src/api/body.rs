@@ -1,15 +1,70 @@
 //! Reading request bodies within limits: content type, size (checked while
-//! streaming, so an oversized body is never fully buffered) and optional
-//! gzip, whose limit applies to the decompressed bytes.
+//! streaming, so an oversized body is never fully buffered), optional gzip,
+//! whose limit applies to the decompressed bytes, and a budget for the
+//! bodies of all requests together.
 
 use std::io::Read;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
+
+/// Bytes of request bodies held in memory at once, across all requests
+/// (`server.max_inflight_body_bytes`). The per-request limits alone do not
+/// bound memory when many large requests arrive together; past this budget
+/// a request is refused with 503 and `Retry-After`, like a full pipeline.
+#[derive(Debug, Clone)]
+pub struct BodyBudget(Arc<Semaphore>);
+
+impl BodyBudget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+    }
+
+    /// Takes `bytes` more for the request that holds `held`.
+    fn take(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> Result<(), ApiError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let bytes = u32::try_from(bytes).map_err(|_| ApiError::Overloaded)?;
+        let permit = Arc::clone(&self.0)
+            .try_acquire_many_owned(bytes)
+            .map_err(|_| ApiError::Overloaded)?;
+        match held {
+            Some(held) => held.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
+
+    /// Bytes held by requests now.
+    #[cfg(test)]
+    fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// A request body read into memory, holding its share of the
+/// [`BodyBudget`] until dropped (when the request is answered).
+#[derive(Debug)]
+pub(crate) struct HeldBody {
+    bytes: Bytes,
+    _held: Option<OwnedSemaphorePermit>,
+}
+
+impl std::ops::Deref for HeldBody {
+    type Target = Bytes;
+
+    fn deref(&self) -> &Bytes {
+        &self.bytes
+    }
+}
 
 /// Media types an endpoint accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,12 +122,14 @@ fn too_large(limit: usize) -> ApiError {
 }
 
 /// Reads the body, gunzipping it when `Content-Encoding: gzip`; fails with
-/// 413 as soon as more than `limit` (decompressed) bytes arrive.
+/// 413 as soon as more than `limit` (decompressed) bytes arrive, and with
+/// 503 when the bodies of all requests would pass `budget`.
 pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-) -> Result<Bytes, ApiError> {
+    budget: &BodyBudget,
+) -> Result<HeldBody, ApiError> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -97,39 +154,91 @@ pub(crate) async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared_length.is_some_and(|length| length > raw_limit as u64) {
-        return Err(too_large(limit));
-    }
-    let raw = match Limited::new(body, raw_limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<LengthLimitError>() => return Err(too_large(limit)),
-        Err(err) => {
-            return Err(ApiError::BadRequest(format!(
-                "could not read the request body: {err}"
-            )));
+    let mut held = None;
+    let body = Limited::new(body, raw_limit);
+    let raw = match declared_length {
+        Some(length) if length > raw_limit as u64 => return Err(too_large(limit)),
+        // The usual case: the whole body's share at once (hyper holds the
+        // body to its declared length).
+        Some(length) => {
+            budget.take(&mut held, length as usize)?;
+            body.collect().await.map_err(read_error(limit))?.to_bytes()
         }
+        // Chunked: its share as it arrives.
+        None => collect_within(body, budget, &mut held, limit).await?,
     };
     if !gzip {
-        return Ok(raw);
+        return Ok(HeldBody {
+            bytes: raw,
+            _held: held,
+        });
     }
     // Inflating up to 16 MiB is CPU work: keep it off the async workers.
-    tokio::task::spawn_blocking(move || gunzip(&raw, limit))
-        .await
-        .map_err(|_| ApiError::BadRequest("could not decompress the request body".into()))?
+    let budget = budget.clone();
+    let (bytes, held) = tokio::task::spawn_blocking(move || {
+        let mut held = held;
+        gunzip(&raw, limit, &budget, &mut held).map(|bytes| (bytes, held))
+    })
+    .await
+    .map_err(|_| ApiError::BadRequest("could not decompress the request body".into()))??;
+    Ok(HeldBody { bytes, _held: held })
 }
 
-fn gunzip(raw: &[u8], limit: usize) -> Result<Bytes, ApiError> {
-    let mut out = Vec::new();
-    let decoder = flate2::read::MultiGzDecoder::new(raw);
-    // Reading one byte past the limit tells "exactly at" from "over".
-    decoder
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|err| ApiError::BadRequest(format!("invalid gzip body: {err}")))?;
-    if out.len() > limit {
-        return Err(too_large(limit));
+fn read_error(limit: usize) -> impl Fn(axum::BoxError) -> ApiError {
+    move |err| {
+        if err.is::<LengthLimitError>() {
+            too_large(limit)
+        } else {
+            ApiError::BadRequest(format!("could not read the request body: {err}"))
+        }
     }
-    Ok(Bytes::from(out))
+}
+
+/// Collects a body of unknown length, taking its share of `budget` frame
+/// by frame.
+async fn collect_within(
+    mut body: Limited<Body>,
+    budget: &BodyBudget,
+    held: &mut Option<OwnedSemaphorePermit>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let mut collected = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(read_error(limit))?.into_data() {
+            budget.take(held, data.len())?;
+            collected.extend_from_slice(&data);
+        }
+    }
+    Ok(collected.freeze())
+}
+
+/// Inflated bytes taken from the budget at a time.
+const INFLATE_STEP: usize = 64 * 1024;
+
+fn gunzip(
+    raw: &[u8],
+    limit: usize,
+    budget: &BodyBudget,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<Bytes, ApiError> {
+    let mut out = Vec::new();
+    // Reading one byte past the limit tells "exactly at" from "over".
+    let most = limit.saturating_add(1);
+    let mut decoder = flate2::read::MultiGzDecoder::new(raw).take(most as u64);
+    loop {
+        let step = INFLATE_STEP.min(most - out.len());
+        budget.take(held, step)?;
+        let read = (&mut decoder)
+            .take(step as u64)
+            .read_to_end(&mut out)
+            .map_err(|err| ApiError::BadRequest(format!("invalid gzip body: {err}")))?;
+        if out.len() > limit {
+            return Err(too_large(limit));
+        }
+        if read < step {
+            return Ok(Bytes::from(out));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +255,10 @@ mod tests {
             h.insert(k.clone(), HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    fn budget() -> BodyBudget {
+        BodyBudget::new(1 << 20)
     }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
@@ -179,16 +292,16 @@ mod tests {
     async fn limits_apply_after_decompression() {
         let data = vec![b'a'; 10_000];
         let gz = headers(&[(header::CONTENT_ENCODING, "gzip")]);
-        let ok = read_body(&gz, Body::from(gzip(&data)), 10_000)
+        let ok = read_body(&gz, Body::from(gzip(&data)), 10_000, &budget())
             .await
             .unwrap();
         assert_eq!(ok.len(), 10_000);
         // Compresses to a few dozen bytes, inflates past the limit.
-        let err = read_body(&gz, Body::from(gzip(&data)), 9_999)
+        let err = read_body(&gz, Body::from(gzip(&data)), 9_999, &budget())
             .await
             .unwrap_err();
         assert!(matches!(err, ApiError::PayloadTooLarge(_)));
-        let err = read_body(&gz, Body::from("not gzip"), 100)
+        let err = read_body(&gz, Body::from("not gzip"), 100, &budget())
             .await
             .unwrap_err();
         assert!(matches!(err, ApiError::BadRequest(_)));
@@ -197,15 +310,58 @@ mod tests {
     #[tokio::test]
     async fn plain_bodies_are_limited() {
         let none = HeaderMap::new();
-        assert_eq!(read_body(&none, Body::from("abc"), 3).await.unwrap(), "abc");
+        assert_eq!(
+            *read_body(&none, Body::from("abc"), 3, &budget())
+                .await
+                .unwrap(),
+            "abc"
+        );
         assert!(matches!(
-            read_body(&none, Body::from("abcd"), 3).await,
+            read_body(&none, Body::from("abcd"), 3, &budget()).await,
             Err(ApiError::PayloadTooLarge(_))
         ));
         let br = headers(&[(header::CONTENT_ENCODING, "br")]);
         assert!(matches!(
-            read_body(&br, Body::from("x"), 3).await,
+            read_body(&br, Body::from("x"), 3, &budget()).await,
             Err(ApiError::UnsupportedMediaType(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn bodies_share_one_budget_and_give_it_back() {
+        let budget = BodyBudget::new(100);
+        let sized = |n: usize| headers(&[(header::CONTENT_LENGTH, &n.to_string())]);
+        let first = read_body(&sized(60), Body::from("a".repeat(60)), 1000, &budget)
+            .await
+            .unwrap();
+        assert_eq!(budget.available(), 40);
+        // Each fits its own limit; together they pass the budget.
+        assert!(matches!(
+            read_body(&sized(50), Body::from("b".repeat(50)), 1000, &budget).await,
+            Err(ApiError::Overloaded)
+        ));
+        // Of unknown length: counted as it arrives.
+        let chunks = futures_util::stream::iter(
+            ["c".repeat(30), "c".repeat(30)].map(|c| Ok::<_, std::io::Error>(Bytes::from(c))),
+        );
+        assert!(matches!(
+            read_body(&HeaderMap::new(), Body::from_stream(chunks), 1000, &budget).await,
+            Err(ApiError::Overloaded)
+        ));
+        assert_eq!(
+            budget.available(),
+            40,
+            "a refused body gives its share back"
+        );
+        drop(first);
+        assert_eq!(budget.available(), 100);
+        // Inflated bytes count too, not just what came over the wire.
+        let gz = headers(&[(header::CONTENT_ENCODING, "gzip")]);
+        let small = BodyBudget::new(INFLATE_STEP);
+        assert!(matches!(
+            read_body(&gz, Body::from(gzip(&[b'z'; 200_000])), 1 << 20, &small).await,
+            Err(ApiError::Overloaded)
+        ));
+        assert_eq!(small.available(), INFLATE_STEP);
     }
 }

@@ -245,7 +245,7 @@ async fn ingest_one(
         }
     };
     media_type(&headers, &[MediaType::Json])?;
-    let bytes = read_body(&headers, body, state.server.max_body_bytes).await?;
+    let bytes = read_body(&headers, body, state.server.max_body_bytes, &state.bodies).await?;
     let event = decode_event(&bytes, state.pipeline.settings().max_payload_bytes)?;
     let id = event.id.clone();
     let pipeline = &state.pipeline;
@@ -346,9 +346,14 @@ pub(crate) async fn post_batch(
         error
     };
     let media = media_type(&headers, &[MediaType::Json, MediaType::Ndjson]).map_err(refused)?;
-    let bytes = read_body(&headers, body, state.server.max_batch_body_bytes)
-        .await
-        .map_err(refused)?;
+    let bytes = read_body(
+        &headers,
+        body,
+        state.server.max_batch_body_bytes,
+        &state.bodies,
+    )
+    .await
+    .map_err(refused)?;
     let settings = state.pipeline.settings();
     let DecodedBatch {
         received,

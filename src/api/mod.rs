@@ -31,6 +31,7 @@ use crate::pipeline::Pipeline;
 use crate::shutdown::Readiness;
 use crate::telemetry::TraceSampling;
 
+pub use body::BodyBudget;
 pub use error::{ApiError, Problem};
 
 /// Everything a handler can reach. Every request clones it (axum's `State`),
@@ -66,6 +67,8 @@ pub struct SharedState {
     pub stream_stop: CancellationToken,
     /// Which requests are traced.
     pub sampling: TraceSampling,
+    /// Request bodies held in memory at once (`server.max_inflight_body_bytes`).
+    pub bodies: BodyBudget,
 }
 
 #[derive(OpenApi)]

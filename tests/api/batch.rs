@@ -293,3 +293,55 @@ async fn a_batch_larger_than_the_pipeline_is_413_not_503_forever() {
     let batch: Vec<Value> = (0..10).map(|i| event(&format!("big-{i}"), "x")).collect();
     assert_eq!(app.post_batch(batch).await.status(), 202);
 }
+
+#[tokio::test]
+async fn bodies_in_flight_share_one_budget_past_which_requests_are_503() {
+    let app = spawn_app_with(
+        |s| {
+            s.server.max_batch_body_bytes = 10_000;
+            s.server.max_inflight_body_bytes = 30_000;
+        },
+        Vec::new(),
+    )
+    .await;
+    // Three clients send most of a body of unknown length, then stall:
+    // each within its own limit, 28,500 bytes held together.
+    let mut stalled = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..3 {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(1);
+        sender.send(Ok(" ".repeat(9_500))).await.unwrap();
+        senders.push(sender);
+        let body =
+            reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
+        stalled.push(tokio::spawn(
+            app.client
+                .post(app.url("/events/batch"))
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+                .send(),
+        ));
+    }
+    let small = |i: usize| vec![event(&format!("budget-{i}"), &"x".repeat(3_000))];
+    let mut refused = None;
+    for i in 0..200 {
+        let response = app.post_batch(small(i)).await;
+        if response.status() == 503 {
+            refused = Some(response);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("a body past the budget is refused");
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    // The stalled bodies end (as nothing valid): their share comes back.
+    drop(senders);
+    for request in stalled {
+        assert_eq!(request.await.unwrap().unwrap().status(), 422);
+    }
+    assert_eq!(app.post_batch(small(1_000)).await.status(), 202);
+}
