@@ -32,10 +32,10 @@ impl BodyBudget {
         if bytes == 0 {
             return Ok(());
         }
-        let bytes = u32::try_from(bytes).map_err(|_| ApiError::Overloaded)?;
+        let bytes = u32::try_from(bytes).map_err(|_| ApiError::BodiesOverBudget)?;
         let permit = Arc::clone(&self.0)
             .try_acquire_many_owned(bytes)
-            .map_err(|_| ApiError::Overloaded)?;
+            .map_err(|_| ApiError::BodiesOverBudget)?;
         match held {
             Some(held) => held.merge(permit),
             None => *held = Some(permit),
@@ -338,7 +338,7 @@ mod tests {
         // Each fits its own limit; together they pass the budget.
         assert!(matches!(
             read_body(&sized(50), Body::from("b".repeat(50)), 1000, &budget).await,
-            Err(ApiError::Overloaded)
+            Err(ApiError::BodiesOverBudget)
         ));
         // Of unknown length: counted as it arrives.
         let chunks = futures_util::stream::iter(
@@ -346,7 +346,7 @@ mod tests {
         );
         assert!(matches!(
             read_body(&HeaderMap::new(), Body::from_stream(chunks), 1000, &budget).await,
-            Err(ApiError::Overloaded)
+            Err(ApiError::BodiesOverBudget)
         ));
         assert_eq!(
             budget.available(),
@@ -360,7 +360,7 @@ mod tests {
         let small = BodyBudget::new(INFLATE_STEP);
         assert!(matches!(
             read_body(&gz, Body::from(gzip(&[b'z'; 200_000])), 1 << 20, &small).await,
-            Err(ApiError::Overloaded)
+            Err(ApiError::BodiesOverBudget)
         ));
         assert_eq!(small.available(), INFLATE_STEP);
     }

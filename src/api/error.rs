@@ -78,6 +78,18 @@ pub enum ApiError {
     /// The event was accepted but processing failed (500).
     #[error("the event was accepted but processing failed: {0}")]
     ProcessingFailed(String),
+    /// Request bodies in memory are at `server.max_inflight_body_bytes` (503).
+    #[error(
+        "request bodies in memory are at their limit (server.max_inflight_body_bytes); retry later"
+    )]
+    BodiesOverBudget,
+    /// The request did not complete in time, its body arriving too slowly
+    /// say (408).
+    #[error("the request did not complete within {0:?}")]
+    RequestTimeout(std::time::Duration),
+    /// A bug: a handler panicked (500). The panic is logged, not sent.
+    #[error("internal error; the service's log has the details")]
+    Internal,
 }
 
 impl ApiError {
@@ -103,8 +115,14 @@ impl ApiError {
             | Self::Validation { .. } => Some(RejectReason::Invalid),
             Self::PayloadTooLarge(_) => Some(RejectReason::TooLarge),
             Self::Conflict { .. } => Some(RejectReason::Conflict),
-            Self::Overloaded | Self::ShuttingDown => Some(RejectReason::Overloaded),
-            Self::NotFound(_) | Self::NotPublished(_) | Self::ProcessingFailed(_) => None,
+            Self::Overloaded | Self::ShuttingDown | Self::BodiesOverBudget => {
+                Some(RejectReason::Overloaded)
+            }
+            Self::NotFound(_)
+            | Self::NotPublished(_)
+            | Self::ProcessingFailed(_)
+            | Self::RequestTimeout(_)
+            | Self::Internal => None,
         }
     }
 
@@ -116,9 +134,12 @@ impl ApiError {
             Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::ShuttingDown | Self::BodiesOverBudget => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::NotPublished(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::ProcessingFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ProcessingFailed(_) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -135,6 +156,9 @@ impl ApiError {
             Self::ShuttingDown => ("shutting-down", "Shutting down"),
             Self::NotPublished(_) => ("not-published", "Not published in time"),
             Self::ProcessingFailed(_) => ("processing-failed", "Processing failed"),
+            Self::BodiesOverBudget => ("overloaded", "Overloaded"),
+            Self::RequestTimeout(_) => ("request-timeout", "Request timeout"),
+            Self::Internal => ("internal", "Internal error"),
         }
     }
 
@@ -196,7 +220,10 @@ impl IntoResponse for ApiError {
         // control doing its job, counted in `eventflow_events_rejected_total`:
         // a log line for each would flood the logs when the service is
         // busiest, and cost more than the work it refuses.
-        if matches!(self, Self::NotPublished(_) | Self::ProcessingFailed(_)) {
+        if matches!(
+            self,
+            Self::NotPublished(_) | Self::ProcessingFailed(_) | Self::Internal
+        ) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else {
             tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
@@ -209,7 +236,7 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         let retry_after = match self {
-            Self::Overloaded => Some(RETRY_AFTER_OVERLOADED_SECS),
+            Self::Overloaded | Self::BodiesOverBudget => Some(RETRY_AFTER_OVERLOADED_SECS),
             Self::ShuttingDown => Some(RETRY_AFTER_DRAINING_SECS),
             _ => None,
         };

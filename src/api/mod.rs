@@ -15,13 +15,15 @@ mod stream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::BoxError;
 use axum::Json;
 use axum::Router;
-use axum::http::StatusCode;
+use axum::error_handling::HandleErrorLayer;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -115,11 +117,14 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .with_state(state)
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            backstop,
-        ))
-        .layer(CatchPanicLayer::new())
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(move |_: BoxError| async move {
+                    ApiError::RequestTimeout(backstop)
+                }))
+                .timeout(backstop),
+        )
+        .layer(CatchPanicLayer::custom(panicked))
         // Outermost, so that timeouts and caught panics are counted too.
         .layer(axum::middleware::from_fn_with_state(
             observe_state,
@@ -127,6 +132,39 @@ pub fn router(state: AppState) -> Router {
         ))
 }
 
+/// The answer to a request whose handler panicked: a problem document,
+/// the panic itself in the log only.
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    tracing::error!(panic = message, "a request handler panicked");
+    ApiError::Internal.into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::to_bytes;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_is_answered_with_a_problem_that_does_not_leak_it() {
+        let response = panicked(Box::new("index out of bounds: secret"));
+        assert_eq!(response.status(), 500);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let body = to_bytes(response.into_body(), 10_000).await.unwrap();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["type"], "urn:eventflow:problem:internal");
+        assert!(!problem["detail"].as_str().unwrap().contains("secret"));
+    }
 }

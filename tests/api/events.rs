@@ -464,3 +464,27 @@ async fn ids_with_reserved_characters_round_trip_through_location() {
     let record: Value = app.get(&location).await.json().await.unwrap();
     assert_eq!(record["id"], "a/b c?d%e");
 }
+
+#[tokio::test]
+async fn a_body_that_arrives_too_slowly_is_a_408_problem() {
+    let app = spawn_app_with(
+        |s| s.server.request_timeout = Duration::from_millis(100),
+        Vec::new(),
+    )
+    .await;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(1);
+    sender.send(Ok("{\"id\":".into())).await.unwrap();
+    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
+    let response = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "application/json")
+        .body(body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(response, 408).await;
+    assert_eq!(p["type"], "urn:eventflow:problem:request-timeout");
+    drop(sender);
+}
