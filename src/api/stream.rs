@@ -19,6 +19,9 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use super::AppState;
+use crate::event::EventId;
+use crate::pipeline::Pipeline;
+use crate::sink::StreamLine;
 use crate::store::{PageQuery, Status};
 
 /// Records read from the store per replay step.
@@ -86,28 +89,59 @@ pub(crate) async fn stream_events(
 
     let replaying = resume_after.is_some();
     let metrics = state.pipeline.metrics().clone();
+    let pipeline = state.pipeline.clone();
     let live = live.filter_map(move |message| {
-        let event = match message {
-            Ok(message) if replaying && message.publish_seq <= watermark => None,
-            Ok(message) => Some(
-                Event::default()
-                    .id(message.sequence.to_string())
-                    .data(&*message.json),
-            ),
-            Err(BroadcastStreamRecvError::Lagged(skipped)) => {
-                tracing::warn!(skipped, "SSE subscriber lagged");
-                metrics.sse_lagged();
-                Some(
-                    Event::default()
-                        .event("lagged")
-                        .data(format!("{{\"skipped\":{skipped}}}")),
-                )
+        let pipeline = pipeline.clone();
+        let metrics = metrics.clone();
+        async move {
+            match message {
+                Ok(message) if replaying && message.publish_seq <= watermark => None,
+                Ok(message) => match &message.line {
+                    StreamLine::Inline(json) => Some(
+                        Event::default()
+                            .id(message.sequence.to_string())
+                            .data(&**json),
+                    ),
+                    StreamLine::Stored(id) => {
+                        Some(stored_line(&pipeline, id, message.sequence).await)
+                    }
+                },
+                Err(BroadcastStreamRecvError::Lagged(skipped)) => {
+                    tracing::warn!(skipped, "SSE subscriber lagged");
+                    metrics.sse_lagged();
+                    Some(lagged(skipped))
+                }
             }
-        };
-        std::future::ready(event)
+        }
     });
 
     let stop = state.stream_stop.clone().cancelled_owned();
     let events = replay.chain(live).map(Ok).take_until(stop);
     Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+fn lagged(skipped: u64) -> Event {
+    Event::default()
+        .event("lagged")
+        .data(format!("{{\"skipped\":{skipped}}}"))
+}
+
+/// The message for a long line the feed did not carry: rendered from the
+/// store, or, if the event was evicted meanwhile, a `lagged` notice.
+async fn stored_line(pipeline: &Pipeline, id: &EventId, sequence: u64) -> Event {
+    let rendered = pipeline
+        .store()
+        .get(id)
+        .await
+        .filter(|record| record.sequence == sequence)
+        .and_then(|record| pipeline.published(&record)?.ok());
+    match rendered {
+        Some(published) => Event::default()
+            .id(sequence.to_string())
+            .data(published.to_json()),
+        None => {
+            pipeline.metrics().sse_lagged();
+            lagged(1)
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! transform chain and publish the result.
 //!
 //! A worker works in passes: it takes whatever is waiting (up to
-//! [`MAX_PASS_EVENTS`]), transforms each event, hands all of them to each
+//! [`MAX_PASS_EVENTS`] events or [`MAX_PASS_BYTES`]), transforms each event, hands all of them to each
 //! sink in one call, then records their outcomes. Per-pass costs (clock
 //! reads, sink locks, wake-ups) are thus shared by every event of a batch
 //! request, and by the single events of many requests under load.
@@ -23,7 +23,7 @@ use tracing::{Instrument, field};
 use super::Pipeline;
 use super::queue::QueuedEvents;
 use crate::event::{JsonWriter, line_size_hint};
-use crate::sink::{Publication, Publications, StreamMessage};
+use crate::sink::{Publication, Publications, StreamLine, StreamMessage};
 use crate::store::{CompleteWith, Processing, Record};
 use crate::telemetry;
 use crate::time::UnixNanos;
@@ -66,6 +66,12 @@ impl WorkerPool {
 /// Most events a worker takes off the queue for one pass.
 const MAX_PASS_EVENTS: usize = 1024;
 
+/// Most bytes of events (their pipeline footprint) a worker takes for one
+/// pass: a pass renders all its lines into one buffer, and a line can be
+/// several times its payload (JSON escapes), so a pass of large events is
+/// bounded by bytes as well as by count.
+const MAX_PASS_BYTES: usize = 1 << 20;
+
 /// Counts a worker as live for as long as its task runs, however it ends.
 struct Live<'a>(&'a AtomicUsize);
 
@@ -97,11 +103,13 @@ async fn run_worker(pipeline: Pipeline, worker: u32) {
             // than passes empty it.
             tokio::task::yield_now().await;
         }
+        let mut events = first.records.len();
+        let mut bytes = first.permit.bytes();
         let mut taken = vec![first];
-        let mut events = taken[0].records.len();
-        while events < MAX_PASS_EVENTS {
+        while events < MAX_PASS_EVENTS && bytes < MAX_PASS_BYTES {
             let Some(next) = queue.try_pop() else { break };
             events += next.records.len();
+            bytes += next.permit.bytes();
             taken.push(next);
         }
         let started = Instant::now();
@@ -279,7 +287,7 @@ async fn process(
                 inner.broadcast.send(StreamMessage {
                     sequence: record.sequence,
                     publish_seq,
-                    json: Arc::from(&lines[line]),
+                    line: StreamLine::of(&lines[line], &record.event.id),
                 });
                 streamed += 1;
             }

@@ -3,13 +3,44 @@
 //! A `tokio::sync::broadcast` channel: sending never waits, and a
 //! subscriber that falls more than the channel's capacity behind is told
 //! how many it missed (a `lagged` event) instead of slowing the pipeline.
+//!
+//! The channel keeps its last [`STREAM_CAPACITY`] messages whatever their
+//! size, so long lines are not kept in it: a message then names the event,
+//! and subscribers render it from the store. The feed's memory is thus at
+//! most [`STREAM_CAPACITY`] × [`INLINE_LINE_MAX`] (32 MiB), not a multiple
+//! of the largest payload.
 
 use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
+use crate::event::EventId;
+
 /// Messages a subscriber can fall behind before it lags.
 pub(super) const STREAM_CAPACITY: usize = 4096;
+
+/// Longest published line kept in the feed itself.
+pub const INLINE_LINE_MAX: usize = 8 * 1024;
+
+/// A published event's JSON line, as the feed carries it.
+#[derive(Debug, Clone)]
+pub enum StreamLine {
+    /// The line itself.
+    Inline(Arc<str>),
+    /// A line longer than [`INLINE_LINE_MAX`]: the event to render from the store.
+    Stored(EventId),
+}
+
+impl StreamLine {
+    /// The line when it is short enough to carry, else the event's id.
+    pub fn of(line: &str, id: &EventId) -> Self {
+        if line.len() <= INLINE_LINE_MAX {
+            Self::Inline(Arc::from(line))
+        } else {
+            Self::Stored(id.clone())
+        }
+    }
+}
 
 /// One published event on the live feed.
 #[derive(Debug, Clone)]
@@ -19,7 +50,7 @@ pub struct StreamMessage {
     /// Publication order; used to stitch replay and live feed together.
     pub publish_seq: u64,
     /// The published event as JSON.
-    pub json: Arc<str>,
+    pub line: StreamLine,
 }
 
 /// Fan-out of published events to live subscribers.

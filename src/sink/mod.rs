@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::config::SinkKind;
 use crate::event::PublishedEvent;
 
-pub use broadcast::{EventBroadcast, StreamMessage};
+pub use broadcast::{EventBroadcast, INLINE_LINE_MAX, StreamLine, StreamMessage};
 pub use log::LogSink;
 pub use stdout::StdoutSink;
 

@@ -111,3 +111,31 @@ async fn a_slow_subscriber_is_told_it_lagged_and_does_not_slow_the_pipeline() {
         .unwrap();
     assert!(lags >= 1.0, "eventflow_sse_lagged_total {lags}");
 }
+
+#[tokio::test]
+async fn long_lines_reach_subscribers_whole_like_short_ones() {
+    let app = spawn_app().await;
+    let mut stream = app.subscribe(None).await;
+    // Over the feed's inline limit (8 KiB) once escaped, and under it.
+    let long = "\u{1}é".repeat(3_000);
+    for (id, payload) in [("long", long.as_str()), ("short", "x")] {
+        assert_eq!(app.post_event(&event(id, payload)).await.status(), 202);
+    }
+    let stdout = app.wait_for_stdout_lines(2).await;
+    let mut received = Vec::new();
+    while received.len() < 2 {
+        let message = stream.next(WAIT).await.expect("an SSE message");
+        if message.data.is_empty() {
+            continue;
+        }
+        assert_eq!(message.event, "message", "{}", message.data);
+        let published: Value = serde_json::from_str(&message.data).unwrap();
+        assert_eq!(message.id, published["metadata"]["sequence"].to_string());
+        received.push(published);
+    }
+    // Exactly what stdout got, the long one rendered again from the store.
+    for published in &received {
+        assert!(stdout.contains(published), "{published}");
+    }
+    assert_eq!(received[0]["payload"], "\u{1}É".repeat(3_000));
+}
