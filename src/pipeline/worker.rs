@@ -262,6 +262,10 @@ async fn process(
             if let Err(error) = published {
                 tracing::error!(sink = sink.name(), %error, "publishing failed");
             }
+            let lost = sink.take_lost();
+            if lost > 0 {
+                metrics.sink_result(sink.name(), false, lost);
+            }
         }
         drop(publications);
         // Every event of the chunk became visible to the sinks just now.

@@ -111,6 +111,12 @@ pub trait Sink: Send + Sync + fmt::Debug {
     async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError>;
     /// Makes everything published so far durable at the destination.
     async fn flush(&self) -> Result<(), SinkError>;
+    /// Events this sink took in earlier calls but then failed to deliver
+    /// (a buffered write that failed later), since the last call: counted
+    /// as publish errors.
+    fn take_lost(&self) -> usize {
+        0
+    }
 }
 
 /// Builds the sinks named in `publish.sinks`.

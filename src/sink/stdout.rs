@@ -33,6 +33,8 @@ struct State {
     queued_bytes: usize,
     flush_requests: Vec<oneshot::Sender<io::Result<()>>>,
     failed: bool,
+    /// Lines taken but not written, not yet reported by `take_lost`.
+    lost: usize,
 }
 
 struct Shared {
@@ -96,11 +98,18 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
             std::mem::take(&mut state.flush_requests)
         };
         shared.room.notify_waiters();
-        let result = write_queued(&mut out, &batch).and_then(|()| out.flush());
-        if let Err(error) = &result {
-            tracing::error!(%error, "writing to stdout failed; dropping further output");
-            shared.state.lock().failed = true;
+        // A failed flush after whole writes loses what the writer buffered,
+        // which it cannot tell: those lines count as written.
+        let result = write_queued(&mut out, &batch)
+            .and_then(|()| out.flush().map_err(|error| (error, usize::MAX)));
+        if let Err((error, written)) = &result {
+            let lost = lines_after(&batch, *written);
+            tracing::error!(%error, lost, "writing to stdout failed; these lines are lost and further output is dropped");
+            let mut state = shared.state.lock();
+            state.failed = true;
+            state.lost += lost;
         }
+        let result = result.map_err(|(error, _)| error);
         for done in flushes {
             let _ = done.send(match &result {
                 Ok(()) => Ok(()),
@@ -113,23 +122,42 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
 }
 
 /// Writes every buffer, in order, in as few vectored writes as the writer
-/// takes.
-fn write_queued<W: Write>(out: &mut W, buffers: &[Arc<String>]) -> io::Result<()> {
+/// takes; on failure, the error and how many bytes were written.
+fn write_queued<W: Write>(out: &mut W, buffers: &[Arc<String>]) -> Result<(), (io::Error, usize)> {
     let mut slices: Vec<IoSlice<'_>> = buffers
         .iter()
         .filter(|b| !b.is_empty())
         .map(|b| IoSlice::new(b.as_bytes()))
         .collect();
     let mut unwritten = &mut slices[..];
+    let mut total = 0;
     while !unwritten.is_empty() {
         match out.write_vectored(unwritten) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => IoSlice::advance_slices(&mut unwritten, written),
+            Ok(0) => return Err((io::ErrorKind::WriteZero.into(), total)),
+            Ok(written) => {
+                total += written;
+                IoSlice::advance_slices(&mut unwritten, written);
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
+            Err(error) => return Err((error, total)),
         }
     }
     Ok(())
+}
+
+/// Lines (each ends with a newline) of `buffers` not wholly within their
+/// first `written` bytes.
+fn lines_after(buffers: &[Arc<String>], written: usize) -> usize {
+    let mut skip = written;
+    buffers
+        .iter()
+        .map(|buffer| {
+            let bytes = buffer.as_bytes();
+            let from = skip.min(bytes.len());
+            skip -= from;
+            bytes[from..].iter().filter(|&&b| b == b'\n').count()
+        })
+        .sum()
 }
 
 #[async_trait]
@@ -160,6 +188,10 @@ impl Sink for StdoutSink {
             }
             room.await;
         }
+    }
+
+    fn take_lost(&self) -> usize {
+        std::mem::take(&mut self.shared.state.lock().lost)
     }
 
     async fn flush(&self) -> Result<(), SinkError> {
@@ -296,11 +328,24 @@ mod tests {
             ) || matches!(flushed, Err(SinkError::Closed("stdout"))),
             "{flushed:?}"
         );
+        // The line it had taken is reported lost, once.
+        assert_eq!(sink.take_lost(), 1);
+        assert_eq!(sink.take_lost(), 0);
         let lines = Arc::new(String::new());
         let again = sink.publish(Publications::new(&[], &lines)).await;
         assert!(
             matches!(again, Err(SinkError::Closed("stdout"))),
             "{again:?}"
         );
+    }
+
+    #[test]
+    fn lost_lines_are_those_not_wholly_written() {
+        let buffers = [Arc::new("a\nbb\n".to_owned()), Arc::new("c\n".to_owned())];
+        assert_eq!(lines_after(&buffers, 0), 3);
+        assert_eq!(lines_after(&buffers, 2), 2);
+        assert_eq!(lines_after(&buffers, 3), 2, "a line half written is lost");
+        assert_eq!(lines_after(&buffers, 5), 1);
+        assert_eq!(lines_after(&buffers, 7), 0);
     }
 }
