@@ -181,14 +181,26 @@ impl DecodedArray {
 /// it is read (no array of raw elements in between).
 ///
 /// `None` when the body is not an array whose every element is a
-/// well-formed event object: the caller then splits the array and decodes
-/// element by element, to say which ones are wrong and how.
-pub fn decode_array(bytes: &[u8], max_payload_bytes: usize) -> Option<DecodedArray> {
+/// well-formed event object, or has more than `max_events` elements
+/// (decoding stops there, so a body of many tiny elements costs no more
+/// than `max_events` of them): the caller then splits the array and decodes
+/// element by element, to say which ones are wrong and how, or that there
+/// are too many.
+pub fn decode_array(
+    bytes: &[u8],
+    max_payload_bytes: usize,
+    max_events: usize,
+) -> Option<DecodedArray> {
     let text = std::str::from_utf8(bytes).ok()?;
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let decoded =
-        serde::Deserializer::deserialize_seq(&mut deserializer, ArrayVisitor { max_payload_bytes })
-            .ok()?;
+    let decoded = serde::Deserializer::deserialize_seq(
+        &mut deserializer,
+        ArrayVisitor {
+            max_payload_bytes,
+            max_events,
+        },
+    )
+    .ok()?;
     deserializer.end().ok()?;
     Some(decoded)
 }
@@ -196,6 +208,7 @@ pub fn decode_array(bytes: &[u8], max_payload_bytes: usize) -> Option<DecodedArr
 /// Reads the elements of a JSON array of events into a [`DecodedArray`].
 struct ArrayVisitor {
     max_payload_bytes: usize,
+    max_events: usize,
 }
 
 impl<'de> serde::de::Visitor<'de> for ArrayVisitor {
@@ -209,6 +222,9 @@ impl<'de> serde::de::Visitor<'de> for ArrayVisitor {
         let mut decoded = DecodedArray::default();
         while let Some(wire) = seq.next_element::<WireEvent<'de>>()? {
             let index = decoded.len();
+            if index == self.max_events {
+                return Err(serde::de::Error::custom("too many events"));
+            }
             // Free while borrowed; only a rejection makes it a `String`.
             let id = wire.id.clone();
             match validate(wire, self.max_payload_bytes) {
@@ -524,6 +540,7 @@ mod tests {
                 {"id":"","timestamp":3,"payload":"r"},
                 {"id":"esc\u0061ped","timestamp":2,"payload":"q"}] "#,
             MAX,
+            3,
         )
         .expect("well-formed elements");
         assert_eq!(decoded.len(), 3);
@@ -552,12 +569,20 @@ mod tests {
             br#"[{"id":"a","timestamp":1,"payload":"p"}] []"#,
         ] {
             assert!(
-                decode_array(body, MAX).is_none(),
+                decode_array(body, MAX, 10).is_none(),
                 "{}",
                 String::from_utf8_lossy(body)
             );
         }
-        assert_eq!(decode_array(b"[]", MAX).unwrap().len(), 0);
+        assert_eq!(decode_array(b"[]", MAX, 10).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn arrays_over_the_event_limit_stop_decoding_at_it() {
+        let two =
+            br#"[{"id":"a","timestamp":1,"payload":"p"},{"id":"b","timestamp":1,"payload":"p"}]"#;
+        assert_eq!(decode_array(two, MAX, 2).unwrap().len(), 2);
+        assert!(decode_array(two, MAX, 1).is_none());
     }
 
     fn fields(err: DecodeError) -> Vec<String> {

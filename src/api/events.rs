@@ -1,5 +1,7 @@
 //! `/events`: ingest (single and batch), listing, and lookup by id.
 
+use std::cell::Cell;
+
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -469,7 +471,7 @@ fn decode_batch(
         decoded
     };
     match media {
-        MediaType::Json => match decode_array(bytes, max_payload_bytes) {
+        MediaType::Json => match decode_array(bytes, max_payload_bytes, max_batch) {
             // One pass over a well-formed array (the usual case).
             Some(array) if array.len() <= max_batch => Ok(DecodedBatch {
                 received: array.len(),
@@ -487,22 +489,58 @@ fn decode_batch(
     }
 }
 
-/// Splits a JSON array into its elements without decoding them.
+/// Splits a JSON array into its elements without decoding them, stopping
+/// at the first element past `max` (so that a body of many tiny elements
+/// costs no more than `max` of them).
 fn split_array(bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, ApiError> {
-    let elements: Vec<&RawValue> = serde_json::from_slice(bytes).map_err(|err| {
-        if err.is_data() {
-            ApiError::invalid_field("body", "must be a JSON array of events")
-        } else {
-            ApiError::from(DecodeError::Malformed(err.to_string()))
-        }
-    })?;
-    if elements.len() > max {
-        return Err(too_many(max));
+    let too_many_seen = Cell::new(false);
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let elements = serde::Deserializer::deserialize_seq(
+        &mut deserializer,
+        RawElements {
+            max,
+            too_many: &too_many_seen,
+        },
+    )
+    .and_then(|elements| deserializer.end().map(|()| elements));
+    match elements {
+        Ok(elements) => Ok(elements
+            .into_iter()
+            .map(|raw| raw.get().as_bytes())
+            .collect()),
+        Err(_) if too_many_seen.get() => Err(too_many(max)),
+        Err(err) if err.is_data() => Err(ApiError::invalid_field(
+            "body",
+            "must be a JSON array of events",
+        )),
+        Err(err) => Err(ApiError::from(DecodeError::Malformed(err.to_string()))),
     }
-    Ok(elements
-        .into_iter()
-        .map(|raw| raw.get().as_bytes())
-        .collect())
+}
+
+/// Reads a JSON array's elements as raw JSON, at most `max` of them.
+struct RawElements<'a> {
+    max: usize,
+    too_many: &'a Cell<bool>,
+}
+
+impl<'de> serde::de::Visitor<'de> for RawElements<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut elements = Vec::new();
+        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+            if elements.len() == self.max {
+                self.too_many.set(true);
+                return Err(serde::de::Error::custom("too many events"));
+            }
+            elements.push(raw);
+        }
+        Ok(elements)
+    }
 }
 
 /// Splits NDJSON into its non-blank lines.

@@ -154,6 +154,13 @@ async fn batch_limits_are_413_after_decompression() {
     let six: Vec<Value> = (0..6).map(|i| event(&format!("m-{i}"), "x")).collect();
     let response = app.post_batch(six).await;
     assert_eq!(response.status(), 413);
+    // Too many elements, whatever they are, is 413 too (not 422 for each).
+    for body in ["[1,1,1,1,1,1]", r#"[{},{},{},{},{},{}]"#] {
+        let response = app
+            .post_raw("/events/batch", "application/json", body)
+            .await;
+        assert_eq!(response.status(), 413, "{body}");
+    }
     // 100 KB of zeros compress to ~100 bytes but inflate past the 4 KiB limit.
     let inflated = format!("{}\n", event("zero", &"0".repeat(100_000)));
     let response = app
