@@ -163,13 +163,14 @@ impl Settings {
             .collect();
         // An empty list variable means an empty list (e.g. no sinks), which
         // the list parser would otherwise read as one empty item.
-        let empty_lists: Vec<&'static str> = LIST_KEYS
-            .into_iter()
-            .filter(|key| {
-                let var = format!("EVENTFLOW__{}", key.replace('.', "__").to_uppercase());
-                env.get(&var).is_some_and(|v| v.trim().is_empty()) && env.remove(&var).is_some()
-            })
-            .collect();
+        let mut empty_lists: Vec<&'static str> = Vec::new();
+        for key in LIST_KEYS {
+            let var = format!("EVENTFLOW__{}", key.replace('.', "__").to_uppercase());
+            if env.get(&var).is_some_and(|v| v.trim().is_empty()) {
+                env.remove(&var);
+                empty_lists.push(key);
+            }
+        }
         let mut environment = config::Environment::with_prefix("EVENTFLOW")
             .prefix_separator("__")
             .separator("__")

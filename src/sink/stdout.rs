@@ -35,6 +35,8 @@ struct State {
     failed: bool,
     /// Lines taken but not written, not yet reported by `take_lost`.
     lost: usize,
+    /// The sink was dropped: the writer thread ends once the queue is written.
+    closing: bool,
 }
 
 struct Shared {
@@ -81,12 +83,22 @@ impl StdoutSink {
     }
 }
 
+impl Drop for StdoutSink {
+    fn drop(&mut self) {
+        self.shared.state.lock().closing = true;
+        self.shared.work.notify_one();
+    }
+}
+
 fn write_loop<W: Write>(shared: &Shared, mut out: W) {
     let mut batch = Vec::new();
     loop {
         let flushes = {
             let mut state = shared.state.lock();
             while state.queued.is_empty() && state.flush_requests.is_empty() {
+                if state.closing {
+                    return;
+                }
                 shared.work.wait(&mut state);
             }
             if state.flush_requests.is_empty() {
@@ -347,5 +359,22 @@ mod tests {
         assert_eq!(lines_after(&buffers, 3), 2, "a line half written is lost");
         assert_eq!(lines_after(&buffers, 5), 1);
         assert_eq!(lines_after(&buffers, 7), 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_sink_writes_what_it_took_and_ends_the_writer() {
+        let out = Shared::default();
+        let sink = StdoutSink::with_writer(out.clone());
+        publish(&sink, &event(), &[r#"{"n":1}"#]).await;
+        let writer_alive = Arc::downgrade(&sink.shared);
+        drop(sink);
+        for _ in 0..500 {
+            if writer_alive.strong_count() == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(writer_alive.strong_count(), 0, "the writer thread ended");
+        assert_eq!(&*out.0.lock().unwrap(), b"{\"n\":1}\n");
     }
 }
