@@ -488,3 +488,20 @@ async fn a_body_that_arrives_too_slowly_is_a_408_problem() {
     assert_eq!(p["type"], "urn:eventflow:problem:request-timeout");
     drop(sender);
 }
+
+#[tokio::test]
+async fn while_draining_new_events_are_503_with_a_longer_retry_after() {
+    let app = spawn_app().await;
+    assert_eq!(app.post_event(&event("before", "x")).await.status(), 202);
+    // What SIGTERM does first: no new events from here on.
+    app.state.pipeline.close_ingest();
+    let response = app.post_event(&event("during", "x")).await;
+    assert_eq!(response.headers()["retry-after"], "5");
+    let p = problem(response, 503).await;
+    assert_eq!(p["type"], "urn:eventflow:problem:shutting-down");
+    let batch = app.post_batch(vec![event("batch-during", "x")]).await;
+    assert_eq!(batch.status(), 503);
+    assert_eq!(batch.headers()["retry-after"], "5");
+    assert_eq!(app.get("/events/during").await.status(), 404);
+    app.wait_for_status("before", "processed").await;
+}
