@@ -23,7 +23,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, BodyBudget, SharedState};
+use crate::api::{self, AppState, BodyBudget, LimitedListener, SharedState};
 use crate::config::Settings;
 use crate::pipeline::{MemoryQueue, Pipeline, PipelineParts, WorkerPool};
 use crate::shutdown::{DeadlineExceeded, Phase, Readiness};
@@ -115,12 +115,13 @@ impl App {
             workers,
             shutdown_grace,
         } = self;
+        let max_connections = state.server.max_connections;
         let pipeline = state.pipeline.clone();
         let readiness = state.readiness.clone();
         let stream_stop = state.stream_stop.clone();
         let http_stop = CancellationToken::new();
         let router = api::router(state);
-        let server = axum::serve(listener, router)
+        let server = axum::serve(LimitedListener::new(listener, max_connections), router)
             .with_graceful_shutdown(http_stop.clone().cancelled_owned());
         let server = tokio::spawn(async move {
             if let Err(error) = server.await {

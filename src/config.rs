@@ -40,6 +40,8 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Largest batch body, measured after gzip decompression.
     pub max_batch_body_bytes: usize,
+    /// Connections open at once; past it new ones wait to be accepted.
+    pub max_connections: usize,
     /// Bytes of request bodies (as received and inflated) held in memory
     /// at once across all requests; past it requests get 503.
     pub max_inflight_body_bytes: usize,
@@ -208,6 +210,7 @@ impl Settings {
                 "server.max_batch_body_bytes",
                 self.server.max_batch_body_bytes,
             ),
+            ("server.max_connections", self.server.max_connections),
             ("pipeline.workers", self.pipeline.workers),
             ("pipeline.queue_capacity", self.pipeline.queue_capacity),
             (
@@ -324,6 +327,7 @@ fn defaults(
         .set_default("server.max_body_bytes", 1_048_576)?
         .set_default("server.max_batch_body_bytes", 16_777_216)?
         .set_default("server.max_inflight_body_bytes", 134_217_728)?
+        .set_default("server.max_connections", 10_000)?
         .set_default("server.request_timeout", "10s")?
         .set_default("server.shutdown_grace", "30s")?
         .set_default("pipeline.workers", default_workers())?
@@ -358,6 +362,7 @@ mod tests {
         assert_eq!(s.server.max_body_bytes, 1_048_576);
         assert_eq!(s.server.max_batch_body_bytes, 16_777_216);
         assert_eq!(s.server.max_inflight_body_bytes, 134_217_728);
+        assert_eq!(s.server.max_connections, 10_000);
         assert_eq!(s.server.request_timeout, Duration::from_secs(10));
         assert_eq!(s.server.shutdown_grace, Duration::from_secs(30));
         assert!(s.pipeline.workers >= 1);

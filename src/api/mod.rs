@@ -5,6 +5,7 @@
 //! serve requests.
 
 mod body;
+mod connections;
 pub mod error;
 mod events;
 mod health;
@@ -34,6 +35,7 @@ use crate::shutdown::Readiness;
 use crate::telemetry::TraceSampling;
 
 pub use body::BodyBudget;
+pub use connections::LimitedListener;
 pub use error::{ApiError, Problem};
 
 /// Everything a handler can reach. Every request clones it (axum's `State`),

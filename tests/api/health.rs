@@ -1,9 +1,11 @@
-//! Health, readiness and the OpenAPI document.
+//! Health, readiness, the OpenAPI document, and the connection cap.
+
+use std::time::Duration;
 
 use eventflow::shutdown::Phase;
 use serde_json::Value;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn liveness_answers_on_both_paths() {
@@ -68,4 +70,30 @@ async fn openapi_document_describes_every_route() {
     ] {
         assert!(schemas.contains_key(schema), "schema {schema} missing");
     }
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_others_close() {
+    let app = spawn_app_with(|s| s.server.max_connections = 2, Vec::new()).await;
+    // Two clients hold connections open, idle.
+    let first = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let second = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A third is not served while they are open...
+    let client = reqwest::Client::new();
+    let waiting = client
+        .get(app.url("/healthz"))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(waiting.is_err(), "{waiting:?}");
+    // ...and is once they close.
+    drop((first, second));
+    let served = client
+        .get(app.url("/healthz"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
 }
