@@ -227,13 +227,19 @@ impl Settings {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
-        // A gzip batch holds its compressed and its inflated bytes.
-        if self.server.max_inflight_body_bytes / 3 < self.server.max_batch_body_bytes {
+        // A gzip batch holds its compressed and its inflated bytes (and so
+        // may a gzip single event), or a request that fits its own limit
+        // could be refused for the budget forever.
+        let largest_body = self
+            .server
+            .max_batch_body_bytes
+            .max(self.server.max_body_bytes);
+        if self.server.max_inflight_body_bytes / 3 < largest_body {
             return Err(invalid(
                 "server.max_inflight_body_bytes",
                 format!(
-                    "must be at least three times server.max_batch_body_bytes ({})",
-                    self.server.max_batch_body_bytes
+                    "must be at least three times the larger of server.max_batch_body_bytes \
+                     and server.max_body_bytes ({largest_body})"
                 ),
             ));
         }

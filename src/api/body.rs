@@ -154,19 +154,11 @@ pub(crate) async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > raw_limit as u64) {
+        return Err(too_large(limit));
+    }
     let mut held = None;
-    let body = Limited::new(body, raw_limit);
-    let raw = match declared_length {
-        Some(length) if length > raw_limit as u64 => return Err(too_large(limit)),
-        // The usual case: the whole body's share at once (hyper holds the
-        // body to its declared length).
-        Some(length) => {
-            budget.take(&mut held, length as usize)?;
-            body.collect().await.map_err(read_error(limit))?.to_bytes()
-        }
-        // Chunked: its share as it arrives.
-        None => collect_within(body, budget, &mut held, limit).await?,
-    };
+    let raw = collect_within(Limited::new(body, raw_limit), budget, &mut held, limit).await?;
     if !gzip {
         return Ok(HeldBody {
             bytes: raw,
@@ -194,22 +186,46 @@ fn read_error(limit: usize) -> impl Fn(axum::BoxError) -> ApiError {
     }
 }
 
-/// Collects a body of unknown length, taking its share of `budget` frame
-/// by frame.
+/// Collects a body, taking its share of `budget` as each frame arrives: a
+/// declared length is only a promise, and a client that sends nothing must
+/// hold nothing.
 async fn collect_within(
     mut body: Limited<Body>,
     budget: &BodyBudget,
     held: &mut Option<OwnedSemaphorePermit>,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
-    let mut collected = BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<Bytes> = Vec::new();
+    let mut total = 0;
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame.map_err(read_error(limit))?.into_data() {
             budget.take(held, data.len())?;
-            collected.extend_from_slice(&data);
+            total += data.len();
+            match first {
+                None => first = Some(data),
+                Some(_) => rest.push(data),
+            }
         }
     }
-    Ok(collected.freeze())
+    let Some(first) = first else {
+        return Ok(Bytes::new());
+    };
+    // Usually the body is one frame: no copy.
+    if rest.is_empty() {
+        return Ok(first);
+    }
+    // Joined into one buffer of exactly `total` bytes, which has its own
+    // share while the frames still exist.
+    budget.take(held, total)?;
+    let mut joined = BytesMut::with_capacity(total);
+    for frame in std::iter::once(first).chain(rest) {
+        joined.extend_from_slice(&frame);
+    }
+    if let Some(held) = held.as_mut() {
+        drop(held.split(total));
+    }
+    Ok(joined.freeze())
 }
 
 /// Inflated bytes taken from the budget at a time.
@@ -228,6 +244,8 @@ fn gunzip(
     loop {
         let step = INFLATE_STEP.min(most - out.len());
         budget.take(held, step)?;
+        // Grown by exactly the share just taken (read_to_end would double it).
+        out.reserve_exact(step);
         let read = (&mut decoder)
             .take(step as u64)
             .read_to_end(&mut out)
@@ -354,6 +372,33 @@ mod tests {
             "a refused body gives its share back"
         );
         drop(first);
+        assert_eq!(budget.available(), 100);
+        // Frames joined into one buffer hold their length once.
+        let chunks = futures_util::stream::iter(
+            ["d".repeat(20), "d".repeat(20)].map(|c| Ok::<_, std::io::Error>(Bytes::from(c))),
+        );
+        let joined = read_body(&HeaderMap::new(), Body::from_stream(chunks), 1000, &budget)
+            .await
+            .unwrap();
+        assert_eq!(joined.len(), 40);
+        assert_eq!(budget.available(), 60);
+        drop(joined);
+        // A declared length takes nothing before the bytes arrive.
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
+        let reading = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                read_body(&sized(90), body, 1000, &budget)
+                    .await
+                    .map(|held| held.len())
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(budget.available(), 100);
+        sender.send(Ok(Bytes::from("e".repeat(90)))).await.unwrap();
+        drop(sender);
+        assert_eq!(reading.await.unwrap().unwrap(), 90);
         assert_eq!(budget.available(), 100);
         // Inflated bytes count too, not just what came over the wire.
         let gz = headers(&[(header::CONTENT_ENCODING, "gzip")]);

@@ -200,10 +200,10 @@ fn query_error(rejection: QueryRejection) -> ApiError {
         (status = 200, description = "Duplicate (same id and content), or the published event with `?wait=published`", body = IngestResponse),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Same id, different content", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over `server.max_body_bytes`", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over `server.max_body_bytes`, or an event larger than even an empty pipeline holds", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Overloaded or shutting down; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded (pipeline full, or request bodies in memory at their limit) or shutting down; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Not published within `server.request_timeout`", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -249,6 +249,8 @@ async fn ingest_one(
     media_type(&headers, &[MediaType::Json])?;
     let bytes = read_body(&headers, body, state.server.max_body_bytes, &state.bodies).await?;
     let event = decode_event(&bytes, state.pipeline.settings().max_payload_bytes)?;
+    // The body's share of the budget is given back before any wait.
+    drop(bytes);
     let id = event.id.clone();
     let pipeline = &state.pipeline;
     let metrics = pipeline.metrics();
@@ -327,10 +329,10 @@ fn published_answer(outcome: Option<WaitOutcome>, state: &AppState) -> Result<Re
     responses(
         (status = 202, description = "The valid events were taken; invalid ones are listed", body = BatchResponse),
         (status = 400, description = "Malformed JSON array or gzip", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body or event count over the limits", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body or event count over the limits, or more new events than even an empty pipeline holds", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported content type or encoding", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "No event in the batch is valid", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The valid events do not all fit; nothing was stored", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The valid events do not all fit now (or request bodies in memory are at their limit), or shutting down; nothing was stored; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn post_batch(

@@ -30,7 +30,7 @@ use crate::telemetry::metrics::{Metrics, RejectReason};
 use crate::telemetry::{self, TraceId};
 
 pub use backpressure::{Backpressure, Overloaded, Permit};
-pub use queue::{CHUNK_EVENTS, MemoryQueue, Queue, QueueError, QueuedEvents};
+pub use queue::{CHUNK_BYTES, CHUNK_EVENTS, MemoryQueue, Queue, QueueError, QueuedEvents};
 pub use transform::{TransformChain, TransformContext, TransformError};
 pub use waiters::{PublishedWait, WaitOutcome};
 pub use worker::WorkerPool;
@@ -368,7 +368,9 @@ impl Pipeline {
     }
 
     /// Accepts the valid events of a batch: all of the new ones fit, or the
-    /// whole batch is refused with [`IngestError::Overloaded`].
+    /// whole batch is refused with [`IngestError::Overloaded`] (or
+    /// [`IngestError::NeverFits`] when they would not fit even in an empty
+    /// pipeline).
     ///
     /// `events` carries each event's index in the request.
     pub async fn ingest_batch(
@@ -475,7 +477,7 @@ impl Pipeline {
             match inserted {
                 Ok(Insert::Inserted(record)) => {
                     chunk.push(index, size, record);
-                    if chunk.records.len() == CHUNK_EVENTS {
+                    if chunk.records.len() == CHUNK_EVENTS || chunk.bytes >= CHUNK_BYTES {
                         let full = std::mem::take(&mut chunk);
                         self.enqueue_chunk(full, &mut permit, enqueued_at, &mut outcome)
                             .await;
@@ -513,7 +515,6 @@ impl Pipeline {
         Ok(outcome)
     }
 
-    /// Room in the pipeline for all of `events`, or [`Overloaded`].
     /// Why `events` new events of `bytes` bytes got no room: the pipeline
     /// is full now, or they would not fit even in an empty one.
     fn refusal(&self, events: usize, bytes: usize) -> IngestError {
@@ -531,6 +532,7 @@ impl Pipeline {
         }
     }
 
+    /// Room in the pipeline for all of `events`, or [`Overloaded`].
     fn acquire_for(&self, events: &[Placed]) -> Result<Permit, Overloaded> {
         let bytes = events
             .iter()
@@ -632,6 +634,11 @@ impl Pipeline {
         for sink in &self.inner.sinks {
             if let Err(error) = sink.flush().await {
                 tracing::error!(sink = sink.name(), %error, "flushing sink failed");
+            }
+            // The last writes may have failed after every pass was handed over.
+            let lost = sink.take_lost();
+            if lost > 0 {
+                self.inner.metrics.sink_result(sink.name(), false, lost);
             }
         }
     }

@@ -5,7 +5,8 @@
 //! popping until it is closed *and* empty.
 //!
 //! An item is a chunk of events accepted together: one for a single
-//! ingest, up to [`CHUNK_EVENTS`] of a batch request. Handing a worker a
+//! ingest, up to [`CHUNK_EVENTS`] (and about [`CHUNK_BYTES`]) of a batch
+//! request. Handing a worker a
 //! chunk costs one queue operation, one permit release and one sink write
 //! for all its events.
 
@@ -21,6 +22,11 @@ use crate::store::Record;
 /// Most events a batch request puts in one queue item. Small enough that
 /// the workers share a big batch, large enough that per-item costs vanish.
 pub const CHUNK_EVENTS: usize = 64;
+
+/// Most bytes of events (their footprint) in one queue item of a batch,
+/// beyond its first event: a worker takes an item whole, so this bounds
+/// what a pass of large events renders.
+pub const CHUNK_BYTES: usize = 256 * 1024;
 
 /// Accepted events (at least one, in arrival order) on their way to a worker.
 #[derive(Debug)]

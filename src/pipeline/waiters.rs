@@ -4,7 +4,7 @@
 //! case (nobody waiting) costs one relaxed load per event.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering, fence};
 
 use dashmap::DashMap;
 use tokio::sync::oneshot;
@@ -26,8 +26,12 @@ pub struct PublishedWait {
 
 impl PublishedWait {
     pub(super) fn new(pipeline: &Pipeline, sequence: u64) -> Self {
+        let receiver = pipeline.inner.waiters.register(sequence);
+        // Orders the registration before the caller's look at the outcome;
+        // see [`Waiters::any`].
+        fence(Ordering::SeqCst);
         Self {
-            receiver: pipeline.inner.waiters.register(sequence),
+            receiver,
             sequence,
             pipeline: pipeline.clone(),
         }
@@ -85,11 +89,22 @@ impl Waiters {
         }
     }
 
-    /// Tells the waiters for `sequence`, if any, how processing ended.
+    /// Whether anyone waits, asked once by a worker that has just set the
+    /// outcomes of the events it will then [`notify`](Self::notify) about.
+    ///
+    /// A waiter registers, then looks at the outcome; a worker sets the
+    /// outcome, then looks for waiters. The two fences (here and in
+    /// [`PublishedWait::new`]) make at least one side see the other's
+    /// write, so that a waiter is never left to time out on an event that
+    /// was published.
+    pub(super) fn any(&self) -> bool {
+        fence(Ordering::SeqCst);
+        self.count.load(Ordering::Relaxed) > 0
+    }
+
+    /// Tells the waiters for `sequence`, if any, how processing ended (after
+    /// [`any`](Self::any) said someone waits).
     pub(super) fn notify(&self, sequence: u64, outcome: impl FnOnce() -> WaitOutcome) {
-        if self.count.load(Ordering::Relaxed) == 0 {
-            return;
-        }
         if let Some((_, senders)) = self.waiting.remove(&sequence) {
             self.count.fetch_sub(1, Ordering::Relaxed);
             let outcome = outcome();

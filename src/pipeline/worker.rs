@@ -66,10 +66,12 @@ impl WorkerPool {
 /// Most events a worker takes off the queue for one pass.
 const MAX_PASS_EVENTS: usize = 1024;
 
-/// Most bytes of events (their pipeline footprint) a worker takes for one
-/// pass: a pass renders all its lines into one buffer, and a line can be
-/// several times its payload (JSON escapes), so a pass of large events is
-/// bounded by bytes as well as by count.
+/// Bytes of events (their pipeline footprint) past which a worker takes no
+/// more for one pass: a pass renders all its lines into one buffer, and a
+/// line can be several times its payload (JSON escapes), so a pass of large
+/// events is bounded by bytes as well as by count. It takes items whole,
+/// so a pass holds at most this plus one item ([`super::CHUNK_BYTES`] plus
+/// one event).
 const MAX_PASS_BYTES: usize = 1 << 20;
 
 /// Counts a worker as live for as long as its task runs, however it ends.
@@ -284,6 +286,7 @@ async fn process(
             );
         }
         let mut streamed = 0;
+        let waited_for = inner.waiters.any();
         for ((record, event, line), publish_seq) in rendered.into_iter().zip(publish_seqs) {
             if let Some(publish_seq) = publish_seq
                 && inner.broadcast.has_subscribers()
@@ -295,9 +298,11 @@ async fn process(
                 });
                 streamed += 1;
             }
-            inner
-                .waiters
-                .notify(record.sequence, || Ok(Arc::new(event)));
+            if waited_for {
+                inner
+                    .waiters
+                    .notify(record.sequence, || Ok(Arc::new(event)));
+            }
         }
         if streamed > 0 {
             metrics.sink_result("sse", true, streamed);
@@ -316,7 +321,9 @@ async fn fail(pipeline: &Pipeline, record: &Record, error: String, processing: D
         .store
         .complete(record, CompleteWith::Failed(error.clone()))
         .await;
-    inner.waiters.notify(record.sequence, || Err(error));
+    if inner.waiters.any() {
+        inner.waiters.notify(record.sequence, || Err(error));
+    }
 }
 
 #[cfg(test)]

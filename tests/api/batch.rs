@@ -305,6 +305,7 @@ async fn a_batch_larger_than_the_pipeline_is_413_not_503_forever() {
 async fn bodies_in_flight_share_one_budget_past_which_requests_are_503() {
     let app = spawn_app_with(
         |s| {
+            s.server.max_body_bytes = 10_000;
             s.server.max_batch_body_bytes = 10_000;
             s.server.max_inflight_body_bytes = 30_000;
         },
@@ -344,6 +345,14 @@ async fn bodies_in_flight_share_one_budget_past_which_requests_are_503() {
     assert_eq!(
         refused.headers()["content-type"],
         "application/problem+json"
+    );
+    let problem: Value = refused.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_inflight_body_bytes"),
+        "{problem}"
     );
     // The stalled bodies end (as nothing valid): their share comes back.
     drop(senders);

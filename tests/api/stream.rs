@@ -137,5 +137,9 @@ async fn long_lines_reach_subscribers_whole_like_short_ones() {
     for published in &received {
         assert!(stdout.contains(published), "{published}");
     }
-    assert_eq!(received[0]["payload"], "\u{1}É".repeat(3_000));
+    let long = received
+        .iter()
+        .find(|p| p["id"] == "long")
+        .expect("the long event");
+    assert_eq!(long["payload"], "\u{1}É".repeat(3_000));
 }
