@@ -419,6 +419,15 @@ mod tests {
         capacity: usize,
         sinks: Vec<Arc<dyn Sink>>,
     ) -> Pipeline {
+        pipeline_with_metrics(chain, capacity, sinks, Metrics::disabled())
+    }
+
+    fn pipeline_with_metrics(
+        chain: TransformChain,
+        capacity: usize,
+        sinks: Vec<Arc<dyn Sink>>,
+        metrics: Metrics,
+    ) -> Pipeline {
         let settings = PipelineSettings {
             workers: 1,
             queue_capacity: capacity,
@@ -438,7 +447,7 @@ mod tests {
                 queue: MemoryQueue::new(capacity),
                 sinks,
                 chain: Some(chain),
-                metrics: Metrics::disabled(),
+                metrics,
             },
         )
     }
@@ -614,5 +623,59 @@ mod tests {
         assert_eq!(pipeline.backpressure().in_use(), 0);
         pipeline.close_queue();
         workers.stopped().await;
+    }
+
+    /// Takes every event, then loses it (as a buffered write that fails later).
+    #[derive(Debug, Default)]
+    struct Leaky(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Sink for Leaky {
+        fn name(&self) -> &'static str {
+            "leaky"
+        }
+        async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError> {
+            self.0
+                .fetch_add(publications.events().len(), Ordering::Relaxed);
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn take_lost(&self) -> usize {
+            self.0.swap(0, Ordering::Relaxed)
+        }
+    }
+
+    #[tokio::test]
+    async fn events_a_sink_loses_after_taking_them_count_as_publish_errors() {
+        let metrics = Metrics::new(&["leaky"]);
+        let pipeline = pipeline_with_metrics(
+            TransformChain::new(Vec::new()),
+            10,
+            vec![Arc::new(Leaky::default())],
+            metrics.clone(),
+        );
+        let workers = pipeline.start_workers();
+        for id in ["a", "b", "c"] {
+            pipeline
+                .ingest(event(id, "x"), TraceId::random(), false)
+                .await
+                .unwrap();
+        }
+        pipeline.close_queue();
+        workers.stopped().await;
+        // The last pass's losses are found by the final flush at the latest.
+        pipeline.flush_sinks().await;
+        let text = metrics.render(crate::telemetry::metrics::PipelineSnapshot::default());
+        for series in [
+            "eventflow_events_published_total{sink=\"leaky\"} 3",
+            "eventflow_publish_errors_total{sink=\"leaky\"} 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} not in:\n{text}"
+            );
+        }
     }
 }
