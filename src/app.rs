@@ -116,12 +116,14 @@ impl App {
             shutdown_grace,
         } = self;
         let max_connections = state.server.max_connections;
+        let idle_timeout = state.server.idle_timeout;
         let pipeline = state.pipeline.clone();
         let readiness = state.readiness.clone();
         let stream_stop = state.stream_stop.clone();
         let http_stop = CancellationToken::new();
         let router = api::router(state);
-        let server = axum::serve(LimitedListener::new(listener, max_connections), router)
+        let listener = LimitedListener::new(listener, max_connections, idle_timeout);
+        let server = axum::serve(listener, router)
             .with_graceful_shutdown(http_stop.clone().cancelled_owned());
         let server = tokio::spawn(async move {
             if let Err(error) = server.await {

@@ -42,6 +42,10 @@ pub struct ServerSettings {
     pub max_batch_body_bytes: usize,
     /// Connections open at once; past it new ones wait to be accepted.
     pub max_connections: usize,
+    /// A connection that neither sends nor receives anything for this long
+    /// (up to twice this) is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Bytes of request bodies (as received and inflated) held in memory
     /// at once across all requests; past it requests get 503.
     pub max_inflight_body_bytes: usize,
@@ -293,6 +297,18 @@ impl Settings {
         if self.server.request_timeout.is_zero() {
             return Err(invalid("server.request_timeout", "must be greater than 0"));
         }
+        // Never cut a request that waits for publication, nor a quiet SSE
+        // stream between its keep-alive comments (every 15 s).
+        let shortest_idle =
+            (self.server.request_timeout + Duration::from_secs(2)).max(Duration::from_secs(20));
+        if self.server.idle_timeout < shortest_idle {
+            return Err(invalid(
+                "server.idle_timeout",
+                format!(
+                    "must be at least {shortest_idle:?} (server.request_timeout plus 2 s, and 20 s)"
+                ),
+            ));
+        }
         if self
             .telemetry
             .log_level
@@ -334,6 +350,7 @@ fn defaults(
         .set_default("server.max_batch_body_bytes", 16_777_216)?
         .set_default("server.max_inflight_body_bytes", 134_217_728)?
         .set_default("server.max_connections", 10_000)?
+        .set_default("server.idle_timeout", "60s")?
         .set_default("server.request_timeout", "10s")?
         .set_default("server.shutdown_grace", "30s")?
         .set_default("pipeline.workers", default_workers())?
@@ -369,6 +386,7 @@ mod tests {
         assert_eq!(s.server.max_batch_body_bytes, 16_777_216);
         assert_eq!(s.server.max_inflight_body_bytes, 134_217_728);
         assert_eq!(s.server.max_connections, 10_000);
+        assert_eq!(s.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(s.server.request_timeout, Duration::from_secs(10));
         assert_eq!(s.server.shutdown_grace, Duration::from_secs(30));
         assert!(s.pipeline.workers >= 1);

@@ -1,10 +1,14 @@
-//! A cap on open connections (`server.max_connections`).
+//! Limits on connections: how many are open at once
+//! (`server.max_connections`), and how long one may stay silent
+//! (`server.idle_timeout`).
 //!
 //! Each connection costs a task and its buffers for as long as the client
 //! keeps it open, idle or not, so without a cap a flood of connections
 //! grows memory up to the process's file descriptor limit. At the cap the
 //! listener stops accepting: new connections wait in the kernel's backlog
-//! until one closes.
+//! until one closes. Connections that neither send nor receive anything
+//! for the idle timeout are closed, so that abandoned ones give their slot
+//! back.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,23 +16,31 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::future::Future;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 
-/// A listener that holds at most `max` connections open at once.
+/// A listener that holds at most `max` connections open at once and closes
+/// those silent for its idle timeout.
 #[derive(Debug)]
 pub struct LimitedListener {
     inner: TcpListener,
     open: Arc<Semaphore>,
+    idle_timeout: Duration,
 }
 
 impl LimitedListener {
-    /// Wraps `inner`, allowing `max` connections at once.
-    pub fn new(inner: TcpListener, max: usize) -> Self {
+    /// Wraps `inner`, allowing `max` connections at once, each silent for
+    /// at most `idle_timeout` (up to twice that, see [`Counted`]).
+    pub fn new(inner: TcpListener, max: usize, idle_timeout: Duration) -> Self {
         Self {
             inner,
             open: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
+            idle_timeout,
         }
     }
 }
@@ -46,6 +58,9 @@ impl axum::serve::Listener for LimitedListener {
             Counted {
                 stream,
                 _slot: slot,
+                idle_timeout: self.idle_timeout,
+                check: Box::pin(tokio::time::sleep(self.idle_timeout)),
+                active: false,
             },
             addr,
         )
@@ -56,11 +71,36 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
-/// An accepted connection holding its slot until it is dropped.
+/// An accepted connection, holding its slot until it is dropped.
+///
+/// Idle time is checked once per idle timeout, not per read: traffic only
+/// sets a flag, and when the check comes round a connection that had some
+/// gets another period, one that had none is closed (its next read fails
+/// with `TimedOut`, which ends it). So a silent connection lasts between
+/// one and two idle timeouts, and a busy one costs a flag store per read.
 #[derive(Debug)]
 pub struct Counted {
     stream: TcpStream,
     _slot: Option<OwnedSemaphorePermit>,
+    idle_timeout: Duration,
+    check: Pin<Box<Sleep>>,
+    /// Read or written since the last check.
+    active: bool,
+}
+
+impl Counted {
+    /// Whether the connection has been silent for a whole period (checked
+    /// while a read waits, which is when a connection can be idle).
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.check.as_mut().poll(cx).is_ready() {
+            if !std::mem::take(&mut self.active) {
+                return true;
+            }
+            let next = Instant::now() + self.idle_timeout;
+            self.check.as_mut().reset(next);
+        }
+        false
+    }
 }
 
 impl AsyncRead for Counted {
@@ -69,7 +109,15 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending if this.timed_out(cx) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+            ready => {
+                this.active = true;
+                ready
+            }
+        }
     }
 }
 
@@ -79,6 +127,7 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.active = true;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -87,6 +136,7 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.active = true;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -100,5 +150,80 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Serves `GET /` with 200 on a listener with these limits.
+    async fn serve(max: usize, idle_timeout: Duration) -> SocketAddr {
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(async move {
+            axum::serve(LimitedListener::new(inner, max, idle_timeout), router).await
+        });
+        addr
+    }
+
+    /// Reads until the server closes the connection or `within` passes.
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 1024];
+        let deadline = Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_connections_are_closed_and_busy_ones_kept() {
+        let idle = Duration::from_millis(200);
+        let addr = serve(10, idle).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        // The busy one asks something every 100 ms for a second.
+        let asking = tokio::spawn(async move {
+            for _ in 0..10 {
+                busy.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut buf = [0u8; 1024];
+                let n = busy.read(&mut buf).await.unwrap();
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+        asking.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_the_cap_waits_for_a_slot() {
+        let addr = serve(1, Duration::from_secs(60)).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        assert!(first.read(&mut buf).await.unwrap() > 0);
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        second
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(200), second.read(&mut buf)).await;
+        assert!(waiting.is_err(), "served past the cap");
+        drop(first);
+        let served = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf)).await;
+        assert!(matches!(served, Ok(Ok(n)) if n > 0), "{served:?}");
     }
 }
