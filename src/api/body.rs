@@ -43,7 +43,7 @@ impl BodyBudget {
         Ok(())
     }
 
-    /// Bytes held by requests now.
+    /// Bytes no request holds now.
     #[cfg(test)]
     fn available(&self) -> usize {
         self.0.available_permits()
@@ -51,7 +51,7 @@ impl BodyBudget {
 }
 
 /// A request body read into memory, holding its share of the
-/// [`BodyBudget`] until dropped (when the request is answered).
+/// [`BodyBudget`] until dropped.
 #[derive(Debug)]
 pub(crate) struct HeldBody {
     bytes: Bytes,
