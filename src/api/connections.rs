@@ -73,33 +73,53 @@ impl axum::serve::Listener for LimitedListener {
 
 /// An accepted connection, holding its slot until it is dropped.
 ///
-/// Idle time is checked once per idle timeout, not per read: traffic only
-/// sets a flag, and when the check comes round a connection that had some
-/// gets another period, one that had none is closed (its next read fails
-/// with `TimedOut`, which ends it). So a silent connection lasts between
-/// one and two idle timeouts, and a busy one costs a flag store per read.
+/// Idle time is checked once per idle timeout, not per read: bytes moved
+/// either way only set a flag, and when the check comes round a connection
+/// that moved some gets another period, one that moved none is closed (the
+/// read or write that waits fails with `TimedOut`, which ends it). So a
+/// connection that moves nothing, silent or not reading what it is sent,
+/// lasts between one and two idle timeouts, and a busy one costs a flag
+/// store per read or write.
 #[derive(Debug)]
 pub struct Counted {
     stream: TcpStream,
     _slot: Option<OwnedSemaphorePermit>,
     idle_timeout: Duration,
     check: Pin<Box<Sleep>>,
-    /// Read or written since the last check.
+    /// Bytes read or written since the last check.
     active: bool,
 }
 
 impl Counted {
-    /// Whether the connection has been silent for a whole period (checked
-    /// while a read waits, which is when a connection can be idle).
+    /// Whether the connection has moved no bytes for a whole period
+    /// (checked whenever a read or write waits).
     fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
         while self.check.as_mut().poll(cx).is_ready() {
             if !std::mem::take(&mut self.active) {
                 return true;
             }
-            let next = Instant::now() + self.idle_timeout;
+            let now = Instant::now();
+            let next = now.checked_add(self.idle_timeout).unwrap_or(now);
             self.check.as_mut().reset(next);
         }
         false
+    }
+
+    /// A write's result, noting progress, or `TimedOut` when it waits on a
+    /// peer that has taken nothing for a whole period.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            Poll::Pending if self.timed_out(cx) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.active = true;
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
     }
 }
 
@@ -110,11 +130,14 @@ impl AsyncRead for Counted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Pending if this.timed_out(cx) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
             Poll::Pending => Poll::Pending,
             ready => {
-                this.active = true;
+                if buf.filled().len() > before {
+                    this.active = true;
+                }
                 ready
             }
         }
@@ -127,8 +150,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.active = true;
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = &mut *self;
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.wrote(cx, written)
     }
 
     fn poll_write_vectored(
@@ -136,8 +160,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.active = true;
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.wrote(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -159,11 +184,17 @@ mod tests {
 
     use super::*;
 
-    /// Serves `GET /` with 200 on a listener with these limits.
+    /// Serves `GET /` with 200 (and `GET /big` with 32 MiB) on a listener
+    /// with these limits.
     async fn serve(max: usize, idle_timeout: Duration) -> SocketAddr {
         let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = inner.local_addr().unwrap();
-        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/big",
+                axum::routing::get(|| async { vec![b'x'; 32 << 20] }),
+            );
         tokio::spawn(async move {
             axum::serve(LimitedListener::new(inner, max, idle_timeout), router).await
         });
@@ -225,5 +256,25 @@ mod tests {
         drop(first);
         let served = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf)).await;
         assert!(matches!(served, Ok(Ok(n)) if n > 0), "{served:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_gives_its_slot_back() {
+        let addr = serve(1, Duration::from_millis(200)).await;
+        // Asks for far more than the socket buffers hold, then reads nothing.
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        stalled
+            .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let served = tokio::time::timeout(Duration::from_secs(5), next.read(&mut buf)).await;
+        assert!(matches!(served, Ok(Ok(n)) if n > 0), "{served:?}");
+        drop(stalled);
     }
 }

@@ -193,3 +193,41 @@ async fn in_process_drain_waits_for_slow_sinks_then_publishes_everything() {
     assert_eq!(stdout.lines().len(), 20);
     assert_eq!(pipeline.backpressure().in_use(), 0);
 }
+
+#[tokio::test]
+async fn a_stalled_connection_does_not_fail_a_complete_drain() {
+    use tokio::io::AsyncWriteExt;
+
+    let mut service = start(&[("EVENTFLOW__SERVER__SHUTDOWN_GRACE", "1s")]);
+    let stdout = stdout_reader(&mut service.child);
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://{}/events", service.addr))
+        .json(&event("before-stop", "x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    // A client that sent half a request and went quiet.
+    let mut stalled = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /events HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    kill(Pid::from_raw(service.child.id() as i32), Signal::SIGTERM).unwrap();
+    let (code, logs) = tokio::task::spawn_blocking(move || {
+        let code = wait_exit(&mut service.child, Duration::from_secs(20));
+        (code, service.stderr.try_iter().collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "every accepted event was published: {logs:?}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("connections still open at the shutdown deadline")),
+        "{logs:?}"
+    );
+    assert!(stdout.join().unwrap().contains("\"id\":\"before-stop\""));
+    drop(stalled);
+}
