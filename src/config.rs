@@ -299,8 +299,11 @@ impl Settings {
         }
         // Never cut a request that waits for publication, nor a quiet SSE
         // stream between its keep-alive comments (every 15 s).
-        let shortest_idle =
-            (self.server.request_timeout + Duration::from_secs(2)).max(Duration::from_secs(20));
+        let shortest_idle = self
+            .server
+            .request_timeout
+            .saturating_add(Duration::from_secs(2))
+            .max(Duration::from_secs(20));
         if self.server.idle_timeout < shortest_idle {
             return Err(invalid(
                 "server.idle_timeout",

@@ -111,8 +111,7 @@ async fn run(settings: Settings) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(report) => {
-            // The report says what was left: events, or only open connections.
-            tracing::error!(%report, "exiting: shutdown did not finish within the grace period");
+            tracing::error!(%report, "exiting with accepted events not yet published");
             ExitCode::from(EXIT_FAILURE)
         }
     }
