@@ -297,6 +297,15 @@ impl Settings {
         if self.server.request_timeout.is_zero() {
             return Err(invalid("server.request_timeout", "must be greater than 0"));
         }
+        const DAY: Duration = Duration::from_secs(86_400);
+        for (key, value) in [
+            ("server.request_timeout", self.server.request_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+        ] {
+            if value > DAY {
+                return Err(invalid(key, "must be at most a day"));
+            }
+        }
         // Never cut a request that waits for publication, nor a quiet SSE
         // stream between its keep-alive comments (every 15 s).
         let shortest_idle = self
@@ -468,7 +477,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str, &str); 10] = [
+        let cases: [(&str, &str, &str); 14] = [
             ("EVENTFLOW__PIPELINE__WORKERS", "lots", "pipeline.workers"),
             (
                 "EVENTFLOW__PIPELINE__QUEUE_CAPACITY",
@@ -502,6 +511,26 @@ mod tests {
                 "EVENTFLOW__TELEMETRY__OTLP_ENDPOINT",
                 "jaeger:4317",
                 "telemetry.otlp_endpoint",
+            ),
+            (
+                "EVENTFLOW__SERVER__IDLE_TIMEOUT",
+                "5s",
+                "server.idle_timeout",
+            ),
+            (
+                "EVENTFLOW__SERVER__IDLE_TIMEOUT",
+                "2days",
+                "server.idle_timeout",
+            ),
+            (
+                "EVENTFLOW__SERVER__REQUEST_TIMEOUT",
+                "2days",
+                "server.request_timeout",
+            ),
+            (
+                "EVENTFLOW__SERVER__MAX_INFLIGHT_BODY_BYTES",
+                "1000",
+                "server.max_inflight_body_bytes",
             ),
         ];
         for (var, value, key) in cases {

@@ -35,12 +35,14 @@ pub struct LimitedListener {
 
 impl LimitedListener {
     /// Wraps `inner`, allowing `max` connections at once, each silent for
-    /// at most `idle_timeout` (up to twice that, see [`Counted`]).
+    /// at most `idle_timeout` (up to twice that, see [`Counted`]; at most a
+    /// year is used).
     pub fn new(inner: TcpListener, max: usize, idle_timeout: Duration) -> Self {
+        const YEAR: Duration = Duration::from_secs(365 * 86_400);
         Self {
             inner,
             open: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
-            idle_timeout,
+            idle_timeout: idle_timeout.min(YEAR),
         }
     }
 }
@@ -98,8 +100,7 @@ impl Counted {
             if !std::mem::take(&mut self.active) {
                 return true;
             }
-            let now = Instant::now();
-            let next = now.checked_add(self.idle_timeout).unwrap_or(now);
+            let next = Instant::now() + self.idle_timeout;
             self.check.as_mut().reset(next);
         }
         false

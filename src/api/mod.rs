@@ -104,7 +104,10 @@ pub fn router(state: AppState) -> Router {
     // A backstop only: `?wait=published` answers 504 at `request_timeout`
     // from the handler's start; this ends, a second later, whatever else
     // takes too long (a body that arrives too slowly: 408).
-    let backstop = state.server.request_timeout + Duration::from_secs(1);
+    let backstop = state
+        .server
+        .request_timeout
+        .saturating_add(Duration::from_secs(1));
     let observe_state = Arc::new(observe::ObserveState {
         metrics: state.pipeline.metrics().clone(),
         sampling: state.sampling,
