@@ -202,6 +202,12 @@ mod tests {
         addr
     }
 
+    /// Sends `GET path` on `stream`.
+    async fn get(stream: &mut TcpStream, path: &str) {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+    }
+
     /// Reads until the server closes the connection or `within` passes.
     async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
         let mut buf = [0u8; 1024];
@@ -224,9 +230,7 @@ mod tests {
         // The busy one asks something every 100 ms for a second.
         let asking = tokio::spawn(async move {
             for _ in 0..10 {
-                busy.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                    .await
-                    .unwrap();
+                get(&mut busy, "/").await;
                 let mut buf = [0u8; 1024];
                 let n = busy.read(&mut buf).await.unwrap();
                 assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
@@ -241,17 +245,11 @@ mod tests {
     async fn a_connection_past_the_cap_waits_for_a_slot() {
         let addr = serve(1, Duration::from_secs(60)).await;
         let mut first = TcpStream::connect(addr).await.unwrap();
-        first
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
+        get(&mut first, "/").await;
         let mut buf = [0u8; 1024];
         assert!(first.read(&mut buf).await.unwrap() > 0);
         let mut second = TcpStream::connect(addr).await.unwrap();
-        second
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
+        get(&mut second, "/").await;
         let waiting = tokio::time::timeout(Duration::from_millis(200), second.read(&mut buf)).await;
         assert!(waiting.is_err(), "served past the cap");
         drop(first);
@@ -264,15 +262,10 @@ mod tests {
         let addr = serve(1, Duration::from_millis(200)).await;
         // Asks for far more than the socket buffers hold, then reads nothing.
         let mut stalled = TcpStream::connect(addr).await.unwrap();
-        stalled
-            .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
+        get(&mut stalled, "/big").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut next = TcpStream::connect(addr).await.unwrap();
-        next.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
+        get(&mut next, "/").await;
         let mut buf = [0u8; 1024];
         let served = tokio::time::timeout(Duration::from_secs(5), next.read(&mut buf)).await;
         assert!(matches!(served, Ok(Ok(n)) if n > 0), "{served:?}");
