@@ -42,8 +42,9 @@ pub struct ServerSettings {
     pub max_batch_body_bytes: usize,
     /// Connections open at once; past it new ones wait to be accepted.
     pub max_connections: usize,
-    /// A connection that neither sends nor receives anything for this long
-    /// (up to twice this) is closed.
+    /// A connection that neither sends nor receives anything for this long,
+    /// or leaves a request unanswered this long, is closed (after up to
+    /// twice this).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Bytes of request bodies (as received and inflated) held in memory

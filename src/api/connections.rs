@@ -1,6 +1,6 @@
 //! Limits on connections: how many are open at once
-//! (`server.max_connections`), and how long one may stay silent
-//! (`server.idle_timeout`).
+//! (`server.max_connections`), and how long one may stay silent or leave
+//! a request unanswered (`server.idle_timeout`).
 //!
 //! Each connection costs a task and its buffers for as long as the client
 //! keeps it open, idle or not, so without a cap a flood of connections
@@ -8,7 +8,10 @@
 //! listener stops accepting: new connections wait in the kernel's backlog
 //! until one closes. Connections that neither send nor receive anything
 //! for the idle timeout are closed, so that abandoned ones give their slot
-//! back.
+//! back; so are connections that keep sending without ever being answered
+//! for that long, so that a client trickling a request head one byte at a
+//! time (axum's server has no header-read timeout) cannot hold a slot
+//! forever.
 
 use std::io;
 use std::net::SocketAddr;
@@ -63,6 +66,8 @@ impl axum::serve::Listener for LimitedListener {
                 idle_timeout: self.idle_timeout,
                 check: Box::pin(tokio::time::sleep(self.idle_timeout)),
                 active: false,
+                unanswered: false,
+                overdue: false,
             },
             addr,
         )
@@ -76,12 +81,19 @@ impl axum::serve::Listener for LimitedListener {
 /// An accepted connection, holding its slot until it is dropped.
 ///
 /// Idle time is checked once per idle timeout, not per read: bytes moved
-/// either way only set a flag, and when the check comes round a connection
-/// that moved some gets another period, one that moved none is closed (the
-/// read or write that waits fails with `TimedOut`, which ends it). So a
-/// connection that moves nothing, silent or not reading what it is sent,
-/// lasts between one and two idle timeouts, and a busy one costs a flag
-/// store per read or write.
+/// only set flags, and when the check comes round a connection that moved
+/// some gets another period, one that moved none is closed (the read or
+/// write that waits fails with `TimedOut`, which ends it). So a connection
+/// that moves nothing, silent or not reading what it is sent, lasts between
+/// one and two idle timeouts, and a busy one costs a flag store or two per
+/// read or write.
+///
+/// Bytes received make the connection *unanswered* until bytes are sent
+/// back. One still unanswered at two checks in a row has waited at least a
+/// whole idle timeout for an answer and is closed too. Every answer comes
+/// well within that (the configuration keeps the idle timeout longer than
+/// the request timeout, after which even a waiting request is answered),
+/// so this only ends requests that never finish arriving.
 #[derive(Debug)]
 pub struct Counted {
     stream: TcpStream,
@@ -90,16 +102,22 @@ pub struct Counted {
     check: Pin<Box<Sleep>>,
     /// Bytes read or written since the last check.
     active: bool,
+    /// Bytes read since the last bytes written.
+    unanswered: bool,
+    /// Unanswered at the last check already.
+    overdue: bool,
 }
 
 impl Counted {
-    /// Whether the connection has moved no bytes for a whole period
-    /// (checked whenever a read or write waits).
+    /// Whether the connection has moved no bytes for a whole period, or
+    /// left what it received unanswered for one (checked whenever a read or
+    /// write waits).
     fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
         while self.check.as_mut().poll(cx).is_ready() {
-            if !std::mem::take(&mut self.active) {
+            if !std::mem::take(&mut self.active) || self.overdue {
                 return true;
             }
+            self.overdue = self.unanswered;
             let next = Instant::now() + self.idle_timeout;
             self.check.as_mut().reset(next);
         }
@@ -117,6 +135,8 @@ impl Counted {
             Poll::Pending if self.timed_out(cx) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
             Poll::Ready(Ok(n)) if n > 0 => {
                 self.active = true;
+                self.unanswered = false;
+                self.overdue = false;
                 Poll::Ready(Ok(n))
             }
             other => other,
@@ -138,6 +158,7 @@ impl AsyncRead for Counted {
             ready => {
                 if buf.filled().len() > before {
                     this.active = true;
+                    this.unanswered = true;
                 }
                 ready
             }
@@ -185,8 +206,8 @@ mod tests {
 
     use super::*;
 
-    /// Serves `GET /` with 200 (and `GET /big` with 32 MiB) on a listener
-    /// with these limits.
+    /// Serves `GET /` with 200 (`GET /big` with 32 MiB, `GET /slow` after
+    /// 150 ms) on a listener with these limits.
     async fn serve(max: usize, idle_timeout: Duration) -> SocketAddr {
         let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = inner.local_addr().unwrap();
@@ -195,6 +216,13 @@ mod tests {
             .route(
                 "/big",
                 axum::routing::get(|| async { vec![b'x'; 32 << 20] }),
+            )
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    "ok"
+                }),
             );
         tokio::spawn(async move {
             axum::serve(LimitedListener::new(inner, max, idle_timeout), router).await
@@ -239,6 +267,42 @@ mod tests {
         });
         assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
         asking.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_that_never_finishes_arriving_is_cut() {
+        let idle = Duration::from_millis(200);
+        let addr = serve(10, idle).await;
+        let mut trickling = TcpStream::connect(addr).await.unwrap();
+        trickling.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        // One byte of a header every 50 ms, for at most 5 s: never idle,
+        // never a whole request.
+        let mut cut = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if trickling.write_all(b"x").await.is_err() {
+                cut = true;
+                break;
+            }
+        }
+        assert!(
+            cut || closed_within(&mut trickling, Duration::ZERO).await,
+            "a trickled request head kept its connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_slower_than_a_check_period_are_not_cut() {
+        // Each answer takes 150 ms of a 200 ms idle timeout, so the checks
+        // fall while requests are unanswered; none may be cut.
+        let addr = serve(10, Duration::from_millis(200)).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..8 {
+            get(&mut client, "/slow").await;
+            let mut buf = [0u8; 1024];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{n} bytes");
+        }
     }
 
     #[tokio::test]
