@@ -84,19 +84,21 @@ pub(crate) fn media_type(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let essence = raw
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let found = match essence.as_str() {
-        "application/json" => Some(MediaType::Json),
-        s if s.starts_with("application/") && s.ends_with("+json") => Some(MediaType::Json),
-        "application/x-ndjson" | "application/jsonl" | "application/ndjson" => {
-            Some(MediaType::Ndjson)
-        }
-        _ => None,
+    // Media types are case-insensitive; compared in place, not lowercased
+    // into a new string per request.
+    let essence = raw.split(';').next().unwrap_or("").trim();
+    let is = |name: &str| essence.eq_ignore_ascii_case(name);
+    let bytes = essence.as_bytes();
+    // `application/<something>+json` (RFC 6839 structured syntax suffix).
+    let structured_json = bytes.len() > "application/+json".len()
+        && bytes[..12].eq_ignore_ascii_case(b"application/")
+        && bytes[bytes.len() - 5..].eq_ignore_ascii_case(b"+json");
+    let found = if is("application/json") || structured_json {
+        Some(MediaType::Json)
+    } else if is("application/x-ndjson") || is("application/jsonl") || is("application/ndjson") {
+        Some(MediaType::Ndjson)
+    } else {
+        None
     };
     match found {
         Some(media) if accepted.contains(&media) => Ok(media),
@@ -299,6 +301,32 @@ mod tests {
             MediaType::Ndjson
         );
         assert!(media_type(&HeaderMap::new(), &[MediaType::Json]).is_err());
+        for json in [
+            "Application/JSON",
+            "application/cloudevents+json",
+            "APPLICATION/X+JSON",
+        ] {
+            let h = headers(&[(header::CONTENT_TYPE, json)]);
+            assert_eq!(
+                media_type(&h, &[MediaType::Json]).unwrap(),
+                MediaType::Json,
+                "{json}"
+            );
+        }
+        for not_json in [
+            "application/+json",
+            "text/x+json",
+            "application/jsonx",
+            "é+json",
+        ] {
+            let h = headers(&[(header::CONTENT_TYPE, not_json)]);
+            assert!(media_type(&h, &[MediaType::Json]).is_err(), "{not_json}");
+        }
+        let nd_upper = headers(&[(header::CONTENT_TYPE, "Application/X-NDJSON")]);
+        assert_eq!(
+            media_type(&nd_upper, &[MediaType::Ndjson]).unwrap(),
+            MediaType::Ndjson
+        );
         let text = headers(&[(header::CONTENT_TYPE, "text/plain")]);
         assert!(matches!(
             media_type(&text, &[MediaType::Json]),
