@@ -5,7 +5,7 @@ use std::cell::Cell;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
@@ -65,10 +65,10 @@ pub(crate) enum IngestStatus {
     Duplicate,
 }
 
-/// Answer to `POST /events`.
+/// Answer to `POST /events` (borrowing the event's id).
 #[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct IngestResponse {
-    id: String,
+pub(crate) struct IngestResponse<'a> {
+    id: &'a str,
     status: IngestStatus,
     /// Arrival sequence.
     sequence: u64,
@@ -180,7 +180,8 @@ fn trace_id(headers: &HeaderMap) -> TraceId {
 
 fn location(id: &EventId) -> Option<HeaderValue> {
     let path = format!("/events/{}", utf8_percent_encode(id.as_str(), PATH_SEGMENT));
-    HeaderValue::from_str(&path).ok()
+    // Takes the string's buffer as it is (`from_str` would copy it).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(path)).ok()
 }
 
 fn query_error(rejection: QueryRejection) -> ApiError {
@@ -209,11 +210,9 @@ fn query_error(rejection: QueryRejection) -> ApiError {
 )]
 pub(crate) async fn post_event(
     State(state): State<AppState>,
-    params: Result<Query<IngestParams>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let answer = ingest_one(&state, params, headers, body).await;
+    let answer = ingest_one(&state, request).await;
     // Events taken (accepted or duplicate) are counted where they are taken.
     if let Err(error) = &answer
         && let Some(reason) = error.reject_reason()
@@ -226,13 +225,12 @@ pub(crate) async fn post_event(
 }
 
 /// `POST /events` proper.
-async fn ingest_one(
-    state: &AppState,
-    params: Result<Query<IngestParams>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(query_error)?;
+async fn ingest_one(state: &AppState, request: Request) -> Result<Response, ApiError> {
+    // The request taken whole: axum's `HeaderMap` extractor would clone
+    // every header of every request.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let Query(params) = Query::<IngestParams>::try_from_uri(&parts.uri).map_err(query_error)?;
     // A wait ends at `request_timeout` from here, where the request's
     // backstop timeout (a second longer) started too, so that a late event
     // is answered with this 504 and not the backstop's 408.
@@ -274,7 +272,7 @@ async fn ingest_one(
                 None => Ok((
                     StatusCode::OK,
                     Json(IngestResponse {
-                        id: id.to_string(),
+                        id: id.as_str(),
                         status: IngestStatus::Duplicate,
                         sequence: record.sequence,
                     }),
@@ -290,7 +288,7 @@ async fn ingest_one(
             let mut response = (
                 StatusCode::ACCEPTED,
                 Json(IngestResponse {
-                    id: id.to_string(),
+                    id: id.as_str(),
                     status: IngestStatus::Accepted,
                     sequence: record.sequence,
                 }),
