@@ -3,7 +3,6 @@
 use std::cell::Cell;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -335,9 +334,10 @@ fn published_answer(outcome: Option<WaitOutcome>, state: &AppState) -> Result<Re
 )]
 pub(crate) async fn post_batch(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let metrics = state.pipeline.metrics().clone();
     // A request refused before its events could be counted counts as one.
     let refused = |error: ApiError| {

@@ -254,11 +254,14 @@ pub fn set_remote_parent(span: &tracing::Span, headers: &axum::http::HeaderMap) 
 /// The trace id of `span` when tracing is installed; otherwise the one in
 /// `traceparent`, or a fresh one.
 pub fn trace_id_of(span: &tracing::Span, headers: &axum::http::HeaderMap) -> TraceId {
-    let context = span.context();
-    let otel_span = context.span();
-    let span_context = otel_span.span_context();
-    if span_context.is_valid() {
-        return TraceId::from_bytes(span_context.trace_id().to_bytes());
+    // An unsampled request has no span: no OpenTelemetry context to build.
+    if !span.is_none() {
+        let context = span.context();
+        let otel_span = context.span();
+        let span_context = otel_span.span_context();
+        if span_context.is_valid() {
+            return TraceId::from_bytes(span_context.trace_id().to_bytes());
+        }
     }
     headers
         .get("traceparent")
