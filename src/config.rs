@@ -307,18 +307,19 @@ impl Settings {
                 return Err(invalid(key, "must be at most a day"));
             }
         }
-        // Never cut a request that waits for publication, nor a quiet SSE
-        // stream between its keep-alive comments (every 15 s).
+        // Never cut a request that waits for publication (nor one whose
+        // head arrived slowly before it), nor a quiet SSE stream between
+        // its keep-alive comments (every 15 s).
         let shortest_idle = self
             .server
             .request_timeout
-            .saturating_add(Duration::from_secs(2))
+            .saturating_mul(2)
             .max(Duration::from_secs(20));
         if self.server.idle_timeout < shortest_idle {
             return Err(invalid(
                 "server.idle_timeout",
                 format!(
-                    "must be at least {shortest_idle:?} (server.request_timeout plus 2 s, and 20 s)"
+                    "must be at least {shortest_idle:?} (twice server.request_timeout, and 20 s)"
                 ),
             ));
         }
@@ -478,7 +479,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str, &str); 14] = [
+        let cases: [(&str, &str, &str); 15] = [
             ("EVENTFLOW__PIPELINE__WORKERS", "lots", "pipeline.workers"),
             (
                 "EVENTFLOW__PIPELINE__QUEUE_CAPACITY",
@@ -527,6 +528,12 @@ mod tests {
                 "EVENTFLOW__SERVER__REQUEST_TIMEOUT",
                 "2days",
                 "server.request_timeout",
+            ),
+            // The default idle timeout (60 s) is less than twice this.
+            (
+                "EVENTFLOW__SERVER__REQUEST_TIMEOUT",
+                "40s",
+                "server.idle_timeout",
             ),
             (
                 "EVENTFLOW__SERVER__MAX_INFLIGHT_BODY_BYTES",

@@ -103,7 +103,9 @@ pub fn router(state: AppState) -> Router {
     let openapi = Arc::new(openapi);
     // A backstop only: `?wait=published` answers 504 at `request_timeout`
     // from the handler's start; this ends, a second later, whatever else
-    // takes too long (a body that arrives too slowly: 408).
+    // takes too long (a body that arrives too slowly: 408). It wraps every
+    // route and the fallback, which the connections' unanswered-request
+    // check relies on (api::connections).
     let backstop = state
         .server
         .request_timeout
