@@ -140,3 +140,61 @@ async fn bad_arguments_exit_2_with_a_message() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--rate"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_fails_when_a_sink_failed_to_publish() {
+    // A sink that refuses everything: the events are still processed (and
+    // reach stdout and the stream), but not every sink published them.
+    let failing = crate::helpers::Gate::closed();
+    failing.0.close();
+    let app = crate::helpers::spawn_app_with(|_| {}, vec![std::sync::Arc::new(failing)]).await;
+    let (code, s) = loadgen(app.url(""), &["-n", "20", "-c", "2", "--verify"]).await;
+    assert_eq!(code, 3, "{s}");
+    assert_eq!(s["verify"]["lost"], 0);
+    assert!(s["verify"]["publish_errors"].as_u64().unwrap() > 0, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_loop_run_against_a_stalled_server_ends_and_shows_the_stall() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    let started = std::time::Instant::now();
+    let (code, s) = loadgen(
+        format!("http://{addr}"),
+        &[
+            "--mode",
+            "open",
+            "--rate",
+            "200",
+            "-d",
+            "1s",
+            "-c",
+            "2",
+            "--timeout",
+            "500ms",
+        ],
+    )
+    .await;
+    held.abort();
+    assert_eq!(code, 0, "{s}");
+    // Two warm-ups, the second of measurement and the cutoff a timeout
+    // later: not the ~100 s that sending every ticket would take.
+    assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+    assert!(s["timeouts"].as_u64().unwrap() >= 2, "{s}");
+    assert!(s["unsent"].as_u64().unwrap() > 100, "{s}");
+    assert_eq!(
+        s["requests"], 200,
+        "every due request is accounted for: {s}"
+    );
+    assert!(
+        s["latency_ms"]["max"].as_f64().unwrap() >= 500.0,
+        "the stall shows in the latency: {s}"
+    );
+}

@@ -124,6 +124,12 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 /// The service's default `pipeline.max_batch`.
 const MAX_BATCH: usize = 10_000;
 
+/// Open-loop rates accepted: one request every 1,000 s at the least (a
+/// schedule's interval must be a representable duration), and a
+/// nanosecond's spacing at the most.
+const MIN_RATE: f64 = 0.001;
+const MAX_RATE: f64 = 100_000_000.0;
+
 impl Args {
     /// Checks the arguments and resolves them into a plan.
     pub(crate) fn plan(&self, run_id: &str) -> Result<Plan, String> {
@@ -145,8 +151,10 @@ impl Args {
         }
         let rate = match (self.mode, self.rate) {
             (Mode::Open, None) => return Err("--mode open needs --rate".into()),
-            (Mode::Open, Some(r)) if !(r.is_finite() && r > 0.0) => {
-                return Err(format!("--rate must be a positive number, got {r}"));
+            (Mode::Open, Some(r)) if !(MIN_RATE..=MAX_RATE).contains(&r) => {
+                return Err(format!(
+                    "--rate must be between {MIN_RATE} and {MAX_RATE} requests/s, got {r}"
+                ));
             }
             (Mode::Closed, Some(_)) => return Err("--rate only applies to --mode open".into()),
             (_, rate) => rate,
@@ -319,5 +327,14 @@ mod tests {
         assert!(parse(&["--id-pattern", "fixed"]).is_err());
         assert!(parse(&["--id-pattern", "{n}{n}"]).is_err());
         assert!(parse(&["-c", "0"]).is_err());
+    }
+
+    #[test]
+    fn open_loop_rates_are_bounded() {
+        for rate in ["0", "1e-300", "nan", "inf", "1e12"] {
+            let err = parse(&["--mode", "open", "--rate", rate]).unwrap_err();
+            assert!(err.contains("--rate must be between"), "{rate}: {err}");
+        }
+        assert!(parse(&["--mode", "open", "--rate", "0.5"]).is_ok());
     }
 }

@@ -24,6 +24,8 @@ pub(crate) struct Live {
     pub(crate) requests: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) events: AtomicU64,
+    /// One past the highest event number sent so far (for --verify).
+    pub(crate) issued_events: AtomicU64,
 }
 
 /// One keep-alive HTTP/1.1 connection that reconnects after failures.
@@ -140,6 +142,9 @@ pub(crate) fn accepted_numbers(payload: &Payload, status: u16, body: &[u8]) -> V
     }
 }
 
+/// Open-loop tickets that may wait for a connection, per connection.
+const TICKETS_PER_CONNECTION: usize = 1024;
+
 /// One connection's worker: sends requests and records what happened.
 struct Worker {
     connection: Connection,
@@ -150,9 +155,21 @@ struct Worker {
 }
 
 impl Worker {
+    /// Records the request due at `due` as never sent: the run ended
+    /// first.
+    fn unsent(&mut self, due: Instant) {
+        self.live.requests.fetch_add(1, Ordering::Relaxed);
+        self.live.errors.fetch_add(1, Ordering::Relaxed);
+        self.recorder
+            .record(due, Instant::now(), self.plan.batch_size, Outcome::Unsent);
+    }
+
     /// Sends the request starting at event `first`, due at `due`.
     async fn send(&mut self, first: u64, due: Instant) {
         let payload = self.workload.request(first);
+        self.live
+            .issued_events
+            .fetch_max(first + payload.count as u64, Ordering::Release);
         let answer = tokio::time::timeout(self.plan.timeout, self.connection.send(&payload)).await;
         let done = Instant::now();
         let outcome = match answer {
@@ -183,14 +200,17 @@ impl Worker {
 
 /// Hands out open-loop tickets, (request number, due time), each at its
 /// due time (see [`pacer`] for why not on tokio's timer alone), until
-/// `deadline` or `limit`.
+/// `deadline` or `limit`. At most `backlog` tickets wait for a connection:
+/// past that the schedule waits too, and the tickets it hands out late
+/// keep their due times, so the wait still shows in their latency.
 fn schedule(
     start: Instant,
     interval: Duration,
     deadline: Option<Instant>,
     limit: Option<u64>,
+    backlog: usize,
 ) -> async_channel::Receiver<(u64, Instant)> {
-    let (sender, receiver) = async_channel::unbounded::<(u64, Instant)>();
+    let (sender, receiver) = async_channel::bounded::<(u64, Instant)>(backlog);
     tokio::spawn(async move {
         let mut i: u64 = 0;
         loop {
@@ -238,9 +258,18 @@ pub(crate) async fn run(
         Mode::Closed => None,
         Mode::Open => {
             let interval = Duration::from_secs_f64(1.0 / plan.rate.unwrap_or(1.0));
-            Some(schedule(start, interval, deadline, limit))
+            Some(schedule(
+                start,
+                interval,
+                deadline,
+                limit,
+                plan.connections * TICKETS_PER_CONNECTION,
+            ))
         }
     };
+    // Requests still unsent a timeout after the end are not sent at all:
+    // an overloaded service would otherwise stretch the run without bound.
+    let cutoff = deadline.map(|d| d + plan.timeout);
 
     let mut workers = Vec::with_capacity(plan.connections);
     for (connection, mut recorder) in connections {
@@ -262,7 +291,11 @@ pub(crate) async fn run(
             match tickets {
                 Some(tickets) => {
                     while let Ok((i, due)) = tickets.recv().await {
-                        worker.send(i * batch, due).await;
+                        if cutoff.is_some_and(|c| Instant::now() >= c) {
+                            worker.unsent(due);
+                        } else {
+                            worker.send(i * batch, due).await;
+                        }
                     }
                 }
                 None => loop {

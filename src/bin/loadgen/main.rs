@@ -51,8 +51,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, plan: args::Plan) -> ExitCode {
+    let live = Arc::new(driver::Live::default());
     let subscriber = if args.verify {
-        match verify::subscribe(&plan).await {
+        match verify::subscribe(&plan, Arc::clone(&live)).await {
             Ok(subscriber) => Some(subscriber),
             Err(error) => {
                 eprintln!("eventflow-loadgen: --verify cannot subscribe: {error}");
@@ -68,7 +69,6 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
         .clone()
         .map(|url| tokio::spawn(sampler::sample(url, stopped)));
 
-    let live = Arc::new(driver::Live::default());
     let progress = progress_bar(&args, &plan);
     let ticker = {
         let (live, progress) = (Arc::clone(&live), progress.clone());
@@ -130,7 +130,7 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
     let verified = summary
         .verify
         .as_ref()
-        .is_none_or(|v| v.lost == 0 && v.duplicated == 0);
+        .is_none_or(|v| v.lost == 0 && v.duplicated == 0 && v.publish_errors.unwrap_or(0) == 0);
     if verified {
         ExitCode::SUCCESS
     } else {

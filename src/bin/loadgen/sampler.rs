@@ -56,7 +56,35 @@ impl ServiceStats {
     }
 }
 
-async fn fetch(uri: &Uri) -> Option<String> {
+/// The sum of every series of `name`, labelled or not.
+pub(crate) fn series_sum(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.rsplit_once('}')?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// How long one scrape may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The endpoint's text, if it answered 200 within [`FETCH_TIMEOUT`].
+pub(crate) async fn fetch(uri: &Uri) -> Option<String> {
+    tokio::time::timeout(FETCH_TIMEOUT, fetch_unbounded(uri))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn fetch_unbounded(uri: &Uri) -> Option<String> {
     let host = uri
         .host()?
         .trim_matches(|c| c == '[' || c == ']')
@@ -69,6 +97,10 @@ async fn fetch(uri: &Uri) -> Option<String> {
         .body(Empty::<Bytes>::new())
         .ok()?;
     let response = sender.send_request(request).await.ok()?;
+    // A wrong path's 404 page is not a sample of zeros.
+    if response.status() != 200 {
+        return None;
+    }
     let body = response.into_body().collect().await.ok()?.to_bytes();
     String::from_utf8(body.to_vec()).ok()
 }
@@ -120,5 +152,16 @@ mod tests {
         assert_eq!(stats.rss_max_bytes, 3_145_728);
         assert!((stats.cpu_seconds - 2.5).abs() < 1e-9);
         assert_eq!(stats.samples, 2);
+    }
+
+    #[test]
+    fn sums_labelled_series() {
+        let text = "# HELP eventflow_publish_errors_total x\neventflow_publish_errors_total{sink=\"stdout\"} 2\neventflow_publish_errors_total{sink=\"log\"} 3\neventflow_publish_errors_totally 7\n";
+        assert_eq!(
+            series_sum(text, "eventflow_publish_errors_total"),
+            Some(5.0)
+        );
+        assert_eq!(series_sum("x 1\n", "eventflow_publish_errors_total"), None);
+        assert_eq!(series_sum("y 4\n", "y"), Some(4.0));
     }
 }

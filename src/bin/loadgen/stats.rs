@@ -47,6 +47,7 @@ pub(crate) struct Recorder {
     pub(crate) statuses: BTreeMap<u16, u64>,
     pub(crate) transport_errors: u64,
     pub(crate) timeouts: u64,
+    pub(crate) unsent: u64,
     pub(crate) requests: u64,
     pub(crate) events_sent: u64,
     pub(crate) events_accepted: u64,
@@ -67,6 +68,9 @@ pub(crate) enum Outcome {
     Timeout,
     /// Connection or protocol failure.
     Transport,
+    /// Due in an open-loop run but still waiting for a connection a
+    /// timeout after the run's end: never sent.
+    Unsent,
 }
 
 impl Recorder {
@@ -79,6 +83,7 @@ impl Recorder {
             statuses: BTreeMap::new(),
             transport_errors: 0,
             timeouts: 0,
+            unsent: 0,
             requests: 0,
             events_sent: 0,
             events_accepted: 0,
@@ -115,16 +120,21 @@ impl Recorder {
         }
         let bucket = &mut self.seconds[second];
         bucket.requests += 1;
-        bucket.events += events as u64;
         self.requests += 1;
-        self.events_sent += events as u64;
+        // Every request's latency counts, failed ones up to their failure
+        // (a timeout at the timeout, an unsent one until the run gave up on
+        // it): leaving them out would hide exactly the worst stalls.
+        let _ = self.latency.record(micros);
+        let _ = bucket.latency.record(micros);
+        if !matches!(outcome, Outcome::Unsent) {
+            bucket.events += events as u64;
+            self.events_sent += events as u64;
+        }
         match outcome {
             Outcome::Answer { status, accepted } => {
-                let _ = self.latency.record(micros);
                 if (200..300).contains(&status) {
                     let _ = self.latency_ok.record(micros);
                 }
-                let _ = bucket.latency.record(micros);
                 *self.statuses.entry(status).or_default() += 1;
                 if status >= 500 {
                     bucket.errors += 1;
@@ -141,6 +151,10 @@ impl Recorder {
             }
             Outcome::Transport => {
                 self.transport_errors += 1;
+                bucket.errors += 1;
+            }
+            Outcome::Unsent => {
+                self.unsent += 1;
                 bucket.errors += 1;
             }
         }
@@ -164,6 +178,7 @@ impl Recorder {
         }
         self.transport_errors += other.transport_errors;
         self.timeouts += other.timeouts;
+        self.unsent += other.unsent;
         self.requests += other.requests;
         self.events_sent += other.events_sent;
         self.events_accepted += other.events_accepted;
@@ -224,7 +239,9 @@ pub(crate) struct Summary {
     pub(crate) status: BTreeMap<String, u64>,
     pub(crate) timeouts: u64,
     pub(crate) transport_errors: u64,
-    /// Latency of every answer.
+    /// Open-loop requests the run ended before sending (see [`Outcome::Unsent`]).
+    pub(crate) unsent: u64,
+    /// Latency of every request: answers, and failures up to their failure.
     pub(crate) latency_ms: Percentiles,
     /// Latency of 2xx answers only.
     pub(crate) accepted_latency_ms: Percentiles,
@@ -274,6 +291,7 @@ impl Summary {
                 .collect(),
             timeouts: all.timeouts,
             transport_errors: all.transport_errors,
+            unsent: all.unsent,
             latency_ms: Percentiles::of(&all.latency),
             accepted_latency_ms: Percentiles::of(&all.latency_ok),
             timeline,
@@ -318,8 +336,8 @@ impl Summary {
         let _ = writeln!(t, "status codes    {}", statuses.join(", "));
         let _ = writeln!(
             t,
-            "errors          {} timeouts, {} transport",
-            self.timeouts, self.transport_errors
+            "errors          {} timeouts, {} transport, {} never sent (the run ended first)",
+            self.timeouts, self.transport_errors, self.unsent
         );
         for (label, l) in [
             ("latency (ms)", &self.latency_ms),
@@ -344,13 +362,20 @@ impl Summary {
         if let Some(v) = &self.verify {
             let _ = writeln!(
                 t,
-                "verify          {} accepted: {} seen on stream, {} confirmed by lookup, {} LOST, {} DUPLICATED ({} stream lag events)",
+                "verify          {} accepted: {} seen on stream, {} confirmed by lookup, {} LOST, {} DUPLICATED among those seen on the stream ({} stream lag events{}); service publish errors during the run: {}",
                 v.accepted,
                 v.seen_on_stream,
                 v.confirmed_by_lookup,
                 v.lost,
                 v.duplicated,
-                v.stream_lagged
+                v.stream_lagged,
+                if v.stream_ended_early {
+                    ", the stream ended early"
+                } else {
+                    ""
+                },
+                v.publish_errors
+                    .map_or_else(|| "unknown".to_owned(), |n| n.to_string())
             );
         }
         t
@@ -422,8 +447,17 @@ mod tests {
         assert_eq!(a.statuses[&503], 1);
         assert_eq!(a.timeouts, 1);
         assert_eq!(a.accepted, vec![0..1]);
-        assert_eq!(a.latency.len(), 2, "timeouts have no latency");
+        assert_eq!(a.latency.len(), 3, "a timeout's latency counts too");
+        assert_eq!(a.latency_ok.len(), 1);
         let p = Percentiles::of(&a.latency);
         assert!((p.p50 - 2.0).abs() < 0.01, "{p:?}");
+        let mut c = Recorder::new(start, false);
+        c.record(start, start + Duration::from_secs(40), 1, Outcome::Unsent);
+        a.merge(c);
+        assert_eq!((a.unsent, a.requests, a.events_sent), (1, 4, 12));
+        assert!(
+            Percentiles::of(&a.latency).max >= 40_000.0,
+            "the unsent one's wait is the max"
+        );
     }
 }

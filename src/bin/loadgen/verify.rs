@@ -5,9 +5,14 @@
 //! run it waits (bounded) until every accepted event was seen; events the
 //! stream missed (a lagging subscriber is told so, and skips) are looked up
 //! with `GET /events/{id}`. Lost = accepted but neither seen nor processed;
-//! duplicated = seen more than once.
+//! duplicated = seen more than once. A lookup confirms that an event was
+//! processed, not how often it was published, so duplicates are counted
+//! among the events seen on the stream only; and since a sink that fails
+//! leaves its event processed, the service's publish errors during the run
+//! are reported too, and fail the verification.
 
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +23,7 @@ use hyper::client::conn::http1;
 use serde::Serialize;
 
 use crate::args::Plan;
+use crate::driver::Live;
 
 /// The outcome of verification.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -34,6 +40,11 @@ pub(crate) struct VerifyReport {
     pub(crate) duplicated: u64,
     /// `lagged` notices the subscriber received.
     pub(crate) stream_lagged: u64,
+    /// The stream ended before the run did (the service closed it).
+    pub(crate) stream_ended_early: bool,
+    /// Growth of the service's `eventflow_publish_errors_total` over the
+    /// run (`None`: `/metrics` could not be read).
+    pub(crate) publish_errors: Option<u64>,
     /// Up to 10 lost event numbers, for debugging.
     pub(crate) lost_examples: Vec<u64>,
 }
@@ -46,7 +57,13 @@ pub(crate) struct Seen {
 }
 
 impl Seen {
-    pub(crate) fn saw(&mut self, n: u64) {
+    /// Counts a publication of event `n`, unless `n` is at or past
+    /// `issued` (not sent by this run: another client's id that matches
+    /// the pattern, which must not grow the table).
+    pub(crate) fn saw(&mut self, n: u64, issued: u64) {
+        if n >= issued {
+            return;
+        }
         let Ok(i) = usize::try_from(n) else { return };
         if self.counts.len() <= i {
             self.counts.resize(i + 1, 0);
@@ -105,6 +122,24 @@ pub(crate) fn reconcile(
 pub(crate) struct Subscriber {
     seen: Arc<Mutex<Seen>>,
     task: tokio::task::JoinHandle<()>,
+    /// `eventflow_publish_errors_total` when the run started.
+    publish_errors_before: Option<f64>,
+}
+
+/// The service's publish errors so far, summed over sinks.
+async fn publish_errors(plan: &Plan) -> Option<f64> {
+    let uri = format!("http://{}/metrics", authority(plan)).parse().ok()?;
+    let text = crate::sampler::fetch(&uri).await?;
+    Some(crate::sampler::series_sum(&text, "eventflow_publish_errors_total").unwrap_or(0.0))
+}
+
+/// `host:port` for URLs and `Host` headers (an IPv6 address in brackets).
+fn authority(plan: &Plan) -> String {
+    if plan.host.contains(':') {
+        format!("[{}]:{}", plan.host, plan.port)
+    } else {
+        format!("{}:{}", plan.host, plan.port)
+    }
 }
 
 async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
@@ -112,7 +147,7 @@ async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::In
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let request = Request::get(path)
-        .header(header::HOST, format!("{}:{}", plan.host, plan.port))
+        .header(header::HOST, authority(plan))
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     sender
@@ -121,8 +156,10 @@ async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::In
         .map_err(|e| e.to_string())
 }
 
-/// Subscribes to the stream before the run starts.
-pub(crate) async fn subscribe(plan: &Plan) -> Result<Subscriber, String> {
+/// Subscribes to the stream before the run starts; `live` says how many
+/// events the run has issued.
+pub(crate) async fn subscribe(plan: &Plan, live: Arc<Live>) -> Result<Subscriber, String> {
+    let publish_errors_before = publish_errors(plan).await;
     let response = open(plan, "/events/stream").await?;
     if response.status() != 200 {
         return Err(format!("GET /events/stream answered {}", response.status()));
@@ -140,14 +177,19 @@ pub(crate) async fn subscribe(plan: &Plan) -> Result<Subscriber, String> {
             // SSE messages end with a blank line.
             while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
                 let message: Vec<u8> = buffer.drain(..end + 2).collect();
-                parse_message(&message, &plan, &shared);
+                let issued = live.issued_events.load(Ordering::Acquire);
+                parse_message(&message, &plan, &shared, issued);
             }
         }
     });
-    Ok(Subscriber { seen, task })
+    Ok(Subscriber {
+        seen,
+        task,
+        publish_errors_before,
+    })
 }
 
-fn parse_message(message: &[u8], plan: &Plan, seen: &Mutex<Seen>) {
+fn parse_message(message: &[u8], plan: &Plan, seen: &Mutex<Seen>, issued: u64) {
     let text = String::from_utf8_lossy(message);
     let mut event = "message";
     let mut data = String::new();
@@ -174,7 +216,7 @@ fn parse_message(message: &[u8], plan: &Plan, seen: &Mutex<Seen>) {
     if let Ok(published) = serde_json::from_str::<Published>(&data)
         && let Some(n) = plan.number(&published.id)
     {
-        seen.saw(n);
+        seen.saw(n, issued);
     }
 }
 
@@ -193,11 +235,16 @@ pub(crate) async fn finish(
             .lock()
             .map(|s| s.all_seen(accepted))
             .unwrap_or(true);
-        if done || Instant::now() >= deadline {
+        if done || Instant::now() >= deadline || subscriber.task.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A second publication comes close behind the first: keep listening a
+    // moment after the last expected one.
+    let grace = DUPLICATE_GRACE.min(deadline.saturating_duration_since(Instant::now()));
+    tokio::time::sleep(grace).await;
+    let stream_ended_early = subscriber.task.is_finished();
     subscriber.task.abort();
     let seen = match subscriber.seen.lock() {
         Ok(seen) => Seen {
@@ -213,8 +260,17 @@ pub(crate) async fn finish(
         .filter(|&n| seen.count(n) == 0)
         .collect();
     let processed = lookup(plan, &unseen).await;
-    reconcile(accepted, &seen, |n| processed.binary_search(&n).is_ok())
+    let mut report = reconcile(accepted, &seen, |n| processed.binary_search(&n).is_ok());
+    report.stream_ended_early = stream_ended_early;
+    report.publish_errors = match (subscriber.publish_errors_before, publish_errors(plan).await) {
+        (Some(before), Some(after)) => Some((after - before).max(0.0) as u64),
+        _ => None,
+    };
+    report
 }
+
+/// How long the stream is still read after every accepted event was seen.
+const DUPLICATE_GRACE: Duration = Duration::from_millis(500);
 
 /// A keep-alive connection for lookups.
 struct Lookup {
@@ -223,7 +279,18 @@ struct Lookup {
 }
 
 impl Lookup {
+    /// `GET path` as JSON, within the run's request timeout.
     async fn get_json(&mut self, path: &str) -> Option<(u16, serde_json::Value)> {
+        let timeout = self.plan.timeout;
+        let answer = tokio::time::timeout(timeout, self.get_json_unbounded(path)).await;
+        if answer.is_err() {
+            // The connection may hold a late answer: start afresh.
+            self.sender = None;
+        }
+        answer.ok().flatten()
+    }
+
+    async fn get_json_unbounded(&mut self, path: &str) -> Option<(u16, serde_json::Value)> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             self.sender = Some(
                 crate::http::connect(&self.plan.host, self.plan.port)
@@ -234,10 +301,7 @@ impl Lookup {
         let sender = self.sender.as_mut()?;
         sender.ready().await.ok()?;
         let request = Request::get(path)
-            .header(
-                header::HOST,
-                format!("{}:{}", self.plan.host, self.plan.port),
-            )
+            .header(header::HOST, authority(&self.plan))
             .body(Empty::<Bytes>::new())
             .ok()?;
         let response = sender.send_request(request).await.ok()?;
@@ -334,7 +398,7 @@ mod tests {
     fn seen(numbers: &[u64]) -> Seen {
         let mut s = Seen::default();
         for &n in numbers {
-            s.saw(n);
+            s.saw(n, 100);
         }
         s
     }
@@ -355,6 +419,16 @@ mod tests {
         assert_eq!(report.confirmed_by_lookup, 1);
         assert_eq!(report.lost, 2);
         assert_eq!(report.lost_examples, vec![2, 4]);
+    }
+
+    #[test]
+    fn numbers_this_run_did_not_issue_are_ignored() {
+        let mut s = Seen::default();
+        s.saw(3, 10);
+        s.saw(u64::MAX - 1, 10);
+        s.saw(10, 10);
+        assert_eq!(s.counts.len(), 4, "no room made for foreign numbers");
+        assert_eq!((s.count(3), s.count(10)), (1, 0));
     }
 
     #[test]
