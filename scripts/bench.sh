@@ -300,11 +300,14 @@ overload_runs() {
   python3 - "$OUT/$name.json" "$OUT/$name-recovery.json" "$max" <<'PY'
 import json, sys
 o, r, best = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), float(sys.argv[3])
-print(f"overload: {o['requests_per_s']:.0f} req/s answered of {o['target_rate']:.0f} offered; status {o['status']}; "
-      f"{o['timeouts']} timeouts, {o['transport_errors']} transport errors")
+answered = sum(o['status'].values())
+print(f"overload: {answered / o['elapsed_s']:.0f} req/s answered of {o['target_rate']:.0f} offered "
+      f"({answered} answers of {o['requests']} requests due, in {o['elapsed_s']:.1f} s); status {o['status']}; "
+      f"{o['timeouts']} timeouts, {o['transport_errors']} transport errors, "
+      f"{o['unsent']} never sent (still waiting for a connection 5 s after the 30 s)")
 print(f"goodput {o['accepted_events_per_s']:.0f} events/s = {100 * o['accepted_events_per_s'] / best:.0f} % of the sustainable rate; "
       f"2xx latency p50 {o['accepted_latency_ms']['p50']:.2f} ms, p99 {o['accepted_latency_ms']['p99']:.2f} ms; "
-      f"all answers p50 {o['latency_ms']['p50']:.2f} ms, p99 {o['latency_ms']['p99']:.2f} ms, max {o['latency_ms']['max']:.2f} ms")
+      f"all requests (a failure or unsent one until it ended) p50 {o['latency_ms']['p50']:.2f} ms, p99 {o['latency_ms']['p99']:.2f} ms, max {o['latency_ms']['max']:.2f} ms")
 print(f"recovery at half rate: status {r['status']}, p99 {r['latency_ms']['p99']:.2f} ms, "
       f"first second p99 {r['timeline'][0]['p99_ms']:.2f} ms")
 PY
