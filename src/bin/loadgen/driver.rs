@@ -15,7 +15,7 @@ use hyper::client::conn::http1;
 
 use crate::args::{Mode, Plan};
 use crate::pacer;
-use crate::stats::{Outcome, Recorder};
+use crate::stats::{Outcome, Recorder, Timeline};
 use crate::workload::{Payload, Workload};
 
 /// Live counters for the progress bar.
@@ -238,10 +238,11 @@ pub(crate) async fn run(
     // Connected and warmed up before the clock starts: setting up is not
     // the server's latency. (One that fails here connects again on first use.)
     let mut connections = Vec::with_capacity(plan.connections);
+    let timeline = Timeline::default();
     for _ in 0..plan.connections {
         let mut connection = Connection::new(plan);
         let _ = tokio::time::timeout(plan.timeout, connection.warm_up()).await;
-        let recorder = Recorder::new(Instant::now(), track_accepted);
+        let recorder = Recorder::sharing(Instant::now(), track_accepted, Arc::clone(&timeline));
         connections.push((connection, recorder));
     }
     let start = Instant::now();
@@ -314,7 +315,7 @@ pub(crate) async fn run(
             worker.recorder
         }));
     }
-    let mut merged = Recorder::new(measured_from, track_accepted);
+    let mut merged = Recorder::sharing(measured_from, track_accepted, timeline);
     for worker in workers {
         if let Ok(recorder) = worker.await {
             merged.merge(recorder);

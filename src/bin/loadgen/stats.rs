@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -35,6 +36,9 @@ impl Second {
     }
 }
 
+/// Per-second measurements, shared by a run's recorders.
+pub(crate) type Timeline = Arc<Mutex<Vec<Second>>>;
+
 /// Measurements of one connection worker (merged at the end, so the hot
 /// path shares nothing).
 #[derive(Debug, Clone)]
@@ -43,7 +47,9 @@ pub(crate) struct Recorder {
     pub(crate) latency: Histogram<u64>,
     /// Latency of 2xx answers only.
     pub(crate) latency_ok: Histogram<u64>,
-    pub(crate) seconds: Vec<Second>,
+    /// The run's seconds, shared by every worker of a run (one histogram
+    /// a second, not one per connection a second).
+    pub(crate) seconds: Timeline,
     pub(crate) statuses: BTreeMap<u16, u64>,
     pub(crate) transport_errors: u64,
     pub(crate) timeouts: u64,
@@ -74,12 +80,19 @@ pub(crate) enum Outcome {
 }
 
 impl Recorder {
+    /// A recorder with a timeline of its own.
+    #[cfg(test)]
     pub(crate) fn new(start: Instant, track_accepted: bool) -> Self {
+        Self::sharing(start, track_accepted, Timeline::default())
+    }
+
+    /// A recorder that adds its seconds to `seconds`.
+    pub(crate) fn sharing(start: Instant, track_accepted: bool, seconds: Timeline) -> Self {
         Self {
             start,
             latency: histogram(3),
             latency_ok: histogram(3),
-            seconds: Vec::new(),
+            seconds,
             statuses: BTreeMap::new(),
             transport_errors: 0,
             timeouts: 0,
@@ -115,10 +128,11 @@ impl Recorder {
             .as_micros()
             .clamp(1, MAX_MICROS as u128) as u64;
         let second = done.saturating_duration_since(self.start).as_secs() as usize;
-        while self.seconds.len() <= second {
-            self.seconds.push(Second::new());
+        let mut seconds = self.seconds.lock().unwrap_or_else(PoisonError::into_inner);
+        while seconds.len() <= second {
+            seconds.push(Second::new());
         }
-        let bucket = &mut self.seconds[second];
+        let bucket = &mut seconds[second];
         bucket.requests += 1;
         self.requests += 1;
         // Every request's latency counts, failed ones up to their failure
@@ -164,14 +178,19 @@ impl Recorder {
     pub(crate) fn merge(&mut self, other: Recorder) {
         let _ = self.latency.add(&other.latency);
         let _ = self.latency_ok.add(&other.latency_ok);
-        if self.seconds.len() < other.seconds.len() {
-            self.seconds.resize_with(other.seconds.len(), Second::new);
-        }
-        for (mine, theirs) in self.seconds.iter_mut().zip(other.seconds) {
-            let _ = mine.latency.add(&theirs.latency);
-            mine.requests += theirs.requests;
-            mine.events += theirs.events;
-            mine.errors += theirs.errors;
+        if !Arc::ptr_eq(&self.seconds, &other.seconds) {
+            let theirs =
+                std::mem::take(&mut *other.seconds.lock().unwrap_or_else(PoisonError::into_inner));
+            let mut seconds = self.seconds.lock().unwrap_or_else(PoisonError::into_inner);
+            if seconds.len() < theirs.len() {
+                seconds.resize_with(theirs.len(), Second::new);
+            }
+            for (mine, theirs) in seconds.iter_mut().zip(theirs) {
+                let _ = mine.latency.add(&theirs.latency);
+                mine.requests += theirs.requests;
+                mine.events += theirs.events;
+                mine.errors += theirs.errors;
+            }
         }
         for (status, n) in other.statuses {
             *self.statuses.entry(status).or_default() += n;
@@ -256,11 +275,12 @@ impl Summary {
     pub(crate) fn new(plan: &crate::args::Plan, all: &Recorder, elapsed: Duration) -> Self {
         let secs = elapsed.as_secs_f64().max(1e-9);
         // A last second that the run barely entered would plot as a drop.
-        let mut whole_seconds = all.seconds.len();
+        let all_seconds = all.seconds.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut whole_seconds = all_seconds.len();
         if whole_seconds > 1 && secs.fract() < 0.5 && whole_seconds as f64 > secs {
             whole_seconds -= 1;
         }
-        let timeline = all.seconds[..whole_seconds]
+        let timeline = all_seconds[..whole_seconds]
             .iter()
             .enumerate()
             .map(|(second, s)| TimelinePoint {
@@ -413,7 +433,7 @@ mod tests {
         assert_eq!(recorder.latency.len(), 1);
         assert!(recorder.latency.equivalent(recorder.latency.max(), 3000));
         assert_eq!(recorder.accepted, vec![0..1, 1..2]);
-        assert_eq!(recorder.seconds.len(), 1);
+        assert_eq!(recorder.seconds.lock().unwrap().len(), 1);
     }
 
     #[test]
