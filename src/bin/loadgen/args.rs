@@ -175,6 +175,20 @@ impl Args {
         if self.gzip && self.batch_size == 1 {
             return Err("--gzip applies to batches (--batch-size > 1)".into());
         }
+        if self.format != BatchFormat::Json && self.batch_size == 1 {
+            return Err("--format applies to batches (--batch-size > 1)".into());
+        }
+        if let Some(report) = &self.report
+            && !matches!(
+                report.extension().and_then(|e| e.to_str()),
+                Some("html" | "htm" | "svg")
+            )
+        {
+            return Err(format!(
+                "--report `{}` must end in .html or .svg",
+                report.display()
+            ));
+        }
         let pattern = self.id_pattern.replace("{run}", run_id);
         let (id_prefix, id_suffix) = match pattern.split_once("{n}") {
             Some((prefix, suffix)) if !suffix.contains("{n}") => {
@@ -309,6 +323,17 @@ mod tests {
         assert!(parse(&["-b", "0"]).is_err());
         assert!(parse(&["-b", "10001"]).is_err());
         assert!(parse(&["--format", "xml"]).is_err());
+        assert!(
+            parse(&["--format", "ndjson"])
+                .unwrap_err()
+                .contains("batch")
+        );
+        assert!(
+            parse(&["--report", "run.png"])
+                .unwrap_err()
+                .contains(".svg")
+        );
+        assert!(parse(&["--report", "run.svg"]).is_ok());
     }
 
     #[test]

@@ -164,9 +164,12 @@ impl Worker {
             .record(due, Instant::now(), self.plan.batch_size, Outcome::Unsent);
     }
 
-    /// Sends the request starting at event `first`, due at `due`.
-    async fn send(&mut self, first: u64, due: Instant) {
+    /// Sends the request starting at event `first`, due at `due` (open
+    /// loop) or once its body is built (closed loop: building it is the
+    /// generator's time, not the service's).
+    async fn send(&mut self, first: u64, due: Option<Instant>) {
         let payload = self.workload.request(first);
+        let due = due.unwrap_or_else(Instant::now);
         self.live
             .issued_events
             .fetch_max(first + payload.count as u64, Ordering::Release);
@@ -295,7 +298,7 @@ pub(crate) async fn run(
                         if cutoff.is_some_and(|c| Instant::now() >= c) {
                             worker.unsent(due);
                         } else {
-                            worker.send(i * batch, due).await;
+                            worker.send(i * batch, Some(due)).await;
                         }
                     }
                 }
@@ -309,7 +312,7 @@ pub(crate) async fn run(
                         stop.store(true, Ordering::Relaxed);
                         break;
                     }
-                    worker.send(i * batch, Instant::now()).await;
+                    worker.send(i * batch, None).await;
                 },
             }
             worker.recorder
