@@ -125,7 +125,8 @@ s = json.load(open(sys.argv[1]))
 pct, ticks, hz = sys.argv[2], float(sys.argv[4]) - float(sys.argv[3]), float(sys.argv[5])
 run_s = s["elapsed_s"] + float(sys.argv[6])
 lat, svc = s["latency_ms"], s.get("service") or {}
-print(f"{pct + '%':<5} {s['target_rate']:9.0f} {s['requests_per_s']:9.0f} {s['accepted_events_per_s']:10.0f} "
+answered = sum(s["status"].values()) / s["elapsed_s"]
+print(f"{pct + '%':<5} {s['target_rate']:9.0f} {answered:9.0f} {s['accepted_events_per_s']:10.0f} "
       f"{lat['p50']:8.2f} {lat['p90']:8.2f} {lat['p99']:8.2f} {lat['p999']:9.2f} {lat['max']:9.2f} "
       f"{100 * ticks / hz / run_s:6.0f} {svc.get('queue_depth_max', '-'):>7}  {s['status']}")
 PY

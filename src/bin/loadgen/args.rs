@@ -125,8 +125,8 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 const MAX_BATCH: usize = 10_000;
 
 /// Open-loop rates accepted: one request every 1,000 s at the least (a
-/// schedule's interval must be a representable duration), and a
-/// nanosecond's spacing at the most.
+/// schedule's interval must be a representable duration), and one every
+/// 10 ns at the most.
 const MIN_RATE: f64 = 0.001;
 const MAX_RATE: f64 = 100_000_000.0;
 

@@ -258,22 +258,26 @@ pub(crate) async fn run(
     let batch = plan.batch_size as u64;
 
     // Open loop: a scheduler hands out (request number, due time) tickets.
+    let interval = Duration::from_secs_f64(1.0 / plan.rate.unwrap_or(1.0));
     let tickets = match plan.mode {
         Mode::Closed => None,
-        Mode::Open => {
-            let interval = Duration::from_secs_f64(1.0 / plan.rate.unwrap_or(1.0));
-            Some(schedule(
-                start,
-                interval,
-                deadline,
-                limit,
-                plan.connections * TICKETS_PER_CONNECTION,
-            ))
-        }
+        Mode::Open => Some(schedule(
+            start,
+            interval,
+            deadline,
+            limit,
+            plan.connections * TICKETS_PER_CONNECTION,
+        )),
     };
-    // Requests still unsent a timeout after the end are not sent at all:
-    // an overloaded service would otherwise stretch the run without bound.
-    let cutoff = deadline.map(|d| d + plan.timeout);
+    // Open-loop requests still unsent a timeout after the schedule's end
+    // (its duration, or its last request) are not sent at all: an
+    // overloaded service would otherwise stretch the run without bound.
+    // (Checked: `-n` can describe a schedule longer than a clock can hold.)
+    let schedule_end = deadline.or_else(|| {
+        let length = Duration::try_from_secs_f64(interval.as_secs_f64() * limit? as f64).ok()?;
+        start.checked_add(length)
+    });
+    let cutoff = schedule_end.and_then(|end| end.checked_add(plan.timeout));
 
     let mut workers = Vec::with_capacity(plan.connections);
     for (connection, mut recorder) in connections {

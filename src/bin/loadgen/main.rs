@@ -127,6 +127,13 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
     } else {
         let _ = write!(stdout, "{}", summary.table());
     }
+    if let Some(v) = &summary.verify
+        && v.publish_errors.is_none()
+    {
+        eprintln!(
+            "eventflow-loadgen: --verify could not read the service's /metrics: publish errors unchecked"
+        );
+    }
     let verified = summary
         .verify
         .as_ref()

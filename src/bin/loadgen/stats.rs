@@ -39,8 +39,8 @@ impl Second {
 /// Per-second measurements, shared by a run's recorders.
 pub(crate) type Timeline = Arc<Mutex<Vec<Second>>>;
 
-/// Measurements of one connection worker (merged at the end, so the hot
-/// path shares nothing).
+/// Measurements of one connection worker (merged at the end; only the
+/// per-second timeline is shared, behind a lock held for a few additions).
 #[derive(Debug, Clone)]
 pub(crate) struct Recorder {
     start: Instant,
@@ -127,18 +127,25 @@ impl Recorder {
             .saturating_duration_since(due)
             .as_micros()
             .clamp(1, MAX_MICROS as u128) as u64;
-        let second = done.saturating_duration_since(self.start).as_secs() as usize;
+        // Every request's latency counts, failed ones up to their failure
+        // (a timeout at the timeout, an unsent one until the run gave up on
+        // it): leaving them out would hide exactly the worst stalls.
+        let _ = self.latency.record(micros);
+        self.requests += 1;
+        // An unsent request belongs to the second it was due in; the others
+        // to the second they ended in.
+        let at = if matches!(outcome, Outcome::Unsent) {
+            due
+        } else {
+            done
+        };
+        let second = at.saturating_duration_since(self.start).as_secs() as usize;
         let mut seconds = self.seconds.lock().unwrap_or_else(PoisonError::into_inner);
         while seconds.len() <= second {
             seconds.push(Second::new());
         }
         let bucket = &mut seconds[second];
         bucket.requests += 1;
-        self.requests += 1;
-        // Every request's latency counts, failed ones up to their failure
-        // (a timeout at the timeout, an unsent one until the run gave up on
-        // it): leaving them out would hide exactly the worst stalls.
-        let _ = self.latency.record(micros);
         let _ = bucket.latency.record(micros);
         if !matches!(outcome, Outcome::Unsent) {
             bucket.events += events as u64;
@@ -249,7 +256,9 @@ pub(crate) struct Summary {
     pub(crate) batch_size: usize,
     pub(crate) target_rate: Option<f64>,
     pub(crate) elapsed_s: f64,
+    /// Requests due: sent, or (open loop) never sent.
     pub(crate) requests: u64,
+    /// Requests sent, per second.
     pub(crate) requests_per_s: f64,
     pub(crate) events_sent: u64,
     pub(crate) events_accepted: u64,
@@ -299,7 +308,7 @@ impl Summary {
             target_rate: plan.rate,
             elapsed_s: secs,
             requests: all.requests,
-            requests_per_s: all.requests as f64 / secs,
+            requests_per_s: (all.requests - all.unsent) as f64 / secs,
             events_sent: all.events_sent,
             events_accepted: all.events_accepted,
             events_per_s: all.events_sent as f64 / secs,
