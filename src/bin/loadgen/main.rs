@@ -67,7 +67,7 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
     let sampler = plan
         .metrics_url
         .clone()
-        .map(|url| tokio::spawn(sampler::sample(url, stopped)));
+        .map(|url| tokio::spawn(sampler::sample(url, plan.warmup, stopped)));
 
     let progress = progress_bar(&args, &plan);
     let ticker = {

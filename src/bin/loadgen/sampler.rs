@@ -92,8 +92,11 @@ async fn fetch_unbounded(uri: &Uri) -> Option<String> {
     let port = uri.port_u16().unwrap_or(80);
     let mut sender = crate::http::connect(&host, port).await.ok()?;
     let path = uri.path_and_query().map_or("/metrics", |p| p.as_str());
+    let authority = uri
+        .authority()
+        .map_or_else(|| format!("{host}:{port}"), |a| a.to_string());
     let request = Request::get(path)
-        .header(header::HOST, format!("{host}:{port}"))
+        .header(header::HOST, authority)
         .body(Empty::<Bytes>::new())
         .ok()?;
     let response = sender.send_request(request).await.ok()?;
@@ -105,14 +108,20 @@ async fn fetch_unbounded(uri: &Uri) -> Option<String> {
     String::from_utf8(body.to_vec()).ok()
 }
 
-/// Samples until `stop` turns true; then one last sample.
+/// Samples from `warmup` on (the warm-up is not the run's) until `stop`
+/// turns true; then one last sample.
 pub(crate) async fn sample(
     url: String,
+    warmup: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Result<ServiceStats, String> {
     let uri: Uri = url
         .parse()
         .map_err(|e| format!("--metrics-url `{url}`: {e}"))?;
+    tokio::select! {
+        () = tokio::time::sleep(warmup) => {}
+        _ = stop.changed() => {}
+    }
     let mut stats = ServiceStats::default();
     let mut first_cpu = None;
     let mut every = tokio::time::interval(SAMPLE_EVERY);
