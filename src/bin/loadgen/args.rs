@@ -60,12 +60,13 @@ pub(crate) struct Args {
     /// Write a report with latency-over-time and percentile plots (.html or .svg).
     #[arg(long, value_name = "FILE")]
     pub(crate) report: Option<PathBuf>,
-    /// After the run, confirm every accepted id was published exactly once
-    /// (watches /events/stream during the run, then checks /events/{id}).
+    /// After the run, confirm every accepted id was published, none twice,
+    /// with no sink failing (watches /events/stream during the run, then
+    /// checks /events/{id} and the service's publish errors); exit 3 if not.
     #[arg(long)]
     pub(crate) verify: bool,
     /// How long --verify waits for publications after the run.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "verify")]
     pub(crate) verify_timeout: Duration,
     /// Sample this Prometheus endpoint during the run (queue depth, RSS, CPU);
     /// `auto` means URL/metrics.
@@ -146,6 +147,13 @@ impl Args {
             .trim_matches(|c| c == '[' || c == ']')
             .to_owned();
         let port = uri.port_u16().unwrap_or(80);
+        // The routes are the service's own: a path here would be ignored.
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!(
+                "--url `{}` must be the service's root (http://host:port), without a path",
+                self.url
+            ));
+        }
         if self.connections == 0 {
             return Err("--connections must be at least 1".into());
         }
@@ -334,6 +342,14 @@ mod tests {
                 .contains(".svg")
         );
         assert!(parse(&["--report", "run.svg"]).is_ok());
+        assert!(parse(&["--verify-timeout", "5s"]).is_err());
+        assert!(parse(&["--verify", "--verify-timeout", "5s"]).is_ok());
+        assert!(
+            parse(&["--url", "http://x:1/api"])
+                .unwrap_err()
+                .contains("root")
+        );
+        assert!(parse(&["--url", "http://x:1/"]).is_ok());
     }
 
     #[test]
