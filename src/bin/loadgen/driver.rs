@@ -103,10 +103,15 @@ impl Connection {
     }
 }
 
-/// The event numbers of `payload` the service accepted, from its answer.
-pub(crate) fn accepted_numbers(payload: &Payload, status: u16, body: &[u8]) -> Vec<Range<u64>> {
+/// The event numbers of `payload` the service accepted, from its answer;
+/// `None` when a batch's 202 cannot be read (which were taken is unknown).
+pub(crate) fn accepted_numbers(
+    payload: &Payload,
+    status: u16,
+    body: &[u8],
+) -> Option<Vec<Range<u64>>> {
     let all = payload.first..payload.first + payload.count as u64;
-    match (payload.count, status) {
+    Some(match (payload.count, status) {
         // Single event: 202 accepted, 200 already accepted earlier.
         (1, 200 | 202) => vec![all],
         (1, _) => Vec::new(),
@@ -119,9 +124,7 @@ pub(crate) fn accepted_numbers(payload: &Payload, status: u16, body: &[u8]) -> V
             struct BatchAnswer {
                 rejected: Vec<Rejected>,
             }
-            let Ok(answer) = serde_json::from_slice::<BatchAnswer>(body) else {
-                return Vec::new();
-            };
+            let answer = serde_json::from_slice::<BatchAnswer>(body).ok()?;
             let mut holes: Vec<u64> = answer.rejected.iter().map(|r| r.index).collect();
             holes.sort_unstable();
             let mut ranges = Vec::new();
@@ -139,7 +142,7 @@ pub(crate) fn accepted_numbers(payload: &Payload, status: u16, body: &[u8]) -> V
             ranges
         }
         _ => Vec::new(),
-    }
+    })
 }
 
 /// Open-loop tickets that may wait for a connection, per connection.
@@ -178,7 +181,10 @@ impl Worker {
         let outcome = match answer {
             Ok(Ok((status, body))) => Outcome::Answer {
                 status,
-                accepted: accepted_numbers(&payload, status, &body),
+                accepted: accepted_numbers(&payload, status, &body).unwrap_or_else(|| {
+                    self.recorder.unreadable_answers += 1;
+                    Vec::new()
+                }),
             },
             Ok(Err(())) => {
                 self.connection.sender = None;
@@ -348,17 +354,20 @@ mod tests {
 
     #[test]
     fn accepted_numbers_follow_the_answer() {
-        assert_eq!(accepted_numbers(&payload(5, 1), 202, b""), vec![5..6]);
-        assert_eq!(accepted_numbers(&payload(5, 1), 200, b""), vec![5..6]);
-        assert!(accepted_numbers(&payload(5, 1), 503, b"").is_empty());
+        let numbers = |p: Payload, status, body: &[u8]| accepted_numbers(&p, status, body);
+        let just = |r: Range<u64>| Some(std::iter::once(r).collect::<Vec<_>>());
+        assert_eq!(numbers(payload(5, 1), 202, b""), just(5..6));
+        assert_eq!(numbers(payload(5, 1), 200, b""), just(5..6));
+        assert_eq!(numbers(payload(5, 1), 503, b""), Some(vec![]));
         let body =
             br#"{"accepted":7,"duplicates":0,"rejected":[{"index":0},{"index":4},{"index":5}]}"#;
         assert_eq!(
-            accepted_numbers(&payload(100, 10), 202, body),
-            vec![101..104, 106..110]
+            numbers(payload(100, 10), 202, body),
+            Some(vec![101..104, 106..110])
         );
         let none = br#"{"accepted":3,"duplicates":0,"rejected":[]}"#;
-        assert_eq!(accepted_numbers(&payload(0, 3), 202, none), vec![0..3]);
-        assert!(accepted_numbers(&payload(0, 3), 503, b"").is_empty());
+        assert_eq!(numbers(payload(0, 3), 202, none), just(0..3));
+        assert_eq!(numbers(payload(0, 3), 503, b""), Some(vec![]));
+        assert_eq!(numbers(payload(0, 3), 202, b"<html>"), None, "unreadable");
     }
 }

@@ -134,10 +134,13 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
             "eventflow-loadgen: --verify could not read the service's /metrics: publish errors unchecked"
         );
     }
-    let verified = summary
-        .verify
-        .as_ref()
-        .is_none_or(|v| v.lost == 0 && v.duplicated == 0 && v.publish_errors.unwrap_or(0) == 0);
+    // With an unreadable answer the accepted set is unknown: not verified.
+    let verified = summary.verify.as_ref().is_none_or(|v| {
+        v.lost == 0
+            && v.duplicated == 0
+            && v.publish_errors.unwrap_or(0) == 0
+            && summary.unreadable_answers == 0
+    });
     if verified {
         ExitCode::SUCCESS
     } else {

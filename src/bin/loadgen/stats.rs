@@ -54,6 +54,8 @@ pub(crate) struct Recorder {
     pub(crate) transport_errors: u64,
     pub(crate) timeouts: u64,
     pub(crate) unsent: u64,
+    /// Batch 202s whose body could not be read (which events were taken is unknown).
+    pub(crate) unreadable_answers: u64,
     pub(crate) requests: u64,
     pub(crate) events_sent: u64,
     pub(crate) events_accepted: u64,
@@ -97,6 +99,7 @@ impl Recorder {
             transport_errors: 0,
             timeouts: 0,
             unsent: 0,
+            unreadable_answers: 0,
             requests: 0,
             events_sent: 0,
             events_accepted: 0,
@@ -205,6 +208,7 @@ impl Recorder {
         self.transport_errors += other.transport_errors;
         self.timeouts += other.timeouts;
         self.unsent += other.unsent;
+        self.unreadable_answers += other.unreadable_answers;
         self.requests += other.requests;
         self.events_sent += other.events_sent;
         self.events_accepted += other.events_accepted;
@@ -269,6 +273,8 @@ pub(crate) struct Summary {
     pub(crate) transport_errors: u64,
     /// Open-loop requests the run ended before sending (see [`Outcome::Unsent`]).
     pub(crate) unsent: u64,
+    /// Batch 202s whose body could not be read.
+    pub(crate) unreadable_answers: u64,
     /// Latency of every request: answers, and failures up to their failure.
     pub(crate) latency_ms: Percentiles,
     /// Latency of 2xx answers only.
@@ -321,6 +327,7 @@ impl Summary {
             timeouts: all.timeouts,
             transport_errors: all.transport_errors,
             unsent: all.unsent,
+            unreadable_answers: all.unreadable_answers,
             latency_ms: Percentiles::of(&all.latency),
             accepted_latency_ms: Percentiles::of(&all.latency_ok),
             timeline,
@@ -365,8 +372,8 @@ impl Summary {
         let _ = writeln!(t, "status codes    {}", statuses.join(", "));
         let _ = writeln!(
             t,
-            "errors          {} timeouts, {} transport, {} never sent (the run ended first)",
-            self.timeouts, self.transport_errors, self.unsent
+            "errors          {} timeouts, {} transport, {} never sent (the run ended first), {} unreadable 202s",
+            self.timeouts, self.transport_errors, self.unsent, self.unreadable_answers
         );
         for (label, l) in [
             ("latency (ms)", &self.latency_ms),
