@@ -167,50 +167,35 @@ async fn an_open_loop_run_against_a_stalled_server_ends_and_shows_the_stall() {
             open.push(stream);
         }
     });
-    let started = std::time::Instant::now();
-    let (code, s) = loadgen(
-        format!("http://{addr}"),
-        &[
-            "--mode",
-            "open",
-            "--rate",
-            "200",
-            "-d",
-            "1s",
-            "-c",
-            "2",
-            "--timeout",
-            "500ms",
-        ],
-    )
-    .await;
-    let took = started.elapsed();
+    // Open loop at 200/s on two connections, giving up after 500 ms, for
+    // a second (`-d 1s`) or for 200 requests (`-n 200`).
+    let stalled_run = |limit: [&'static str; 2]| async move {
+        let started = std::time::Instant::now();
+        let (code, summary) = loadgen(
+            format!("http://{addr}"),
+            &[
+                "--mode",
+                "open",
+                "--rate",
+                "200",
+                limit[0],
+                limit[1],
+                "-c",
+                "2",
+                "--timeout",
+                "500ms",
+            ],
+        )
+        .await;
+        (started.elapsed(), code, summary)
+    };
+    let (took, code, s) = stalled_run(["-d", "1s"]).await;
     // A counted run (no duration) ends a timeout after its last request
     // was due, too.
-    let counted_started = std::time::Instant::now();
-    let (counted_code, counted) = loadgen(
-        format!("http://{addr}"),
-        &[
-            "--mode",
-            "open",
-            "--rate",
-            "200",
-            "-n",
-            "200",
-            "-c",
-            "2",
-            "--timeout",
-            "500ms",
-        ],
-    )
-    .await;
+    let (counted_took, counted_code, counted) = stalled_run(["-n", "200"]).await;
     held.abort();
     assert_eq!(counted_code, 0, "{counted}");
-    assert!(
-        counted_started.elapsed().as_secs() < 10,
-        "{:?}",
-        counted_started.elapsed()
-    );
+    assert!(counted_took.as_secs() < 10, "{counted_took:?}");
     assert!(counted["unsent"].as_u64().unwrap() > 100, "{counted}");
     assert_eq!(code, 0, "{s}");
     // Two warm-ups, the second of measurement and the cutoff a timeout

@@ -233,6 +233,15 @@ impl Args {
 }
 
 impl Plan {
+    /// `host:port` for URLs and `Host` headers (an IPv6 address in brackets).
+    pub(crate) fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
     /// The id of event number `n`.
     pub(crate) fn id(&self, n: u64) -> String {
         format!("{}{n}{}", self.id_prefix, self.id_suffix)

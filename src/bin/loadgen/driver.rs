@@ -38,15 +38,10 @@ struct Connection {
 
 impl Connection {
     fn new(plan: &Plan) -> Self {
-        let authority = if plan.host.contains(':') {
-            format!("[{}]:{}", plan.host, plan.port)
-        } else {
-            format!("{}:{}", plan.host, plan.port)
-        };
         Self {
             host: plan.host.clone(),
             port: plan.port,
-            authority,
+            authority: plan.authority(),
             sender: None,
         }
     }

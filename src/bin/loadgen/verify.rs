@@ -127,18 +127,11 @@ pub(crate) struct Subscriber {
 
 /// The service's publish errors so far, summed over sinks.
 async fn publish_errors(plan: &Plan) -> Option<f64> {
-    let uri = format!("http://{}/metrics", authority(plan)).parse().ok()?;
+    let uri = format!("http://{}/metrics", plan.authority())
+        .parse()
+        .ok()?;
     let text = crate::sampler::fetch(&uri).await?;
     Some(crate::sampler::series_sum(&text, "eventflow_publish_errors_total").unwrap_or(0.0))
-}
-
-/// `host:port` for URLs and `Host` headers (an IPv6 address in brackets).
-fn authority(plan: &Plan) -> String {
-    if plan.host.contains(':') {
-        format!("[{}]:{}", plan.host, plan.port)
-    } else {
-        format!("{}:{}", plan.host, plan.port)
-    }
 }
 
 async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
@@ -146,7 +139,7 @@ async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::In
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let request = Request::get(path)
-        .header(header::HOST, authority(plan))
+        .header(header::HOST, plan.authority())
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     sender
@@ -302,7 +295,7 @@ impl Lookup {
         let sender = self.sender.as_mut()?;
         sender.ready().await.ok()?;
         let request = Request::get(path)
-            .header(header::HOST, authority(&self.plan))
+            .header(header::HOST, self.plan.authority())
             .body(Empty::<Bytes>::new())
             .ok()?;
         let response = sender.send_request(request).await.ok()?;
