@@ -1,35 +1,44 @@
 # syntax=docker/dockerfile:1
-# eventflow container image: a cached dependency layer, a release build, and a
-# distroless runtime (no shell, non-root). Build: docker build -t eventflow:local .
+# Container images of the eventflow workspace: a cached dependency layer, a
+# release build, and distroless runtimes (no shell, non-root).
+#   docker build -t eventflow:local .                                  the service (the default, last stage)
+#   docker build --target loadgen -t eventflow-loadgen:local .         the load generator
+# The service image carries only `eventflow`.
 
 # ---- builder ---------------------------------------------------------------
-# 1.88 is the crate's declared rust-version (Cargo.toml), so this also keeps the MSRV honest.
+# 1.88 is the workspace's declared rust-version (Cargo.toml), so this also keeps the MSRV honest.
 FROM rust:1.88-bookworm AS builder
 WORKDIR /build
 
 # Dependencies first: build them against stub targets so this layer is reused
-# until Cargo.toml or Cargo.lock change. Every target the manifest declares
+# until a manifest or Cargo.lock changes. Every target the manifests declare
 # explicitly needs a stub here (today: the two bins and the "pipeline" bench).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin/loadgen benches \
+COPY loadgen/Cargo.toml ./loadgen/
+RUN mkdir -p src benches loadgen/src \
     && echo 'fn main() {}' > src/main.rs \
-    && echo 'fn main() {}' > src/bin/loadgen/main.rs \
     && echo '' > src/lib.rs \
     && echo 'fn main() {}' > benches/pipeline.rs \
-    && cargo build --release --locked \
-    && rm -rf src benches
+    && echo 'fn main() {}' > loadgen/src/main.rs \
+    && cargo build --release --locked --workspace --bins \
+    && rm -rf src benches loadgen/src
 
 # The real sources. Touch them so cargo sees them as newer than the stub build.
 COPY src ./src
 COPY benches ./benches
-RUN find src benches -name '*.rs' -exec touch {} + \
+COPY loadgen/src ./loadgen/src
+RUN find src benches loadgen/src -name '*.rs' -exec touch {} + \
     && cargo build --release --locked --bin eventflow --bin eventflow-loadgen
 
-# ---- runtime ---------------------------------------------------------------
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=builder /build/target/release/eventflow /usr/local/bin/eventflow
-# The load generator rides along for the compose `load` profile.
+# ---- load generator (docker compose --profile load) ------------------------
+FROM gcr.io/distroless/cc-debian12:nonroot AS loadgen
 COPY --from=builder /build/target/release/eventflow-loadgen /usr/local/bin/eventflow-loadgen
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/eventflow-loadgen"]
+
+# ---- service (the default target) ------------------------------------------
+FROM gcr.io/distroless/cc-debian12:nonroot AS service
+COPY --from=builder /build/target/release/eventflow /usr/local/bin/eventflow
 # 65532 is distroless's "nonroot" user and group. Numeric, so Kubernetes
 # runAsNonRoot can verify it (and hadolint DL3066 is satisfied).
 USER 65532:65532

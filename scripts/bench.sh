@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 for tool in wrk curl python3 taskset; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is required (apt-get install -y wrk curl)" >&2; exit 1; }
 done
-cargo build --release --quiet --bins --examples
+cargo build --release --quiet --workspace --bins --examples
 
 SERVER_PID=""
 PORT=""

@@ -9,7 +9,6 @@ mod events;
 mod health;
 mod helpers;
 mod list;
-mod loadgen;
 mod metrics;
 mod prometheus;
 mod shutdown;

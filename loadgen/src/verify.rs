@@ -1,10 +1,12 @@
 //! `--verify`: was every accepted event published exactly once?
 //!
-//! A subscriber reads `/events/stream` for the whole run and counts, per
-//! event number, how often each of this run's ids was published. After the
-//! run it waits (bounded) until every accepted event was seen; events the
-//! stream missed (a lagging subscriber is told so, and skips) are looked up
-//! with `GET /events/{id}`. Lost = accepted but neither seen nor processed;
+//! A subscriber reads `/events/stream` for the whole run (resuming with
+//! `Last-Event-ID` if the service ends the stream, which replays exactly
+//! what followed) and counts, per event number, how often each of this
+//! run's ids was published. After the run it waits (bounded) until every
+//! accepted event was seen; events the stream skipped (a subscriber that
+//! falls behind the service's feed is told so with a `lagged` notice) are
+//! looked up with `GET /events/{id}`. Lost = accepted but neither seen nor processed;
 //! duplicated = seen more than once. A lookup confirms that an event was
 //! processed, not how often it was published, so duplicates are counted
 //! among the events seen on the stream only; and since a sink that fails
@@ -16,10 +18,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::{Request, header};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use http::{Request, header};
+use http_body_util::{BodyDataStream, BodyExt, Empty};
 use hyper::client::conn::http1;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 
 use crate::args::Plan;
@@ -40,6 +45,8 @@ pub(crate) struct VerifyReport {
     pub(crate) duplicated: u64,
     /// `lagged` notices the subscriber received.
     pub(crate) stream_lagged: u64,
+    /// Times the stream ended and was resumed with `Last-Event-ID`.
+    pub(crate) stream_resumed: u64,
     /// The stream ended before verification was done (the service closed it).
     pub(crate) stream_ended_early: bool,
     /// Growth of the service's `eventflow_publish_errors_total` over the
@@ -54,6 +61,8 @@ pub(crate) struct VerifyReport {
 pub(crate) struct Seen {
     counts: Vec<u8>,
     lagged: u64,
+    /// Times the stream ended and was resumed.
+    resumed: u64,
 }
 
 impl Seen {
@@ -95,6 +104,7 @@ pub(crate) fn reconcile(
 ) -> VerifyReport {
     let mut report = VerifyReport {
         stream_lagged: seen.lagged,
+        stream_resumed: seen.resumed,
         ..Default::default()
     };
     for n in accepted.iter().flat_map(|r| r.clone()) {
@@ -131,15 +141,24 @@ async fn publish_errors(plan: &Plan) -> Option<f64> {
         .parse()
         .ok()?;
     let text = crate::sampler::fetch(&uri).await?;
-    Some(crate::sampler::series_sum(&text, "eventflow_publish_errors_total").unwrap_or(0.0))
+    let samples = crate::sampler::parse(&text);
+    Some(crate::sampler::series_sum(&samples, "eventflow_publish_errors_total").unwrap_or(0.0))
 }
 
-async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+/// `GET path` with an optional `Last-Event-ID`.
+async fn open(
+    plan: &Plan,
+    path: &str,
+    last_event_id: Option<&str>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let mut sender = crate::http::connect(&plan.host, plan.port)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let request = Request::get(path)
-        .header(header::HOST, plan.authority())
+    let mut request = Request::get(path).header(header::HOST, plan.authority());
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
+    }
+    let request = request
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     sender
@@ -148,29 +167,51 @@ async fn open(plan: &Plan, path: &str) -> Result<hyper::Response<hyper::body::In
         .map_err(|e| e.to_string())
 }
 
-/// Subscribes to the stream before the run starts; `live` says how many
-/// events the run has issued.
-pub(crate) async fn subscribe(plan: &Plan, live: Arc<Live>) -> Result<Subscriber, String> {
-    let publish_errors_before = publish_errors(plan).await;
-    let response = open(plan, "/events/stream").await?;
+/// Opens the stream, resuming after `last_event_id` when given.
+async fn open_stream(
+    plan: &Plan,
+    last_event_id: Option<&str>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let response = open(plan, "/events/stream", last_event_id).await?;
     if response.status() != 200 {
         return Err(format!("GET /events/stream answered {}", response.status()));
     }
+    Ok(response)
+}
+
+/// How often the subscriber resumes a stream the service ended.
+const MAX_RESUMES: u32 = 5;
+
+/// Subscribes to the stream before the run starts; `live` says how many
+/// events the run has issued. A stream that ends is resumed with
+/// `Last-Event-ID` (the service replays from there, so nothing is missed).
+pub(crate) async fn subscribe(plan: &Plan, live: Arc<Live>) -> Result<Subscriber, String> {
+    let publish_errors_before = publish_errors(plan).await;
+    let mut response = open_stream(plan, None).await?;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (plan, shared) = (plan.clone(), Arc::clone(&seen));
     let task = tokio::spawn(async move {
-        let mut body = response.into_body();
-        let mut buffer: Vec<u8> = Vec::new();
-        while let Some(Ok(frame)) = body.frame().await {
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            buffer.extend_from_slice(&data);
-            // SSE messages end with a blank line.
-            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-                let message: Vec<u8> = buffer.drain(..end + 2).collect();
+        let mut last_event_id: Option<String> = None;
+        let mut resumes = 0;
+        loop {
+            let mut messages = BodyDataStream::new(response.into_body()).eventsource();
+            while let Some(Ok(message)) = messages.next().await {
+                if !message.id.is_empty() {
+                    last_event_id = Some(message.id.clone());
+                }
                 let issued = live.issued_events.load(Ordering::Acquire);
-                parse_message(&message, &plan, &shared, issued);
+                record(&message, &plan, &shared, issued);
+            }
+            if resumes == MAX_RESUMES {
+                break;
+            }
+            resumes += 1;
+            match open_stream(&plan, last_event_id.as_deref()).await {
+                Ok(resumed) => response = resumed,
+                Err(_) => break,
+            }
+            if let Ok(mut seen) = shared.lock() {
+                seen.resumed += 1;
             }
         }
     });
@@ -181,34 +222,24 @@ pub(crate) async fn subscribe(plan: &Plan, live: Arc<Live>) -> Result<Subscriber
     })
 }
 
-fn parse_message(message: &[u8], plan: &Plan, seen: &Mutex<Seen>, issued: u64) {
-    let text = String::from_utf8_lossy(message);
-    let mut event = "message";
-    let mut data = String::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("event:") {
-            event = if rest.trim() == "lagged" {
-                "lagged"
-            } else {
-                "other"
-            };
-        } else if let Some(rest) = line.strip_prefix("data:") {
-            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
-        }
-    }
+/// Counts one stream message: a publication of one of this run's events,
+/// or a `lagged` notice.
+fn record(message: &eventsource_stream::Event, plan: &Plan, seen: &Mutex<Seen>, issued: u64) {
     let Ok(mut seen) = seen.lock() else { return };
-    if event == "lagged" {
-        seen.lagged += 1;
-        return;
-    }
-    #[derive(serde::Deserialize)]
-    struct Published {
-        id: String,
-    }
-    if let Ok(published) = serde_json::from_str::<Published>(&data)
-        && let Some(n) = plan.number(&published.id)
-    {
-        seen.saw(n, issued);
+    match message.event.as_str() {
+        "lagged" => seen.lagged += 1,
+        "message" | "" => {
+            #[derive(serde::Deserialize)]
+            struct Published {
+                id: String,
+            }
+            if let Ok(published) = serde_json::from_str::<Published>(&message.data)
+                && let Some(n) = plan.number(&published.id)
+            {
+                seen.saw(n, issued);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -242,6 +273,7 @@ pub(crate) async fn finish(
         Ok(seen) => Seen {
             counts: seen.counts.clone(),
             lagged: seen.lagged,
+            resumed: seen.resumed,
         },
         Err(_) => Seen::default(),
     };
@@ -382,15 +414,15 @@ async fn scan_processed(plan: &Plan) -> Vec<u64> {
     found
 }
 
+/// Escaped in an id used as a path segment: all but RFC 3986's unreserved characters.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 fn percent_encode(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
+    utf8_percent_encode(id, PATH_SEGMENT).to_string()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use clap::{Parser, ValueEnum};
 /// Load generator for eventflow: closed- or open-loop HTTP load, HDR latency
 /// percentiles, and a check that every accepted event was published.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "eventflow-loadgen", version, about, long_about = None)]
+#[command(name = "eventflow-loadgen", version)]
 pub(crate) struct Args {
     /// Base URL of the service.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -134,7 +134,7 @@ const MAX_RATE: f64 = 100_000_000.0;
 impl Args {
     /// Checks the arguments and resolves them into a plan.
     pub(crate) fn plan(&self, run_id: &str) -> Result<Plan, String> {
-        let uri: axum::http::Uri = self
+        let uri: http::Uri = self
             .url
             .parse()
             .map_err(|e| format!("--url `{}` is not a URL: {e}", self.url))?;

@@ -2,9 +2,12 @@
 //! throughput, HDR latency percentiles, and (with `--verify`) whether every
 //! accepted event was published exactly once.
 //!
+//! Exit codes: 0 the run succeeded (and verified, with `--verify`); 1 no
+//! request succeeded; 2 invalid arguments; 3 `--verify` failed.
+//!
 //! Layout: `args` (flags → plan), `workload` (request bodies), `http`
-//! (connections), `driver`
-//! (connections, closed and open loop), `stats` (recorders and summary),
+//! (opening a connection), `pacer` (open-loop timing), `driver` (the
+//! connections, closed and open loop), `stats` (recorders and summary),
 //! `verify` (stream subscriber and reconciliation), `sampler` (the
 //! service's /metrics during the run), `report` (SVG/HTML plots).
 
@@ -30,6 +33,14 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::args::Args;
 use crate::stats::Summary;
 
+/// Exit code when no request got a 2xx answer.
+const EXIT_NOTHING_SUCCEEDED: u8 = 1;
+/// Exit code for invalid arguments.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when `--verify` found an event lost or published twice, or a
+/// sink failing.
+const EXIT_NOT_VERIFIED: u8 = 3;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let run_id = format!("{:08x}", rand::random::<u32>());
@@ -37,7 +48,7 @@ fn main() -> ExitCode {
         Ok(plan) => plan,
         Err(error) => {
             eprintln!("eventflow-loadgen: {error}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {
@@ -134,6 +145,21 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
             "eventflow-loadgen: --verify could not read the service's /metrics: publish errors unchecked"
         );
     }
+    // A run in which nothing succeeded (no service there, say) measured
+    // nothing: its percentiles are of failures.
+    let succeeded: u64 = summary
+        .status
+        .iter()
+        .filter(|(status, _)| status.starts_with('2'))
+        .map(|(_, count)| count)
+        .sum();
+    if succeeded == 0 {
+        eprintln!(
+            "eventflow-loadgen: no request succeeded ({} timeouts, {} transport errors, {} never sent)",
+            summary.timeouts, summary.transport_errors, summary.unsent
+        );
+        return ExitCode::from(EXIT_NOTHING_SUCCEEDED);
+    }
     // With an unreadable answer the accepted set is unknown: not verified.
     let verified = summary.verify.as_ref().is_none_or(|v| {
         v.lost == 0
@@ -144,7 +170,7 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
     if verified {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(3)
+        ExitCode::from(EXIT_NOT_VERIFIED)
     }
 }
 

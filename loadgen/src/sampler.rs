@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use axum::http::{Request, Uri, header};
 use bytes::Bytes;
+use http::{Request, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -29,15 +29,35 @@ pub(crate) struct ServiceStats {
     pub(crate) rss_mib: Vec<f64>,
 }
 
-/// The value of an unlabelled series in a Prometheus text exposition.
-pub(crate) fn series(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+/// The samples of a Prometheus text exposition (unparsable lines are
+/// skipped by the parser).
+pub(crate) fn parse(text: &str) -> Vec<prometheus_parse::Sample> {
+    prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_owned())))
+        .map(|scrape| scrape.samples)
+        .unwrap_or_default()
+}
+
+/// A sample's value, when it is a single number.
+fn number(sample: &prometheus_parse::Sample) -> Option<f64> {
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// The value of the unlabelled series `name`.
+pub(crate) fn series(samples: &[prometheus_parse::Sample], name: &str) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.is_empty())
+        .and_then(number)
 }
 
 impl ServiceStats {
     fn add(&mut self, text: &str, first_cpu: &mut Option<f64>) {
+        let text = &parse(text);
         self.samples += 1;
         if let Some(depth) = series(text, "eventflow_queue_depth") {
             self.queue_depth_max = self.queue_depth_max.max(depth as u64);
@@ -57,18 +77,11 @@ impl ServiceStats {
 }
 
 /// The sum of every series of `name`, labelled or not.
-pub(crate) fn series_sum(text: &str, name: &str) -> Option<f64> {
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let value = match rest.strip_prefix('{') {
-                Some(labelled) => labelled.rsplit_once('}')?.1,
-                None => rest.strip_prefix(' ')?,
-            };
-            value.trim().parse::<f64>().ok()
-        })
+pub(crate) fn series_sum(samples: &[prometheus_parse::Sample], name: &str) -> Option<f64> {
+    let values: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter_map(number)
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
 }
@@ -151,8 +164,8 @@ mod tests {
     fn reads_series_and_keeps_maxima() {
         let a = "# TYPE eventflow_queue_depth gauge\neventflow_queue_depth 12\nprocess_resident_memory_bytes 1048576\nprocess_cpu_seconds_total 1.5\neventflow_queue_depth_other 99\n";
         let b = "eventflow_queue_depth 3\nprocess_resident_memory_bytes 3145728\nprocess_cpu_seconds_total 4.0\n";
-        assert_eq!(series(a, "eventflow_queue_depth"), Some(12.0));
-        assert_eq!(series(a, "missing"), None);
+        assert_eq!(series(&parse(a), "eventflow_queue_depth"), Some(12.0));
+        assert_eq!(series(&parse(a), "missing"), None);
         let mut stats = ServiceStats::default();
         let mut first = None;
         stats.add(a, &mut first);
@@ -167,10 +180,13 @@ mod tests {
     fn sums_labelled_series() {
         let text = "# HELP eventflow_publish_errors_total x\neventflow_publish_errors_total{sink=\"stdout\"} 2\neventflow_publish_errors_total{sink=\"log\"} 3\neventflow_publish_errors_totally 7\n";
         assert_eq!(
-            series_sum(text, "eventflow_publish_errors_total"),
+            series_sum(&parse(text), "eventflow_publish_errors_total"),
             Some(5.0)
         );
-        assert_eq!(series_sum("x 1\n", "eventflow_publish_errors_total"), None);
-        assert_eq!(series_sum("y 4\n", "y"), Some(4.0));
+        assert_eq!(
+            series_sum(&parse("x 1\n"), "eventflow_publish_errors_total"),
+            None
+        );
+        assert_eq!(series_sum(&parse("y 4\n"), "y"), Some(4.0));
     }
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::http::{Request, header};
 use bytes::Bytes;
+use http::{Request, header};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 
