@@ -12,15 +12,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use eventflow::config::TransformKind;
 use eventflow::config::{PipelineSettings, StoreSettings};
 use eventflow::event::{Event, EventId, JsonWriter, PublishedEvent, decode_array, decode_event};
-use eventflow::pipeline::transform::{TransformChain, TransformContext, TransformKind};
+use eventflow::pipeline::transform::{TransformChain, TransformContext};
 use eventflow::pipeline::{MemoryQueue, Pipeline, PipelineParts};
 use eventflow::sink::StdoutSink;
 use eventflow::store::{CompleteWith, Insert, MemoryStore, Processing, Store};
-use eventflow::telemetry::TraceId;
 use eventflow::telemetry::metrics::Metrics;
 use eventflow::time::UnixNanos;
+use eventflow::trace_id::TraceId;
 use futures_util::FutureExt;
 
 /// The service's allocator (src/main.rs), so that allocation costs match.

@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::pipeline::transform::TransformKind;
-
 /// Everything eventflow can be configured with.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,16 +43,16 @@ pub struct ServerSettings {
     /// A connection that neither sends nor receives anything for this long,
     /// or leaves a request unanswered this long, is closed (after up to
     /// twice this).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::deserialize")]
     pub idle_timeout: Duration,
     /// Bytes of request bodies (as received and inflated) held in memory
     /// at once across all requests; past it requests get 503.
     pub max_inflight_body_bytes: usize,
     /// Upper bound for one request, including `?wait=published`.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::deserialize")]
     pub request_timeout: Duration,
     /// Time allowed to drain the pipeline after SIGINT/SIGTERM.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration::deserialize")]
     pub shutdown_grace: Duration,
 }
 
@@ -94,15 +92,68 @@ pub struct PublishSettings {
     pub sinks: Vec<SinkKind>,
 }
 
-/// A configurable publishing destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SinkKind {
-    /// One JSON line per event on standard output.
-    Stdout,
-    /// One `tracing` event per published event.
-    Log,
+/// Declares a configuration enum read from lowercase names, whose error
+/// for an unknown name lists the valid ones.
+macro_rules! named_choice {
+    ($(#[$doc:meta])* $name:ident, $what:literal, { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+        #[serde(try_from = "String")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every valid name, in order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            /// The name used in configuration.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+
+            fn try_from(name: String) -> Result<Self, String> {
+                match name.trim() {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!(
+                        "unknown {} `{other}`; valid values: {}",
+                        $what,
+                        Self::NAMES.join(", ")
+                    )),
+                }
+            }
+        }
+    };
 }
+
+named_choice!(
+    /// A configurable publishing destination (`publish.sinks`).
+    SinkKind, "sink", {
+        /// One JSON line per event on standard output.
+        Stdout = "stdout",
+        /// One `tracing` event per published event.
+        Log = "log",
+    }
+);
+
+named_choice!(
+    /// A step of the transform chain (`pipeline.transforms`); the chain
+    /// itself is built in [`crate::pipeline::transform`].
+    TransformKind, "transform", {
+        /// Unicode-correct uppercase of the payload.
+        Uppercase = "uppercase",
+        /// Adds processing metadata.
+        Enrich = "enrich",
+        /// Fails events whose payload is not a JSON document.
+        Json = "json",
+    }
+);
 
 /// `telemetry.*` keys.
 #[derive(Debug, Clone, Deserialize)]
@@ -124,15 +175,15 @@ fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String
     Ok(value.filter(|v| !v.trim().is_empty()))
 }
 
-/// Log line format on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable, multi-line.
-    Pretty,
-}
+named_choice!(
+    /// Log line format on stderr.
+    LogFormat, "log format", {
+        /// One JSON object per line.
+        Json = "json",
+        /// Human-readable, multi-line (coloured on a terminal).
+        Pretty = "pretty",
+    }
+);
 
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -243,8 +294,10 @@ impl Settings {
             return Err(invalid(
                 "server.max_inflight_body_bytes",
                 format!(
-                    "must be at least three times the larger of server.max_batch_body_bytes \
-                     and server.max_body_bytes ({largest_body})"
+                    "must be at least {} (three times the larger of server.max_batch_body_bytes \
+                     and server.max_body_bytes, {largest_body}), got {}",
+                    largest_body.saturating_mul(3),
+                    self.server.max_inflight_body_bytes
                 ),
             ));
         }
@@ -338,6 +391,45 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+}
+
+/// Durations are strings with a unit (`"30s"`, `"250ms"`, `"1m 30s"`), read
+/// by `humantime`; a bare number is refused with a message saying so, since
+/// its unit would be a guess.
+mod duration {
+    use std::time::Duration;
+
+    use serde::Deserialize;
+
+    /// A value as TOML or the environment gives it.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Duration, D::Error> {
+        let text = match Raw::deserialize(d)? {
+            Raw::Text(text) => text,
+            Raw::Integer(n) => n.to_string(),
+            Raw::Float(x) => x.to_string(),
+        };
+        let text = text.trim();
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(serde::de::Error::custom(format!(
+                "`{text}` has no unit: durations are strings like \"{text}s\" or \"250ms\""
+            )));
+        }
+        humantime::parse_duration(text).map_err(|error| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({error}): durations are strings like \"30s\" or \"250ms\""
+            ))
+        })
     }
 }
 
@@ -548,6 +640,41 @@ mod tests {
                 "{var}={value}: `{err}` does not name {key}"
             );
         }
+    }
+
+    #[test]
+    fn errors_speak_the_users_language() {
+        let message = |env: &[(&str, &str)]| load(env).unwrap_err().to_string();
+        let err = message(&[("EVENTFLOW__PIPELINE__TRANSFORMS", "uppercase,rot13")]);
+        assert!(
+            err.contains("unknown transform `rot13`; valid values: uppercase, enrich, json"),
+            "{err}"
+        );
+        let err = message(&[("EVENTFLOW__PUBLISH__SINKS", "kafka")]);
+        assert!(err.contains("valid values: stdout, log"), "{err}");
+        let err = message(&[("EVENTFLOW__TELEMETRY__LOG_FORMAT", "xml")]);
+        assert!(err.contains("valid values: json, pretty"), "{err}");
+        // The real minimum: three times the 16 MiB batch limit.
+        let err = message(&[("EVENTFLOW__SERVER__MAX_INFLIGHT_BODY_BYTES", "1000")]);
+        assert!(err.contains("must be at least 50331648"), "{err}");
+        let err = message(&[("EVENTFLOW__SERVER__REQUEST_TIMEOUT", "5")]);
+        assert!(err.contains(r#"durations are strings like "5s""#), "{err}");
+        assert!(err.contains("server.request_timeout"), "{err}");
+    }
+
+    #[test]
+    fn a_bare_number_for_a_duration_in_toml_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eventflow.toml");
+        std::fs::write(&path, "[server]\nrequest_timeout = 5\n").unwrap();
+        let err = Settings::load_from(Some(&path), std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(r#"durations are strings like "5s""#), "{err}");
+        assert!(err.contains("request_timeout"), "{err}");
+        std::fs::write(&path, "[server]\nrequest_timeout = \"2s 500ms\"\n").unwrap();
+        let s = Settings::load_from(Some(&path), std::iter::empty()).unwrap();
+        assert_eq!(s.server.request_timeout, Duration::from_millis(2500));
     }
 
     #[test]

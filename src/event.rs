@@ -13,7 +13,7 @@ use compact_str::CompactString;
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 
-use crate::telemetry::TraceId;
+use crate::trace_id::TraceId;
 
 /// Longest accepted id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
@@ -712,7 +712,8 @@ mod tests {
             worker: 7,
             sequence: u64::MAX,
             queue_wait_ms: 1.5,
-            trace_id: TraceId::from_bytes(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes()),
+            trace_id: TraceId::from_bytes(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes())
+                .unwrap(),
         };
         let awkward = [
             "plain ascii",
@@ -758,7 +759,7 @@ mod tests {
             worker: 3,
             sequence: 10,
             queue_wait_ms: 0.25,
-            trace_id: TraceId::from_bytes([7; 16]),
+            trace_id: TraceId::from_bytes([7; 16]).unwrap(),
         };
         let micro = std::time::Duration::from_micros(1);
         // Each differs from the one before in one field (or none).
@@ -798,7 +799,7 @@ mod tests {
                 ..base.clone()
             },
             Metadata {
-                trace_id: TraceId::from_bytes([8; 16]),
+                trace_id: TraceId::from_bytes([8; 16]).unwrap(),
                 ..base.clone()
             },
             base.clone(),
@@ -871,7 +872,7 @@ mod tests {
                 worker: u32::MAX,
                 sequence: u64::MAX,
                 queue_wait_ms: -1.234_567_890_123_456_7e-300,
-                trace_id: TraceId::from_bytes([0xff; 16]),
+                trace_id: TraceId::from_bytes([0xff; 16]).unwrap(),
             }),
         };
         let json = event.to_json();
@@ -898,7 +899,8 @@ mod tests {
                 queue_wait_ms: 0.5,
                 trace_id: TraceId::from_bytes(
                     0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes(),
-                ),
+                )
+                .unwrap(),
             }),
         };
         let json = serde_json::to_value(&event).unwrap();

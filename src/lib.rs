@@ -22,6 +22,7 @@
 //!   OTLP, and the Prometheus metrics (names defined once, in
 //!   [`telemetry::metrics`]).
 //! - [`time`]: fast RFC 3339 timestamps for published events.
+//! - [`trace_id`]: the W3C trace id an event carries (depends on nothing of ours).
 //! - [`healthcheck`]: the `eventflow healthcheck` probe used by containers.
 //! - [`shutdown`]: signals, readiness, and the drain deadline.
 
@@ -36,3 +37,4 @@ pub mod sink;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod trace_id;

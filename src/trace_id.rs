@@ -1,58 +1,35 @@
-//! W3C trace ids: taken from an incoming `traceparent` header, or made fresh.
+//! The W3C trace id an event carries (`metadata.trace_id`).
+//!
+//! A thin wrapper of OpenTelemetry's own id type, so that the event and
+//! store types need nothing from [`crate::telemetry`]: parsing `traceparent`
+//! is the propagator's job there, not a second parser here. This module
+//! depends on nothing of ours.
 
 use std::fmt;
 
 /// A 128-bit W3C trace id; never all zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TraceId(u128);
+pub struct TraceId(opentelemetry::trace::TraceId);
 
 impl TraceId {
-    /// The trace id of a valid `traceparent` header
-    /// (`version-traceid-parentid-flags`), or `None`.
-    pub fn from_traceparent(header: &str) -> Option<Self> {
-        let mut parts = header.trim().split('-');
-        let (version, trace, parent, flags) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        let hex = |s: &str, len: usize| {
-            s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        };
-        if !hex(version, 2)
-            || version == "ff"
-            || !hex(trace, 32)
-            || !hex(parent, 16)
-            || !hex(flags, 2)
-        {
-            return None;
-        }
-        // Version 00 has exactly four fields; later versions may append more.
-        if version == "00" && parts.next().is_some() {
-            return None;
-        }
-        let id = u128::from_str_radix(trace, 16).ok()?;
-        let parent_ok = u64::from_str_radix(parent, 16).ok()? != 0;
-        (id != 0 && parent_ok).then_some(Self(id))
-    }
-
-    /// The sampled flag of a valid `traceparent`, or `None`.
-    pub fn sampled_flag(header: &str) -> Option<bool> {
-        Self::from_traceparent(header)?;
-        let flags = header.trim().split('-').nth(3)?;
-        Some(u8::from_str_radix(flags, 16).ok()? & 1 == 1)
-    }
-
-    /// The id from its 16 big-endian bytes (as OpenTelemetry holds it).
-    pub fn from_bytes(bytes: [u8; 16]) -> Self {
-        Self(u128::from_be_bytes(bytes))
+    /// The id from its 16 big-endian bytes; `None` for the invalid all-zero id.
+    pub fn from_bytes(bytes: [u8; 16]) -> Option<Self> {
+        let id = opentelemetry::trace::TraceId::from_bytes(bytes);
+        (id != opentelemetry::trace::TraceId::INVALID).then_some(Self(id))
     }
 
     /// A new random trace id.
     pub fn random() -> Self {
         loop {
-            let id: u128 = rand::random();
-            if id != 0 {
-                return Self(id);
+            if let Some(id) = Self::from_bytes(rand::random()) {
+                return id;
             }
         }
+    }
+
+    /// OpenTelemetry's form of the id.
+    pub fn to_otel(self) -> opentelemetry::trace::TraceId {
+        self.0
     }
 
     /// The id as 32 lowercase hex digits.
@@ -66,10 +43,16 @@ impl TraceId {
     /// machinery (this runs once per published event).
     pub fn push_hex(self, out: &mut String) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        for byte in self.0.to_be_bytes() {
+        for byte in self.0.to_bytes() {
             out.push(char::from(HEX[usize::from(byte >> 4)]));
             out.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
+    }
+}
+
+impl From<TraceId> for opentelemetry::trace::TraceId {
+    fn from(id: TraceId) -> Self {
+        id.0
     }
 }
 
@@ -81,7 +64,8 @@ impl serde::Serialize for TraceId {
 
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        // OpenTelemetry's Display is the same 32 lowercase hex digits.
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
@@ -90,45 +74,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_a_valid_traceparent() {
-        let id =
-            TraceId::from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-                .unwrap();
-        assert_eq!(id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-    }
-
-    #[test]
-    fn rejects_invalid_traceparents() {
-        for bad in [
-            "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "00-4bf92f3577b34da6a3ce929d0e0e47-00f067aa0ba902b7-01",
-        ] {
-            assert_eq!(TraceId::from_traceparent(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
     fn serializes_as_hex() {
-        let id = TraceId::from_bytes(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes());
+        let id =
+            TraceId::from_bytes(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes()).unwrap();
         assert_eq!(
             serde_json::to_string(&id).unwrap(),
             "\"0af7651916cd43dd8448eb211c80319c\""
         );
         assert_eq!(id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(id.to_string(), id.to_hex());
     }
 
     #[test]
-    fn sampled_flag() {
-        let id = "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7";
-        assert_eq!(TraceId::sampled_flag(&format!("00-{id}-01")), Some(true));
-        assert_eq!(TraceId::sampled_flag(&format!("00-{id}-00")), Some(false));
-        assert_eq!(TraceId::sampled_flag("garbage"), None);
+    fn the_all_zero_id_is_not_a_trace_id() {
+        assert_eq!(TraceId::from_bytes([0; 16]), None);
     }
 
     #[test]

@@ -18,8 +18,9 @@ use super::error::{ApiError, Problem};
 use crate::event::{DecodeError, Event, EventId, PublishedEvent, decode_array, decode_event};
 use crate::pipeline::{BatchRejection, Ingested, Pipeline, WaitFor, WaitOutcome};
 use crate::store::{Outcome, PageQuery, Record, Status};
+use crate::telemetry;
 use crate::telemetry::metrics::RejectReason;
-use crate::telemetry::{self, TraceId};
+use crate::trace_id::TraceId;
 
 /// Default and maximum page sizes of `GET /events`.
 const DEFAULT_PAGE: usize = 100;

@@ -26,8 +26,9 @@ use crate::config::PipelineSettings;
 use crate::event::{Event, EventId, PublishedEvent};
 use crate::sink::{EventBroadcast, Sink};
 use crate::store::{Insert, Outcome, Processing, Record, Store, StoreError, event_footprint};
+use crate::telemetry;
 use crate::telemetry::metrics::{Metrics, RejectReason};
-use crate::telemetry::{self, TraceId};
+use crate::trace_id::TraceId;
 
 pub use backpressure::{Backpressure, Overloaded, Permit};
 pub use queue::{CHUNK_BYTES, CHUNK_EVENTS, MemoryQueue, Queue, QueueError, QueuedEvents};

@@ -331,17 +331,15 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::{PipelineSettings, StoreSettings};
+    use crate::config::{PipelineSettings, StoreSettings, TransformKind};
     use crate::event::{Event, EventId, PublishedEvent};
-    use crate::pipeline::transform::{
-        Transform, TransformChain, TransformContext, TransformError, TransformKind,
-    };
+    use crate::pipeline::transform::{Transform, TransformChain, TransformContext, TransformError};
 
     use crate::pipeline::{Ingested, MemoryQueue, PipelineParts};
     use crate::sink::{Sink, SinkError};
     use crate::store::{MemoryStore, Status};
-    use crate::telemetry::TraceId;
     use crate::telemetry::metrics::Metrics;
+    use crate::trace_id::TraceId;
 
     #[derive(Debug)]
     struct RejectEmpty;

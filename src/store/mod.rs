@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::event::{Event, EventId};
-use crate::telemetry::TraceId;
 use crate::time::UnixNanos;
+use crate::trace_id::TraceId;
 
 pub use memory::MemoryStore;
 

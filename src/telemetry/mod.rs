@@ -13,13 +13,13 @@
 //!   path cheap; with an endpoint the trace layer enables them.
 //! - Metrics live in [`metrics`].
 
+mod export;
 mod histogram;
 pub mod metrics;
-mod trace_id;
 
 use anyhow::Context as _;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -31,8 +31,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, TelemetrySettings};
-
-pub use trace_id::TraceId;
+use crate::trace_id::TraceId;
 
 /// Name of the per-request server span, the only span that may start a trace.
 pub const REQUEST_SPAN: &str = "http_request";
@@ -61,9 +60,8 @@ impl TraceSampling {
         if !self.exporting {
             return false;
         }
-        let parent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-        match parent.and_then(TraceId::sampled_flag) {
-            Some(sampled) => sampled,
+        match remote_parent(headers) {
+            Some(parent) => parent.is_sampled(),
             None => self.ratio >= 1.0 || rand::random::<f64>() < self.ratio,
         }
     }
@@ -96,13 +94,16 @@ impl TelemetryGuard {
 /// Installs the global subscriber writing logs to stderr. Must run inside
 /// a tokio runtime when an OTLP endpoint is configured.
 pub fn init_subscriber(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
-    init_with_writer(settings, std::io::stderr)
+    use std::io::IsTerminal;
+    init_with_writer(settings, std::io::stderr, std::io::stderr().is_terminal())
 }
 
-/// Installs the global subscriber writing logs to `writer`.
+/// Installs the global subscriber writing logs to `writer`; `ansi`: the
+/// `pretty` format may colour its output (a terminal reads it).
 pub fn init_with_writer<W>(
     settings: &TelemetrySettings,
     writer: W,
+    ansi: bool,
 ) -> anyhow::Result<TelemetryGuard>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -140,6 +141,7 @@ where
         LogFormat::Pretty => Box::new(
             tracing_subscriber::fmt::layer()
                 .pretty()
+                .with_ansi(ansi)
                 .with_writer(writer)
                 .with_filter(log_filter),
         ),
@@ -180,7 +182,7 @@ fn tracer_provider(settings: &TelemetrySettings) -> anyhow::Result<(SdkTracerPro
     let sampler = Sampler::ParentBased(Box::new(Sampler::AlwaysOn));
     let provider = builder
         .with_sampler(sampler)
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(export::Reporting::new(exporter, endpoint))
         .build();
     Ok((provider, true))
 }
@@ -240,14 +242,21 @@ pub fn child_span(parent: &tracing::Span, make: impl FnOnce() -> tracing::Span) 
     }
 }
 
-/// Makes `span` a child of the W3C `traceparent` in `headers`, if any.
-pub fn set_remote_parent(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+/// The caller's span context from a valid W3C `traceparent` in `headers`,
+/// read by OpenTelemetry's propagator; `None` without one.
+pub fn remote_parent(headers: &axum::http::HeaderMap) -> Option<SpanContext> {
     if !headers.contains_key("traceparent") {
-        return;
+        return None;
     }
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
+    let span_context = parent.span().span_context().clone();
+    span_context.is_valid().then_some(span_context)
+}
+
+/// Makes `span` a child of the W3C `traceparent` in `headers`, if any.
+pub fn set_remote_parent(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    if let Some(parent) = remote_parent(headers) {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
     }
 }
 
@@ -259,13 +268,65 @@ pub fn trace_id_of(span: &tracing::Span, headers: &axum::http::HeaderMap) -> Tra
         let context = span.context();
         let otel_span = context.span();
         let span_context = otel_span.span_context();
-        if span_context.is_valid() {
-            return TraceId::from_bytes(span_context.trace_id().to_bytes());
+        if span_context.is_valid()
+            && let Some(id) = TraceId::from_bytes(span_context.trace_id().to_bytes())
+        {
+            return id;
         }
     }
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceId::from_traceparent)
+    remote_parent(headers)
+        .and_then(|parent| TraceId::from_bytes(parent.trace_id().to_bytes()))
         .unwrap_or_else(TraceId::random)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn headers(traceparent: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(traceparent) {
+            headers.insert("traceparent", value);
+        }
+        headers
+    }
+
+    #[test]
+    fn a_valid_traceparent_gives_the_callers_trace_and_sampled_flag() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let sampled = remote_parent(&headers(&format!("00-{id}-00f067aa0ba902b7-01"))).unwrap();
+        assert_eq!(sampled.trace_id().to_string(), id);
+        assert!(sampled.is_sampled());
+        let unsampled = remote_parent(&headers(&format!("00-{id}-00f067aa0ba902b7-00"))).unwrap();
+        assert!(!unsampled.is_sampled());
+        let traced = trace_id_of(
+            &tracing::Span::none(),
+            &headers(&format!("00-{id}-00f067aa0ba902b7-01")),
+        );
+        assert_eq!(traced.to_hex(), id);
+    }
+
+    #[test]
+    fn invalid_traceparents_are_ignored() {
+        for bad in [
+            "",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(remote_parent(&headers(bad)).is_none(), "{bad:?}");
+        }
+        // Without a usable parent the event still gets a trace id of its own.
+        assert_eq!(
+            trace_id_of(&tracing::Span::none(), &headers("garbage"))
+                .to_hex()
+                .len(),
+            32
+        );
+    }
 }

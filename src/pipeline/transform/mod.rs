@@ -1,21 +1,23 @@
 //! The transform chain: small, ordered steps applied to every event.
 //!
-//! A new transform is one file implementing [`Transform`] plus one variant of
-//! [`TransformKind`] so that it can be named in `pipeline.transforms`.
+//! A new transform is one file implementing [`Transform`], plus one variant
+//! of [`TransformKind`] (in [`crate::config`], which names transforms the way
+//! it names sinks) built in [`build`].
 
 mod enrich;
+mod json;
 mod uppercase;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
-
+use crate::config::TransformKind;
 use crate::event::PublishedEvent;
-use crate::telemetry::TraceId;
+use crate::trace_id::TraceId;
 
 pub use enrich::Enrich;
+pub use json::Json;
 pub use uppercase::Uppercase;
 
 /// What a transform knows about the event beyond its fields.
@@ -66,22 +68,12 @@ pub trait Transform: Send + Sync + fmt::Debug {
     ) -> Result<(), TransformError>;
 }
 
-/// Transforms that can be named in `pipeline.transforms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransformKind {
-    /// Unicode-correct uppercase of the payload.
-    Uppercase,
-    /// Adds processing metadata.
-    Enrich,
-}
-
-impl TransformKind {
-    fn build(self) -> Arc<dyn Transform> {
-        match self {
-            Self::Uppercase => Arc::new(Uppercase),
-            Self::Enrich => Arc::new(Enrich),
-        }
+/// The transform `kind` names.
+fn build(kind: TransformKind) -> Arc<dyn Transform> {
+    match kind {
+        TransformKind::Uppercase => Arc::new(Uppercase),
+        TransformKind::Enrich => Arc::new(Enrich),
+        TransformKind::Json => Arc::new(Json),
     }
 }
 
@@ -95,7 +87,7 @@ impl TransformChain {
     /// Builds the chain named in configuration.
     pub fn from_kinds(kinds: &[TransformKind]) -> Self {
         Self {
-            steps: kinds.iter().map(|k| k.build()).collect(),
+            steps: kinds.iter().copied().map(build).collect(),
         }
     }
 
@@ -142,10 +134,8 @@ pub(crate) mod tests {
             received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             processed_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250),
             queue_wait: Duration::from_micros(1500),
-            trace_id: TraceId::from_traceparent(
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
-            .unwrap(),
+            trace_id: TraceId::from_bytes(0x4bf92f3577b34da6a3ce929d0e0e4736_u128.to_be_bytes())
+                .unwrap(),
         }
     }
 

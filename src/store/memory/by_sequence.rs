@@ -171,7 +171,7 @@ mod tests {
 
     use super::*;
     use crate::event::{Event, EventId};
-    use crate::telemetry::TraceId;
+    use crate::trace_id::TraceId;
 
     fn push(index: &mut SequenceIndex, id: &str) -> Arc<Record> {
         let event = Event {

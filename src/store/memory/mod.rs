@@ -29,7 +29,7 @@ use super::{
 };
 use crate::config::StoreSettings;
 use crate::event::{Event, EventId};
-use crate::telemetry::TraceId;
+use crate::trace_id::TraceId;
 use by_id::{Found, IdIndex};
 use by_sequence::{Scan, SequenceIndex, Verdict};
 
