@@ -236,6 +236,9 @@ mod tests {
         }
         assert!(svg.matches("<polyline").count() >= 5, "one line per series");
         let page = html(&summary, &recorder.latency).unwrap();
-        assert!(page.contains("<pre>mode"), "the summary table heads the page");
+        assert!(
+            page.contains("<pre>mode"),
+            "the summary table heads the page"
+        );
     }
 }
