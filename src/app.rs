@@ -39,7 +39,7 @@ const LATE_FLUSH: Duration = Duration::from_secs(2);
 /// bounds that buffer at high event rates.)
 const METRICS_UPKEEP: Duration = Duration::from_secs(1);
 
-/// A built, not yet running, service.
+/// A built service: listener bound, workers started, not yet serving.
 #[derive(Debug)]
 pub struct App {
     listener: TcpListener,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// Where the service is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Built, workers not yet running.
+    /// Built (workers started), not yet serving requests.
     Starting,
     /// Accepting events.
     Ready,

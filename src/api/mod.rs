@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::BoxError;
-use axum::Json;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
+use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -29,7 +30,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::config::ServerSettings;
+use crate::config::{PipelineSettings, ServerSettings};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Readiness;
 use crate::telemetry::TraceSampling;
@@ -100,7 +101,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::metrics))
         .split_for_parts();
-    let openapi = Arc::new(openapi);
+    let openapi = document(&openapi, state.pipeline.settings());
     // A backstop only: `?wait=published` answers 504 at `request_timeout`
     // from the handler's start; this ends, a second later, whatever else
     // takes too long (a body that arrives too slowly: 408). It wraps every
@@ -118,8 +119,8 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/openapi.json",
             get(move || {
-                let openapi = Arc::clone(&openapi);
-                async move { Json(openapi) }
+                let openapi = openapi.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }
             }),
         )
         .fallback(not_found)
@@ -137,6 +138,25 @@ pub fn router(state: AppState) -> Router {
             observe_state,
             observe::observe,
         ))
+}
+
+/// The OpenAPI document as served: the derived one, with the limits that
+/// come from configuration (payload size, batch length) filled in, so that
+/// it states what this instance enforces. Rendered once, at start.
+fn document(openapi: &utoipa::openapi::OpenApi, settings: &PipelineSettings) -> Bytes {
+    let mut document = serde_json::to_value(openapi).unwrap_or_default();
+    let schemas = &mut document["components"]["schemas"];
+    if let Some(payload) = schemas["EventInput"]["properties"].get_mut("payload") {
+        payload["maxLength"] = settings.max_payload_bytes.into();
+    }
+    // The batch body's JSON array of events.
+    if let Some(batch) = document["paths"]["/events/batch"]["post"]["requestBody"]["content"]
+        .get_mut("application/json")
+    {
+        batch["schema"]["maxItems"] = settings.max_batch.into();
+        batch["schema"]["minItems"] = 1.into();
+    }
+    Bytes::from(serde_json::to_vec(&document).unwrap_or_default())
 }
 
 /// The answer to a request whose handler panicked: a problem document,

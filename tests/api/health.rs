@@ -73,6 +73,26 @@ async fn openapi_document_describes_every_route() {
 }
 
 #[tokio::test]
+async fn openapi_document_states_the_configured_limits() {
+    let app = spawn_app_with(
+        |s| {
+            s.pipeline.max_payload_bytes = 1000;
+            s.pipeline.max_batch = 50;
+        },
+        Vec::new(),
+    )
+    .await;
+    let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let event = &doc["components"]["schemas"]["EventInput"];
+    assert_eq!(event["properties"]["payload"]["maxLength"], 1000);
+    assert_eq!(event["properties"]["id"]["maxLength"], 256);
+    assert_eq!(event["additionalProperties"], false);
+    let batch = &doc["paths"]["/events/batch"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"];
+    assert_eq!(batch["maxItems"], 50, "{batch}");
+}
+
+#[tokio::test]
 async fn connections_past_the_cap_wait_until_others_close() {
     let app = spawn_app_with(|s| s.server.max_connections = 2, Vec::new()).await;
     // Two clients hold connections open, idle.

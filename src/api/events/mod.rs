@@ -1,6 +1,9 @@
-//! `/events`: ingest (single and batch), listing, and lookup by id.
+//! `/events`: ingest (single and batch), listing, and lookup by id. The
+//! handlers are here; their bodies in [`responses`], batch splitting in
+//! [`batch`].
 
-use std::cell::Cell;
+mod batch;
+mod responses;
 
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -8,19 +11,21 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
-use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::body::{MediaType, media_type, read_body};
 use super::error::{ApiError, Problem};
-use crate::event::{DecodeError, Event, EventId, PublishedEvent, decode_array, decode_event};
-use crate::pipeline::{BatchRejection, Ingested, Pipeline, WaitFor, WaitOutcome};
-use crate::store::{Outcome, PageQuery, Record, Status};
+use crate::event::{EventId, decode_event};
+use crate::pipeline::{Ingested, WaitFor, WaitOutcome};
+use crate::store::{PageQuery, Status};
 use crate::telemetry;
 use crate::telemetry::metrics::RejectReason;
 use crate::trace_id::TraceId;
+use batch::{DecodedBatch, decode_batch};
+use responses::{
+    BatchRejected, BatchResponse, EventPage, IngestParams, IngestResponse, IngestStatus,
+    ListParams, RecordView,
+};
 
 /// Default and maximum page sizes of `GET /events`.
 const DEFAULT_PAGE: usize = 100;
@@ -43,137 +48,6 @@ const PATH_SEGMENT: &AsciiSet = &CONTROLS
     .add(b'^')
     .add(b'|');
 
-/// An event as clients send it.
-#[derive(Debug, Deserialize, ToSchema)]
-#[allow(dead_code)] // Documents the wire format; decoding lives in `event`.
-pub(crate) struct EventInput {
-    /// 1..=256 bytes, no control characters; the idempotency key.
-    id: String,
-    /// Unix seconds, a JSON integer in int64 range.
-    timestamp: i64,
-    /// At most `pipeline.max_payload_bytes` bytes.
-    payload: String,
-}
-
-/// How an ingest request was taken.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum IngestStatus {
-    /// New and queued for processing.
-    Accepted,
-    /// Already stored with the same content; not processed again.
-    Duplicate,
-}
-
-/// Answer to `POST /events` (borrowing the event's id).
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct IngestResponse<'a> {
-    id: &'a str,
-    status: IngestStatus,
-    /// Arrival sequence.
-    sequence: u64,
-}
-
-/// One refused event of a batch.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct BatchRejected {
-    /// Position in the batch, from 0.
-    index: usize,
-    /// The event's id, when it had a readable one.
-    id: Option<String>,
-    /// Why it was refused.
-    error: String,
-}
-
-/// Answer to `POST /events/batch`.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct BatchResponse {
-    /// Events newly accepted.
-    accepted: usize,
-    /// Events already stored with the same content.
-    duplicates: usize,
-    /// Events refused, with the reason.
-    rejected: Vec<BatchRejected>,
-}
-
-/// A stored event and what became of it.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct RecordView {
-    id: String,
-    timestamp: i64,
-    /// The payload as received.
-    payload: String,
-    status: Status,
-    sequence: u64,
-    /// When it was accepted (RFC 3339, UTC).
-    #[schema(format = DateTime)]
-    received_at: String,
-    /// The published event, once processed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<PublishedEvent>)]
-    result: Option<PublishedEvent>,
-    /// Why processing failed, when it did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-impl RecordView {
-    pub(crate) fn of(record: &Record, pipeline: &Pipeline) -> Self {
-        let (result, error) = match record.outcome() {
-            Some(Outcome::Processed { .. }) => match pipeline.published(record) {
-                Some(Ok(published)) => (Some(published), None),
-                // Transforms are pure, so this re-derivation cannot fail where
-                // the worker's run succeeded; say so rather than hide it.
-                Some(Err(e)) => (None, Some(format!("re-deriving the result failed: {e}"))),
-                None => (None, None),
-            },
-            Some(Outcome::Failed { error }) => (None, Some(error.to_string())),
-            None => (None, None),
-        };
-        Self {
-            id: record.event.id.to_string(),
-            timestamp: record.event.timestamp,
-            payload: record.event.payload.to_string(),
-            status: record.status(),
-            sequence: record.sequence,
-            received_at: crate::time::rfc3339_micros(record.received_at.into())
-                .as_str()
-                .to_owned(),
-            result,
-            error,
-        }
-    }
-}
-
-/// A page of events in arrival order.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct EventPage {
-    events: Vec<RecordView>,
-    /// Pass as `after` to get the next page; null on the last page.
-    next: Option<String>,
-}
-
-/// Query of `POST /events`.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct IngestParams {
-    /// `published`: answer only once the event is published (200 with the
-    /// published event, or 504 after `server.request_timeout`).
-    wait: Option<String>,
-}
-
-/// Query of `GET /events`.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct ListParams {
-    /// Page size, 1..=1000 (larger values are capped); default 100.
-    limit: Option<String>,
-    /// Cursor from a previous page's `next`.
-    after: Option<String>,
-    /// Only events with this status: `pending`, `processed` or `failed`.
-    status: Option<String>,
-}
-
 fn trace_id(headers: &HeaderMap) -> TraceId {
     telemetry::trace_id_of(&tracing::Span::current(), headers)
 }
@@ -194,7 +68,7 @@ fn query_error(rejection: QueryRejection) -> ApiError {
     path = "/events",
     tag = "events",
     params(IngestParams),
-    request_body(content = EventInput, content_type = "application/json"),
+    request_body(content = crate::event::EventInput, content_type = "application/json"),
     responses(
         (status = 202, description = "Accepted; `Location` names the event", body = IngestResponse,
             headers(("Location" = String, description = "URL of the event"))),
@@ -320,7 +194,7 @@ fn published_answer(outcome: Option<WaitOutcome>, state: &AppState) -> Result<Re
     request_body(
         description = "A JSON array of events, or one event per line (NDJSON). `Content-Encoding: gzip` is accepted; `server.max_batch_body_bytes` applies after decompression.",
         content(
-            (Vec<EventInput> = "application/json"),
+            (Vec<crate::event::EventInput> = "application/json"),
             (String = "application/x-ndjson"),
         )
     ),
@@ -422,156 +296,6 @@ pub(crate) async fn post_batch(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-fn too_many(max: usize) -> ApiError {
-    ApiError::PayloadTooLarge(format!(
-        "the batch holds more than pipeline.max_batch = {max} events"
-    ))
-}
-
-/// A batch body's elements: the valid events with their index in the
-/// request, and why each other one was refused.
-struct DecodedBatch {
-    received: usize,
-    valid: Vec<(usize, Event)>,
-    rejected: Vec<BatchRejection>,
-}
-
-/// The rejection of a batch element that is not a valid event.
-fn invalid_element(index: usize, error: &DecodeError, id: Option<String>) -> BatchRejection {
-    BatchRejection {
-        index,
-        reason: RejectReason::Invalid,
-        id,
-        error: error.summary(),
-    }
-}
-
-/// Decodes a batch body into its elements.
-fn decode_batch(
-    bytes: &[u8],
-    media: MediaType,
-    max_batch: usize,
-    max_payload_bytes: usize,
-) -> Result<DecodedBatch, ApiError> {
-    let one_by_one = |items: Vec<&[u8]>| {
-        let mut decoded = DecodedBatch {
-            received: items.len(),
-            valid: Vec::with_capacity(items.len()),
-            rejected: Vec::new(),
-        };
-        for (index, item) in items.into_iter().enumerate() {
-            match decode_event(item, max_payload_bytes) {
-                Ok(event) => decoded.valid.push((index, event)),
-                Err(error) => {
-                    decoded
-                        .rejected
-                        .push(invalid_element(index, &error, readable_id(item)))
-                }
-            }
-        }
-        decoded
-    };
-    match media {
-        MediaType::Json => match decode_array(bytes, max_payload_bytes, max_batch) {
-            // One pass over a well-formed array (the usual case).
-            Some(array) if array.len() <= max_batch => Ok(DecodedBatch {
-                received: array.len(),
-                valid: array.valid,
-                rejected: array
-                    .invalid
-                    .into_iter()
-                    .map(|invalid| invalid_element(invalid.index, &invalid.error, Some(invalid.id)))
-                    .collect(),
-            }),
-            Some(_) => Err(too_many(max_batch)),
-            None => split_array(bytes, max_batch).map(one_by_one),
-        },
-        MediaType::Ndjson => split_lines(bytes, max_batch).map(one_by_one),
-    }
-}
-
-/// Splits a JSON array into its elements without decoding them, stopping
-/// at the first element past `max` (so that a body of many tiny elements
-/// costs no more than `max` of them).
-fn split_array(bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, ApiError> {
-    let too_many_seen = Cell::new(false);
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let elements = serde::Deserializer::deserialize_seq(
-        &mut deserializer,
-        RawElements {
-            max,
-            too_many: &too_many_seen,
-        },
-    )
-    .and_then(|elements| deserializer.end().map(|()| elements));
-    match elements {
-        Ok(elements) => Ok(elements
-            .into_iter()
-            .map(|raw| raw.get().as_bytes())
-            .collect()),
-        Err(_) if too_many_seen.get() => Err(too_many(max)),
-        Err(err) if err.is_data() => Err(ApiError::invalid_field(
-            "body",
-            "must be a JSON array of events",
-        )),
-        Err(err) => Err(ApiError::from(DecodeError::Malformed(err.to_string()))),
-    }
-}
-
-/// Reads a JSON array's elements as raw JSON, at most `max` of them.
-struct RawElements<'a> {
-    max: usize,
-    too_many: &'a Cell<bool>,
-}
-
-impl<'de> serde::de::Visitor<'de> for RawElements<'_> {
-    type Value = Vec<&'de RawValue>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON array of events")
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut elements = Vec::new();
-        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
-            if elements.len() == self.max {
-                self.too_many.set(true);
-                return Err(serde::de::Error::custom("too many events"));
-            }
-            elements.push(raw);
-        }
-        Ok(elements)
-    }
-}
-
-/// Splits NDJSON into its non-blank lines.
-fn split_lines(bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, ApiError> {
-    let mut lines = Vec::new();
-    for line in bytes.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        if lines.len() == max {
-            return Err(too_many(max));
-        }
-        lines.push(line);
-    }
-    Ok(lines)
-}
-
-/// The `id` of an invalid event, if it has a string one.
-fn readable_id(item: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct IdOnly {
-        id: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<IdOnly>(item).ok()?.id? {
-        serde_json::Value::String(id) => Some(id),
-        _ => None,
-    }
-}
-
 /// List events in arrival order.
 #[utoipa::path(
     get,
@@ -669,35 +393,6 @@ pub(crate) async fn get_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ndjson_skips_blank_lines_and_counts() {
-        let body = b"{\"a\":1}\r\n\n  \n{\"b\":2}\n";
-        let lines = split_lines(body, 10).unwrap();
-        assert_eq!(lines, [&b"{\"a\":1}"[..], b"{\"b\":2}"]);
-        assert!(matches!(
-            split_lines(body, 1),
-            Err(ApiError::PayloadTooLarge(_))
-        ));
-    }
-
-    #[test]
-    fn arrays_are_split_without_decoding() {
-        let items = split_array(br#"[{"id":"a"}, 5, "x"]"#, 10).unwrap();
-        assert_eq!(items, [&br#"{"id":"a"}"#[..], b"5", b"\"x\""]);
-        assert!(matches!(
-            split_array(b"[1,", 10),
-            Err(ApiError::MalformedJson(_))
-        ));
-        assert!(matches!(
-            split_array(b"{}", 10),
-            Err(ApiError::Validation { .. })
-        ));
-        assert!(matches!(
-            split_array(b"[1,2,3]", 2),
-            Err(ApiError::PayloadTooLarge(_))
-        ));
-    }
 
     #[test]
     fn location_escapes_the_id() {

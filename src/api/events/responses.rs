@@ -1,0 +1,127 @@
+//! The bodies and query strings of `/events`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::event::PublishedEvent;
+use crate::pipeline::Pipeline;
+use crate::store::{Outcome, Record, Status};
+
+/// How an ingest request was taken.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum IngestStatus {
+    /// New and queued for processing.
+    Accepted,
+    /// Already stored with the same content; not processed again.
+    Duplicate,
+}
+
+/// Answer to `POST /events` (borrowing the event's id).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct IngestResponse<'a> {
+    pub(super) id: &'a str,
+    pub(super) status: IngestStatus,
+    /// Arrival sequence.
+    pub(super) sequence: u64,
+}
+
+/// One refused event of a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchRejected {
+    /// Position in the batch, from 0.
+    pub(super) index: usize,
+    /// The event's id, when it had a readable one.
+    pub(super) id: Option<String>,
+    /// Why it was refused.
+    pub(super) error: String,
+}
+
+/// Answer to `POST /events/batch`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchResponse {
+    /// Events newly accepted.
+    pub(super) accepted: usize,
+    /// Events already stored with the same content.
+    pub(super) duplicates: usize,
+    /// Events refused, with the reason.
+    pub(super) rejected: Vec<BatchRejected>,
+}
+
+/// A stored event and what became of it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RecordView {
+    pub(super) id: String,
+    pub(super) timestamp: i64,
+    /// The payload as received.
+    pub(super) payload: String,
+    pub(super) status: Status,
+    pub(super) sequence: u64,
+    /// When it was accepted (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub(super) received_at: String,
+    /// The published event, once processed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<PublishedEvent>)]
+    pub(super) result: Option<PublishedEvent>,
+    /// Why processing failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) error: Option<String>,
+}
+
+impl RecordView {
+    pub(crate) fn of(record: &Record, pipeline: &Pipeline) -> Self {
+        let (result, error) = match record.outcome() {
+            Some(Outcome::Processed { .. }) => match pipeline.published(record) {
+                Some(Ok(published)) => (Some(published), None),
+                // Transforms are pure, so this re-derivation cannot fail where
+                // the worker's run succeeded; say so rather than hide it.
+                Some(Err(e)) => (None, Some(format!("re-deriving the result failed: {e}"))),
+                None => (None, None),
+            },
+            Some(Outcome::Failed { error }) => (None, Some(error.to_string())),
+            None => (None, None),
+        };
+        Self {
+            id: record.event.id.to_string(),
+            timestamp: record.event.timestamp,
+            payload: record.event.payload.to_string(),
+            status: record.status(),
+            sequence: record.sequence,
+            received_at: crate::time::rfc3339_micros(record.received_at.into())
+                .as_str()
+                .to_owned(),
+            result,
+            error,
+        }
+    }
+}
+
+/// A page of events in arrival order.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EventPage {
+    pub(super) events: Vec<RecordView>,
+    /// Pass as `after` to get the next page; null on the last page.
+    pub(super) next: Option<String>,
+}
+
+/// Query of `POST /events`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct IngestParams {
+    /// `published`: answer only once the event is published (200 with the
+    /// published event, or 504 after `server.request_timeout`).
+    pub(super) wait: Option<String>,
+}
+
+/// Query of `GET /events`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListParams {
+    /// Page size, 1..=1000 (larger values are capped); default 100.
+    pub(super) limit: Option<String>,
+    /// Cursor from a previous page's `next`.
+    pub(super) after: Option<String>,
+    /// Only events with this status: `pending`, `processed` or `failed`.
+    pub(super) status: Option<String>,
+}
