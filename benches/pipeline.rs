@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use eventflow::config::TransformKind;
-use eventflow::config::{PipelineSettings, StoreSettings};
+use eventflow::config::{PipelineSettings, StoreSettings, TransformKind};
 use eventflow::event::{Event, EventId, JsonWriter, PublishedEvent, decode_array, decode_event};
+use eventflow::feed::MemoryFeed;
 use eventflow::pipeline::transform::{TransformChain, TransformContext};
 use eventflow::pipeline::{MemoryQueue, Pipeline, PipelineParts};
 use eventflow::sink::StdoutSink;
@@ -285,13 +285,15 @@ fn pipeline_metrics_overhead(c: &mut Criterion) {
         // One pipeline for all samples, its store bounded well below what a
         // run ingests: measured in the steady state of a full store, which
         // evicts, as a long-running service is.
+        let store = Arc::new(MemoryStore::new(&StoreSettings {
+            max_events: 100_000,
+            max_bytes: 1 << 30,
+        }));
         let pipeline = Pipeline::new(
             pipeline_settings(),
             PipelineParts {
-                store: Arc::new(MemoryStore::new(&StoreSettings {
-                    max_events: 100_000,
-                    max_bytes: 1 << 30,
-                })),
+                feed: Arc::new(MemoryFeed::new(store.clone(), 100_000)),
+                store,
                 queue: MemoryQueue::new(1 << 16),
                 sinks: vec![Arc::new(StdoutSink::with_writer(std::io::sink()))],
                 chain: None,
@@ -306,10 +308,7 @@ fn pipeline_metrics_overhead(c: &mut Criterion) {
                     let start = Instant::now();
                     for _ in 0..iters {
                         for _ in 0..EVENTS {
-                            pipeline
-                                .ingest(event(n), TraceId::random(), false)
-                                .await
-                                .unwrap();
+                            pipeline.ingest(event(n), TraceId::random()).await.unwrap();
                             n += 1;
                         }
                         // Wait until every event of this round is published.

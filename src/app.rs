@@ -11,8 +11,9 @@
 //!    workers publish everything left in it;
 //! 4. sinks are flushed, SSE streams end, the server task completes.
 //!
-//! All of it within `server.shutdown_grace`, or a [`DeadlineExceeded`]
-//! reports what was left.
+//! All of it within `server.shutdown_grace`; otherwise, or when a sink
+//! failed to write accepted events during the run, an [`Unpublished`]
+//! report says what was left.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, BodyBudget, LimitedListener, SharedState};
 use crate::config::Settings;
+use crate::feed::MemoryFeed;
 use crate::pipeline::{MemoryQueue, Pipeline, PipelineParts, WorkerPool};
-use crate::shutdown::{DeadlineExceeded, Phase, Readiness};
+use crate::shutdown::{Phase, Readiness, Unpublished};
 use crate::sink::{Sink, build_sinks};
 use crate::store::MemoryStore;
 use crate::telemetry::TraceSampling;
@@ -67,8 +69,11 @@ impl App {
             .with_context(|| format!("cannot listen on {addr} (server.addr)"))?;
         let local_addr = listener.local_addr()?;
         let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
+        let store = Arc::new(MemoryStore::new(&settings.store));
         let parts = PipelineParts {
-            store: Arc::new(MemoryStore::new(&settings.store)),
+            // The feed indexes as many publications as the store holds records.
+            feed: Arc::new(MemoryFeed::new(store.clone(), settings.store.max_events)),
+            store,
             queue: MemoryQueue::new(settings.pipeline.queue_capacity),
             sinks,
             chain: None,
@@ -107,7 +112,7 @@ impl App {
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), DeadlineExceeded> {
+    ) -> Result<(), Unpublished> {
         let Self {
             listener,
             local_addr,
@@ -168,8 +173,8 @@ impl App {
         match tokio::time::timeout_at(deadline, drain).await {
             Ok(()) => {
                 stream_stop.cancel();
-                // Every accepted event is published; what is left is
-                // connections finishing their answers. One that stalls (a
+                // Every accepted event is published or failed; what is left
+                // is connections finishing their answers. One that stalls (a
                 // half-sent request, a client that stopped reading) is cut
                 // at the deadline rather than failing a complete drain.
                 let mut server = server;
@@ -180,18 +185,31 @@ impl App {
                     server.abort();
                     tracing::warn!("connections still open at the shutdown deadline were closed");
                 }
+                let sink_failed = pipeline.sink_failures();
+                if sink_failed > 0 {
+                    return Err(Unpublished {
+                        grace: shutdown_grace,
+                        deadline_passed: false,
+                        queued: 0,
+                        in_flight: 0,
+                        sink_failed,
+                    });
+                }
                 tracing::info!(took = ?started.elapsed(), "shutdown complete: every accepted event was published");
                 Ok(())
             }
             Err(_) => {
-                let report = DeadlineExceeded {
+                let report = Unpublished {
                     grace: shutdown_grace,
+                    deadline_passed: true,
                     queued: pipeline.queue_depth(),
                     in_flight: pipeline.backpressure().in_use(),
+                    sink_failed: pipeline.sink_failures(),
                 };
                 tracing::error!(
                     queued = report.queued,
                     in_flight = report.in_flight,
+                    sink_failed = report.sink_failed,
                     "shutdown deadline passed before the drain finished"
                 );
                 // Still make what was published visible.

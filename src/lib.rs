@@ -14,6 +14,8 @@
 //!   problem+json error type.
 //! - [`event`]: the incoming event parsed into valid types, and the
 //!   published event.
+//! - [`feed`]: the published-events feed (publication sequence, replay then
+//!   live) behind `GET /events/stream` and `?wait=published`.
 //! - [`pipeline`]: backpressure permits, the queue, the worker pool and the
 //!   transform chain.
 //! - [`store`]: the `Store` trait and its bounded in-memory implementation.
@@ -30,6 +32,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod event;
+pub mod feed;
 pub mod healthcheck;
 pub mod pipeline;
 pub mod shutdown;

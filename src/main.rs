@@ -43,7 +43,8 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Exit code when the drain deadline passes or the service fails to start.
+/// Exit code when accepted events were not published (the drain deadline
+/// passed, or a sink failed), or the service fails to start.
 const EXIT_FAILURE: u8 = 1;
 /// Exit code for invalid configuration.
 const EXIT_CONFIG: u8 = 2;
@@ -111,7 +112,7 @@ async fn run(settings: Settings) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(report) => {
-            tracing::error!(%report, "exiting with accepted events not yet published");
+            tracing::error!(%report, "exiting with accepted events that were not published");
             ExitCode::from(EXIT_FAILURE)
         }
     }

@@ -43,18 +43,41 @@ impl Readiness {
     }
 }
 
-/// The shutdown did not finish within `server.shutdown_grace`.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "shutdown deadline of {grace:?} passed with {queued} queued and {in_flight} accepted events not yet published"
-)]
-pub struct DeadlineExceeded {
+/// Accepted events that shutdown leaves unpublished: the drain deadline
+/// passed first, or a sink could not write some of them during the run.
+/// Either way the process exits non-zero.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Unpublished {
     /// The configured grace period.
     pub grace: std::time::Duration,
-    /// Events still waiting in the queue.
+    /// Whether `server.shutdown_grace` passed before the drain finished.
+    pub deadline_passed: bool,
+    /// Events still waiting in the queue at the deadline.
     pub queued: usize,
-    /// Accepted events not yet published (queued or being processed).
+    /// Accepted events not yet published at the deadline (queued, being
+    /// processed, or waiting for a sink to write them).
     pub in_flight: usize,
+    /// Accepted events that failed because a sink could not write them.
+    pub sink_failed: u64,
+}
+
+impl std::fmt::Display for Unpublished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.deadline_passed {
+            parts.push(format!(
+                "shutdown deadline of {:?} passed with {} queued and {} accepted events not yet published",
+                self.grace, self.queued, self.in_flight
+            ));
+        }
+        if self.sink_failed > 0 {
+            parts.push(format!(
+                "{} accepted events were not published because a sink could not write them",
+                self.sink_failed
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
 }
 
 /// Waits for SIGINT or SIGTERM and returns the signal's name.
@@ -87,6 +110,37 @@ pub async fn signal() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_names_what_was_left_and_why() {
+        let late = Unpublished {
+            grace: std::time::Duration::from_secs(3),
+            deadline_passed: true,
+            queued: 10,
+            in_flight: 12,
+            sink_failed: 0,
+        };
+        assert_eq!(
+            late.to_string(),
+            "shutdown deadline of 3s passed with 10 queued and 12 accepted events not yet published"
+        );
+        let failed = Unpublished {
+            deadline_passed: false,
+            queued: 0,
+            in_flight: 0,
+            sink_failed: 4,
+            ..late.clone()
+        };
+        assert_eq!(
+            failed.to_string(),
+            "4 accepted events were not published because a sink could not write them"
+        );
+        let both = Unpublished {
+            sink_failed: 4,
+            ..late
+        };
+        assert!(both.to_string().contains("; 4 accepted events"));
+    }
 
     #[test]
     fn readiness_moves_through_phases() {

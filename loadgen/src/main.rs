@@ -3,7 +3,8 @@
 //! accepted event was published exactly once.
 //!
 //! Exit codes: 0 the run succeeded (and verified, with `--verify`); 1 no
-//! request succeeded; 2 invalid arguments; 3 `--verify` failed.
+//! request succeeded; 2 invalid arguments; 3 `--verify` found an event
+//! lost, failed or published twice, or a sink failing.
 //!
 //! Layout: `args` (flags → plan), `workload` (request bodies), `http`
 //! (opening a connection), `pacer` (open-loop timing), `driver` (the
@@ -37,8 +38,8 @@ use crate::stats::Summary;
 const EXIT_NOTHING_SUCCEEDED: u8 = 1;
 /// Exit code for invalid arguments.
 const EXIT_USAGE: u8 = 2;
-/// Exit code when `--verify` found an event lost or published twice, or a
-/// sink failing.
+/// Exit code when `--verify` found an event lost, failed or published
+/// twice, or a sink failing.
 const EXIT_NOT_VERIFIED: u8 = 3;
 
 fn main() -> ExitCode {
@@ -163,6 +164,7 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
     // With an unreadable answer the accepted set is unknown: not verified.
     let verified = summary.verify.as_ref().is_none_or(|v| {
         v.lost == 0
+            && v.failed == 0
             && v.duplicated == 0
             && v.publish_errors.unwrap_or(0) == 0
             && summary.unreadable_answers == 0

@@ -398,10 +398,11 @@ impl Summary {
         if let Some(v) = &self.verify {
             let _ = writeln!(
                 t,
-                "verify          {} accepted: {} seen on stream, {} confirmed by lookup, {} LOST, {} DUPLICATED among those seen on the stream ({} stream lag events, {} resumes{}); service publish errors during the run: {}",
+                "verify          {} accepted: {} seen on stream, {} confirmed by lookup, {} FAILED (not published, reported failed), {} LOST, {} DUPLICATED among those seen on the stream ({} stream lag events, {} resumes{}); service publish errors during the run: {}",
                 v.accepted,
                 v.seen_on_stream,
                 v.confirmed_by_lookup,
+                v.failed,
                 v.lost,
                 v.duplicated,
                 v.stream_lagged,

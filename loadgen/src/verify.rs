@@ -6,12 +6,14 @@
 //! run's ids was published. After the run it waits (bounded) until every
 //! accepted event was seen; events the stream skipped (a subscriber that
 //! falls behind the service's feed is told so with a `lagged` notice) are
-//! looked up with `GET /events/{id}`. Lost = accepted but neither seen nor processed;
-//! duplicated = seen more than once. A lookup confirms that an event was
-//! processed, not how often it was published, so duplicates are counted
-//! among the events seen on the stream only; and since a sink that fails
-//! leaves its event processed, the service's publish errors during the run
-//! are reported too, and fail the verification.
+//! looked up with `GET /events/{id}`. Failed = accepted, then not
+//! published, and the service says so (status `failed`: a transform refused
+//! it or a sink could not write it); lost = accepted but neither seen,
+//! processed nor failed; duplicated = seen more than once. A lookup confirms
+//! that an event was processed, not how often it was published, so
+//! duplicates are counted among the events seen on the stream only. The
+//! service's publish errors during the run are reported too. Any of these
+//! fails the verification.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -39,7 +41,9 @@ pub(crate) struct VerifyReport {
     pub(crate) seen_on_stream: u64,
     /// Not seen on the stream but `processed` when looked up.
     pub(crate) confirmed_by_lookup: u64,
-    /// Accepted, never published.
+    /// Accepted, then not published: the service reports them `failed`.
+    pub(crate) failed: u64,
+    /// Accepted, never published, and not reported failed either.
     pub(crate) lost: u64,
     /// Events of this run seen on the stream more than once.
     pub(crate) duplicated: u64,
@@ -95,12 +99,23 @@ impl Seen {
     }
 }
 
-/// Compares what was accepted with what was seen; `processed` answers
-/// whether an unseen event is nevertheless processed.
+/// What the service says of an event the stream did not show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LookedUp {
+    /// Published.
+    Processed,
+    /// Not published, and the service says so.
+    Failed,
+    /// Pending, unknown, or no answer.
+    Other,
+}
+
+/// Compares what was accepted with what was seen; `look_up` says what the
+/// service reports of an unseen event.
 pub(crate) fn reconcile(
     accepted: &[Range<u64>],
     seen: &Seen,
-    mut processed: impl FnMut(u64) -> bool,
+    mut look_up: impl FnMut(u64) -> LookedUp,
 ) -> VerifyReport {
     let mut report = VerifyReport {
         stream_lagged: seen.lagged,
@@ -110,13 +125,16 @@ pub(crate) fn reconcile(
     for n in accepted.iter().flat_map(|r| r.clone()) {
         report.accepted += 1;
         match seen.count(n) {
-            0 if processed(n) => report.confirmed_by_lookup += 1,
-            0 => {
-                report.lost += 1;
-                if report.lost_examples.len() < 10 {
-                    report.lost_examples.push(n);
+            0 => match look_up(n) {
+                LookedUp::Processed => report.confirmed_by_lookup += 1,
+                LookedUp::Failed => report.failed += 1,
+                LookedUp::Other => {
+                    report.lost += 1;
+                    if report.lost_examples.len() < 10 {
+                        report.lost_examples.push(n);
+                    }
                 }
-            }
+            },
             _ => report.seen_on_stream += 1,
         }
     }
@@ -283,8 +301,16 @@ pub(crate) async fn finish(
         .flat_map(|r| r.clone())
         .filter(|&n| seen.count(n) == 0)
         .collect();
-    let processed = lookup(plan, &unseen).await;
-    let mut report = reconcile(accepted, &seen, |n| processed.binary_search(&n).is_ok());
+    let found = lookup(plan, &unseen).await;
+    let mut report = reconcile(accepted, &seen, |n| {
+        if found.processed.binary_search(&n).is_ok() {
+            LookedUp::Processed
+        } else if found.failed.binary_search(&n).is_ok() {
+            LookedUp::Failed
+        } else {
+            LookedUp::Other
+        }
+    });
     report.stream_ended_early = stream_ended_early;
     report.publish_errors = match (subscriber.publish_errors_before, publish_errors(plan).await) {
         (Some(before), Some(after)) => Some((after - before).max(0.0) as u64),
@@ -341,13 +367,34 @@ impl Lookup {
 /// the store is paged through instead.
 const LOOKUP_ONE_BY_ONE: usize = 2_000;
 
-/// Which of `numbers` the service reports as processed (sorted).
-async fn lookup(plan: &Plan, numbers: &[u64]) -> Vec<u64> {
+/// Event numbers the service reports processed, and failed (each sorted).
+#[derive(Debug, Default)]
+struct Found {
+    processed: Vec<u64>,
+    failed: Vec<u64>,
+}
+
+impl Found {
+    fn sorted(mut self) -> Self {
+        for numbers in [&mut self.processed, &mut self.failed] {
+            numbers.sort_unstable();
+            numbers.dedup();
+        }
+        self
+    }
+}
+
+/// What the service reports of `numbers`.
+async fn lookup(plan: &Plan, numbers: &[u64]) -> Found {
     if numbers.is_empty() {
-        return Vec::new();
+        return Found::default();
     }
     if numbers.len() > LOOKUP_ONE_BY_ONE {
-        return scan_processed(plan).await;
+        return Found {
+            processed: scan(plan, "processed").await,
+            failed: scan(plan, "failed").await,
+        }
+        .sorted();
     }
     const CONCURRENCY: usize = 8;
     let mut tasks = Vec::new();
@@ -359,34 +406,36 @@ async fn lookup(plan: &Plan, numbers: &[u64]) -> Vec<u64> {
                 sender: None,
                 timed_out: false,
             };
-            let mut processed = Vec::new();
+            let mut found = Found::default();
             for n in chunk {
                 if client.timed_out {
                     break;
                 }
                 let path = format!("/events/{}", percent_encode(&client.plan.id(n)));
-                if let Some((200, record)) = client.get_json(&path).await
-                    && record["status"] == "processed"
-                {
-                    processed.push(n);
+                if let Some((200, record)) = client.get_json(&path).await {
+                    match record["status"].as_str() {
+                        Some("processed") => found.processed.push(n),
+                        Some("failed") => found.failed.push(n),
+                        _ => {}
+                    }
                 }
             }
-            processed
+            found
         }));
     }
-    let mut all = Vec::new();
+    let mut all = Found::default();
     for task in tasks {
         if let Ok(found) = task.await {
-            all.extend(found);
+            all.processed.extend(found.processed);
+            all.failed.extend(found.failed);
         }
     }
-    all.sort_unstable();
-    all
+    all.sorted()
 }
 
-/// Every processed event of this run still in the store, by paging
-/// through `GET /events?status=processed`.
-async fn scan_processed(plan: &Plan) -> Vec<u64> {
+/// Every event of this run with `status` still in the store, by paging
+/// through `GET /events?status=`.
+async fn scan(plan: &Plan, status: &str) -> Vec<u64> {
     let mut client = Lookup {
         plan: plan.clone(),
         sender: None,
@@ -395,7 +444,7 @@ async fn scan_processed(plan: &Plan) -> Vec<u64> {
     let mut found = Vec::new();
     let mut after = String::new();
     loop {
-        let path = format!("/events?status=processed&limit=1000&after={after}");
+        let path = format!("/events?status={status}&limit=1000&after={after}");
         let Some((200, page)) = client.get_json(&path).await else {
             break;
         };
@@ -409,8 +458,6 @@ async fn scan_processed(plan: &Plan) -> Vec<u64> {
             None => break,
         }
     }
-    found.sort_unstable();
-    found.dedup();
     found
 }
 
@@ -439,7 +486,7 @@ mod tests {
 
     #[test]
     fn everything_seen_once_is_clean() {
-        let report = reconcile(&[0..3, 5..6], &seen(&[0, 1, 2, 5, 9]), |_| false);
+        let report = reconcile(&[0..3, 5..6], &seen(&[0, 1, 2, 5, 9]), |_| LookedUp::Other);
         assert_eq!(report.accepted, 4);
         assert_eq!(report.seen_on_stream, 4);
         assert_eq!((report.lost, report.duplicated), (0, 0));
@@ -448,12 +495,17 @@ mod tests {
     #[test]
     fn unseen_are_looked_up_or_lost_and_repeats_are_duplicates() {
         // 7 was not accepted (its request timed out, say) but published twice.
-        let report = reconcile(&[0..5, 5..5], &seen(&[0, 1, 1, 7, 7]), |n| n == 3);
+        let report = reconcile(&[0..5, 5..5], &seen(&[0, 1, 1, 7, 7]), |n| match n {
+            3 => LookedUp::Processed,
+            4 => LookedUp::Failed,
+            _ => LookedUp::Other,
+        });
         assert_eq!(report.seen_on_stream, 2);
         assert_eq!(report.duplicated, 2);
         assert_eq!(report.confirmed_by_lookup, 1);
-        assert_eq!(report.lost, 2);
-        assert_eq!(report.lost_examples, vec![2, 4]);
+        assert_eq!(report.failed, 1, "reported failed, not lost");
+        assert_eq!(report.lost, 1);
+        assert_eq!(report.lost_examples, vec![2]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eventflow::app::App;
 use eventflow::config::Settings;
-use eventflow::sink::{Publications, Sink, SinkError, StdoutSink};
+use eventflow::sink::{Publications, PublishError, Sink, SinkError, StdoutSink};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -98,8 +98,8 @@ impl Sink for Refusing {
     fn name(&self) -> &'static str {
         "refusing"
     }
-    async fn publish(&self, _: Publications<'_>) -> Result<(), SinkError> {
-        Err(SinkError::Closed("refusing"))
+    async fn publish(&self, _: Publications<'_>) -> Result<(), PublishError> {
+        Err(SinkError::Closed("refusing").into())
     }
     async fn flush(&self) -> Result<(), SinkError> {
         Ok(())
@@ -115,7 +115,7 @@ impl Sink for Slow {
     fn name(&self) -> &'static str {
         "slow"
     }
-    async fn publish(&self, _: Publications<'_>) -> Result<(), SinkError> {
+    async fn publish(&self, _: Publications<'_>) -> Result<(), PublishError> {
         tokio::time::sleep(self.0).await;
         Ok(())
     }
@@ -291,15 +291,22 @@ async fn bad_arguments_exit_2_with_a_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_fails_when_a_sink_failed_to_publish() {
-    // A sink that refuses everything: the events are still processed (and
-    // reach stdout and the stream), but not every sink published them.
+    // A sink that refuses everything: no event is published, and the
+    // service marks each one failed (stdout wrote it, the other sink not).
     let app = Service::start(|_| {}, vec![Arc::new(Refusing)]).await;
-    let (code, s) = loadgen(app.url(), &["-n", "20", "-c", "2", "--verify"]).await;
+    let (code, s) = loadgen(
+        app.url(),
+        &["-n", "20", "-c", "2", "--verify", "--verify-timeout", "2s"],
+    )
+    .await;
     assert_eq!(code, 3, "{s}");
-    // The failure is the sink's, not a lost or doubled event.
+    assert_eq!(s["verify"]["accepted"], 20);
+    // Reported failed by the service: neither lost nor doubled.
+    assert_eq!(s["verify"]["failed"], 20, "{s}");
     assert_eq!(s["verify"]["lost"], 0);
     assert_eq!(s["verify"]["duplicated"], 0);
-    assert!(s["verify"]["publish_errors"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["verify"]["seen_on_stream"], 0, "nothing reached the feed");
+    assert!(s["verify"]["publish_errors"].as_u64().unwrap() >= 20, "{s}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

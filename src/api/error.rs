@@ -7,13 +7,29 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::event::{DecodeError, FieldError};
-use crate::pipeline::IngestError;
-use crate::telemetry::metrics::RejectReason;
+use crate::pipeline::{IngestError, RejectReason};
 
 /// Seconds a client should wait before retrying an overloaded request.
 const RETRY_AFTER_OVERLOADED_SECS: u32 = 1;
-/// Seconds a client should wait before retrying against a draining instance.
+/// Seconds a client should wait before retrying against a draining instance
+/// (or one whose sink is broken: another instance may take it).
 const RETRY_AFTER_DRAINING_SECS: u32 = 5;
+
+/// Most bytes of a client's string a problem repeats.
+pub const ECHO_MAX: usize = 128;
+
+/// `text` cut to at most [`ECHO_MAX`] bytes (at a character boundary), with
+/// `…` when cut: problems repeat what a client sent, never all of it.
+pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= ECHO_MAX {
+        return text.into();
+    }
+    let mut end = ECHO_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
 
 /// A problem details document (RFC 9457).
 #[derive(Debug, Serialize, ToSchema)]
@@ -55,6 +71,21 @@ pub enum ApiError {
         /// Each offending field.
         errors: Vec<FieldError>,
     },
+    /// A well-formed body that is not what the route takes (422).
+    #[error("body: {0}")]
+    InvalidBody(String),
+    /// A query parameter's value is out of its range (422).
+    #[error("{field}: {message}")]
+    InvalidQuery {
+        /// The parameter.
+        field: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// The route does not take this method (405; the response keeps the
+    /// router's `Allow` header).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// Same id, different content (409).
     #[error("event `{id}` already exists with different content (sequence {sequence})")]
     Conflict {
@@ -72,6 +103,9 @@ pub enum ApiError {
     /// The service is draining (503).
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// A sink cannot write, so nothing could be published (503).
+    #[error("{0}; nothing can be published until it is fixed")]
+    SinkBroken(String),
     /// `?wait=published` ran out of time (504).
     #[error("the event was accepted but not published within {0:?}")]
     NotPublished(std::time::Duration),
@@ -93,15 +127,16 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// A 422 for one field.
-    pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
-        let message = message.into();
-        Self::Validation {
-            detail: format!("{field}: {message}"),
-            errors: vec![FieldError {
-                field: field.to_owned(),
-                message,
-            }],
+    /// A 422 for a well-formed body the route does not take.
+    pub fn invalid_body(message: impl Into<String>) -> Self {
+        Self::InvalidBody(message.into())
+    }
+
+    /// A 422 for a query parameter's value.
+    pub fn invalid_query(field: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidQuery {
+            field,
+            message: message.into(),
         }
     }
 
@@ -112,13 +147,17 @@ impl ApiError {
             Self::MalformedJson(_)
             | Self::BadRequest(_)
             | Self::UnsupportedMediaType(_)
-            | Self::Validation { .. } => Some(RejectReason::Invalid),
+            | Self::Validation { .. }
+            | Self::InvalidBody(_)
+            | Self::InvalidQuery { .. } => Some(RejectReason::Invalid),
             Self::PayloadTooLarge(_) => Some(RejectReason::TooLarge),
             Self::Conflict { .. } => Some(RejectReason::Conflict),
-            Self::Overloaded | Self::ShuttingDown | Self::BodiesOverBudget => {
-                Some(RejectReason::Overloaded)
-            }
-            Self::NotFound(_)
+            Self::Overloaded
+            | Self::ShuttingDown
+            | Self::SinkBroken(_)
+            | Self::BodiesOverBudget => Some(RejectReason::Overloaded),
+            Self::MethodNotAllowed(_)
+            | Self::NotFound(_)
             | Self::NotPublished(_)
             | Self::ProcessingFailed(_)
             | Self::RequestTimeout(_)
@@ -131,12 +170,16 @@ impl ApiError {
             Self::MalformedJson(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Validation { .. } | Self::InvalidBody(_) | Self::InvalidQuery { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Overloaded | Self::ShuttingDown | Self::BodiesOverBudget => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Overloaded
+            | Self::ShuttingDown
+            | Self::SinkBroken(_)
+            | Self::BodiesOverBudget => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotPublished(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ProcessingFailed(_) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -150,10 +193,14 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
             Self::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
             Self::Validation { .. } => ("validation", "Invalid event"),
+            Self::InvalidBody(_) => ("invalid-body", "Invalid request body"),
+            Self::InvalidQuery { .. } => ("invalid-query", "Invalid query parameter"),
+            Self::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             Self::Conflict { .. } => ("conflict", "Conflicting event"),
             Self::NotFound(_) => ("not-found", "Not found"),
             Self::Overloaded => ("overloaded", "Overloaded"),
             Self::ShuttingDown => ("shutting-down", "Shutting down"),
+            Self::SinkBroken(_) => ("sink-broken", "A sink is broken"),
             Self::NotPublished(_) => ("not-published", "Not published in time"),
             Self::ProcessingFailed(_) => ("processing-failed", "Processing failed"),
             Self::BodiesOverBudget => ("overloaded", "Overloaded"),
@@ -172,6 +219,14 @@ impl ApiError {
             detail: self.to_string(),
             errors: match self {
                 Self::Validation { errors, .. } => errors.clone(),
+                Self::InvalidBody(message) => vec![FieldError {
+                    field: "body".into(),
+                    message: message.clone(),
+                }],
+                Self::InvalidQuery { field, message } => vec![FieldError {
+                    field: (*field).into(),
+                    message: message.clone(),
+                }],
                 _ => Vec::new(),
             },
         }
@@ -202,6 +257,7 @@ impl From<IngestError> for ApiError {
         match err {
             IngestError::Overloaded => Self::Overloaded,
             IngestError::ShuttingDown => Self::ShuttingDown,
+            IngestError::SinkBroken(reason) => Self::SinkBroken(reason),
             never @ IngestError::NeverFits { .. } => {
                 Self::PayloadTooLarge(format!("{never}; send fewer at a time"))
             }
@@ -222,7 +278,10 @@ impl IntoResponse for ApiError {
         // busiest, and cost more than the work it refuses.
         if matches!(
             self,
-            Self::NotPublished(_) | Self::ProcessingFailed(_) | Self::Internal
+            Self::NotPublished(_)
+                | Self::ProcessingFailed(_)
+                | Self::SinkBroken(_)
+                | Self::Internal
         ) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else {
@@ -237,7 +296,7 @@ impl IntoResponse for ApiError {
         );
         let retry_after = match self {
             Self::Overloaded | Self::BodiesOverBudget => Some(RETRY_AFTER_OVERLOADED_SECS),
-            Self::ShuttingDown => Some(RETRY_AFTER_DRAINING_SECS),
+            Self::ShuttingDown | Self::SinkBroken(_) => Some(RETRY_AFTER_DRAINING_SECS),
             _ => None,
         };
         if let Some(secs) = retry_after {

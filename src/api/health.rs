@@ -12,15 +12,27 @@ use crate::shutdown::Phase;
 /// Health or readiness state.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct HealthStatus {
-    /// `ok`, `ready`, `starting` or `draining`.
+    /// `ok`, `ready`, `starting`, `draining` or `sink_broken`.
     status: &'static str,
+    /// Why it is not ready, when a sink is broken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl HealthStatus {
+    fn of(status: &'static str) -> Json<Self> {
+        Json(Self {
+            status,
+            detail: None,
+        })
+    }
 }
 
 /// Liveness: the process is up and serving HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "health",
     responses((status = 200, description = "Alive", body = HealthStatus)))]
 pub(crate) async fn healthz() -> Json<HealthStatus> {
-    Json(HealthStatus { status: "ok" })
+    HealthStatus::of("ok")
 }
 
 /// Liveness under its older name.
@@ -30,22 +42,27 @@ pub(crate) async fn health() -> Json<HealthStatus> {
     healthz().await
 }
 
-/// Readiness: 200 while accepting events; 503 while starting or draining.
+/// Readiness: 200 while accepting events; 503 while starting, draining, or
+/// while a sink is broken (nothing accepted could be published).
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
         (status = 200, description = "Accepting events", body = HealthStatus),
-        (status = 503, description = "Starting or draining", body = HealthStatus),
+        (status = 503, description = "Starting, draining, or a sink is broken", body = HealthStatus),
     ))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthStatus>) {
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
     match state.readiness.phase() {
-        Phase::Ready => (StatusCode::OK, Json(HealthStatus { status: "ready" })),
-        Phase::Starting => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(HealthStatus { status: "starting" }),
-        ),
-        Phase::Draining => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(HealthStatus { status: "draining" }),
-        ),
+        Phase::Starting => (unavailable, HealthStatus::of("starting")),
+        Phase::Draining => (unavailable, HealthStatus::of("draining")),
+        Phase::Ready => match state.pipeline.broken_sink() {
+            None => (StatusCode::OK, HealthStatus::of("ready")),
+            Some(detail) => (
+                unavailable,
+                Json(HealthStatus {
+                    status: "sink_broken",
+                    detail: Some(detail),
+                }),
+            ),
+        },
     }
 }

@@ -21,10 +21,14 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         inflight: pipeline.backpressure().in_use(),
         store_events: pipeline.store().len(),
         store_evictions: pipeline.store().evictions(),
-        sse_subscribers: pipeline.broadcast().subscribers(),
+        sse_subscribers: pipeline.feed().subscribers(),
         workers: pipeline.live_workers(),
     };
-    let body = pipeline.metrics().render(snapshot);
+    let metrics = pipeline.metrics();
+    for sink in pipeline.sinks() {
+        metrics.sink_up(sink.name(), sink.broken().is_none());
+    }
+    let body = metrics.render(snapshot);
     let mut response = body.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

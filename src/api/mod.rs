@@ -125,6 +125,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .with_state(state)
+        .layer(axum::middleware::map_response(method_not_allowed))
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(move |_: BoxError| async move {
@@ -169,6 +170,26 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::R
         .unwrap_or("(no message)");
     tracing::error!(panic = message, "a request handler panicked");
     ApiError::Internal.into_response()
+}
+
+/// The router's bare 405 (no body) as a problem document, keeping its `Allow`.
+async fn method_not_allowed(response: axum::response::Response) -> axum::response::Response {
+    if response.status() != axum::http::StatusCode::METHOD_NOT_ALLOWED
+        || response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let allowed = allow
+        .as_ref()
+        .and_then(|allow| allow.to_str().ok())
+        .unwrap_or("other methods");
+    let mut problem =
+        ApiError::MethodNotAllowed(format!("this route takes {allowed}")).into_response();
+    if let Some(allow) = allow {
+        problem.headers_mut().insert(header::ALLOW, allow);
+    }
+    problem
 }
 
 async fn not_found() -> ApiError {

@@ -1,8 +1,9 @@
-//! `log` sink: one `tracing` event per published event.
+//! `log` sink: one `tracing` event per published event, written by the
+//! log layer before the call returns.
 
 use async_trait::async_trait;
 
-use super::{Publications, Sink, SinkError};
+use super::{Publications, PublishError, Sink, SinkError};
 
 /// Logs every published event at INFO on target `eventflow::published`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -14,7 +15,7 @@ impl Sink for LogSink {
         "log"
     }
 
-    async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError> {
+    async fn publish(&self, publications: Publications<'_>) -> Result<(), PublishError> {
         for publication in publications.events() {
             tracing::info!(
                 target: "eventflow::published",

@@ -1,11 +1,11 @@
 //! Where processed events go.
 //!
-//! Every configured [`Sink`] receives every published event, already
-//! serialized once by the worker. The SSE stream is fed separately by
-//! [`EventBroadcast`] because it is always on and must never slow the
-//! pipeline.
+//! Every configured [`Sink`] receives every event of a worker's pass,
+//! already serialized once by the worker, and answers once it has written
+//! them: an event is *published* when every sink wrote it. (The SSE stream
+//! reads the published-events feed, [`crate::feed`], which the workers
+//! append to after the sinks.)
 
-mod broadcast;
 mod log;
 mod stdout;
 
@@ -17,7 +17,6 @@ use async_trait::async_trait;
 use crate::config::SinkKind;
 use crate::event::PublishedEvent;
 
-pub use broadcast::{EventBroadcast, INLINE_LINE_MAX, StreamLine, StreamMessage};
 pub use log::LogSink;
 pub use stdout::StdoutSink;
 
@@ -90,6 +89,14 @@ pub enum SinkError {
     /// The sink has stopped (its writer is gone).
     #[error("sink `{0}` is closed")]
     Closed(&'static str),
+    /// An earlier write failed and the sink takes nothing more.
+    #[error("sink `{sink}` is broken: {reason}")]
+    Broken {
+        /// The sink's name.
+        sink: &'static str,
+        /// The failure that broke it.
+        reason: String,
+    },
     /// Writing failed.
     #[error("sink `{sink}` failed: {source}")]
     Io {
@@ -101,21 +108,38 @@ pub enum SinkError {
     },
 }
 
+/// A sink wrote only the first `written` events of a pass.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} ({written} of the pass's events written)")]
+pub struct PublishError {
+    /// Events of the pass, from its first, that were written whole.
+    pub written: usize,
+    /// Why the rest were not.
+    #[source]
+    pub error: SinkError,
+}
+
+impl From<SinkError> for PublishError {
+    fn from(error: SinkError) -> Self {
+        Self { written: 0, error }
+    }
+}
+
 /// A destination for published events.
 #[async_trait]
 pub trait Sink: Send + Sync + fmt::Debug {
     /// Name used in configuration, logs and metrics labels.
     fn name(&self) -> &'static str;
-    /// Hands events to the sink, in order: one call per pass a worker
-    /// makes, so that a sink can write them together.
-    async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError>;
-    /// Makes everything published so far durable at the destination.
+    /// Writes events, in order (one call per pass a worker makes, so that a
+    /// sink can write them together), and returns once they are written:
+    /// handed to the destination, not merely buffered on the way.
+    async fn publish(&self, publications: Publications<'_>) -> Result<(), PublishError>;
+    /// Flushes the destination (at shutdown).
     async fn flush(&self) -> Result<(), SinkError>;
-    /// Events this sink took in earlier calls but then failed to deliver
-    /// (a buffered write that failed later), since the last call: counted
-    /// as publish errors.
-    fn take_lost(&self) -> usize {
-        0
+    /// Why the sink cannot write now, if it cannot (readiness and ingest
+    /// answer 503 while a sink is broken).
+    fn broken(&self) -> Option<String> {
+        None
     }
 }
 

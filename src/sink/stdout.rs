@@ -1,40 +1,57 @@
-//! `stdout` sink: one JSON line per event.
+//! `stdout` sink: one JSON line per event, and an event counts as written
+//! once its line was handed to the kernel (`write` returned), not when it
+//! entered a buffer of ours.
 //!
 //! Workers hand over the buffer of lines each pass wrote (shared, not
-//! copied); a dedicated writer thread takes what has queued up and writes
-//! it in one vectored write, so a slow reader of stdout slows the workers
-//! (they wait once [`BUFFER_LIMIT`] bytes are queued) but never blocks the
-//! async runtime, and a busy pipeline costs one system call per batch of
-//! passes rather than a thread wake-up and a syscall per event. The writer
-//! waits [`LINGER`] after the first pass of a batch, so idle output appears
-//! within milliseconds.
+//! copied) and wait. A dedicated writer thread takes every pass that has
+//! queued up, writes them in one vectored write, and then tells each
+//! waiting worker how its pass went: so a slow reader of stdout slows the
+//! workers (and, through the permits they hold, admission) but never blocks
+//! the async runtime, and a busy pipeline costs one system call per group
+//! of passes (the passes that queue up while the previous write runs).
+//!
+//! A failed write breaks the sink for good (a closed pipe does not reopen):
+//! the events whose lines were not written whole are reported back as not
+//! written, and every later pass is refused at once.
 
 use std::io::{self, IoSlice, Write};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::{Notify, oneshot};
 
-use super::{Publications, Sink, SinkError};
+use super::{Publications, PublishError, Sink, SinkError};
 
 /// Queued bytes at which publishers wait for the writer.
 const BUFFER_LIMIT: usize = 1024 * 1024;
-/// How long the writer lets a batch accumulate after its first pass.
-const LINGER: Duration = Duration::from_millis(2);
+
+/// How a queued pass was written.
+type WriteResult = Result<(), WriteFailure>;
+
+/// A pass whose lines were not all written.
+#[derive(Debug)]
+struct WriteFailure {
+    /// Its lines, from the first, that were written whole.
+    written: usize,
+    kind: io::ErrorKind,
+    reason: String,
+}
+
+/// A worker's pass, waiting for the writer.
+struct Pass {
+    lines: Arc<String>,
+    done: oneshot::Sender<WriteResult>,
+}
 
 #[derive(Default)]
 struct State {
-    /// Passes' lines waiting to be written, in order.
-    queued: Vec<Arc<String>>,
+    /// Passes waiting to be written, in order.
+    queued: Vec<Pass>,
     /// Their bytes in total.
     queued_bytes: usize,
     flush_requests: Vec<oneshot::Sender<io::Result<()>>>,
-    failed: bool,
-    /// Lines taken but not written, not yet reported by `take_lost`.
-    lost: usize,
     /// The sink was dropped: the writer thread ends once the queue is written.
     closing: bool,
 }
@@ -45,6 +62,8 @@ struct Shared {
     work: Condvar,
     /// Wakes publishers waiting for room.
     room: Notify,
+    /// Why the sink is broken, once a write failed.
+    broken: OnceLock<String>,
 }
 
 /// Writes published events as JSON lines to a writer (standard output in production).
@@ -59,8 +78,17 @@ impl std::fmt::Debug for StdoutSink {
 }
 
 impl StdoutSink {
-    /// A sink writing to the process's standard output.
+    /// A sink writing to the process's standard output, unbuffered: each
+    /// write goes straight to file descriptor 1 (`io::Stdout` would line-
+    /// buffer it once more).
     pub fn stdout() -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsFd;
+            if let Ok(fd) = io::stdout().as_fd().try_clone_to_owned() {
+                return Self::with_writer(std::fs::File::from(fd));
+            }
+        }
         Self::with_writer(io::stdout())
     }
 
@@ -70,6 +98,7 @@ impl StdoutSink {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             room: Notify::new(),
+            broken: OnceLock::new(),
         });
         let for_writer = Arc::clone(&shared);
         let spawned = thread::Builder::new()
@@ -77,9 +106,18 @@ impl StdoutSink {
             .spawn(move || write_loop(&for_writer, writer));
         if let Err(error) = spawned {
             tracing::error!(%error, "could not start the stdout writer thread");
-            shared.state.lock().failed = true;
+            let _ = shared
+                .broken
+                .set(format!("no writer thread could be started: {error}"));
         }
         Self { shared }
+    }
+
+    fn broken_error(&self) -> Option<SinkError> {
+        self.shared.broken.get().map(|reason| SinkError::Broken {
+            sink: "stdout",
+            reason: reason.clone(),
+        })
     }
 }
 
@@ -91,7 +129,7 @@ impl Drop for StdoutSink {
 }
 
 fn write_loop<W: Write>(shared: &Shared, mut out: W) {
-    let mut batch = Vec::new();
+    let mut batch: Vec<Pass> = Vec::new();
     loop {
         let flushes = {
             let mut state = shared.state.lock();
@@ -101,45 +139,76 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
                 }
                 shared.work.wait(&mut state);
             }
-            if state.flush_requests.is_empty() {
-                // Let the batch grow a little before writing it.
-                let _ = shared.work.wait_for(&mut state, LINGER);
-            }
             std::mem::swap(&mut state.queued, &mut batch);
             state.queued_bytes = 0;
             std::mem::take(&mut state.flush_requests)
         };
         shared.room.notify_waiters();
-        // A failed flush after whole writes loses what the writer buffered,
-        // which it cannot tell: those lines count as written.
-        let result = write_queued(&mut out, &batch)
-            .and_then(|()| out.flush().map_err(|error| (error, usize::MAX)));
-        if let Err((error, written)) = &result {
-            let lost = lines_after(&batch, *written);
-            tracing::error!(%error, lost, "writing to stdout failed; these lines are lost and further output is dropped");
-            let mut state = shared.state.lock();
-            state.failed = true;
-            state.lost += lost;
+        let result = match shared.broken.get() {
+            // Broken since these were queued: none of them is written.
+            Some(reason) => Err((io::Error::other(reason.clone()), 0)),
+            None => write_passes(&mut out, &batch)
+                .and_then(|()| out.flush().map_err(|error| (error, usize::MAX))),
+        };
+        match &result {
+            Ok(()) => {
+                for pass in batch.drain(..) {
+                    let _ = pass.done.send(Ok(()));
+                }
+            }
+            Err((error, written)) => {
+                if shared
+                    .broken
+                    .set(format!("writing failed: {error}"))
+                    .is_ok()
+                {
+                    tracing::error!(
+                        %error,
+                        "writing to stdout failed: the events not written are marked failed, \
+                         and the sink takes nothing more"
+                    );
+                }
+                report_failure(batch.drain(..), *written, error);
+            }
         }
-        let result = result.map_err(|(error, _)| error);
         for done in flushes {
             let _ = done.send(match &result {
                 Ok(()) => Ok(()),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                Err((error, _)) => Err(io::Error::new(error.kind(), error.to_string())),
             });
         }
-        // Frees the passes' buffers here, off the workers' threads.
-        batch.clear();
     }
 }
 
-/// Writes every buffer, in order, in as few vectored writes as the writer
+/// Tells each pass of a failed write how many of its lines were written,
+/// given that the write stopped after `written` bytes of them all.
+fn report_failure(passes: impl Iterator<Item = Pass>, written: usize, error: &io::Error) {
+    let mut left = written;
+    for pass in passes {
+        let bytes = pass.lines.as_bytes();
+        let whole = left.min(bytes.len());
+        left -= whole;
+        let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+        let written_lines = bytes[..whole].iter().filter(|&&b| b == b'\n').count();
+        let _ = pass.done.send(if written_lines == lines {
+            Ok(())
+        } else {
+            Err(WriteFailure {
+                written: written_lines,
+                kind: error.kind(),
+                reason: error.to_string(),
+            })
+        });
+    }
+}
+
+/// Writes every pass, in order, in as few vectored writes as the writer
 /// takes; on failure, the error and how many bytes were written.
-fn write_queued<W: Write>(out: &mut W, buffers: &[Arc<String>]) -> Result<(), (io::Error, usize)> {
-    let mut slices: Vec<IoSlice<'_>> = buffers
+fn write_passes<W: Write>(out: &mut W, passes: &[Pass]) -> Result<(), (io::Error, usize)> {
+    let mut slices: Vec<IoSlice<'_>> = passes
         .iter()
-        .filter(|b| !b.is_empty())
-        .map(|b| IoSlice::new(b.as_bytes()))
+        .filter(|p| !p.lines.is_empty())
+        .map(|p| IoSlice::new(p.lines.as_bytes()))
         .collect();
     let mut unwritten = &mut slices[..];
     let mut total = 0;
@@ -157,61 +226,63 @@ fn write_queued<W: Write>(out: &mut W, buffers: &[Arc<String>]) -> Result<(), (i
     Ok(())
 }
 
-/// Lines (each ends with a newline) of `buffers` not wholly within their
-/// first `written` bytes.
-fn lines_after(buffers: &[Arc<String>], written: usize) -> usize {
-    let mut skip = written;
-    buffers
-        .iter()
-        .map(|buffer| {
-            let bytes = buffer.as_bytes();
-            let from = skip.min(bytes.len());
-            skip -= from;
-            bytes[from..].iter().filter(|&&b| b == b'\n').count()
-        })
-        .sum()
-}
-
 #[async_trait]
 impl Sink for StdoutSink {
     fn name(&self) -> &'static str {
         "stdout"
     }
 
-    async fn publish(&self, publications: Publications<'_>) -> Result<(), SinkError> {
+    async fn publish(&self, publications: Publications<'_>) -> Result<(), PublishError> {
+        if publications.is_empty() {
+            return Ok(());
+        }
+        let (done, written) = oneshot::channel();
+        let mut done = Some(done);
         loop {
             // Register for room before checking, so a wake-up cannot be missed.
             let room = self.shared.room.notified();
             {
                 let mut state = self.shared.state.lock();
-                if state.failed {
-                    return Err(SinkError::Closed("stdout"));
+                if let Some(error) = self.broken_error() {
+                    return Err(error.into());
                 }
                 // A pass goes in whole: the queue may pass the limit by one.
-                if state.queued_bytes < BUFFER_LIMIT {
+                if state.queued_bytes < BUFFER_LIMIT
+                    && let Some(done) = done.take()
+                {
                     let was_empty = state.queued.is_empty();
                     state.queued_bytes += publications.lines().len();
-                    state.queued.push(publications.shared_lines());
+                    state.queued.push(Pass {
+                        lines: publications.shared_lines(),
+                        done,
+                    });
                     if was_empty {
                         self.shared.work.notify_one();
                     }
-                    return Ok(());
+                    break;
                 }
             }
             room.await;
         }
-    }
-
-    fn take_lost(&self) -> usize {
-        std::mem::take(&mut self.shared.state.lock().lost)
+        match written.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(failure)) => Err(PublishError {
+                written: failure.written,
+                error: SinkError::Io {
+                    sink: "stdout",
+                    source: io::Error::new(failure.kind, failure.reason),
+                },
+            }),
+            Err(_) => Err(SinkError::Closed("stdout").into()),
+        }
     }
 
     async fn flush(&self) -> Result<(), SinkError> {
         let (done, flushed) = oneshot::channel();
         {
             let mut state = self.shared.state.lock();
-            if state.failed {
-                return Err(SinkError::Closed("stdout"));
+            if let Some(error) = self.broken_error() {
+                return Err(error);
             }
             state.flush_requests.push(done);
             self.shared.work.notify_one();
@@ -224,157 +295,11 @@ impl Sink for StdoutSink {
                 source,
             })
     }
+
+    fn broken(&self) -> Option<String> {
+        self.shared.broken.get().cloned()
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::*;
-    use crate::event::{EventId, PublishedEvent};
-    use crate::sink::Publication;
-
-    /// Collects what is written, taking at most `max_write` bytes a call
-    /// (0: no limit), as a pipe or terminal may.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>, usize);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let n = if self.1 == 0 {
-                buf.len()
-            } else {
-                buf.len().min(self.1)
-            };
-            self.0.lock().unwrap().extend_from_slice(&buf[..n]);
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn event() -> PublishedEvent {
-        PublishedEvent {
-            id: EventId::parse("a").unwrap(),
-            timestamp: 1,
-            payload: "X".into(),
-            metadata: None,
-        }
-    }
-
-    /// Publishes one pass with these lines.
-    async fn publish(sink: &StdoutSink, event: &PublishedEvent, jsons: &[&str]) {
-        let events: Vec<Publication<'_>> = jsons
-            .iter()
-            .map(|json| Publication {
-                event,
-                sequence: 1,
-                json,
-            })
-            .collect();
-        let lines = Arc::new(jsons.iter().map(|j| format!("{j}\n")).collect::<String>());
-        sink.publish(Publications::new(&events, &lines))
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn writes_one_line_per_event_and_flushes() {
-        let out = Shared::default();
-        let sink = StdoutSink::with_writer(out.clone());
-        let event = event();
-        publish(&sink, &event, &[r#"{"n":1}"#]).await;
-        publish(&sink, &event, &[]).await;
-        publish(&sink, &event, &[r#"{"n":2}"#, r#"{"n":3}"#]).await;
-        sink.flush().await.unwrap();
-        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(written, "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n");
-    }
-
-    #[tokio::test]
-    async fn short_writes_keep_every_pass_whole_and_in_order() {
-        let out = Shared(Arc::default(), 5);
-        let sink = StdoutSink::with_writer(out.clone());
-        let event = event();
-        let mut expected = String::new();
-        for pass in 0..50 {
-            let jsons: Vec<String> = (0..pass % 4)
-                .map(|i| format!("{{\"p\":{pass},\"i\":{i}}}"))
-                .collect();
-            let refs: Vec<&str> = jsons.iter().map(String::as_str).collect();
-            publish(&sink, &event, &refs).await;
-            for json in &jsons {
-                expected.push_str(json);
-                expected.push('\n');
-            }
-        }
-        sink.flush().await.unwrap();
-        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(written, expected);
-    }
-
-    struct Broken;
-
-    impl Write for Broken {
-        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-            Err(io::ErrorKind::BrokenPipe.into())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[tokio::test]
-    async fn a_failed_write_is_reported_and_closes_the_sink() {
-        let sink = StdoutSink::with_writer(Broken);
-        let event = event();
-        publish(&sink, &event, &[r#"{"n":1}"#]).await;
-        // The failure reaches the flush as the write's error, or, when the
-        // write ran before the flush was asked for, as the closed sink.
-        let flushed = sink.flush().await;
-        assert!(
-            matches!(
-                flushed,
-                Err(SinkError::Io { ref source, .. }) if source.kind() == io::ErrorKind::BrokenPipe
-            ) || matches!(flushed, Err(SinkError::Closed("stdout"))),
-            "{flushed:?}"
-        );
-        // The line it had taken is reported lost, once.
-        assert_eq!(sink.take_lost(), 1);
-        assert_eq!(sink.take_lost(), 0);
-        let lines = Arc::new(String::new());
-        let again = sink.publish(Publications::new(&[], &lines)).await;
-        assert!(
-            matches!(again, Err(SinkError::Closed("stdout"))),
-            "{again:?}"
-        );
-    }
-
-    #[test]
-    fn lost_lines_are_those_not_wholly_written() {
-        let buffers = [Arc::new("a\nbb\n".to_owned()), Arc::new("c\n".to_owned())];
-        assert_eq!(lines_after(&buffers, 0), 3);
-        assert_eq!(lines_after(&buffers, 2), 2);
-        assert_eq!(lines_after(&buffers, 3), 2, "a line half written is lost");
-        assert_eq!(lines_after(&buffers, 5), 1);
-        assert_eq!(lines_after(&buffers, 7), 0);
-    }
-
-    #[tokio::test]
-    async fn dropping_the_sink_writes_what_it_took_and_ends_the_writer() {
-        let out = Shared::default();
-        let sink = StdoutSink::with_writer(out.clone());
-        publish(&sink, &event(), &[r#"{"n":1}"#]).await;
-        let writer_alive = Arc::downgrade(&sink.shared);
-        drop(sink);
-        for _ in 0..500 {
-            if writer_alive.strong_count() == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        assert_eq!(writer_alive.strong_count(), 0, "the writer thread ended");
-        assert_eq!(&*out.0.lock().unwrap(), b"{\"n\":1}\n");
-    }
-}
+mod tests;

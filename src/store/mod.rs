@@ -1,5 +1,5 @@
-//! Where accepted events live: lookup by id (idempotency), arrival order
-//! (pagination, SSE replay) and each event's outcome.
+//! Where accepted events live: lookup by id (idempotency) and by arrival
+//! sequence, arrival order (pagination) and each event's outcome.
 //!
 //! [`Store`] is the seam for backends; [`MemoryStore`] is the default.
 
@@ -29,7 +29,8 @@ pub enum Status {
     Pending,
     /// Transformed and published.
     Processed,
-    /// A transform rejected it; it was not published.
+    /// Not published: a transform rejected it, or a sink could not write it
+    /// (the record's `error` says which).
     Failed,
 }
 
@@ -46,19 +47,18 @@ pub struct Processing {
 }
 
 /// How processing ended. The fields of [`Processing`] sit in the variant
-/// itself so that the tag shares their padding (24 bytes, not 32).
+/// itself so that the tag shares their padding. (Publication order is the
+/// feed's: see [`crate::feed`].)
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    /// Published; `publish_seq` orders publications.
+    /// Published: every sink wrote it.
     Processed {
         /// The worker that ran the chain.
         worker: u32,
         /// When it ran.
         processed_at: UnixNanos,
-        /// Position in publication order (1-based, gap-free per store).
-        publish_seq: u64,
     },
-    /// Not published.
+    /// Not published: a transform rejected it, or a sink could not write it.
     Failed {
         /// Why.
         error: Box<str>,
@@ -185,8 +185,6 @@ pub struct PageQuery {
     pub limit: usize,
     /// Only records with this status.
     pub status: Option<Status>,
-    /// Only processed records published at or before this publish sequence.
-    pub published_up_to: Option<u64>,
 }
 
 /// Storage of accepted events, shared by handlers and workers.
@@ -214,17 +212,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// The record for `id`.
     async fn get(&self, id: &EventId) -> Option<Arc<Record>>;
+    /// The record with arrival sequence `sequence`, if still held.
+    async fn get_by_sequence(&self, sequence: u64) -> Option<Arc<Record>>;
     /// Removes a record that could not be queued after all.
     async fn remove(&self, record: &Record);
-    /// Records the outcome; returns the publish sequence for processed events.
-    async fn complete(&self, record: &Record, outcome: CompleteWith) -> Option<u64>;
-    /// Records that `records` were processed, in order (a worker's chunk);
-    /// returns each one's publish sequence (`None` if it already had an outcome).
-    async fn complete_processed(
-        &self,
-        records: &[&Record],
-        processing: Processing,
-    ) -> Vec<Option<u64>> {
+    /// Records the outcome; `false` if the record already had one (it keeps it).
+    async fn complete(&self, record: &Record, outcome: CompleteWith) -> bool;
+    /// Records that `records` were processed (a worker's pass); whether
+    /// each got this outcome (`false`: it already had one).
+    async fn complete_processed(&self, records: &[&Record], processing: Processing) -> Vec<bool> {
         let mut results = Vec::with_capacity(records.len());
         for record in records {
             let completed = self
@@ -236,8 +232,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// Records in arrival order.
     async fn page(&self, query: PageQuery) -> Page;
-    /// The publish sequence of the most recent publication (0 if none).
-    fn publish_watermark(&self) -> u64;
     /// Number of records held.
     fn len(&self) -> usize;
     /// Records evicted since start.

@@ -61,6 +61,8 @@ pub mod names {
     pub const WORKERS: &str = "eventflow_workers";
     /// Always 1, labelled with the `version`.
     pub const BUILD_INFO: &str = "eventflow_build_info";
+    /// 1 while a sink can write, 0 once it is broken, by `sink`.
+    pub const SINK_UP: &str = "eventflow_sink_up";
 }
 
 /// Histogram buckets in seconds: 50 µs to 10 s, about three per decade.
@@ -69,48 +71,13 @@ pub const LATENCY_BUCKETS: [f64; 17] = [
     1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Why an event was refused (the `reason` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RejectReason {
-    /// Malformed or invalid (400, 415, 422).
-    Invalid,
-    /// Same id, different content (409).
-    Conflict,
-    /// Over a size limit (413).
-    TooLarge,
-    /// No room in the pipeline, or draining (503).
-    Overloaded,
-    /// Missing or wrong bearer token (401).
-    Unauthorized,
-}
-
-impl RejectReason {
-    /// Every reason, for zero-initialisation.
-    pub const ALL: [Self; 5] = [
-        Self::Invalid,
-        Self::Conflict,
-        Self::TooLarge,
-        Self::Overloaded,
-        Self::Unauthorized,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Invalid => "invalid",
-            Self::Conflict => "conflict",
-            Self::TooLarge => "too_large",
-            Self::Overloaded => "overloaded",
-            Self::Unauthorized => "unauthorized",
-        }
-    }
-}
-
 /// Counters of one sink.
 #[derive(Debug, Clone)]
 struct SinkCounters {
     published: Counter,
     errors: Counter,
+    /// Whether it can write (configured sinks only), set at scrape time.
+    up: Gauge,
 }
 
 /// The service's metrics: a recorder plus pre-registered handles. Cloned
@@ -131,10 +98,6 @@ impl std::ops::Deref for Metrics {
 pub struct Handles {
     recorder: Option<Arc<PrometheusRecorder>>,
     handle: Option<PrometheusHandle>,
-    received: Counter,
-    accepted: Counter,
-    duplicate: Counter,
-    rejected: [Counter; 5],
     processed_ok: Counter,
     processed_error: Counter,
     sinks: HashMap<&'static str, SinkCounters>,
@@ -293,6 +256,14 @@ impl Metrics {
                     SinkCounters {
                         published: counter(names::PUBLISHED, &[("sink", sink)]),
                         errors: counter(names::PUBLISH_ERRORS, &[("sink", sink)]),
+                        up: if sink == "sse" {
+                            Gauge::noop()
+                        } else {
+                            let up = r
+                                .register_gauge(&key(names::SINK_UP, &[("sink", sink)]), &METADATA);
+                            up.set(1.0);
+                            up
+                        },
                     },
                 )
             })
@@ -303,11 +274,6 @@ impl Metrics {
         )
         .set(1.0);
         Self(Arc::new(Handles {
-            received: counter(names::RECEIVED, &[]),
-            accepted: counter(names::ACCEPTED, &[]),
-            duplicate: counter(names::DUPLICATE, &[]),
-            rejected: RejectReason::ALL
-                .map(|reason| counter(names::REJECTED, &[("reason", reason.as_str())])),
             processed_ok: counter(names::PROCESSED, &[("outcome", "ok")]),
             processed_error: counter(names::PROCESSED, &[("outcome", "error")]),
             sinks,
@@ -333,10 +299,6 @@ impl Metrics {
         Self(Arc::new(Handles {
             recorder: None,
             handle: None,
-            received: Counter::noop(),
-            accepted: Counter::noop(),
-            duplicate: Counter::noop(),
-            rejected: RejectReason::ALL.map(|_| Counter::noop()),
             processed_ok: Counter::noop(),
             processed_error: Counter::noop(),
             sinks: HashMap::new(),
@@ -355,25 +317,25 @@ impl Metrics {
         }))
     }
 
-    /// `n` events were read from a request.
-    pub fn events_received(&self, n: u64) {
-        self.received.increment(n);
+    /// A counter of `name` with `labels`, registered (at zero, so that
+    /// dashboards show 0 rather than "no data"); a no-op when disabled.
+    /// For counters whose owner lives elsewhere (the pipeline's admission).
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        match &self.recorder {
+            Some(recorder) => {
+                let counter = recorder.register_counter(&key(name, labels), &METADATA);
+                counter.increment(0);
+                counter
+            }
+            None => Counter::noop(),
+        }
     }
 
-    /// `n` events were newly accepted.
-    pub fn events_accepted(&self, n: u64) {
-        self.accepted.increment(n);
-    }
-
-    /// `n` events were retries of stored events.
-    pub fn events_duplicate(&self, n: u64) {
-        self.duplicate.increment(n);
-    }
-
-    /// `n` events were refused for `reason`.
-    pub fn events_rejected(&self, reason: RejectReason, n: u64) {
-        // `ALL` lists the variants in declaration order.
-        self.rejected[reason as usize].increment(n);
+    /// Whether sink `sink` can write (set at scrape time).
+    pub fn sink_up(&self, sink: &str, up: bool) {
+        if let Some(counters) = self.sinks.get(sink) {
+            counters.up.set(if up { 1.0 } else { 0.0 });
+        }
     }
 
     /// A worker finished `n` events (`ok`: published), each in `processing`.
@@ -515,8 +477,16 @@ fn describe(recorder: &PrometheusRecorder) {
             "Events processed by workers, by outcome",
             None,
         ),
-        (names::PUBLISHED, "Events handed to a sink, by sink", None),
-        (names::PUBLISH_ERRORS, "Sink failures, by sink", None),
+        (
+            names::PUBLISHED,
+            "Events a sink wrote (sse: appended to the published-events feed), by sink",
+            None,
+        ),
+        (
+            names::PUBLISH_ERRORS,
+            "Events a sink failed to write (they are not published), by sink",
+            None,
+        ),
         (names::QUEUE_DEPTH, "Events waiting for a worker", None),
         (
             names::QUEUE_CAPACITY,
@@ -546,6 +516,11 @@ fn describe(recorder: &PrometheusRecorder) {
         ),
         (names::WORKERS, "Worker tasks running", None),
         (names::BUILD_INFO, "Build information; always 1", None),
+        (
+            names::SINK_UP,
+            "1 while a sink can write, 0 once a write failed and it is broken",
+            None,
+        ),
     ];
     for (name, text, unit) in help {
         let key = metrics::KeyName::from_const_str(name);
@@ -612,18 +587,17 @@ mod tests {
     #[test]
     fn zero_initialised_and_counted() {
         let m = Metrics::new(&["stdout"]);
+        let rejected = m.counter(names::REJECTED, &[("reason", "too_large")]);
+        let accepted = m.counter(names::ACCEPTED, &[]);
         let text = m.render(PipelineSnapshot::default());
-        for reason in RejectReason::ALL {
-            let series = format!(
-                "eventflow_events_rejected_total{{reason=\"{}\"}} 0",
-                reason.as_str()
-            );
-            assert!(text.contains(&series), "{series} missing:\n{text}");
-        }
+        assert!(text.contains("eventflow_events_rejected_total{reason=\"too_large\"} 0"));
         assert!(text.contains("eventflow_events_published_total{sink=\"stdout\"} 0"));
+        assert!(text.contains("eventflow_sink_up{sink=\"stdout\"} 1"));
+        assert!(!text.contains("eventflow_sink_up{sink=\"sse\"}"));
         assert!(text.contains("eventflow_build_info{version=\""));
-        m.events_rejected(RejectReason::TooLarge, 2);
-        m.events_accepted(3);
+        rejected.increment(2);
+        accepted.increment(3);
+        m.sink_up("stdout", false);
         m.http_request("POST", "/events", 202, Duration::from_micros(300));
         let text = m.render(PipelineSnapshot {
             queue_depth: 4,
@@ -632,6 +606,7 @@ mod tests {
         });
         assert!(text.contains("eventflow_events_rejected_total{reason=\"too_large\"} 2"));
         assert!(text.contains("eventflow_events_accepted_total 3"));
+        assert!(text.contains("eventflow_sink_up{sink=\"stdout\"} 0"));
         assert!(text.contains("eventflow_queue_depth 4"));
         assert!(text.contains(
             "eventflow_http_requests_total{method=\"POST\",route=\"/events\",status=\"202\"} 1"
@@ -650,7 +625,8 @@ mod tests {
     fn separate_instances_do_not_share_counts() {
         let a = Metrics::new(&[]);
         let b = Metrics::new(&[]);
-        a.events_received(5);
+        let _ = b.counter(names::RECEIVED, &[]);
+        a.counter(names::RECEIVED, &[]).increment(5);
         assert!(
             b.render(PipelineSnapshot::default())
                 .contains("eventflow_events_received_total 0")
@@ -664,7 +640,7 @@ mod tests {
     #[test]
     fn disabled_metrics_render_nothing() {
         let m = Metrics::disabled();
-        m.events_accepted(1);
+        m.counter(names::ACCEPTED, &[]).increment(1);
         m.http_request("GET", "/x", 200, Duration::ZERO);
         assert!(m.render(PipelineSnapshot::default()).is_empty());
     }

@@ -9,7 +9,7 @@ use super::MediaType;
 use crate::api::error::ApiError;
 use crate::event::{DecodeError, Event, decode_array, decode_event};
 use crate::pipeline::BatchRejection;
-use crate::telemetry::metrics::RejectReason;
+use crate::pipeline::RejectReason;
 
 fn too_many(max: usize) -> ApiError {
     ApiError::PayloadTooLarge(format!(
@@ -99,10 +99,7 @@ fn split_array(bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, ApiError> {
             .map(|raw| raw.get().as_bytes())
             .collect()),
         Err(_) if too_many_seen.get() => Err(too_many(max)),
-        Err(err) if err.is_data() => Err(ApiError::invalid_field(
-            "body",
-            "must be a JSON array of events",
-        )),
+        Err(err) if err.is_data() => Err(ApiError::invalid_body("must be a JSON array of events")),
         Err(err) => Err(ApiError::from(DecodeError::Malformed(err.to_string()))),
     }
 }
@@ -186,7 +183,7 @@ mod tests {
         ));
         assert!(matches!(
             split_array(b"{}", 10),
-            Err(ApiError::Validation { .. })
+            Err(ApiError::InvalidBody(_))
         ));
         assert!(matches!(
             split_array(b"[1,2,3]", 2),

@@ -14,17 +14,16 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use super::AppState;
 use super::body::{MediaType, media_type, read_body};
-use super::error::{ApiError, Problem};
-use crate::event::{EventId, decode_event};
-use crate::pipeline::{Ingested, WaitFor, WaitOutcome};
+use super::error::{ApiError, Problem, clip};
+use crate::event::{Event, EventId, decode_event};
+use crate::pipeline::{Ingested, WaitOutcome};
 use crate::store::{PageQuery, Status};
 use crate::telemetry;
-use crate::telemetry::metrics::RejectReason;
 use crate::trace_id::TraceId;
 use batch::{DecodedBatch, decode_batch};
 use responses::{
-    BatchRejected, BatchResponse, EventPage, IngestParams, IngestResponse, IngestStatus,
-    ListParams, RecordView,
+    BatchParams, BatchRejected, BatchResponse, EventPage, IngestParams, IngestResponse,
+    IngestStatus, ListParams, RecordView,
 };
 
 /// Default and maximum page sizes of `GET /events`.
@@ -59,7 +58,10 @@ fn location(id: &EventId) -> Option<HeaderValue> {
 }
 
 fn query_error(rejection: QueryRejection) -> ApiError {
-    ApiError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+    ApiError::BadRequest(format!(
+        "invalid query string: {}",
+        clip(&rejection.body_text())
+    ))
 }
 
 /// Ingest one event.
@@ -86,79 +88,36 @@ pub(crate) async fn post_event(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let answer = ingest_one(&state, request).await;
-    // Events taken (accepted or duplicate) are counted where they are taken.
-    if let Err(error) = &answer
-        && let Some(reason) = error.reject_reason()
-    {
-        let metrics = state.pipeline.metrics();
-        metrics.events_received(1);
-        metrics.events_rejected(reason, 1);
-    }
-    answer
-}
-
-/// `POST /events` proper.
-async fn ingest_one(state: &AppState, request: Request) -> Result<Response, ApiError> {
     // The request taken whole: axum's `HeaderMap` extractor would clone
     // every header of every request.
     let (parts, body) = request.into_parts();
-    let headers = parts.headers;
-    let Query(params) = Query::<IngestParams>::try_from_uri(&parts.uri).map_err(query_error)?;
-    // A wait ends at `request_timeout` from here, where the request's
-    // backstop timeout (a second longer) started too, so that a late event
-    // is answered with this 504 and not the backstop's 408.
-    let deadline = match params.wait.as_deref() {
-        None => None,
-        Some("published") => Some(tokio::time::Instant::now() + state.server.request_timeout),
-        Some(other) => {
-            return Err(ApiError::invalid_field(
-                "wait",
-                format!("must be `published`, got `{other}`"),
-            ));
-        }
-    };
-    media_type(&headers, &[MediaType::Json])?;
-    let bytes = read_body(&headers, body, state.server.max_body_bytes, &state.bodies).await?;
-    let event = decode_event(&bytes, state.pipeline.settings().max_payload_bytes)?;
-    // The body's share of the budget is given back before any wait.
-    drop(bytes);
-    let id = event.id.clone();
     let pipeline = &state.pipeline;
-    let metrics = pipeline.metrics();
-    let ingested = pipeline
-        .ingest(event, trace_id(&headers), deadline.is_some())
-        .await?;
-    // Counted before any wait: the event is taken whatever the wait brings,
-    // and a wait cut short (the client left) must not lose the count.
-    metrics.events_received(1);
-    match ingested {
-        Ingested::Duplicate(record) => {
-            metrics.events_duplicate(1);
-            match deadline {
-                // A retry after a 504 gets the published event all the same.
-                Some(deadline) => match pipeline.wait_for(&record) {
-                    WaitFor::Ended(outcome) => published_answer(Some(outcome), state),
-                    WaitFor::Pending(waiter) => {
-                        published_answer(waiter.until(deadline).await, state)
-                    }
-                },
-                None => Ok((
-                    StatusCode::OK,
-                    Json(IngestResponse {
-                        id: id.as_str(),
-                        status: IngestStatus::Duplicate,
-                        sequence: record.sequence,
-                    }),
-                )
-                    .into_response()),
+    // What the pipeline never sees is counted here, as one event refused;
+    // the pipeline counts the rest.
+    let (event, deadline) = read_event(&state, &parts, body)
+        .await
+        .inspect_err(|error| {
+            if let Some(reason) = error.reject_reason() {
+                pipeline.admission().refused(reason);
             }
+        })?;
+    let id = event.id.clone();
+    let ingested = pipeline.ingest(event, trace_id(&parts.headers)).await?;
+    match (ingested, deadline) {
+        // A retry after a 504 waits for the same event all the same.
+        (Ingested::Accepted(record) | Ingested::Duplicate(record), Some(deadline)) => {
+            published_answer(pipeline.wait_published(&record, deadline).await, &state)
         }
-        Ingested::Accepted { record, waiter } => {
-            metrics.events_accepted(1);
-            if let (Some(waiter), Some(deadline)) = (waiter, deadline) {
-                return published_answer(waiter.until(deadline).await, state);
-            }
+        (Ingested::Duplicate(record), None) => Ok((
+            StatusCode::OK,
+            Json(IngestResponse {
+                id: id.as_str(),
+                status: IngestStatus::Duplicate,
+                sequence: record.sequence,
+            }),
+        )
+            .into_response()),
+        (Ingested::Accepted(record), None) => {
             let mut response = (
                 StatusCode::ACCEPTED,
                 Json(IngestResponse {
@@ -174,6 +133,34 @@ async fn ingest_one(state: &AppState, request: Request) -> Result<Response, ApiE
             Ok(response)
         }
     }
+}
+
+/// The event of a `POST /events`, and when a `?wait=published` gives up.
+async fn read_event(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+    body: axum::body::Body,
+) -> Result<(Event, Option<tokio::time::Instant>), ApiError> {
+    let Query(params) = Query::<IngestParams>::try_from_uri(&parts.uri).map_err(query_error)?;
+    // A wait ends at `request_timeout` from here, where the request's
+    // backstop timeout (a second longer) started too, so that a late event
+    // is answered with this 504 and not the backstop's 408.
+    let deadline = match params.wait.as_deref() {
+        None => None,
+        Some("published") => Some(tokio::time::Instant::now() + state.server.request_timeout),
+        Some(other) => {
+            return Err(ApiError::invalid_query(
+                "wait",
+                format!("must be `published`, got `{}`", clip(other)),
+            ));
+        }
+    };
+    let headers = &parts.headers;
+    media_type(headers, &[MediaType::Json])?;
+    let bytes = read_body(headers, body, state.server.max_body_bytes, &state.bodies).await?;
+    // The body's share of the budget is given back (on return) before any wait.
+    let event = decode_event(&bytes, state.pipeline.settings().max_payload_bytes)?;
+    Ok((event, deadline))
 }
 
 /// The answer to `?wait=published`: the published event, or why there is
@@ -213,15 +200,25 @@ pub(crate) async fn post_batch(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
-    let metrics = state.pipeline.metrics().clone();
-    // A request refused before its events could be counted counts as one.
+    let pipeline = &state.pipeline;
+    let admission = pipeline.admission();
+    // A request refused before its events could be read counts as one.
     let refused = |error: ApiError| {
         if let Some(reason) = error.reject_reason() {
-            metrics.events_received(1);
-            metrics.events_rejected(reason, 1);
+            admission.refused(reason);
         }
         error
     };
+    let Query(params) = Query::<BatchParams>::try_from_uri(&parts.uri)
+        .map_err(query_error)
+        .map_err(refused)?;
+    if params.wait.is_some() {
+        return Err(refused(ApiError::BadRequest(
+            "`wait` is not supported on POST /events/batch: post events one at a time with \
+             ?wait=published, or look each one up with GET /events/{id}"
+                .into(),
+        )));
+    }
     let media = media_type(&headers, &[MediaType::Json, MediaType::Ndjson]).map_err(refused)?;
     let bytes = read_body(
         &headers,
@@ -231,7 +228,7 @@ pub(crate) async fn post_batch(
     )
     .await
     .map_err(refused)?;
-    let settings = state.pipeline.settings();
+    let settings = pipeline.settings();
     let DecodedBatch {
         received,
         valid,
@@ -243,14 +240,13 @@ pub(crate) async fn post_batch(
         settings.max_payload_bytes,
     )
     .map_err(refused)?;
+    drop(bytes);
     if received == 0 {
-        return Err(refused(ApiError::invalid_field(
-            "body",
+        return Err(refused(ApiError::invalid_body(
             "the batch contains no events",
         )));
     }
-    metrics.events_received(received as u64);
-    metrics.events_rejected(RejectReason::Invalid, rejected.len() as u64);
+    admission.read(received, rejected.len());
     if valid.is_empty() {
         return Err(ApiError::Validation {
             detail: format!("none of the {received} events is valid"),
@@ -263,22 +259,7 @@ pub(crate) async fn post_batch(
                 .collect(),
         });
     }
-    let valid_count = valid.len() as u64;
-    let mut outcome = state
-        .pipeline
-        .ingest_batch(valid, trace_id(&headers))
-        .await
-        .map_err(ApiError::from)
-        .inspect_err(|error| {
-            if let Some(reason) = error.reject_reason() {
-                metrics.events_rejected(reason, valid_count);
-            }
-        })?;
-    metrics.events_accepted(outcome.accepted as u64);
-    metrics.events_duplicate(outcome.duplicates as u64);
-    for rejection in &outcome.rejected {
-        metrics.events_rejected(rejection.reason, 1);
-    }
+    let mut outcome = pipeline.ingest_batch(valid, trace_id(&headers)).await?;
     rejected.append(&mut outcome.rejected);
     rejected.sort_by_key(|r| r.index);
     let body = BatchResponse {
@@ -315,12 +296,12 @@ pub(crate) async fn list_events(
     let limit = match params.limit.as_deref() {
         None => DEFAULT_PAGE,
         Some(raw) => match raw.parse::<u64>() {
-            Ok(0) => return Err(ApiError::invalid_field("limit", "must be at least 1")),
+            Ok(0) => return Err(ApiError::invalid_query("limit", "must be at least 1")),
             Ok(n) => usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
             Err(_) => {
-                return Err(ApiError::invalid_field(
+                return Err(ApiError::invalid_query(
                     "limit",
-                    format!("must be a positive integer, got `{raw}`"),
+                    format!("must be a positive integer, got `{}`", clip(raw)),
                 ));
             }
         },
@@ -328,7 +309,10 @@ pub(crate) async fn list_events(
     let after = match params.after.as_deref() {
         None | Some("") => 0,
         Some(raw) => raw.parse::<u64>().map_err(|_| {
-            ApiError::invalid_field("after", format!("`{raw}` is not a cursor from `next`"))
+            ApiError::invalid_query(
+                "after",
+                format!("`{}` is not a cursor from `next`", clip(raw)),
+            )
         })?,
     };
     let status = match params.status.as_deref() {
@@ -337,9 +321,12 @@ pub(crate) async fn list_events(
         Some("processed") => Some(Status::Processed),
         Some("failed") => Some(Status::Failed),
         Some(other) => {
-            return Err(ApiError::invalid_field(
+            return Err(ApiError::invalid_query(
                 "status",
-                format!("must be pending, processed or failed, got `{other}`"),
+                format!(
+                    "must be pending, processed or failed, got `{}`",
+                    clip(other)
+                ),
             ));
         }
     };
@@ -350,7 +337,6 @@ pub(crate) async fn list_events(
             after,
             limit,
             status,
-            published_up_to: None,
         })
         .await;
     Ok(Json(EventPage {
@@ -379,7 +365,7 @@ pub(crate) async fn get_event(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RecordView>, ApiError> {
     let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
-    let not_found = || ApiError::NotFound(format!("no event with id `{raw}`"));
+    let not_found = || ApiError::NotFound(format!("no event with id `{}`", clip(&raw)));
     let id = EventId::parse(&raw).map_err(|_| not_found())?;
     let record = state
         .pipeline

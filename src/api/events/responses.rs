@@ -107,6 +107,7 @@ pub(crate) struct EventPage {
 
 /// Query of `POST /events`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct IngestParams {
     /// `published`: answer only once the event is published (200 with the
@@ -114,8 +115,17 @@ pub(crate) struct IngestParams {
     pub(super) wait: Option<String>,
 }
 
+/// Query of `POST /events/batch`: none is taken; `wait` is named only to
+/// refuse it with a clear message.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchParams {
+    pub(super) wait: Option<String>,
+}
+
 /// Query of `GET /events`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
     /// Page size, 1..=1000 (larger values are capped); default 100.

@@ -59,6 +59,11 @@ impl SequenceIndex {
         }
     }
 
+    /// The record with `sequence`, if held.
+    pub(super) fn get(&self, sequence: u64) -> Option<Arc<Record>> {
+        self.slots.get(self.position(sequence)?)?.clone()
+    }
+
     fn position(&self, sequence: u64) -> Option<usize> {
         usize::try_from(sequence.checked_sub(self.first)?).ok()
     }
@@ -217,6 +222,10 @@ mod tests {
         assert_eq!(visit_all(&index, 0, 1), [1, 2, 4, 5, 6]);
         assert_eq!(visit_all(&index, 3, 2), [4, 5, 6]);
         assert_eq!(visit_all(&index, 6, 2), Vec::<u64>::new());
+        assert_eq!(index.get(4).map(|r| r.sequence), Some(4));
+        assert!(index.get(3).is_none(), "removed");
+        assert!(index.get(7).is_none(), "not yet given");
+        assert!(index.get(0).is_none());
         // Holes at the front are dropped; sequences keep counting.
         assert!(index.remove(&records[0]));
         assert!(index.remove(&records[1]));

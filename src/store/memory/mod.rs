@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    CompleteWith, Insert, Outcome, Page, PageQuery, Processing, Record, Status, Store, StoreError,
+    CompleteWith, Insert, Outcome, Page, PageQuery, Record, Status, Store, StoreError,
     event_footprint,
 };
 use crate::config::StoreSettings;
@@ -63,11 +63,6 @@ pub struct MemoryStore {
     /// Serialises eviction passes; the insert fast path never takes it.
     evicting: Mutex<()>,
     evictions: AtomicU64,
-    /// Assigning a publish sequence and making the outcome visible happen
-    /// together under this lock, so that every publish sequence at or below
-    /// the watermark belongs to a visible outcome (SSE replay relies on it).
-    publish_counter: Mutex<u64>,
-    publish_watermark: AtomicU64,
 }
 
 impl MemoryStore {
@@ -88,8 +83,6 @@ impl MemoryStore {
             max_bytes: settings.max_bytes,
             evicting: Mutex::new(()),
             evictions: AtomicU64::new(0),
-            publish_counter: Mutex::new(0),
-            publish_watermark: AtomicU64::new(0),
         }
     }
 
@@ -331,6 +324,10 @@ impl Store for MemoryStore {
         self.by_id.get(id.as_str())
     }
 
+    async fn get_by_sequence(&self, sequence: u64) -> Option<Arc<Record>> {
+        self.by_sequence.lock().get(sequence)
+    }
+
     async fn remove(&self, record: &Record) {
         if self.by_id.remove(record) {
             self.by_sequence.lock().remove(record);
@@ -338,66 +335,34 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn complete(&self, record: &Record, with: CompleteWith) -> Option<u64> {
+    async fn complete(&self, record: &Record, with: CompleteWith) -> bool {
         match with {
-            CompleteWith::Processed(processing) => self
-                .complete_processed(&[record], processing)
-                .await
-                .pop()
-                .flatten(),
+            CompleteWith::Processed(processing) => record
+                .outcome
+                .set(Outcome::Processed {
+                    worker: processing.worker,
+                    processed_at: processing.processed_at,
+                })
+                .is_ok(),
             CompleteWith::Failed(error) => {
                 // Account for the error text before it becomes visible to
                 // eviction, which subtracts the full footprint of finished records.
                 let extra = error.len();
                 self.bytes.fetch_add(extra, Ordering::Relaxed);
                 let error = error.into_boxed_str();
-                if record.outcome.set(Outcome::Failed { error }).is_err() {
+                let set = record.outcome.set(Outcome::Failed { error }).is_ok();
+                if !set {
                     self.bytes.fetch_sub(extra, Ordering::Relaxed);
                 }
-                None
+                set
             }
         }
-    }
-
-    async fn complete_processed(
-        &self,
-        records: &[&Record],
-        processing: Processing,
-    ) -> Vec<Option<u64>> {
-        let mut counter = self.publish_counter.lock();
-        let results = records
-            .iter()
-            .map(|record| {
-                let publish_seq = *counter + 1;
-                let outcome = Outcome::Processed {
-                    worker: processing.worker,
-                    processed_at: processing.processed_at,
-                    publish_seq,
-                };
-                record.outcome.set(outcome).ok()?;
-                *counter = publish_seq;
-                Some(publish_seq)
-            })
-            .collect();
-        self.publish_watermark.store(*counter, Ordering::Release);
-        results
     }
 
     async fn page(&self, query: PageQuery) -> Page {
         let mut records = Vec::with_capacity(query.limit.min(1024));
         let mut next = None;
-        let matches = |record: &Record| {
-            if query.status.is_some_and(|s| record.status() != s) {
-                return false;
-            }
-            match query.published_up_to {
-                None => true,
-                Some(limit) => matches!(
-                    record.outcome(),
-                    Some(Outcome::Processed { publish_seq, .. }) if *publish_seq <= limit
-                ),
-            }
-        };
+        let matches = |record: &Record| query.status.is_none_or(|status| record.status() == status);
         let mut after = query.after;
         loop {
             let scan = self
@@ -420,10 +385,6 @@ impl Store for MemoryStore {
             }
         }
         Page { records, next }
-    }
-
-    fn publish_watermark(&self) -> u64 {
-        self.publish_watermark.load(Ordering::Acquire)
     }
 
     fn len(&self) -> usize {

@@ -36,7 +36,7 @@ async fn inserted(store: &MemoryStore, id: &str) -> Arc<Record> {
     }
 }
 
-async fn process(store: &MemoryStore, record: &Record) -> Option<u64> {
+async fn process(store: &MemoryStore, record: &Record) -> bool {
     let processing = Processing {
         worker: 0,
         processed_at: crate::time::UnixNanos::now(),
@@ -410,7 +410,6 @@ async fn pagination_cursor_and_status_filter() {
             after: 0,
             limit: 100,
             status: Some(Status::Pending),
-            ..Default::default()
         })
         .await;
     assert_eq!(
@@ -424,46 +423,48 @@ async fn pagination_cursor_and_status_filter() {
 }
 
 #[tokio::test]
-async fn publish_sequence_and_watermark() {
-    let store = MemoryStore::new(&settings(100, 1 << 20));
-    let a = inserted(&store, "a").await;
-    let b = inserted(&store, "b").await;
-    assert_eq!(store.publish_watermark(), 0);
-    assert_eq!(process(&store, &b).await, Some(1));
-    assert_eq!(process(&store, &a).await, Some(2));
-    assert_eq!(process(&store, &a).await, None, "an outcome is set once");
-    assert_eq!(store.publish_watermark(), 2);
-    let up_to_1 = store
-        .page(PageQuery {
-            after: 0,
-            limit: 10,
-            published_up_to: Some(1),
-            ..Default::default()
-        })
-        .await;
-    assert_eq!(up_to_1.records.len(), 1);
-    assert_eq!(up_to_1.records[0].event.id.as_str(), "b");
-}
-
-#[tokio::test]
-async fn a_chunk_completes_with_consecutive_publish_sequences() {
+async fn an_outcome_is_set_once_and_a_pass_completes_together() {
     let store = MemoryStore::new(&settings(100, 1 << 20));
     let a = inserted(&store, "a").await;
     let b = inserted(&store, "b").await;
     let c = inserted(&store, "c").await;
-    assert_eq!(process(&store, &b).await, Some(1));
+    assert!(process(&store, &b).await);
+    assert!(!process(&store, &b).await, "an outcome is set once");
     let processing = Processing {
         worker: 3,
         processed_at: crate::time::UnixNanos::now(),
     };
-    let seqs = store.complete_processed(&[&*a, &*b, &*c], processing).await;
+    let set = store.complete_processed(&[&*a, &*b, &*c], processing).await;
     assert_eq!(
-        seqs,
-        [Some(2), None, Some(3)],
-        "a record with an outcome keeps it and takes no number"
+        set,
+        [true, false, true],
+        "a record with an outcome keeps it"
     );
-    assert_eq!(store.publish_watermark(), 3);
     assert_eq!(c.status(), Status::Processed);
+    let failed = inserted(&store, "d").await;
+    assert!(
+        store
+            .complete(&failed, CompleteWith::Failed("sink `stdout` failed".into()))
+            .await
+    );
+    assert_eq!(failed.status(), Status::Failed);
+}
+
+#[tokio::test]
+async fn records_are_found_by_arrival_sequence_while_held() {
+    let store = MemoryStore::new(&settings(100, 1 << 20));
+    let a = inserted(&store, "a").await;
+    let b = inserted(&store, "b").await;
+    assert_eq!(
+        store
+            .get_by_sequence(b.sequence)
+            .await
+            .map(|r| r.event.id.clone()),
+        Some(b.event.id.clone())
+    );
+    store.remove(&a).await;
+    assert!(store.get_by_sequence(a.sequence).await.is_none());
+    assert!(store.get_by_sequence(99).await.is_none());
 }
 
 #[test]

@@ -1,0 +1,219 @@
+//! The stdout sink: whole lines in order, published only once written,
+//! failures reported per event and breaking the sink.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::event::{EventId, PublishedEvent};
+use crate::sink::Publication;
+
+/// Collects what is written, taking at most `max_write` bytes a call
+/// (0: no limit), as a pipe or terminal may.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>, usize);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = if self.1 == 0 {
+            buf.len()
+        } else {
+            buf.len().min(self.1)
+        };
+        self.0.lock().unwrap().extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn event() -> PublishedEvent {
+    PublishedEvent {
+        id: EventId::parse("a").unwrap(),
+        timestamp: 1,
+        payload: "X".into(),
+        metadata: None,
+    }
+}
+
+/// Publishes one pass with these lines.
+async fn publish(
+    sink: &StdoutSink,
+    event: &PublishedEvent,
+    jsons: &[&str],
+) -> Result<(), PublishError> {
+    let events: Vec<Publication<'_>> = jsons
+        .iter()
+        .map(|json| Publication {
+            event,
+            sequence: 1,
+            json,
+        })
+        .collect();
+    let lines = Arc::new(jsons.iter().map(|j| format!("{j}\n")).collect::<String>());
+    sink.publish(Publications::new(&events, &lines)).await
+}
+
+#[tokio::test]
+async fn writes_one_line_per_event_before_answering() {
+    let out = Shared::default();
+    let sink = StdoutSink::with_writer(out.clone());
+    let event = event();
+    publish(&sink, &event, &[r#"{"n":1}"#]).await.unwrap();
+    // Answered: so already written, no flush needed.
+    assert_eq!(&*out.0.lock().unwrap(), b"{\"n\":1}\n");
+    publish(&sink, &event, &[]).await.unwrap();
+    publish(&sink, &event, &[r#"{"n":2}"#, r#"{"n":3}"#])
+        .await
+        .unwrap();
+    sink.flush().await.unwrap();
+    let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(written, "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n");
+}
+
+#[tokio::test]
+async fn short_writes_keep_every_pass_whole_and_in_order() {
+    let out = Shared(Arc::default(), 5);
+    let sink = StdoutSink::with_writer(out.clone());
+    let event = event();
+    let mut expected = String::new();
+    for pass in 0..50 {
+        let jsons: Vec<String> = (0..pass % 4)
+            .map(|i| format!("{{\"p\":{pass},\"i\":{i}}}"))
+            .collect();
+        let refs: Vec<&str> = jsons.iter().map(String::as_str).collect();
+        publish(&sink, &event, &refs).await.unwrap();
+        for json in &jsons {
+            expected.push_str(json);
+            expected.push('\n');
+        }
+    }
+    let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(written, expected);
+}
+
+/// Takes nothing until the test opens it: a reader that stopped reading.
+#[derive(Clone, Default)]
+struct Blocked(Arc<(Mutex<bool>, std::sync::Condvar)>, Shared);
+
+impl Write for Blocked {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let (open, opened) = &*self.0;
+        let mut open = open.lock().unwrap();
+        while !*open {
+            open = opened.wait(open).unwrap();
+        }
+        self.1.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_pass_is_not_published_while_its_write_waits() {
+    let out = Blocked::default();
+    let sink = Arc::new(StdoutSink::with_writer(out.clone()));
+    let publishing = {
+        let sink = Arc::clone(&sink);
+        tokio::spawn(async move { publish(&sink, &event(), &[r#"{"n":1}"#]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!publishing.is_finished(), "answered before it was written");
+    *out.0.0.lock().unwrap() = true;
+    out.0.1.notify_all();
+    tokio::time::timeout(Duration::from_secs(5), publishing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&*out.1.0.lock().unwrap(), b"{\"n\":1}\n");
+}
+
+/// Takes this many bytes, then fails: a reader that went away mid-way.
+struct BreaksAfter(usize, Shared);
+
+impl Write for BreaksAfter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.0 == 0 {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let n = buf.len().min(self.0);
+        self.0 -= n;
+        self.1.write(&buf[..n])
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_write_reports_what_was_written_and_breaks_the_sink() {
+    let out = Shared::default();
+    // Room for the first line and half the second.
+    let sink = StdoutSink::with_writer(BreaksAfter(12, out.clone()));
+    let event = event();
+    let failed = publish(&sink, &event, &[r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#])
+        .await
+        .unwrap_err();
+    assert_eq!(failed.written, 1, "one line written whole: {failed}");
+    assert!(
+        matches!(&failed.error, SinkError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe),
+        "{failed:?}"
+    );
+    assert!(sink.broken().unwrap().contains("writing failed"));
+    // Every later pass is refused at once, written or not.
+    let again = publish(&sink, &event, &[r#"{"n":4}"#]).await.unwrap_err();
+    assert_eq!(again.written, 0);
+    assert!(
+        matches!(again.error, SinkError::Broken { sink: "stdout", .. }),
+        "{again:?}"
+    );
+    assert!(sink.flush().await.is_err());
+    assert_eq!(&*out.0.lock().unwrap(), b"{\"n\":1}\n{\"n\"");
+}
+
+#[test]
+fn a_failure_is_split_among_the_passes_of_the_write() {
+    let error = io::Error::from(io::ErrorKind::BrokenPipe);
+    let mut answers = Vec::new();
+    let passes: Vec<Pass> = ["a\nbb\n", "c\n", "d\n"]
+        .iter()
+        .map(|lines| {
+            let (done, answer) = oneshot::channel();
+            answers.push(answer);
+            Pass {
+                lines: Arc::new((*lines).to_owned()),
+                done,
+            }
+        })
+        .collect();
+    // Five bytes: the first pass whole, the second not begun.
+    report_failure(passes.into_iter(), 5, &error);
+    let written: Vec<Option<usize>> = answers
+        .into_iter()
+        .map(|mut answer| match answer.try_recv().unwrap() {
+            Ok(()) => None,
+            Err(failure) => Some(failure.written),
+        })
+        .collect();
+    assert_eq!(written, [None, Some(0), Some(0)]);
+}
+
+#[tokio::test]
+async fn dropping_the_sink_ends_the_writer() {
+    let out = Shared::default();
+    let sink = StdoutSink::with_writer(out.clone());
+    publish(&sink, &event(), &[r#"{"n":1}"#]).await.unwrap();
+    let writer_alive = Arc::downgrade(&sink.shared);
+    drop(sink);
+    for _ in 0..500 {
+        if writer_alive.strong_count() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(writer_alive.strong_count(), 0, "the writer thread ended");
+    assert_eq!(&*out.0.lock().unwrap(), b"{\"n\":1}\n");
+}
