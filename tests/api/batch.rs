@@ -361,3 +361,36 @@ async fn bodies_in_flight_share_one_budget_past_which_requests_are_503() {
     }
     assert_eq!(app.post_batch(small(1_000)).await.status(), 202);
 }
+
+#[tokio::test]
+async fn wait_and_other_query_parameters_are_refused_not_ignored() {
+    let app = spawn_app().await;
+    let body = Value::from(vec![event("q-1", "x")]).to_string();
+    for (query, detail) in [
+        (
+            "?wait=published",
+            "`wait` is not supported on POST /events/batch",
+        ),
+        ("?colour=red", "invalid query string"),
+    ] {
+        let response = app
+            .post_raw(
+                &format!("/events/batch{query}"),
+                "application/json",
+                body.clone(),
+            )
+            .await;
+        assert_eq!(response.status(), 400, "{query}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["detail"].as_str().unwrap().starts_with(detail),
+            "{query}: {problem}"
+        );
+    }
+    // Nothing was taken.
+    assert_eq!(app.get("/events/q-1").await.status(), 404);
+}

@@ -174,7 +174,7 @@ async fn two_thousand_events_from_32_clients_are_published_exactly_once() {
         task.await.unwrap();
     }
     let lines = app.wait_for_stdout_lines(2000).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.wait_until_idle().await;
     let lines_after = app.stdout.lines();
     assert_eq!(lines_after.len(), 2000, "no event is published twice");
     let ids: HashSet<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
@@ -357,9 +357,16 @@ async fn a_retry_after_504_gets_the_published_event_and_every_try_is_counted() {
         .await;
     assert!(gave_up.is_err(), "{gave_up:?}");
     let retry = tokio::spawn(waiting(Arc::clone(&app)).send());
-    // Most likely the retry is waiting by now; if not, it finds the event
-    // published, and the answer must be the same.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The retry is counted once it is taken, before it waits.
+    let mut taken = None;
+    for _ in 0..500 {
+        taken = app.metric("eventflow_events_received_total").await;
+        if taken == Some(3.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(taken, Some(3.0), "the retry was never taken");
     gate.open_all();
     let retry = retry.await.unwrap().unwrap();
     assert_eq!(retry.status(), 200);
@@ -453,10 +460,147 @@ async fn queue_bytes_bound_large_payload_floods() {
 }
 
 #[tokio::test]
-async fn unknown_event_and_route_are_404_problems() {
+async fn unknown_event_and_route_are_404_problems_and_a_wrong_method_405() {
     let app = spawn_app().await;
     problem(app.get("/events/nope").await, 404).await;
     problem(app.get("/no/such/route").await, 404).await;
+    for (method, path, allowed) in [
+        (
+            reqwest::Method::DELETE,
+            "/events",
+            ["GET", "POST"].as_slice(),
+        ),
+        (reqwest::Method::PUT, "/events/batch", &["POST"]),
+        (reqwest::Method::POST, "/healthz", &["GET"]),
+    ] {
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+        for expected in allowed {
+            assert!(allow.contains(expected), "{method} {path}: Allow: {allow}");
+        }
+        let body = problem(response, 405).await;
+        assert_eq!(body["title"], "Method not allowed");
+    }
+}
+
+#[tokio::test]
+async fn a_gzip_single_event_is_taken_like_a_plain_one() {
+    use std::io::Write;
+
+    let app = spawn_app().await;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder
+        .write_all(event("zipped", "straße").to_string().as_bytes())
+        .unwrap();
+    let response = app
+        .client
+        .post(app.url("/events?wait=published"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(encoder.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let published: Value = response.json().await.unwrap();
+    assert_eq!(published["payload"], "STRASSE");
+    let corrupt = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body("not gzip at all")
+        .send()
+        .await
+        .unwrap();
+    problem(corrupt, 400).await;
+}
+
+#[tokio::test]
+async fn a_transform_that_fails_an_event_shows_over_http() {
+    // `json` refuses payloads that are not JSON documents.
+    let app = spawn_app_with(
+        |s| {
+            s.pipeline.transforms = vec![
+                eventflow::config::TransformKind::Json,
+                eventflow::config::TransformKind::Enrich,
+            ]
+        },
+        Vec::new(),
+    )
+    .await;
+    let wait = |id: &str, payload: &str| {
+        app.client
+            .post(app.url("/events?wait=published"))
+            .json(&event(id, payload))
+            .send()
+    };
+    let failed = problem(wait("not-json", "{oops").await.unwrap(), 500).await;
+    assert_eq!(failed["title"], "Processing failed");
+    assert!(
+        failed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the payload is not JSON"),
+        "{failed}"
+    );
+    let record: Value = app.get("/events/not-json").await.json().await.unwrap();
+    assert_eq!(record["status"], "failed");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap()
+            .contains("transform `json` failed"),
+        "{record}"
+    );
+    assert!(record.get("result").is_none());
+    let published = wait("is-json", r#"{"n":1}"#).await.unwrap();
+    assert_eq!(published.status(), 200);
+    let failed_page: Value = app.get("/events?status=failed").await.json().await.unwrap();
+    assert_eq!(failed_page["events"].as_array().unwrap().len(), 1);
+    app.wait_until_idle().await;
+    assert_eq!(
+        app.metric("eventflow_events_processed_total{outcome=\"error\"}")
+            .await,
+        Some(1.0)
+    );
+    // Not published: stdout has only the good one.
+    let lines = app.wait_for_stdout_lines(1).await;
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["id"], "is-json");
+}
+
+#[tokio::test]
+async fn an_evicted_event_is_404_and_its_id_can_be_taken_again() {
+    // The idempotency window is the store: 20 events here.
+    let app = spawn_app_with(
+        |s| {
+            s.store.max_events = 20;
+            s.pipeline.queue_capacity = 20;
+        },
+        Vec::new(),
+    )
+    .await;
+    for i in 0..60 {
+        assert_eq!(
+            app.post_event(&event(&format!("ev{i}"), "x"))
+                .await
+                .status(),
+            202
+        );
+        // Processed before the next, so that eviction has finished records.
+        app.wait_for_status(&format!("ev{i}"), "processed").await;
+    }
+    problem(app.get("/events/ev0").await, 404).await;
+    assert_eq!(app.get("/events/ev59").await.status(), 200);
+    assert!(app.metric("eventflow_store_evictions_total").await.unwrap() >= 40.0);
+    // Outside the window a retry is a new event, accepted again.
+    assert_eq!(app.post_event(&event("ev0", "x")).await.status(), 202);
 }
 
 #[tokio::test]

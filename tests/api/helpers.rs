@@ -220,6 +220,30 @@ impl TestApp {
         );
     }
 
+    /// The value of an unlabelled series on `/metrics`.
+    pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits (bounded) until the pipeline is idle as `/metrics` tells it:
+    /// nothing queued, and no accepted event still unpublished.
+    pub(crate) async fn wait_until_idle(&self) {
+        let mut last = (None, None);
+        for _ in 0..1000 {
+            last = (
+                self.metric("eventflow_queue_depth").await,
+                self.metric("eventflow_inflight_events").await,
+            );
+            if last == (Some(0.0), Some(0.0)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the pipeline never became idle: (queue depth, in flight) = {last:?}");
+    }
+
     /// Triggers shutdown and waits for the drain to finish.
     pub(crate) async fn shutdown(mut self) -> Result<(), Unpublished> {
         if let Some(stop) = self.stop.take() {

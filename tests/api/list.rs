@@ -51,16 +51,14 @@ async fn status_filter_and_limit_cap() {
     let response = app.post_batch(events).await;
     assert_eq!(response.status(), 202);
     app.wait_for_stdout_lines(1005).await;
-    for _ in 0..500 {
-        if page(&app, "?status=pending").await["events"]
+    app.wait_until_idle().await;
+    assert!(
+        page(&app, "?status=pending").await["events"]
             .as_array()
             .unwrap()
-            .is_empty()
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+            .is_empty(),
+        "nothing pending once idle"
+    );
     let capped = page(&app, "?limit=5000").await;
     assert_eq!(capped["events"].as_array().unwrap().len(), 1000);
     assert_eq!(capped["next"], "1000");
@@ -83,7 +81,7 @@ async fn status_filter_and_limit_cap() {
 }
 
 #[tokio::test]
-async fn invalid_parameters_are_422() {
+async fn out_of_range_values_are_422_and_malformed_query_strings_400() {
     let app = spawn_app().await;
     for (query, field) in [
         ("?limit=0", "limit"),
@@ -94,7 +92,34 @@ async fn invalid_parameters_are_422() {
     ] {
         let response = app.get(&format!("/events{query}")).await;
         assert_eq!(response.status(), 422, "{query}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
         let body: Value = response.json().await.unwrap();
+        assert_eq!(body["title"], "Invalid query parameter", "{query}");
         assert_eq!(body["errors"][0]["field"], field, "{query}");
     }
+    for query in ["?limit=1&limit=2", "?colour=red", "?after=1&sort=asc"] {
+        let response = app.get(&format!("/events{query}")).await;
+        assert_eq!(response.status(), 400, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["title"], "Bad request", "{query}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid query string"),
+            "{body}"
+        );
+    }
+    // A value echoed back is cut to 128 bytes.
+    let long = "x".repeat(1000);
+    let body: Value = app
+        .get(&format!("/events?status={long}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(body["detail"].as_str().unwrap().len() < 300, "{body}");
 }

@@ -5,12 +5,14 @@
 
 mod batch;
 mod binary;
+mod cli;
 mod events;
 mod health;
 mod helpers;
 mod list;
 mod metrics;
 mod prometheus;
+mod publication;
 mod shutdown;
 mod stream;
 mod tracing;

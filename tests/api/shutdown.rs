@@ -53,8 +53,36 @@ async fn sigterm_under_load_publishes_every_accepted_event_exactly_once() {
             (accepted, sent)
         }));
     }
-    // Let the load build up, then SIGTERM while batches are in flight.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Let the load build up (some batches accepted), then SIGTERM while
+    // batches are in flight.
+    let metrics = format!("http://{}/metrics", service.addr);
+    let mut accepted = 0.0;
+    for _ in 0..500 {
+        let text = client
+            .get(&metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        accepted = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("eventflow_events_accepted_total ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        if accepted >= 1000.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        accepted >= 1000.0,
+        "the load never built up: {accepted} accepted"
+    );
     kill(Pid::from_raw(service.child.id() as i32), Signal::SIGTERM).unwrap();
 
     let mut accepted_prefixes = Vec::new();
@@ -135,17 +163,27 @@ async fn drain_past_the_deadline_reports_and_exits_non_zero_and_a_second_signal_
         }
         let pid = Pid::from_raw(service.child.id() as i32);
         kill(pid, Signal::SIGTERM).unwrap();
-        if second_signal {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            kill(pid, Signal::SIGINT).unwrap();
-        }
-        let code = tokio::task::spawn_blocking(move || {
+        let (code, logs) = tokio::task::spawn_blocking(move || {
+            let mut logs = Vec::new();
+            if second_signal {
+                // The second signal once the first one's drain has begun.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !logs.iter().any(|l: &String| l.contains("shutting down")) {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let line = service
+                        .stderr
+                        .recv_timeout(left)
+                        .expect("the drain begins after SIGTERM");
+                    logs.push(line);
+                }
+                kill(pid, Signal::SIGINT).unwrap();
+            }
             let code = wait_exit(&mut service.child, Duration::from_secs(20));
-            (code, service.stderr.try_iter().collect::<Vec<_>>())
+            logs.extend(service.stderr.try_iter());
+            (code, logs)
         })
         .await
         .unwrap();
-        let (code, logs) = code;
         if second_signal {
             assert_eq!(code, 130, "a second signal forces exit");
             assert!(logs.iter().any(|l| l.contains("second signal")), "{logs:?}");
@@ -179,7 +217,12 @@ async fn in_process_drain_waits_for_slow_sinks_then_publishes_everything() {
     let pipeline = app.state.pipeline.clone();
     let readiness = app.state.readiness.clone();
     let drained = tokio::spawn(app.shutdown());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..500 {
+        if readiness.phase() == eventflow::shutdown::Phase::Draining {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     assert_eq!(readiness.phase(), eventflow::shutdown::Phase::Draining);
     assert!(
         !drained.is_finished(),
@@ -208,13 +251,37 @@ async fn a_stalled_connection_does_not_fail_a_complete_drain() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
+    let metrics = format!("http://{}/metrics", service.addr);
+    let open_fds = || async {
+        let text = client
+            .get(&metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("process_open_fds ")?.parse::<f64>().ok())
+            .unwrap()
+    };
+    let before = open_fds().await;
     // A client that sent half a request and went quiet.
     let mut stalled = tokio::net::TcpStream::connect(service.addr).await.unwrap();
     stalled
         .write_all(b"POST /events HTTP/1.1\r\nhost: x\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Taken by the server (one more descriptor) before the signal.
+    let mut taken = false;
+    for _ in 0..500 {
+        if open_fds().await > before {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(taken, "the server never accepted the stalled connection");
     kill(Pid::from_raw(service.child.id() as i32), Signal::SIGTERM).unwrap();
     let (code, logs) = tokio::task::spawn_blocking(move || {
         let code = wait_exit(&mut service.child, Duration::from_secs(20));
