@@ -209,7 +209,8 @@ s = json.load(open(sys.argv[1]))
 v = s.get("verify") or {}
 print(f"{s['accepted_events_per_s']:.0f} events/s accepted; verify: {v.get('accepted')} accepted, "
       f"{v.get('seen_on_stream')} seen on the stream, {v.get('confirmed_by_lookup')} confirmed by lookup, "
-      f"{v.get('lost')} lost, {v.get('duplicated')} duplicated (stream lagged {v.get('stream_lagged')} times)")
+      f"{v.get('failed', 0)} failed, {v.get('lost')} lost, {v.get('duplicated')} duplicated "
+      f"(stream lagged {v.get('stream_lagged')} times)")
 PY
 }
 
