@@ -88,6 +88,14 @@ async fn run(settings: Settings) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Before the service listens: a signal from then on drains it.
+    let mut signals = match shutdown::Signals::install() {
+        Ok(signals) => signals,
+        Err(error) => {
+            tracing::error!(%error, "cannot install the SIGINT/SIGTERM handlers");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let app = match App::build(settings).await {
         Ok(app) => app,
         Err(error) => {
@@ -95,11 +103,11 @@ async fn run(settings: Settings) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let stop = async {
-        let name = shutdown::signal().await;
+    let stop = async move {
+        let name = signals.next().await;
         tracing::info!(signal = name, "signal received");
-        tokio::spawn(async {
-            let name = shutdown::signal().await;
+        tokio::spawn(async move {
+            let name = signals.next().await;
             tracing::error!(
                 signal = name,
                 "second signal: exiting without finishing the drain"
