@@ -2,6 +2,7 @@
 # Reproduces the figures in docs/performance.md.
 #
 #   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|all]
+#   BASE=path/to/another/eventflow scripts/bench.sh ab   (this build against that one)
 #
 # The server is pinned to one core and the load generator (or wrk) to the
 # other; stdout goes to /dev/null; release build; default config unless a
@@ -55,16 +56,18 @@ wait_up() {
   exit 1
 }
 
-# start_server NAME [ENV=VALUE ...]: NAME is `ceiling` or `eventflow`.
+# start_server NAME [ENV=VALUE ...]: NAME is `ceiling`, `eventflow`, or
+# `base` (the binary named by BASE, for `ab`).
 start_server() {
-  local name="$1"
+  local name="$1" binary="$BIN/eventflow"
   shift
   PORT="$(free_port)"
+  [[ "$name" == base ]] && binary="$BASE"
   if [[ "$name" == ceiling ]]; then
     taskset -c "$SERVER_CPU" "$BIN/examples/ceiling" "127.0.0.1:$PORT" >/dev/null 2>>"$OUT/server.log" &
   else
     env EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" "$@" \
-      taskset -c "$SERVER_CPU" "$BIN/eventflow" >/dev/null 2>>"$OUT/server.log" &
+      taskset -c "$SERVER_CPU" "$binary" >/dev/null 2>>"$OUT/server.log" &
   fi
   SERVER_PID=$!
   wait_up
@@ -76,12 +79,13 @@ stop_server() {
   SERVER_PID=""
 }
 
-# wrk_run LABEL: closed loop, 1 thread, 64 connections; prints "rps p99_ms".
+# wrk_run LABEL [PATH]: closed loop, 1 thread, 64 connections, POST PATH
+# (default /events); prints "rps p99_ms non2xx".
 wrk_run() {
-  local label="$1" file
+  local label="$1" path="${2:-/events}" file
   file="$OUT/wrk-$label.txt"
   taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${DURATION}s" --latency -s scripts/wrk-events.lua \
-    "http://127.0.0.1:$PORT" -- "$label-$RANDOM$RANDOM" 100 >"$file"
+    "http://127.0.0.1:$PORT" -- "$label-$RANDOM$RANDOM" 100 "$path" >"$file"
   python3 - "$file" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
@@ -382,6 +386,38 @@ print(f"accepted {s['events_accepted']}, published lines {len(ids)}, unique ids 
 PY
 }
 
+# ab: this build against another eventflow binary (BASE), alternating the
+# order run by run: single events (wrk), single events with
+# ?wait=published (wrk), batches of 1,000 (the load generator). Prints each
+# run and the medians' ratio (this build / BASE).
+bench_ab() {
+  if [[ -z "${BASE:-}" || ! -x "$BASE" ]]; then
+    echo "bench: ab needs BASE=path/to/another/eventflow binary" >&2
+    exit 2
+  fi
+  echo "== A/B: this build against $BASE, ${DURATION}s x $RUNS each, alternating"
+  local kind path run server value
+  for kind in single wait batch; do
+    path=/events
+    [[ "$kind" == wait ]] && path='/events?wait=published'
+    local base_values=() this_values=()
+    for run in $(seq "$RUNS"); do
+      for server in $(in_turn "$run" base eventflow); do
+        start_server "$server"
+        if [[ "$kind" == batch ]]; then
+          value="$(loadgen -b 1000 -c 4 -d "${DURATION}s" --json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["accepted_events_per_s"]))')"
+        else
+          read -r value _ <<<"$(wrk_run "ab-$kind-$server-$run" "$path")"
+        fi
+        stop_server
+        if [[ "$server" == base ]]; then base_values+=("$value"); else this_values+=("$value"); fi
+      done
+      echo "$kind run $run: base ${base_values[-1]}, this build ${this_values[-1]}"
+    done
+    python3 -c "b=float('$(median "${base_values[@]}")'); t=float('$(median "${this_values[@]}")'); print(f'$kind median: base {b:.0f}, this build {t:.0f} ({t/b:.3f})')"
+  done
+}
+
 case "${1:-all}" in
   single) machine; bench_single ;;
   batch) machine; bench_batch ;;
@@ -391,6 +427,7 @@ case "${1:-all}" in
   tracing) machine; bench_tracing ;;
   shutdown) machine; bench_shutdown ;;
   sweep) machine; bench_sweep ;;
+  ab) machine; bench_ab ;;
   all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_overload_sink; bench_tracing; bench_shutdown; bench_sweep ;;
-  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|all]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|all|ab]" >&2; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
 -- wrk script: POST /events with ids unique across wrk threads and runs.
--- Usage: wrk ... -s scripts/wrk-events.lua URL -- RUN_PREFIX PAYLOAD_BYTES
+-- Usage: wrk ... -s scripts/wrk-events.lua URL -- RUN_PREFIX PAYLOAD_BYTES [PATH]
+-- (PATH defaults to /events; /events?wait=published measures the wait.)
 --
 -- The request is assembled from two precomputed halves around a
 -- fixed-width counter (so Content-Length never changes): wrk.format() per
@@ -22,8 +23,9 @@ function init(args)
   end
   local id_head = string.format('{"id":"%s-%d-', prefix, tid)
   local body_tail = string.format('","timestamp":1700000000,"payload":"%s"}', table.concat(chars))
+  local path = args[3] or "/events"
   local length = #id_head + 12 + #body_tail
-  head = "POST /events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+  head = "POST " .. path .. " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     .. "Content-Length: " .. length .. "\r\n\r\n" .. id_head
   tail = body_tail
   counter = 0
