@@ -1,7 +1,7 @@
-//! Signals, readiness, and the drain deadline.
+//! Signals, readiness, and the report of what a shutdown left unpublished.
 //!
-//! The drain order lives in [`crate::app::App::run_until_stopped`]; this
-//! module holds the pieces it is made of.
+//! The drain order and its deadline live in `app::App::run_until_stopped`;
+//! this module holds the pieces it is made of.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -143,7 +143,7 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
         && v.publish_errors.is_none()
     {
         eprintln!(
-            "eventflow-loadgen: --verify could not read the service's /metrics: publish errors unchecked"
+            "eventflow-loadgen: --verify could not read the service's /metrics: publish errors unchecked, so not verified"
         );
     }
     // A run in which nothing succeeded (no service there, say) measured
@@ -166,7 +166,7 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
         v.lost == 0
             && v.failed == 0
             && v.duplicated == 0
-            && v.publish_errors.unwrap_or(0) == 0
+            && v.publish_errors == Some(0)
             && summary.unreadable_answers == 0
     });
     if verified {

@@ -11,8 +11,8 @@ use crate::stats::Summary;
 const WIDTH: u32 = 900;
 const PANEL_HEIGHT: u32 = 280;
 
-/// Percentiles drawn in the distribution panel (the last one stands for
-/// the maximum: the axis cannot reach 100 %).
+/// Percentiles drawn in the distribution panel (up to 99.999 %: the axis
+/// cannot reach 100 %, and the maximum is in the summary table).
 const QUANTILES: [f64; 9] = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999];
 
 /// Where a quantile sits on the distribution's x axis: log10 of 1/(1-q),

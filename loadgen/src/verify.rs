@@ -224,7 +224,9 @@ pub(crate) async fn subscribe(plan: &Plan, live: Arc<Live>) -> Result<Subscriber
                 break;
             }
             resumes += 1;
-            match open_stream(&plan, last_event_id.as_deref()).await {
+            // Before any message: everything held, not only what comes next.
+            let resume_after = last_event_id.as_deref().unwrap_or("0");
+            match open_stream(&plan, Some(resume_after)).await {
                 Ok(resumed) => response = resumed,
                 Err(_) => break,
             }

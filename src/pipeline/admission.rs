@@ -2,10 +2,11 @@
 //! counting of what came in and what became of it, in one place for every
 //! front end (the HTTP handlers today).
 //!
-//! `eventflow_events_received_total` = accepted + duplicate + rejected,
-//! always: a front end reports what it read ([`Admission::read`]) and what
-//! it refused before the pipeline saw it ([`Admission::refused`]); the
-//! pipeline counts the rest as it decides.
+//! `eventflow_events_received_total` = accepted + duplicate + rejected once
+//! the requests in progress are answered (an event is counted received when
+//! it is read, and by its outcome a moment later): a front end reports what
+//! it read ([`Admission::read`]) and what it refused before the pipeline saw
+//! it ([`Admission::refused`]); the pipeline counts the rest as it decides.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};

@@ -246,8 +246,11 @@ async fn process(
             fail(pipeline, record, error, started.elapsed()).await;
             failed += 1;
         }
-        if rendered.is_empty() {
+        if failed > 0 {
+            // Their waiters need not wait for the sinks to write the rest.
             inner.feed.outcomes_changed();
+        }
+        if rendered.is_empty() {
             return;
         }
         // Moved, not copied: sinks may keep the lines while they write them.
@@ -260,28 +263,43 @@ async fn process(
                 json: &lines[line.clone()],
             })
             .collect();
-        // Published: the events every sink wrote, from the pass's first.
-        let mut written = publications.len();
+        // Published: the events every sink wrote, from the pass's first. A
+        // later sink is offered only what the earlier ones wrote: an event
+        // one sink could not write is failed, and no other sink should
+        // report it published.
+        let mut offered: &[Publication<'_>] = &publications;
+        let mut offered_lines = Arc::clone(&lines);
         let mut sink_error = None;
         for sink in &inner.sinks {
+            if offered.is_empty() {
+                metrics.sink_result(sink.name(), false, publications.len());
+                continue;
+            }
             let published = sink
-                .publish(Publications::new(&publications, &lines))
+                .publish(Publications::new(offered, &offered_lines))
                 .instrument(telemetry::child_span(&span, || {
                     tracing::debug_span!("publish", sink = sink.name())
                 }))
                 .await;
             let by_this_sink = match published {
-                Ok(()) => publications.len(),
+                Ok(()) => offered.len(),
                 Err(error) => {
-                    let by_this_sink = error.written.min(publications.len());
                     sink_error.get_or_insert_with(|| error.error.to_string());
-                    by_this_sink
+                    error.written.min(offered.len())
                 }
             };
             metrics.sink_result(sink.name(), true, by_this_sink);
             metrics.sink_result(sink.name(), false, publications.len() - by_this_sink);
-            written = written.min(by_this_sink);
+            if by_this_sink < offered.len() {
+                offered = &offered[..by_this_sink];
+                // The written events' lines, newlines included (rare: a copy).
+                let end = by_this_sink
+                    .checked_sub(1)
+                    .map_or(0, |last| rendered[last].2.end + 1);
+                offered_lines = Arc::new(lines[..end].to_owned());
+            }
         }
+        let written = offered.len();
         drop(publications);
         let processing_time = started.elapsed();
         let (published, unpublished) = rendered.split_at(written);

@@ -103,7 +103,14 @@ impl StdoutSink {
         let for_writer = Arc::clone(&shared);
         let spawned = thread::Builder::new()
             .name("eventflow-stdout".into())
-            .spawn(move || write_loop(&for_writer, writer));
+            .spawn(move || {
+                let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    write_loop(&for_writer, writer);
+                }));
+                if wrote.is_err() {
+                    writer_died(&for_writer);
+                }
+            });
         if let Err(error) = spawned {
             tracing::error!(%error, "could not start the stdout writer thread");
             let _ = shared
@@ -125,6 +132,27 @@ impl Drop for StdoutSink {
     fn drop(&mut self) {
         self.shared.state.lock().closing = true;
         self.shared.work.notify_one();
+    }
+}
+
+/// The writer thread panicked: the sink is broken, and whatever was queued
+/// for it is answered as not written (rather than waited for forever).
+fn writer_died(shared: &Shared) {
+    let _ = shared.broken.set("the writer thread panicked".into());
+    tracing::error!("the stdout writer thread panicked: the sink takes nothing more");
+    let (queued, flushes) = {
+        let mut state = shared.state.lock();
+        state.queued_bytes = 0;
+        (
+            std::mem::take(&mut state.queued),
+            std::mem::take(&mut state.flush_requests),
+        )
+    };
+    shared.room.notify_waiters();
+    let error = io::Error::other("the stdout writer thread panicked");
+    report_failure(queued.into_iter(), 0, &error);
+    for done in flushes {
+        let _ = done.send(Err(io::Error::other("the stdout writer thread panicked")));
     }
 }
 

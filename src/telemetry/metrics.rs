@@ -33,7 +33,7 @@ pub mod names {
     pub const REJECTED: &str = "eventflow_events_rejected_total";
     /// Processed events by `outcome`.
     pub const PROCESSED: &str = "eventflow_events_processed_total";
-    /// Events handed to a sink, by `sink`.
+    /// Events a sink wrote, by `sink`.
     pub const PUBLISHED: &str = "eventflow_events_published_total";
     /// Sink failures by `sink`.
     pub const PUBLISH_ERRORS: &str = "eventflow_publish_errors_total";

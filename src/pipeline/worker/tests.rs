@@ -379,3 +379,41 @@ async fn events_a_sink_did_not_write_fail_and_the_rest_are_published() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_later_sink_is_offered_only_what_the_earlier_ones_wrote() {
+    let recorder = Arc::new(Recorder::default());
+    let metrics = Metrics::new(&["partial", "recorder"]);
+    let pipeline = pipeline_with_metrics(
+        TransformChain::new(Vec::new()),
+        10,
+        vec![Arc::new(Partial(2)), recorder.clone()],
+        metrics.clone(),
+    );
+    for id in ["a", "b", "c", "d"] {
+        pipeline
+            .ingest(event(id, "x"), TraceId::random())
+            .await
+            .unwrap();
+    }
+    let workers = pipeline.start_workers();
+    pipeline.close_queue();
+    workers.stopped().await;
+    let seen: Vec<u64> = recorder.0.lock().unwrap().iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seen,
+        [1, 2],
+        "the events the first sink did not write are not offered"
+    );
+    let text = metrics.render(crate::telemetry::metrics::PipelineSnapshot::default());
+    for series in [
+        "eventflow_events_published_total{sink=\"recorder\"} 2",
+        "eventflow_publish_errors_total{sink=\"recorder\"} 2",
+        "eventflow_events_processed_total{outcome=\"error\"} 2",
+    ] {
+        assert!(
+            text.lines().any(|l| l == series),
+            "{series} not in:\n{text}"
+        );
+    }
+}

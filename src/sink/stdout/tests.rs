@@ -217,3 +217,43 @@ async fn dropping_the_sink_ends_the_writer() {
     assert_eq!(writer_alive.strong_count(), 0, "the writer thread ended");
     assert_eq!(&*out.0.lock().unwrap(), b"{\"n\":1}\n");
 }
+
+/// Panics on its first write, as a writer with a bug might.
+struct Panics;
+
+impl Write for Panics {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        panic!("a writer bug");
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_writer_thread_that_dies_breaks_the_sink_instead_of_hanging_it() {
+    let sink = StdoutSink::with_writer(Panics);
+    let event = event();
+    let first = tokio::time::timeout(
+        Duration::from_secs(5),
+        publish(&sink, &event, &[r#"{"n":1}"#]),
+    )
+    .await
+    .expect("answered, not left waiting");
+    assert!(first.is_err());
+    // Broken from then on: refused at once, never queued for a dead thread.
+    for _ in 0..500 {
+        if sink.broken().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(sink.broken().unwrap().contains("panicked"));
+    let later = tokio::time::timeout(
+        Duration::from_secs(5),
+        publish(&sink, &event, &[r#"{"n":2}"#]),
+    )
+    .await
+    .expect("refused at once");
+    assert!(later.is_err());
+}
