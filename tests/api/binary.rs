@@ -70,6 +70,22 @@ impl Drop for Service {
     }
 }
 
+impl Service {
+    /// The value of series `series` (name and labels) on the service's `/metrics`.
+    pub(crate) async fn metric(&self, client: &reqwest::Client, series: &str) -> Option<f64> {
+        let text = client
+            .get(format!("http://{}/metrics", self.addr))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+}
+
 pub(crate) fn stdout_reader(child: &mut Child) -> std::thread::JoinHandle<String> {
     let mut stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {

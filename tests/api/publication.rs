@@ -11,20 +11,6 @@ use serde_json::{Value, json};
 use crate::binary::{Service, start, wait_exit};
 use crate::helpers::event;
 
-/// The value of a series on the service's `/metrics`.
-async fn metric(client: &reqwest::Client, service: &Service, series: &str) -> Option<f64> {
-    let text = client
-        .get(format!("http://{}/metrics", service.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// SIGTERM, then the exit code and every log line.
 async fn stop(mut service: Service) -> (i32, Vec<String>) {
     kill(Pid::from_raw(service.child.id() as i32), Signal::SIGTERM).unwrap();
@@ -98,7 +84,7 @@ async fn a_closed_stdout_fails_events_visibly_and_the_exit_says_so() {
         ("eventflow_events_published_total{sink=\"stdout\"}", 0.0),
     ] {
         assert_eq!(
-            metric(&client, &service, series).await,
+            service.metric(&client, series).await,
             Some(expected),
             "{series}"
         );
@@ -139,7 +125,8 @@ async fn a_stdout_nobody_reads_holds_events_unpublished_and_the_report_counts_th
         .await
         .unwrap();
     assert_eq!(waited.status(), 504);
-    let unpublished = metric(&client, &service, "eventflow_inflight_events")
+    let unpublished = service
+        .metric(&client, "eventflow_inflight_events")
         .await
         .unwrap();
     assert!(unpublished > 1000.0, "{unpublished} held");

@@ -55,24 +55,11 @@ async fn sigterm_under_load_publishes_every_accepted_event_exactly_once() {
     }
     // Let the load build up (some batches accepted), then SIGTERM while
     // batches are in flight.
-    let metrics = format!("http://{}/metrics", service.addr);
     let mut accepted = 0.0;
     for _ in 0..500 {
-        let text = client
-            .get(&metrics)
-            .send()
+        accepted = service
+            .metric(&client, "eventflow_events_accepted_total")
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        accepted = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("eventflow_events_accepted_total ")?
-                    .parse()
-                    .ok()
-            })
             .unwrap_or(0.0);
         if accepted >= 1000.0 {
             break;
@@ -251,20 +238,7 @@ async fn a_stalled_connection_does_not_fail_a_complete_drain() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let metrics = format!("http://{}/metrics", service.addr);
-    let open_fds = || async {
-        let text = client
-            .get(&metrics)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("process_open_fds ")?.parse::<f64>().ok())
-            .unwrap()
-    };
+    let open_fds = || async { service.metric(&client, "process_open_fds").await.unwrap() };
     let before = open_fds().await;
     // A client that sent half a request and went quiet.
     let mut stalled = tokio::net::TcpStream::connect(service.addr).await.unwrap();
