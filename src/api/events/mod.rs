@@ -57,6 +57,15 @@ fn location(id: &EventId) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(path)).ok()
 }
 
+/// Counts a request refused before the pipeline saw its events (as one
+/// event refused) and passes its error on.
+fn refused(pipeline: &crate::pipeline::Pipeline, error: ApiError) -> ApiError {
+    if let Some(reason) = error.reject_reason() {
+        pipeline.admission().refused(reason);
+    }
+    error
+}
+
 fn query_error(rejection: QueryRejection) -> ApiError {
     ApiError::BadRequest(format!(
         "invalid query string: {}",
@@ -96,11 +105,7 @@ pub(crate) async fn post_event(
     // the pipeline counts the rest.
     let (event, deadline) = read_event(&state, &parts, body)
         .await
-        .inspect_err(|error| {
-            if let Some(reason) = error.reject_reason() {
-                pipeline.admission().refused(reason);
-            }
-        })?;
+        .map_err(|error| refused(pipeline, error))?;
     let id = event.id.clone();
     let ingested = pipeline.ingest(event, trace_id(&parts.headers)).await?;
     match (ingested, deadline) {
@@ -202,13 +207,7 @@ pub(crate) async fn post_batch(
     let headers = parts.headers;
     let pipeline = &state.pipeline;
     let admission = pipeline.admission();
-    // A request refused before its events could be read counts as one.
-    let refused = |error: ApiError| {
-        if let Some(reason) = error.reject_reason() {
-            admission.refused(reason);
-        }
-        error
-    };
+    let refused = |error| refused(pipeline, error);
     let Query(params) = Query::<BatchParams>::try_from_uri(&parts.uri)
         .map_err(query_error)
         .map_err(refused)?;
