@@ -84,12 +84,13 @@ fn query_error(rejection: QueryRejection) -> ApiError {
         (status = 202, description = "Accepted; `Location` names the event", body = IngestResponse,
             headers(("Location" = String, description = "URL of the event"))),
         (status = 200, description = "Duplicate (same id and content), or the published event with `?wait=published`", body = IngestResponse),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON, or a malformed query string (an unknown or repeated parameter)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Same id, different content", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over `server.max_body_bytes`, or an event larger than even an empty pipeline holds", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Overloaded (pipeline full, or request bodies in memory at their limit) or shutting down; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, or a `wait` value other than `published`", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`?wait=published` and the event failed: a transform refused it or a sink could not write it", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded (pipeline full, or request bodies in memory at their limit), shutting down, or a sink broken; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Not published within `server.request_timeout`", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -192,11 +193,11 @@ fn published_answer(outcome: Option<WaitOutcome>, state: &AppState) -> Result<Re
     ),
     responses(
         (status = 202, description = "The valid events were taken; invalid ones are listed", body = BatchResponse),
-        (status = 400, description = "Malformed JSON array or gzip", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON array or gzip, or any query parameter (`wait` is not supported on batches)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body or event count over the limits, or more new events than even an empty pipeline holds", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported content type or encoding", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "No event in the batch is valid", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The valid events do not all fit now (or request bodies in memory are at their limit), or shutting down; nothing was stored; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The valid events do not all fit now (or request bodies in memory are at their limit), shutting down, or a sink broken; nothing was stored; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn post_batch(
@@ -284,7 +285,8 @@ pub(crate) async fn post_batch(
     params(ListParams),
     responses(
         (status = 200, description = "A page of events", body = EventPage),
-        (status = 422, description = "Invalid limit, cursor or status", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A malformed query string (an unknown or repeated parameter)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A limit, cursor or status out of range", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_events(
