@@ -106,6 +106,9 @@ pub enum ApiError {
     /// A sink cannot write, so nothing could be published (503).
     #[error("{0}; nothing can be published until it is fixed")]
     SinkBroken(String),
+    /// The backend cannot be reached (503).
+    #[error("{0}; retry later")]
+    Unavailable(String),
     /// `?wait=published` ran out of time (504).
     #[error("the event was accepted but not published within {0:?}")]
     NotPublished(std::time::Duration),
@@ -155,6 +158,7 @@ impl ApiError {
             Self::Overloaded
             | Self::ShuttingDown
             | Self::SinkBroken(_)
+            | Self::Unavailable(_)
             | Self::BodiesOverBudget => Some(RejectReason::Overloaded),
             Self::MethodNotAllowed(_)
             | Self::NotFound(_)
@@ -179,6 +183,7 @@ impl ApiError {
             Self::Overloaded
             | Self::ShuttingDown
             | Self::SinkBroken(_)
+            | Self::Unavailable(_)
             | Self::BodiesOverBudget => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotPublished(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ProcessingFailed(_) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -201,6 +206,7 @@ impl ApiError {
             Self::Overloaded => ("overloaded", "Overloaded"),
             Self::ShuttingDown => ("shutting-down", "Shutting down"),
             Self::SinkBroken(_) => ("sink-broken", "A sink is broken"),
+            Self::Unavailable(_) => ("unavailable", "Backend unavailable"),
             Self::NotPublished(_) => ("not-published", "Not published in time"),
             Self::ProcessingFailed(_) => ("processing-failed", "Processing failed"),
             Self::BodiesOverBudget => ("overloaded", "Overloaded"),
@@ -258,6 +264,7 @@ impl From<IngestError> for ApiError {
             IngestError::Overloaded => Self::Overloaded,
             IngestError::ShuttingDown => Self::ShuttingDown,
             IngestError::SinkBroken(reason) => Self::SinkBroken(reason),
+            IngestError::Unavailable(reason) => Self::Unavailable(reason),
             never @ IngestError::NeverFits { .. } => {
                 Self::PayloadTooLarge(format!("{never}; send fewer at a time"))
             }
@@ -281,6 +288,7 @@ impl IntoResponse for ApiError {
             Self::NotPublished(_)
                 | Self::ProcessingFailed(_)
                 | Self::SinkBroken(_)
+                | Self::Unavailable(_)
                 | Self::Internal
         ) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
@@ -296,7 +304,9 @@ impl IntoResponse for ApiError {
         );
         let retry_after = match self {
             Self::Overloaded | Self::BodiesOverBudget => Some(RETRY_AFTER_OVERLOADED_SECS),
-            Self::ShuttingDown | Self::SinkBroken(_) => Some(RETRY_AFTER_DRAINING_SECS),
+            Self::ShuttingDown | Self::SinkBroken(_) | Self::Unavailable(_) => {
+                Some(RETRY_AFTER_DRAINING_SECS)
+            }
             _ => None,
         };
         if let Some(secs) = retry_after {

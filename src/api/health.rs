@@ -12,9 +12,9 @@ use crate::shutdown::Phase;
 /// Health or readiness state.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct HealthStatus {
-    /// `ok`, `ready`, `starting`, `draining` or `sink_broken`.
+    /// `ok`, `ready`, `starting`, `draining`, `sink_broken` or `backend_unavailable`.
     status: &'static str,
-    /// Why it is not ready, when a sink is broken.
+    /// Why it is not ready, when a sink is broken or the backend unreachable.
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
 }
@@ -43,26 +43,37 @@ pub(crate) async fn health() -> Json<HealthStatus> {
 }
 
 /// Readiness: 200 while accepting events; 503 while starting, draining, or
-/// while a sink is broken (nothing accepted could be published).
+/// while a sink is broken (nothing accepted could be published) or the
+/// backend is unreachable.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
         (status = 200, description = "Accepting events", body = HealthStatus),
-        (status = 503, description = "Starting, draining, or a sink is broken", body = HealthStatus),
+        (status = 503, description = "Starting, draining, a sink is broken, or the backend is unreachable", body = HealthStatus),
     ))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthStatus>) {
     let unavailable = StatusCode::SERVICE_UNAVAILABLE;
     match state.readiness.phase() {
         Phase::Starting => (unavailable, HealthStatus::of("starting")),
         Phase::Draining => (unavailable, HealthStatus::of("draining")),
-        Phase::Ready => match state.pipeline.broken_sink() {
-            None => (StatusCode::OK, HealthStatus::of("ready")),
-            Some(detail) => (
-                unavailable,
-                Json(HealthStatus {
-                    status: "sink_broken",
-                    detail: Some(detail),
-                }),
-            ),
-        },
+        Phase::Ready => {
+            let not_ready = match state.pipeline.broken_sink() {
+                Some(detail) => Some(("sink_broken", detail)),
+                None => state
+                    .pipeline
+                    .store()
+                    .unavailable()
+                    .map(|detail| ("backend_unavailable", detail)),
+            };
+            match not_ready {
+                None => (StatusCode::OK, HealthStatus::of("ready")),
+                Some((status, detail)) => (
+                    unavailable,
+                    Json(HealthStatus {
+                        status,
+                        detail: Some(detail),
+                    }),
+                ),
+            }
+        }
     }
 }

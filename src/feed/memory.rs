@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use super::{Feed, FeedItem, FeedLine, INLINE_LINE_MAX, Published, Subscription};
+use super::{Feed, FeedError, FeedItem, FeedLine, INLINE_LINE_MAX, Published, Subscription};
 use crate::store::Store;
 
 /// Publications whose lines are kept for subscribers.
@@ -96,10 +96,11 @@ impl MemoryFeed {
     }
 }
 
+#[async_trait]
 impl Feed for MemoryFeed {
-    fn append(&self, events: &[Published<'_>]) {
+    async fn append(&self, events: &[Published<'_>]) -> Result<(), FeedError> {
         if events.is_empty() {
-            return;
+            return Ok(());
         }
         // Lines are copied only for subscribers, and before the lock.
         let keep = self.shared.subscribers.load(Ordering::Relaxed) > 0;
@@ -123,6 +124,7 @@ impl Feed for MemoryFeed {
             state.head()
         };
         self.shared.changes.send_replace(head);
+        Ok(())
     }
 
     fn outcomes_changed(&self) {

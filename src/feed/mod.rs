@@ -15,7 +15,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::store::Record;
+use crate::event::EventId;
+use crate::store::{Processing, Record};
 
 pub use memory::{LINE_WINDOW, MemoryFeed};
 
@@ -29,6 +30,11 @@ pub const INLINE_LINE_MAX: usize = 8 * 1024;
 pub struct Published<'a> {
     /// Its arrival sequence (the store's).
     pub sequence: u64,
+    /// Its id (a durable feed refuses a second publication of it).
+    pub id: &'a EventId,
+    /// The facts its line was rendered with (a durable feed keeps them, so
+    /// that readers can tell when and by whom it was processed).
+    pub processing: Processing,
     /// Its JSON line, without the newline.
     pub line: &'a str,
 }
@@ -70,11 +76,20 @@ pub trait Subscription: Send + fmt::Debug {
     async fn next(&mut self) -> Option<Vec<FeedItem>>;
 }
 
+/// Why events could not be appended (nothing is published then: the
+/// worker retries them or marks them failed).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the published-events feed could not take them: {0}")]
+pub struct FeedError(pub String);
+
 /// The published-events feed of one deployment.
+#[async_trait]
 pub trait Feed: Send + Sync + fmt::Debug {
     /// Appends events every sink has published, in this order; they get
-    /// the next publication sequences.
-    fn append(&self, events: &[Published<'_>]);
+    /// the next publication sequences. An event already on the feed (a
+    /// redelivery) is not appended twice. On error, none of them counts as
+    /// appended, though some may have been.
+    async fn append(&self, events: &[Published<'_>]) -> Result<(), FeedError>;
     /// Wakes whoever waits for outcomes: some events ended without being
     /// published (they failed).
     fn outcomes_changed(&self);

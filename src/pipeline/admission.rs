@@ -15,7 +15,7 @@ use metrics::Counter;
 use tracing::Instrument;
 
 use super::backpressure::Overloaded;
-use super::queue::{QueueError, QueuedEvents};
+use super::queue::{Delivery, QueueError, QueuedEvents};
 use super::{Permit, Pipeline};
 use crate::event::Event;
 use crate::store::{Insert, Record, StoreError, event_footprint};
@@ -126,6 +126,9 @@ pub enum IngestError {
     /// A sink cannot write, so nothing accepted could be published (503).
     #[error("{0}")]
     SinkBroken(String),
+    /// The backend cannot be reached (503).
+    #[error("{0}")]
+    Unavailable(String),
     /// More than the pipeline holds even when empty (413): a retry would
     /// be refused forever.
     #[error(
@@ -148,7 +151,9 @@ impl IngestError {
     /// How it counts in `eventflow_events_rejected_total`.
     pub fn reason(&self) -> RejectReason {
         match self {
-            Self::Overloaded | Self::ShuttingDown | Self::SinkBroken(_) => RejectReason::Overloaded,
+            Self::Overloaded | Self::ShuttingDown | Self::SinkBroken(_) | Self::Unavailable(_) => {
+                RejectReason::Overloaded
+            }
             Self::Conflict(_) => RejectReason::Conflict,
             Self::NeverFits { .. } => RejectReason::TooLarge,
         }
@@ -165,6 +170,7 @@ impl From<StoreError> for IngestError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Full => Self::Overloaded,
+            StoreError::Unavailable(why) => Self::Unavailable(why),
         }
     }
 }
@@ -189,6 +195,9 @@ impl Pipeline {
         }
         if let Some(broken) = self.broken_sink() {
             return Err(IngestError::SinkBroken(broken));
+        }
+        if let Some(why) = self.inner.store.unavailable() {
+            return Err(IngestError::Unavailable(why));
         }
         Ok(self.inner.ingest_calls.token())
     }
@@ -264,6 +273,7 @@ impl Pipeline {
     ) -> Result<(), (IngestError, Vec<Arc<Record>>)> {
         let item = QueuedEvents {
             records,
+            delivery: Delivery::default(),
             permit,
             enqueued_at,
             span: tracing::Span::current(),

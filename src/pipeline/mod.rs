@@ -35,9 +35,16 @@ use crate::telemetry::metrics::Metrics;
 pub use admission::{Admission, IngestError, Ingested, RejectReason};
 pub use backpressure::{Backpressure, Overloaded, Permit};
 pub use batch::{BatchOutcome, BatchRejection};
-pub use queue::{CHUNK_BYTES, CHUNK_EVENTS, MemoryQueue, Queue, QueueError, QueuedEvents};
+pub use queue::{
+    Acknowledge, Attempt, CHUNK_BYTES, CHUNK_EVENTS, Delivery, MemoryQueue, Queue, QueueError,
+    QueuedEvents, Verdict,
+};
 pub use transform::{TransformChain, TransformContext, TransformError};
 pub use worker::WorkerPool;
+
+/// How often `?wait=published` asks the store again without a wake-up from
+/// the feed.
+const OUTCOME_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How a wait for an event's publication ended: the published event, or
 /// why it was not published.
@@ -244,7 +251,8 @@ impl Pipeline {
     }
 
     /// Waits until `record` is published or has failed (`?wait=published`),
-    /// watching the feed; `None` when `deadline` comes first.
+    /// watching the feed and asking the store; `None` when `deadline`
+    /// comes first.
     pub async fn wait_published(
         &self,
         record: &Record,
@@ -254,21 +262,34 @@ impl Pipeline {
         loop {
             // Seen before looking: an outcome set after the look wakes the wait.
             changes.borrow_and_update();
-            if let Some(ended) = self.ended(record) {
+            if let Some(ended) = self.ended(record).await {
                 return Some(ended);
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
+            // A failure recorded by another process wakes no local feed:
+            // look again now and then as well.
+            let wake = tokio::time::Instant::now() + OUTCOME_RECHECK;
+            match tokio::time::timeout_at(deadline.min(wake), changes.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Some(Err("the pipeline stopped".into())),
+                Err(_) if wake < deadline => {}
                 Err(_) => return None,
             }
         }
     }
 
     /// How processing of `record` ended, if it has.
-    fn ended(&self, record: &Record) -> Option<WaitOutcome> {
-        match record.outcome()? {
-            Outcome::Processed { .. } => Some(self.published(record)?.map_err(|e| e.to_string())),
+    async fn ended(&self, record: &Record) -> Option<WaitOutcome> {
+        match self.inner.store.outcome(record).await? {
+            Outcome::Processed {
+                worker,
+                processed_at,
+            } => {
+                let processing = Processing {
+                    worker,
+                    processed_at,
+                };
+                Some(self.render(record, &processing).map_err(|e| e.to_string()))
+            }
             Outcome::Failed { error } => Some(Err(error.to_string())),
         }
     }

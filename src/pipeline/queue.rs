@@ -4,6 +4,13 @@
 //! has to wait. Closing the queue is how shutdown drains: workers keep
 //! popping until it is closed *and* empty.
 //!
+//! An item is data a durable log could carry (the records: event, arrival
+//! sequence, trace id) with the local resources beside it (the permit, the
+//! ingest span, the enqueue instant) and a [`Delivery`]: how the worker
+//! acknowledges each event once every sink has published it, or asks for it
+//! again. In memory the acknowledgement is nothing; a JetStream queue acks
+//! or naks the messages.
+//!
 //! An item is a chunk of events accepted together: one for a single
 //! ingest, up to [`CHUNK_EVENTS`] (and about [`CHUNK_BYTES`]) of a batch
 //! request. Handing a worker a
@@ -33,12 +40,64 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 pub struct QueuedEvents {
     /// The stored records.
     pub records: Vec<Arc<Record>>,
+    /// How they are acknowledged.
+    pub delivery: Delivery,
     /// Their place in the pipeline; released after publication.
     pub permit: Permit,
     /// When they were queued (for `queue_wait_ms`).
     pub enqueued_at: Instant,
     /// The ingest span, so processing lands in the request's trace.
     pub span: tracing::Span,
+}
+
+/// Which delivery of an event a worker holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// Delivered before: it may have been published already (the worker
+    /// checks the store before publishing it again).
+    pub redelivered: bool,
+    /// A sink error may be retried by delivering it again (otherwise the
+    /// event fails at once).
+    pub retryable: bool,
+}
+
+/// What became of one delivered event, as the worker tells the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Done with it: published, or failed for good (its outcome is stored).
+    Done,
+    /// Not published this time: deliver it again.
+    Retry,
+}
+
+/// Acknowledges the events of one queue item.
+#[async_trait]
+pub trait Acknowledge: Send + Sync + std::fmt::Debug {
+    /// Settles each event, in the item's order (`verdicts` has one per record).
+    async fn settle(self: Box<Self>, verdicts: &[Verdict]);
+}
+
+/// The acknowledgement side of a queue item.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// Per event, in order; empty: each is a first and only attempt.
+    pub attempts: Vec<Attempt>,
+    /// `None`: nothing to acknowledge (an in-process queue).
+    pub acknowledge: Option<Box<dyn Acknowledge>>,
+}
+
+impl Delivery {
+    /// The attempt of the `index`th event.
+    pub fn attempt(&self, index: usize) -> Attempt {
+        self.attempts.get(index).copied().unwrap_or_default()
+    }
+
+    /// Settles the item's events.
+    pub async fn settle(self, verdicts: &[Verdict]) {
+        if let Some(acknowledge) = self.acknowledge {
+            acknowledge.settle(verdicts).await;
+        }
+    }
 }
 
 /// Why an event could not be queued.

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field};
 
 use super::Pipeline;
-use super::queue::QueuedEvents;
+use super::queue::{Attempt, QueuedEvents, Verdict};
 use crate::event::{JsonWriter, line_size_hint};
 use crate::feed::Published;
 use crate::sink::{Publication, Publications};
@@ -117,10 +117,14 @@ async fn run_worker(pipeline: Pipeline, worker: u32) {
         }
         let started = Instant::now();
         let mut untraced = Vec::with_capacity(events);
-        let mut permits = Vec::with_capacity(taken.len());
+        // Empty while every untraced event is a first and only attempt (an
+        // in-process queue): no per-event bookkeeping then.
+        let mut untraced_attempts: Vec<Attempt> = Vec::new();
+        let mut held = Vec::with_capacity(taken.len());
         for queued in taken {
             let QueuedEvents {
                 records,
+                delivery,
                 permit,
                 enqueued_at,
                 span,
@@ -129,45 +133,100 @@ async fn run_worker(pipeline: Pipeline, worker: u32) {
                 started.saturating_duration_since(enqueued_at),
                 records.len(),
             );
-            if span.is_disabled() {
+            let verdicts = if span.is_disabled() {
+                let from = untraced.len();
+                if !delivery.attempts.is_empty() {
+                    untraced_attempts.resize(from, Attempt::default());
+                    untraced_attempts.extend((0..records.len()).map(|i| delivery.attempt(i)));
+                }
                 untraced.extend(records);
+                Verdicts::Untraced(from..untraced.len())
             } else {
                 // A traced request gets a `process_event` span per event.
-                for record in &records {
+                let mut verdicts = Vec::with_capacity(records.len());
+                for (i, record) in records.iter().enumerate() {
                     let one = std::slice::from_ref(record);
-                    process_guarded(&pipeline, worker, one, &span, Instant::now()).await;
+                    let attempt = [delivery.attempt(i)];
+                    let verdict =
+                        process_guarded(&pipeline, worker, one, &attempt, &span, Instant::now())
+                            .await;
+                    verdicts.extend(verdict);
                 }
+                Verdicts::Traced(verdicts)
+            };
+            held.push((delivery, permit, verdicts));
+        }
+        let untraced_verdicts = if untraced.is_empty() {
+            Vec::new()
+        } else {
+            if !untraced_attempts.is_empty() {
+                untraced_attempts.resize(untraced.len(), Attempt::default());
             }
-            permits.push(permit);
-        }
-        if !untraced.is_empty() {
             let none = tracing::Span::none();
-            process_guarded(&pipeline, worker, &untraced, &none, started).await;
+            process_guarded(
+                &pipeline,
+                worker,
+                &untraced,
+                &untraced_attempts,
+                &none,
+                started,
+            )
+            .await
+        };
+        // Only now are the events acknowledged, and give their place in the
+        // pipeline back.
+        for (delivery, permit, verdicts) in held {
+            let verdicts = match &verdicts {
+                Verdicts::Untraced(range) => untraced_verdicts.get(range.clone()).unwrap_or(&[]),
+                Verdicts::Traced(verdicts) => verdicts,
+            };
+            delivery.settle(verdicts).await;
+            drop(permit);
         }
-        // Only now do the events give their place in the pipeline back.
-        drop(permits);
     }
     tracing::debug!(worker, "worker stopped: queue closed and drained");
 }
 
-/// Processes `records`; a panic outside the transforms (in a sink, say)
-/// fails whichever of them had no outcome yet, and the worker lives on.
+/// Where a queue item's verdicts are.
+enum Verdicts {
+    /// In the pass's untraced verdicts, at these positions.
+    Untraced(std::ops::Range<usize>),
+    /// Its own (its events were processed one at a time).
+    Traced(Vec<Verdict>),
+}
+
+/// Processes `records` (`attempts`: one per record, or empty when each is
+/// a first and only attempt); a panic outside the transforms (in a sink,
+/// say) fails whichever of them had no outcome yet, and the worker lives
+/// on. One verdict per record.
 async fn process_guarded(
     pipeline: &Pipeline,
     worker: u32,
     records: &[Arc<Record>],
+    attempts: &[Attempt],
     ingest_span: &tracing::Span,
     started: Instant,
-) {
-    let processed = AssertUnwindSafe(process(pipeline, worker, records, ingest_span, started))
-        .catch_unwind()
-        .await;
-    if processed.is_err() {
-        for record in records.iter().filter(|r| r.outcome().is_none()) {
-            tracing::error!(worker, event.id = %record.event.id, "processing panicked; event marked failed");
-            fail(pipeline, record, PANICKED.into(), Duration::ZERO).await;
+) -> Vec<Verdict> {
+    let processed = AssertUnwindSafe(process(
+        pipeline,
+        worker,
+        records,
+        attempts,
+        ingest_span,
+        started,
+    ))
+    .catch_unwind()
+    .await;
+    match processed {
+        Ok(verdicts) => verdicts,
+        Err(_) => {
+            for record in records.iter().filter(|r| r.outcome().is_none()) {
+                tracing::error!(worker, event.id = %record.event.id, "processing panicked; event marked failed");
+                fail(pipeline, record, PANICKED.into(), Duration::ZERO).await;
+            }
+            pipeline.inner.feed.outcomes_changed();
+            vec![Verdict::Done; records.len()]
         }
-        pipeline.inner.feed.outcomes_changed();
     }
 }
 
@@ -181,12 +240,15 @@ async fn process(
     pipeline: &Pipeline,
     worker: u32,
     records: &[Arc<Record>],
+    attempts: &[Attempt],
     ingest_span: &tracing::Span,
     started: Instant,
-) {
+) -> Vec<Verdict> {
+    let mut verdicts = vec![Verdict::Done; records.len()];
     let Some(first) = records.first() else {
-        return;
+        return verdicts;
     };
+    let attempt = |index: usize| attempts.get(index).copied().unwrap_or_default();
     // A child of the ingest span: an untraced request's events have none.
     // (A traced request's events come here one at a time.)
     let span = telemetry::child_span(ingest_span, || {
@@ -218,7 +280,15 @@ async fn process(
         );
         let mut writer = JsonWriter::default();
         let mut failed = 0;
-        for record in records {
+        for (index, record) in records.iter().enumerate() {
+            // A redelivered event may have been published before its
+            // acknowledgement was lost: publish it at most once.
+            if attempt(index).redelivered
+                && inner.store.outcome(record).await.is_some()
+            {
+                tracing::debug!(event.id = %record.event.id, "redelivered event already processed");
+                continue;
+            }
             let transformed = telemetry::child_span(&span, || tracing::debug_span!("transform"))
                 .in_scope(|| {
                     std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -229,7 +299,7 @@ async fn process(
                 Ok(Ok(event)) => {
                     let start = lines.len();
                     writer.append(&event, &mut lines);
-                    rendered.push((record, event, start..lines.len()));
+                    rendered.push((index, record, event, start..lines.len()));
                     lines.push('\n');
                     continue;
                 }
@@ -253,11 +323,12 @@ async fn process(
         if rendered.is_empty() {
             return;
         }
+        let retryable = |index: usize| attempt(index).retryable;
         // Moved, not copied: sinks may keep the lines while they write them.
         let lines = Arc::new(lines);
         let publications: Vec<Publication<'_>> = rendered
             .iter()
-            .map(|(record, event, line)| Publication {
+            .map(|(_, record, event, line)| Publication {
                 event,
                 sequence: record.sequence,
                 json: &lines[line.clone()],
@@ -295,7 +366,7 @@ async fn process(
                 // The written events' lines, newlines included (rare: a copy).
                 let end = by_this_sink
                     .checked_sub(1)
-                    .map_or(0, |last| rendered[last].2.end + 1);
+                    .map_or(0, |last| rendered[last].3.end + 1);
                 offered_lines = Arc::new(lines[..end].to_owned());
             }
         }
@@ -311,23 +382,28 @@ async fn process(
             );
             span.record("outcome", "error");
             let error = format!("not published: {error}");
-            for (record, _, _) in unpublished {
-                fail(pipeline, record, error.clone(), processing_time).await;
-            }
-            inner
-                .sink_failures
-                .fetch_add(unpublished.len() as u64, Ordering::Relaxed);
-            failed += unpublished.len();
+            failed += give_up_or_retry(
+                pipeline,
+                unpublished.iter().map(|(index, record, _, _)| (*index, &***record)),
+                &retryable,
+                &error,
+                processing_time,
+                &mut verdicts,
+            )
+            .await;
         }
         if !published.is_empty() {
             metrics.events_processed(true, processing_time, published.len());
-            let completed: Vec<&Record> = published.iter().map(|(record, _, _)| &***record).collect();
+            let completed: Vec<&Record> = published
+                .iter()
+                .map(|(_, record, _, _)| &***record)
+                .collect();
             let set = inner.store.complete_processed(&completed, processing).await;
             drop(completed);
             // The events of one request were received together: one latency.
             // (Received → processing start is known without another clock read.)
-            for received_together in published.chunk_by(|a, b| a.0.received_at == b.0.received_at) {
-                let received_at = received_together[0].0.received_at;
+            for received_together in published.chunk_by(|a, b| a.1.received_at == b.1.received_at) {
+                let received_at = received_together[0].1.received_at;
                 metrics.end_to_end(
                     processing.processed_at.since(received_at) + processing_time,
                     received_together.len(),
@@ -335,17 +411,38 @@ async fn process(
             }
             // On the feed only once the store shows them processed: a
             // subscriber may render them from there.
-            let to_feed: Vec<Published<'_>> = published
+            let to_feed: Vec<(usize, &Record, Published<'_>)> = published
                 .iter()
                 .zip(set)
                 .filter(|(_, set)| *set)
-                .map(|((record, _, line), _)| Published {
-                    sequence: record.sequence,
-                    line: &lines[line.clone()],
+                .map(|((index, record, _, line), _)| {
+                    let published = Published {
+                        sequence: record.sequence,
+                        id: &record.event.id,
+                        processing,
+                        line: &lines[line.clone()],
+                    };
+                    (*index, &***record, published)
                 })
                 .collect();
-            inner.feed.append(&to_feed);
-            metrics.sink_result("sse", true, to_feed.len());
+            let feed: Vec<Published<'_>> = to_feed.iter().map(|(_, _, p)| *p).collect();
+            match inner.feed.append(&feed).await {
+                Ok(()) => metrics.sink_result("sse", true, feed.len()),
+                Err(error) => {
+                    metrics.sink_result("sse", false, feed.len());
+                    tracing::error!(events = feed.len(), %error, "events not published");
+                    span.record("outcome", "error");
+                    failed += give_up_or_retry(
+                        pipeline,
+                        to_feed.iter().map(|(index, record, _)| (*index, *record)),
+                        &retryable,
+                        &format!("not published: {error}"),
+                        processing_time,
+                        &mut verdicts,
+                    )
+                    .await;
+                }
+            }
         }
         if failed > 0 {
             inner.feed.outcomes_changed();
@@ -355,6 +452,36 @@ async fn process(
     }
     .instrument(span.clone())
     .await;
+    verdicts
+}
+
+/// Events that were not published: each is delivered again where its
+/// attempt allows (its verdict says so), and fails for good otherwise.
+/// Returns how many failed.
+async fn give_up_or_retry<'r>(
+    pipeline: &Pipeline,
+    unpublished: impl Iterator<Item = (usize, &'r Record)>,
+    retryable: &impl Fn(usize) -> bool,
+    error: &str,
+    processing: Duration,
+    verdicts: &mut [Verdict],
+) -> usize {
+    let mut failed = 0;
+    for (index, record) in unpublished {
+        if retryable(index) {
+            if let Some(verdict) = verdicts.get_mut(index) {
+                *verdict = Verdict::Retry;
+            }
+        } else {
+            fail(pipeline, record, error.to_owned(), processing).await;
+            failed += 1;
+        }
+    }
+    pipeline
+        .inner
+        .sink_failures
+        .fetch_add(failed as u64, Ordering::Relaxed);
+    failed
 }
 
 /// Marks `record` failed (whoever waits for it is woken by the caller,

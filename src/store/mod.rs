@@ -113,6 +113,27 @@ impl Record {
         }
     }
 
+    /// A record as a backend read it back, with its outcome if it has one.
+    pub fn with_outcome(
+        event: Event,
+        sequence: u64,
+        received_at: UnixNanos,
+        trace_id: TraceId,
+        outcome: Option<Outcome>,
+    ) -> Self {
+        let record = Self {
+            event,
+            sequence,
+            received_at,
+            trace_id,
+            outcome: OnceLock::new(),
+        };
+        if let Some(outcome) = outcome {
+            let _ = record.outcome.set(outcome);
+        }
+        record
+    }
+
     /// Current status.
     pub fn status(&self) -> Status {
         match self.outcome.get() {
@@ -165,6 +186,9 @@ pub enum StoreError {
     /// Full of pending events; nothing can be evicted.
     #[error("store is full of unprocessed events")]
     Full,
+    /// The store cannot be reached or did not answer in time.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A page of records in arrival order.
@@ -212,6 +236,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// The record for `id`.
     async fn get(&self, id: &EventId) -> Option<Arc<Record>>;
+    /// How processing of `record` ended, if it has, as the store knows it
+    /// now (a shared store learns of outcomes set by other processes).
+    async fn outcome(&self, record: &Record) -> Option<Outcome> {
+        record.outcome().cloned()
+    }
+    /// Why the store cannot take events now, if it cannot (readiness and
+    /// ingest answer 503 meanwhile).
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
     /// The record with arrival sequence `sequence`, if still held.
     async fn get_by_sequence(&self, sequence: u64) -> Option<Arc<Record>>;
     /// Removes a record that could not be queued after all.

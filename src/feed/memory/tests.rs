@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 use super::*;
 use crate::config::StoreSettings;
 use crate::event::{Event, EventId};
-use crate::store::{Insert, MemoryStore, Record};
+use crate::store::{Insert, MemoryStore, Processing, Record};
+use crate::time::UnixNanos;
 use crate::trace_id::TraceId;
 
 /// A store holding `n` events `e1..=en` (arrival sequences 1..=n).
@@ -35,14 +36,28 @@ async fn store_with(n: u64) -> (Arc<MemoryStore>, Vec<Arc<Record>>) {
 }
 
 /// Publishes the events with these arrival sequences, in this order.
-fn publish(feed: &MemoryFeed, arrivals: &[u64]) {
+async fn publish(feed: &MemoryFeed, arrivals: &[u64]) {
     let lines: Vec<String> = arrivals.iter().map(|a| format!("line-{a}")).collect();
+    let ids: Vec<EventId> = arrivals
+        .iter()
+        .map(|a| EventId::parse(&format!("e{a}")).unwrap())
+        .collect();
+    let processing = Processing {
+        worker: 0,
+        processed_at: UnixNanos::now(),
+    };
     let published: Vec<Published<'_>> = arrivals
         .iter()
         .zip(&lines)
-        .map(|(&sequence, line)| Published { sequence, line })
+        .zip(&ids)
+        .map(|((&sequence, line), id)| Published {
+            sequence,
+            id,
+            processing,
+            line,
+        })
         .collect();
-    feed.append(&published);
+    feed.append(&published).await.unwrap();
 }
 
 /// What a subscriber reads: `(publication sequence, line or stored event id)`,
@@ -75,10 +90,10 @@ async fn a_resume_after_any_sequence_replays_exactly_what_followed_then_goes_liv
     let feed = MemoryFeed::new(store, 100);
     let mut early = feed.subscribe(None);
     // Published out of arrival order, as parallel workers do.
-    publish(&feed, &[2, 1, 4]);
+    publish(&feed, &[2, 1, 4]).await;
     assert_eq!(feed.head(), 3);
     let mut resumed = feed.subscribe(Some(1));
-    publish(&feed, &[3, 6, 5]);
+    publish(&feed, &[3, 6, 5]).await;
     assert_eq!(
         read_all(&mut resumed).await,
         [
@@ -93,7 +108,7 @@ async fn a_resume_after_any_sequence_replays_exactly_what_followed_then_goes_liv
     let first_six: Vec<u64> = read_all(&mut early).await.iter().map(|r| r.0).collect();
     assert_eq!(first_six, [1, 2, 3, 4, 5, 6]);
     let mut live = feed.subscribe(None);
-    publish(&feed, &[]);
+    publish(&feed, &[]).await;
     assert!(
         read_all(&mut live).await.is_empty(),
         "live starts after the head"
@@ -104,9 +119,9 @@ async fn a_resume_after_any_sequence_replays_exactly_what_followed_then_goes_liv
 async fn lines_published_without_subscribers_are_rendered_from_the_store() {
     let (store, _) = store_with(3).await;
     let feed = MemoryFeed::new(store, 100);
-    publish(&feed, &[3, 1]);
+    publish(&feed, &[3, 1]).await;
     let mut replay = feed.subscribe(Some(0));
-    publish(&feed, &[2]);
+    publish(&feed, &[2]).await;
     assert_eq!(
         read_all(&mut replay).await,
         [
@@ -122,7 +137,7 @@ async fn what_is_no_longer_held_is_one_lagged_range() {
     let (store, records) = store_with(8).await;
     // The index holds the last four publications.
     let feed = MemoryFeed::new(store.clone(), 4);
-    publish(&feed, &[1, 2, 3, 4, 5, 6]);
+    publish(&feed, &[1, 2, 3, 4, 5, 6]).await;
     // Evicted from the store meanwhile: publication 4 (arrival 4).
     store.remove(&records[3]).await;
     let mut from_start = feed.subscribe(Some(0));
@@ -147,7 +162,7 @@ async fn what_is_no_longer_held_is_one_lagged_range() {
 async fn an_id_past_the_head_replays_everything_held() {
     let (store, _) = store_with(2).await;
     let feed = MemoryFeed::new(store, 100);
-    publish(&feed, &[1, 2]);
+    publish(&feed, &[1, 2]).await;
     // A Last-Event-ID from before a restart.
     let mut stale = feed.subscribe(Some(5000));
     let read: Vec<u64> = read_all(&mut stale).await.iter().map(|r| r.0).collect();
@@ -163,7 +178,7 @@ async fn a_waiting_reader_and_a_waiter_wake_on_append_and_outcome_changes() {
     changes.borrow_and_update();
     let reader = tokio::spawn(async move { subscription.next().await });
     tokio::task::yield_now().await;
-    publish(&feed, &[1]);
+    publish(&feed, &[1]).await;
     let items = tokio::time::timeout(Duration::from_secs(5), reader)
         .await
         .unwrap()
