@@ -292,6 +292,7 @@ fn pipeline_metrics_overhead(c: &mut Criterion) {
         let pipeline = Pipeline::new(
             pipeline_settings(),
             PipelineParts {
+                backpressure: None,
                 feed: Arc::new(MemoryFeed::new(store.clone(), 100_000)),
                 store,
                 queue: MemoryQueue::new(1 << 16),

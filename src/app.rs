@@ -25,12 +25,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, BodyBudget, LimitedListener, SharedState};
-use crate::config::Settings;
-use crate::feed::MemoryFeed;
-use crate::pipeline::{MemoryQueue, Pipeline, PipelineParts, WorkerPool};
+use crate::backend::Backend;
+use crate::config::{BackendKind, Settings};
+use crate::pipeline::{Backpressure, Pipeline, PipelineParts, WorkerPool};
 use crate::shutdown::{Phase, Readiness, Unpublished};
 use crate::sink::{Sink, build_sinks};
-use crate::store::MemoryStore;
 use crate::telemetry::TraceSampling;
 use crate::telemetry::metrics::Metrics;
 
@@ -54,7 +53,7 @@ pub struct App {
 impl App {
     /// Builds the service from settings with the configured sinks.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let sinks = build_sinks(&settings.publish.sinks);
+        let sinks = build_sinks(&settings.publish).await?;
         Self::build_with_sinks(settings, sinks).await
     }
 
@@ -69,15 +68,24 @@ impl App {
             .with_context(|| format!("cannot listen on {addr} (server.addr)"))?;
         let local_addr = listener.local_addr()?;
         let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
-        let store = Arc::new(MemoryStore::new(&settings.store));
+        let metrics = Metrics::new(&sink_names);
+        let backpressure = Backpressure::new(
+            settings.pipeline.queue_capacity,
+            settings.pipeline.queue_max_bytes,
+        );
+        // The one place the backend is chosen.
+        let backend = match settings.backend.kind {
+            BackendKind::Memory => Backend::memory(&settings),
+            BackendKind::Nats => Backend::nats(&settings, &backpressure, &metrics).await?,
+        };
         let parts = PipelineParts {
-            // The feed indexes as many publications as the store holds records.
-            feed: Arc::new(MemoryFeed::new(store.clone(), settings.store.max_events)),
-            store,
-            queue: MemoryQueue::new(settings.pipeline.queue_capacity),
+            store: backend.store,
+            queue: backend.queue,
+            feed: backend.feed,
             sinks,
+            backpressure: Some(backpressure),
             chain: None,
-            metrics: Metrics::new(&sink_names),
+            metrics,
         };
         let pipeline = Pipeline::new(settings.pipeline.clone(), parts);
         let workers = pipeline.start_workers();

@@ -26,6 +26,8 @@ pub struct Settings {
     pub publish: PublishSettings,
     /// Logging.
     pub telemetry: TelemetrySettings,
+    /// Where the store, queue and feed live.
+    pub backend: BackendSettings,
 }
 
 /// `server.*` keys.
@@ -90,6 +92,18 @@ pub struct StoreSettings {
 pub struct PublishSettings {
     /// Sinks every processed event is written to (the SSE stream is always on).
     pub sinks: Vec<SinkKind>,
+    /// The `nats` sink's server and subject.
+    pub nats: NatsSinkSettings,
+}
+
+/// `publish.nats.*` keys: the `nats` sink (memory mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSinkSettings {
+    /// Server(s), comma-separated.
+    pub url: String,
+    /// Subject every published event is sent to.
+    pub subject: String,
 }
 
 /// Declares a configuration enum read from lowercase names, whose error
@@ -139,6 +153,8 @@ named_choice!(
         Stdout = "stdout",
         /// One `tracing` event per published event.
         Log = "log",
+        /// One NATS message per published event (`publish.nats.*`).
+        Nats = "nats",
     }
 );
 
@@ -184,6 +200,81 @@ named_choice!(
         Pretty = "pretty",
     }
 );
+
+/// `backend.*` keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSettings {
+    /// `memory` (one process) or `nats` (JetStream, shared by replicas).
+    pub kind: BackendKind,
+    /// NATS server(s) of the `nats` backend, comma-separated.
+    pub nats_url: String,
+    /// Streams, consumer and limits of the `nats` backend.
+    pub nats: NatsSettings,
+}
+
+named_choice!(
+    /// Where the store, queue and feed live (`backend.kind`).
+    BackendKind, "backend", {
+        /// In this process.
+        Memory = "memory",
+        /// In NATS JetStream, shared by every replica.
+        Nats = "nats",
+    }
+);
+
+named_choice!(
+    /// Where JetStream keeps a stream (`backend.nats.storage`).
+    NatsStorage, "storage", {
+        /// On disk.
+        File = "file",
+        /// In the NATS servers' memory.
+        Memory = "memory",
+    }
+);
+
+/// `backend.nats.*` keys: the JetStream objects of the `nats` backend,
+/// created at start-up when missing and checked when present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSettings {
+    /// First token of every subject (`<prefix>.events.<key>`, ...).
+    pub subject_prefix: String,
+    /// Stream of accepted events: the queue, and the idempotency record.
+    pub events_stream: String,
+    /// Stream of published events: the feed (publication sequence).
+    pub published_stream: String,
+    /// Stream of events that failed for good.
+    pub failed_stream: String,
+    /// Durable pull consumer shared by every replica's workers.
+    pub consumer: String,
+    /// Copies of each stream in a cluster (1, 3 or 5).
+    pub replicas: usize,
+    /// `file` or `memory`.
+    pub storage: NatsStorage,
+    /// Bytes of accepted events kept; a full stream refuses new ones (503).
+    pub max_bytes: i64,
+    /// How long accepted events are kept for reads and idempotency (also
+    /// the longest a backlog may wait).
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub max_age: Duration,
+    /// Bytes of published events kept (oldest dropped first).
+    pub published_max_bytes: i64,
+    /// How long published (and failed) events are kept.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub published_max_age: Duration,
+    /// A delivery not acknowledged within this is delivered again (to
+    /// another replica, say, when this one died).
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub ack_wait: Duration,
+    /// Deliveries unacknowledged at once, across replicas.
+    pub max_ack_pending: i64,
+    /// Deliveries of one event before it fails for good.
+    pub max_deliver: i64,
+    /// Window in which the published stream drops a second publication of an id.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub duplicate_window: Duration,
+}
 
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -376,6 +467,7 @@ impl Settings {
                 ),
             ));
         }
+        self.validate_backend()?;
         if self
             .telemetry
             .log_level
@@ -388,6 +480,117 @@ impl Settings {
                     "`{}` is not a valid level directive",
                     self.telemetry.log_level
                 ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn validate_backend(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        let nats = &self.backend.nats;
+        if self.backend.kind == BackendKind::Nats && self.publish.sinks.contains(&SinkKind::Nats) {
+            return Err(invalid(
+                "publish.sinks",
+                format!(
+                    "the `nats` sink is for memory mode: with backend.kind = \"nats\" the \
+                     stream `{}` (subjects `{}.published.>`) already carries every published event",
+                    nats.published_stream, nats.subject_prefix
+                ),
+            ));
+        }
+        let urls = [
+            ("backend.nats_url", &self.backend.nats_url),
+            ("publish.nats.url", &self.publish.nats.url),
+        ];
+        for (key, urls) in urls {
+            if urls.split(',').any(|url| url.trim().is_empty()) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "`{urls}` must be a comma-separated list of servers like nats://127.0.0.1:4222"
+                    ),
+                ));
+            }
+        }
+        let subject_like = |text: &str| {
+            !text.is_empty()
+                && !text.split('.').any(|token| {
+                    token.is_empty()
+                        || token
+                            .chars()
+                            .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
+                })
+        };
+        for (key, subject) in [
+            ("backend.nats.subject_prefix", &nats.subject_prefix),
+            ("publish.nats.subject", &self.publish.nats.subject),
+        ] {
+            if !subject_like(subject) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "`{subject}` is not a NATS subject (dot-separated tokens without spaces, `*` or `>`)"
+                    ),
+                ));
+            }
+        }
+        for (key, name) in [
+            ("backend.nats.events_stream", &nats.events_stream),
+            ("backend.nats.published_stream", &nats.published_stream),
+            ("backend.nats.failed_stream", &nats.failed_stream),
+            ("backend.nats.consumer", &nats.consumer),
+        ] {
+            if !subject_like(name) || name.contains('.') {
+                return Err(invalid(
+                    key,
+                    format!("`{name}` is not a JetStream name (no dots, spaces, `*` or `>`)"),
+                ));
+            }
+        }
+        if ![1, 3, 5].contains(&nats.replicas) {
+            return Err(invalid("backend.nats.replicas", "must be 1, 3 or 5"));
+        }
+        for (key, value) in [
+            ("backend.nats.max_bytes", nats.max_bytes),
+            ("backend.nats.published_max_bytes", nats.published_max_bytes),
+            ("backend.nats.max_ack_pending", nats.max_ack_pending),
+            ("backend.nats.max_deliver", nats.max_deliver),
+        ] {
+            if value <= 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        for (key, value) in [
+            ("backend.nats.max_age", nats.max_age),
+            ("backend.nats.published_max_age", nats.published_max_age),
+            ("backend.nats.ack_wait", nats.ack_wait),
+            ("backend.nats.duplicate_window", nats.duplicate_window),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1s"));
+            }
+        }
+        // A redelivery after a lost acknowledgement must still be recognised.
+        if nats.duplicate_window < nats.ack_wait {
+            return Err(invalid(
+                "backend.nats.duplicate_window",
+                format!(
+                    "must be at least backend.nats.ack_wait ({:?})",
+                    nats.ack_wait
+                ),
+            ));
+        }
+        if nats.duplicate_window > nats.published_max_age {
+            return Err(invalid(
+                "backend.nats.duplicate_window",
+                "must be at most backend.nats.published_max_age",
             ));
         }
         Ok(())
@@ -468,6 +671,25 @@ fn defaults(
         .set_default("store.max_events", 1_000_000)?
         .set_default("store.max_bytes", 1_073_741_824_i64)?
         .set_default("publish.sinks", vec!["stdout"])?
+        .set_default("publish.nats.url", "nats://127.0.0.1:4222")?
+        .set_default("publish.nats.subject", "eventflow.published")?
+        .set_default("backend.kind", "memory")?
+        .set_default("backend.nats_url", "nats://127.0.0.1:4222")?
+        .set_default("backend.nats.subject_prefix", "eventflow")?
+        .set_default("backend.nats.events_stream", "EVENTFLOW_EVENTS")?
+        .set_default("backend.nats.published_stream", "EVENTFLOW_PUBLISHED")?
+        .set_default("backend.nats.failed_stream", "EVENTFLOW_FAILED")?
+        .set_default("backend.nats.consumer", "eventflow-workers")?
+        .set_default("backend.nats.replicas", 1)?
+        .set_default("backend.nats.storage", "file")?
+        .set_default("backend.nats.max_bytes", 1_073_741_824_i64)?
+        .set_default("backend.nats.max_age", "7d")?
+        .set_default("backend.nats.published_max_bytes", 1_073_741_824_i64)?
+        .set_default("backend.nats.published_max_age", "7d")?
+        .set_default("backend.nats.ack_wait", "30s")?
+        .set_default("backend.nats.max_ack_pending", 20_000)?
+        .set_default("backend.nats.max_deliver", 5)?
+        .set_default("backend.nats.duplicate_window", "2m")?
         .set_default("telemetry.log_format", "json")?
         .set_default("telemetry.log_level", "info")?
         .set_default("telemetry.sample_ratio", 1.0)

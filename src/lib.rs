@@ -43,10 +43,12 @@
 
 pub mod api;
 pub mod app;
+pub mod backend;
 pub mod config;
 pub mod event;
 pub mod feed;
 pub mod healthcheck;
+pub mod nats;
 pub mod pipeline;
 pub mod shutdown;
 pub mod sink;

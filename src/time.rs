@@ -16,6 +16,16 @@ impl UnixNanos {
         Self::from(SystemTime::now())
     }
 
+    /// Nanoseconds since the Unix epoch.
+    pub fn as_nanos(self) -> u64 {
+        self.0
+    }
+
+    /// The time `nanos` nanoseconds after the Unix epoch.
+    pub fn from_nanos(nanos: u64) -> Self {
+        Self(nanos)
+    }
+
     /// Time from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Self) -> Duration {
         Duration::from_nanos(self.0.saturating_sub(earlier.0))

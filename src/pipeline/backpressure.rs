@@ -47,6 +47,12 @@ impl Permit {
         self.bytes.num_permits()
     }
 
+    /// Adds the room `other` holds to this permit.
+    pub fn merge(&mut self, other: Permit) {
+        self.slots.merge(other.slots);
+        self.bytes.merge(other.bytes);
+    }
+
     /// Moves the room of `events` events totalling `bytes` bytes into a new
     /// permit, or `None` (and nothing moves) when this one holds less.
     pub fn split(&mut self, events: usize, bytes: usize) -> Option<Permit> {
@@ -68,6 +74,22 @@ impl Backpressure {
             bytes: Arc::new(Semaphore::new(max_bytes)),
             capacity,
             max_bytes,
+        }
+    }
+
+    /// Takes room for `events` events totalling `bytes` bytes, waiting
+    /// until there is some (deliveries a replica pulls wait; requests
+    /// never do).
+    pub async fn acquire(&self, events: usize, bytes: usize) -> Permit {
+        // Asking for more than the budget would wait forever.
+        let events = u32::try_from(events.min(self.capacity)).unwrap_or(u32::MAX);
+        let bytes = u32::try_from(bytes.min(self.max_bytes)).unwrap_or(u32::MAX);
+        // The semaphores are never closed, so these cannot fail.
+        let slots = Arc::clone(&self.slots).acquire_many_owned(events).await;
+        let bytes = Arc::clone(&self.bytes).acquire_many_owned(bytes).await;
+        match (slots, bytes) {
+            (Ok(slots), Ok(bytes)) => Permit { slots, bytes },
+            _ => unreachable!("the backpressure semaphores are never closed"),
         }
     }
 

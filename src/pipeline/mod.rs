@@ -88,6 +88,9 @@ pub struct PipelineParts {
     pub feed: Arc<dyn Feed>,
     /// Where processed events are published.
     pub sinks: Vec<Arc<dyn Sink>>,
+    /// Room in the pipeline (`None`: sized from the settings). A backend
+    /// that pulls deliveries shares it with ingest.
+    pub backpressure: Option<Backpressure>,
     /// Transform chain (`None`: the one named in the settings).
     pub chain: Option<TransformChain>,
     /// Instrumentation.
@@ -97,7 +100,9 @@ pub struct PipelineParts {
 impl Pipeline {
     /// Wires a pipeline; workers are started separately.
     pub fn new(settings: PipelineSettings, parts: PipelineParts) -> Self {
-        let backpressure = Backpressure::new(settings.queue_capacity, settings.queue_max_bytes);
+        let backpressure = parts.backpressure.unwrap_or_else(|| {
+            Backpressure::new(settings.queue_capacity, settings.queue_max_bytes)
+        });
         let chain = parts
             .chain
             .unwrap_or_else(|| TransformChain::from_kinds(&settings.transforms));

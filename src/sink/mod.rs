@@ -7,6 +7,7 @@
 //! append to after the sinks.)
 
 mod log;
+mod nats;
 mod stdout;
 
 use std::fmt;
@@ -14,10 +15,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::SinkKind;
+use crate::config::{PublishSettings, SinkKind};
 use crate::event::PublishedEvent;
 
 pub use log::LogSink;
+pub use nats::NatsSink;
 pub use stdout::StdoutSink;
 
 /// A published event together with its JSON form.
@@ -143,15 +145,21 @@ pub trait Sink: Send + Sync + fmt::Debug {
     }
 }
 
-/// Builds the sinks named in `publish.sinks`.
-pub fn build_sinks(kinds: &[SinkKind]) -> Vec<Arc<dyn Sink>> {
-    kinds
-        .iter()
-        .map(|kind| -> Arc<dyn Sink> {
-            match kind {
-                SinkKind::Stdout => Arc::new(StdoutSink::stdout()),
-                SinkKind::Log => Arc::new(LogSink),
+/// Builds the sinks named in `publish.sinks` (connecting to NATS for the
+/// `nats` sink).
+pub async fn build_sinks(
+    settings: &PublishSettings,
+) -> Result<Vec<Arc<dyn Sink>>, crate::nats::ConnectError> {
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(settings.sinks.len());
+    for kind in &settings.sinks {
+        sinks.push(match kind {
+            SinkKind::Stdout => Arc::new(StdoutSink::stdout()),
+            SinkKind::Log => Arc::new(LogSink),
+            SinkKind::Nats => {
+                let client = crate::nats::connect(&settings.nats.url, "eventflow-sink").await?;
+                Arc::new(NatsSink::new(client, &settings.nats.subject))
             }
-        })
-        .collect()
+        });
+    }
+    Ok(sinks)
 }

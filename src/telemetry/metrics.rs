@@ -63,6 +63,14 @@ pub mod names {
     pub const BUILD_INFO: &str = "eventflow_build_info";
     /// 1 while a sink can write, 0 once it is broken, by `sink`.
     pub const SINK_UP: &str = "eventflow_sink_up";
+    /// Gauge (nats backend): accepted events no replica has been handed yet.
+    pub const NATS_PENDING: &str = "eventflow_nats_consumer_pending";
+    /// Gauge (nats backend): deliveries handed out and not yet acknowledged.
+    pub const NATS_ACK_PENDING: &str = "eventflow_nats_ack_pending";
+    /// Counter (nats backend): deliveries this replica got that had been delivered before.
+    pub const NATS_REDELIVERIES: &str = "eventflow_nats_redeliveries_total";
+    /// Histogram (nats backend): time for JetStream to acknowledge an ingest request's events.
+    pub const NATS_PUBLISH_ACK: &str = "eventflow_nats_publish_ack_seconds";
 }
 
 /// Histogram buckets in seconds: 50 µs to 10 s, about three per decade.
@@ -331,6 +339,23 @@ impl Metrics {
         }
     }
 
+    /// A gauge of `name` (no labels); a no-op when disabled.
+    pub fn gauge(&self, name: &'static str) -> Gauge {
+        match &self.recorder {
+            Some(recorder) => recorder.register_gauge(&key(name, &[]), &METADATA),
+            None => Gauge::noop(),
+        }
+    }
+
+    /// A histogram of `name` (no labels, the service's buckets); a no-op
+    /// when disabled.
+    pub fn histogram(&self, name: &'static str) -> Histogram {
+        match &self.recorder {
+            Some(recorder) => recorder.register_histogram(&key(name, &[]), &METADATA),
+            None => Histogram::noop(),
+        }
+    }
+
     /// Whether sink `sink` can write (set at scrape time).
     pub fn sink_up(&self, sink: &str, up: bool) {
         if let Some(counters) = self.sinks.get(sink) {
@@ -520,6 +545,26 @@ fn describe(recorder: &PrometheusRecorder) {
             names::SINK_UP,
             "1 while a sink can write, 0 once a write failed and it is broken",
             None,
+        ),
+        (
+            names::NATS_PENDING,
+            "nats backend: accepted events not yet handed to any replica (stream lag)",
+            None,
+        ),
+        (
+            names::NATS_ACK_PENDING,
+            "nats backend: deliveries handed out and not yet acknowledged",
+            None,
+        ),
+        (
+            names::NATS_REDELIVERIES,
+            "nats backend: deliveries this replica received that had been delivered before",
+            None,
+        ),
+        (
+            names::NATS_PUBLISH_ACK,
+            "nats backend: time for JetStream to acknowledge an ingest request's events",
+            Some(Unit::Seconds),
         ),
     ];
     for (name, text, unit) in help {

@@ -253,6 +253,37 @@ pub fn remote_parent(headers: &axum::http::HeaderMap) -> Option<SpanContext> {
     span_context.is_valid().then_some(span_context)
 }
 
+/// The W3C `traceparent` of `span`, written by OpenTelemetry's
+/// propagator, so that work done elsewhere (another replica) can join its
+/// trace; `None` when `span` is not traced.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    if span.is_none() {
+        return None;
+    }
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// The span context of a W3C `traceparent` value, read by OpenTelemetry's
+/// propagator; `None` when it is not valid.
+pub fn parent_from_traceparent(traceparent: &str) -> Option<SpanContext> {
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    let span_context = parent.span().span_context().clone();
+    span_context.is_valid().then_some(span_context)
+}
+
+/// Makes `span` a child of `parent` (a remote span context).
+pub fn set_parent_context(span: &tracing::Span, parent: SpanContext) {
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
+}
+
 /// Makes `span` a child of the W3C `traceparent` in `headers`, if any.
 pub fn set_remote_parent(span: &tracing::Span, headers: &axum::http::HeaderMap) {
     if let Some(parent) = remote_parent(headers) {

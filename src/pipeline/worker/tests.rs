@@ -114,6 +114,7 @@ fn pipeline_with_metrics(
     Pipeline::new(
         settings,
         PipelineParts {
+            backpressure: None,
             feed: Arc::new(MemoryFeed::new(store.clone(), 1000)),
             store,
             queue: MemoryQueue::new(capacity),

@@ -1,0 +1,59 @@
+//! Where the store, the queue and the published-events feed live, chosen
+//! once at start-up from `backend.kind`:
+//!
+//! - `memory` (default): [`MemoryStore`], [`MemoryQueue`] and
+//!   [`MemoryFeed`], in this process;
+//! - `nats`: [`nats`], on JetStream streams and a durable pull consumer
+//!   shared by every replica.
+//!
+//! Handlers and workers see only the traits ([`Store`], [`Queue`],
+//! [`Feed`]).
+
+pub mod nats;
+
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::feed::{Feed, MemoryFeed};
+use crate::pipeline::{Backpressure, MemoryQueue, Queue};
+use crate::store::{MemoryStore, Store};
+use crate::telemetry::metrics::Metrics;
+
+/// A backend's three parts.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Accepted events and their outcomes.
+    pub store: Arc<dyn Store>,
+    /// Between ingest and the workers.
+    pub queue: Arc<dyn Queue>,
+    /// Published events in publication order.
+    pub feed: Arc<dyn Feed>,
+}
+
+impl Backend {
+    /// The one-process backend.
+    pub fn memory(settings: &Settings) -> Self {
+        let store = Arc::new(MemoryStore::new(&settings.store));
+        Self {
+            // The feed indexes as many publications as the store holds records.
+            feed: Arc::new(MemoryFeed::new(store.clone(), settings.store.max_events)),
+            store,
+            queue: MemoryQueue::new(settings.pipeline.queue_capacity),
+        }
+    }
+
+    /// The JetStream backend: connects, creates or checks its streams and
+    /// consumer, and starts fetching deliveries (bounded by `backpressure`).
+    pub async fn nats(
+        settings: &Settings,
+        backpressure: &Backpressure,
+        metrics: &Metrics,
+    ) -> Result<Self, nats::BackendError> {
+        let parts = nats::open(settings, backpressure, metrics).await?;
+        Ok(Self {
+            store: parts.store,
+            queue: parts.queue,
+            feed: parts.feed,
+        })
+    }
+}

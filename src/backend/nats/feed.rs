@@ -1,0 +1,307 @@
+//! The JetStream feed: the published stream. Its stream sequence is the
+//! publication sequence (gap-free, the same on every replica); a
+//! subscriber is an ordered consumer starting after its `Last-Event-ID`;
+//! a second publication of an id (a redelivery whose acknowledgement was
+//! lost) is dropped by the stream's duplicate window (`Nats-Msg-Id`).
+//!
+//! Each replica follows the stream's head (headers only) so that
+//! `?wait=published` wakes when any replica publishes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::{self};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, Subjects};
+use crate::feed::{Feed, FeedError, FeedItem, FeedLine, Published, Subscription};
+
+/// Most items a subscriber takes at once.
+const READ_BATCH: usize = 256;
+/// Pause before following the stream again after an error.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The published-events feed on JetStream.
+#[derive(Debug)]
+pub struct NatsFeed {
+    js: jetstream::Context,
+    published: Stream,
+    subjects: Subjects,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// The highest publication sequence seen (bumped on outcome changes too).
+    changes: watch::Sender<u64>,
+    subscribers: AtomicUsize,
+}
+
+impl Shared {
+    fn seen(&self, sequence: u64) {
+        self.changes.send_if_modified(|head| {
+            let newer = sequence > *head;
+            if newer {
+                *head = sequence;
+            }
+            newer
+        });
+    }
+}
+
+impl NatsFeed {
+    /// A feed on `published`, following its head from `last_sequence`.
+    pub(super) fn start(
+        js: jetstream::Context,
+        published: Stream,
+        subjects: Subjects,
+        last_sequence: u64,
+    ) -> Self {
+        let (changes, _) = watch::channel(last_sequence);
+        let shared = Arc::new(Shared {
+            changes,
+            subscribers: AtomicUsize::new(0),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(follow(
+            published.clone(),
+            Arc::clone(&shared),
+            last_sequence,
+            stop.clone(),
+        ));
+        Self {
+            js,
+            published,
+            subjects,
+            shared,
+            stop,
+        }
+    }
+}
+
+impl Drop for NatsFeed {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Keeps `shared.changes` at the stream's head.
+async fn follow(published: Stream, shared: Arc<Shared>, mut head: u64, stop: CancellationToken) {
+    loop {
+        let config = pull::OrderedConfig {
+            headers_only: true,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: head + 1,
+            },
+            ..Default::default()
+        };
+        let messages = async { published.create_consumer(config).await?.messages().await };
+        let mut messages = tokio::select! {
+            () = stop.cancelled() => return,
+            messages = messages => match messages {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::debug!(%error, "following the published stream failed");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            },
+        };
+        loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => return,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    if let Ok(info) = message.info() {
+                        head = head.max(info.stream_sequence);
+                        shared.seen(head);
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "following the published stream failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+#[async_trait]
+impl Feed for NatsFeed {
+    async fn append(&self, events: &[Published<'_>]) -> Result<(), FeedError> {
+        let mut sent = Vec::with_capacity(events.len());
+        for event in events {
+            let publish = PublishMessage::build()
+                .payload(Bytes::copy_from_slice(event.line.as_bytes()))
+                .headers(codec::published_headers(
+                    event.sequence,
+                    event.processing.worker,
+                    event.processing.processed_at,
+                ))
+                .message_id(event.id.as_str());
+            sent.push(
+                self.js
+                    .send_publish(self.subjects.published_event(event.id), publish)
+                    .await,
+            );
+        }
+        let mut failure = None;
+        let mut head = 0;
+        for sent in sent {
+            let acked = match sent {
+                Ok(ack) => ack.await,
+                Err(error) => Err(error),
+            };
+            match acked {
+                Ok(ack) => head = head.max(ack.sequence),
+                Err(error) => failure = Some(error.to_string()),
+            }
+        }
+        self.shared.seen(head);
+        match failure {
+            None => Ok(()),
+            Some(error) => Err(FeedError(error)),
+        }
+    }
+
+    fn outcomes_changed(&self) {
+        self.shared.changes.send_modify(|_| {});
+    }
+
+    fn head(&self) -> u64 {
+        *self.shared.changes.borrow()
+    }
+
+    fn subscribe(&self, after: Option<u64>) -> Box<dyn Subscription> {
+        self.shared.subscribers.fetch_add(1, Ordering::Relaxed);
+        Box::new(NatsSubscription {
+            published: self.published.clone(),
+            shared: Arc::clone(&self.shared),
+            next: after.map(|after| after.saturating_add(1)),
+            messages: None,
+        })
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    fn subscribers(&self) -> usize {
+        self.shared.subscribers.load(Ordering::Relaxed)
+    }
+}
+
+/// A reader of the published stream.
+struct NatsSubscription {
+    published: Stream,
+    shared: Arc<Shared>,
+    /// The publication sequence expected next (`None`: from the first new one).
+    next: Option<u64>,
+    messages: Option<pull::Ordered>,
+}
+
+impl std::fmt::Debug for NatsSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSubscription")
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for NatsSubscription {
+    fn drop(&mut self) {
+        self.shared.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An ordered consumer of `published` from publication sequence `next`
+/// (`None`: new ones only).
+async fn open(published: Stream, next: Option<u64>) -> Result<pull::Ordered, String> {
+    {
+        let deliver_policy = match next {
+            Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+            None => DeliverPolicy::New,
+        };
+        let config = pull::OrderedConfig {
+            deliver_policy,
+            ..Default::default()
+        };
+        let consumer = published
+            .create_consumer(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        consumer.messages().await.map_err(|e| e.to_string())
+    }
+}
+
+impl NatsSubscription {
+    /// The item for a message, after a `lagged` item for what it skips.
+    fn items(&mut self, message: &jetstream::Message, items: &mut Vec<FeedItem>) {
+        let Ok(info) = message.info() else { return };
+        let sequence = info.stream_sequence;
+        if let Some(next) = self.next
+            && sequence > next
+        {
+            // Aged out of the stream before this reader got to them.
+            items.push(FeedItem::Lagged {
+                from: next,
+                to: sequence - 1,
+            });
+        }
+        self.next = Some(sequence + 1);
+        items.push(FeedItem::Event {
+            publish_seq: sequence,
+            line: FeedLine::Json(Arc::from(String::from_utf8_lossy(&message.payload))),
+        });
+    }
+}
+
+#[async_trait]
+impl Subscription for NatsSubscription {
+    async fn next(&mut self) -> Option<Vec<FeedItem>> {
+        loop {
+            let mut messages = match self.messages.take() {
+                Some(messages) => messages,
+                None => match open(self.published.clone(), self.next).await {
+                    Ok(messages) => messages,
+                    Err(error) => {
+                        tracing::debug!(%error, "subscribing to the published stream failed");
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                },
+            };
+            let mut items = Vec::new();
+            match messages.next().await {
+                Some(Ok(message)) => self.items(&message, &mut items),
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "reading the published stream failed");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+                None => continue,
+            }
+            while items.len() < READ_BATCH {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(message))) => self.items(&message, &mut items),
+                    _ => break,
+                }
+            }
+            self.messages = Some(messages);
+            return Some(items);
+        }
+    }
+}
