@@ -269,7 +269,8 @@ pub struct NatsSettings {
     pub ack_wait: Duration,
     /// Deliveries unacknowledged at once, across replicas.
     pub max_ack_pending: i64,
-    /// Deliveries of one event before it fails for good.
+    /// Deliveries of one event before it fails for good (retries wait 1 s,
+    /// doubling up to `ack_wait`: the default 10 spans about 3 minutes).
     pub max_deliver: i64,
     /// Window in which the published stream drops a second publication of an id.
     #[serde(deserialize_with = "duration::deserialize")]
@@ -688,7 +689,7 @@ fn defaults(
         .set_default("backend.nats.published_max_age", "7d")?
         .set_default("backend.nats.ack_wait", "30s")?
         .set_default("backend.nats.max_ack_pending", 20_000)?
-        .set_default("backend.nats.max_deliver", 5)?
+        .set_default("backend.nats.max_deliver", 10)?
         .set_default("backend.nats.duplicate_window", "2m")?
         .set_default("telemetry.log_format", "json")?
         .set_default("telemetry.log_level", "info")?

@@ -11,6 +11,7 @@ mod health;
 mod helpers;
 mod list;
 mod metrics;
+mod nats;
 mod prometheus;
 mod publication;
 mod shutdown;

@@ -190,7 +190,9 @@ impl Feed for NatsFeed {
         Box::new(NatsSubscription {
             published: self.published.clone(),
             shared: Arc::clone(&self.shared),
-            next: after.map(|after| after.saturating_add(1)),
+            // New ones only: from what this replica knows is the head now
+            // (an event published just before may be replayed, never missed).
+            next: Some(after.unwrap_or_else(|| self.head()).saturating_add(1)),
             messages: None,
         })
     }
@@ -208,7 +210,7 @@ impl Feed for NatsFeed {
 struct NatsSubscription {
     published: Stream,
     shared: Arc<Shared>,
-    /// The publication sequence expected next (`None`: from the first new one).
+    /// The publication sequence expected next.
     next: Option<u64>,
     messages: Option<pull::Ordered>,
 }

@@ -178,6 +178,7 @@ pub async fn open(
         consumer.clone(),
         backpressure.clone(),
         nats.max_deliver,
+        nats.ack_wait,
         settings.pipeline.workers,
         metrics.counter(names::NATS_REDELIVERIES, &[]),
     );

@@ -33,6 +33,8 @@ use crate::telemetry;
 const FETCH_MAX: usize = 256;
 /// How long one pull waits for deliveries before asking again.
 const FETCH_EXPIRES: Duration = Duration::from_secs(1);
+/// How long past its expiry a pull is waited for.
+const FETCH_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed pull (NATS unreachable, say).
 const FETCH_RETRY: Duration = Duration::from_millis(250);
 
@@ -54,6 +56,7 @@ impl NatsQueue {
         consumer: Consumer<pull::Config>,
         backpressure: Backpressure,
         max_deliver: i64,
+        ack_wait: Duration,
         workers: usize,
         redeliveries: metrics::Counter,
     ) -> Arc<Self> {
@@ -64,6 +67,7 @@ impl NatsQueue {
             consumer,
             backpressure,
             max_deliver,
+            ack_wait,
             sender,
             waiting: Arc::clone(&waiting),
             redeliveries,
@@ -111,8 +115,9 @@ impl Queue for NatsQueue {
     }
 }
 
-/// Acknowledges one item's deliveries.
-struct Acks(Vec<Acker>);
+/// Acknowledges one item's deliveries; each with the delay before its
+/// redelivery should it be retried.
+struct Acks(Vec<(Acker, Duration)>);
 
 impl std::fmt::Debug for Acks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -123,9 +128,9 @@ impl std::fmt::Debug for Acks {
 #[async_trait]
 impl Acknowledge for Acks {
     async fn settle(self: Box<Self>, verdicts: &[Verdict]) {
-        for (index, acker) in self.0.into_iter().enumerate() {
+        for (index, (acker, delay)) in self.0.into_iter().enumerate() {
             let kind = match verdicts.get(index) {
-                Some(Verdict::Retry) => AckKind::Nak(None),
+                Some(Verdict::Retry) => AckKind::Nak(Some(delay)),
                 _ => AckKind::Ack,
             };
             if let Err(error) = acker.ack_with(kind).await {
@@ -141,6 +146,7 @@ struct Fetcher {
     consumer: Consumer<pull::Config>,
     backpressure: Backpressure,
     max_deliver: i64,
+    ack_wait: Duration,
     sender: async_channel::Sender<QueuedEvents>,
     waiting: Arc<AtomicUsize>,
     /// `eventflow_nats_redeliveries_total`.
@@ -152,7 +158,7 @@ struct Fetcher {
 struct Pulled {
     records: Vec<Arc<Record>>,
     attempts: Vec<Attempt>,
-    ackers: Vec<Acker>,
+    ackers: Vec<(Acker, Duration)>,
     bytes: usize,
     /// The span of a traced event (which is then alone in its item).
     span: Option<tracing::Span>,
@@ -163,6 +169,8 @@ struct Pull {
     record: Record,
     attempt: Attempt,
     acker: Acker,
+    /// How long to wait before delivering it again, should it be retried.
+    retry_after: Duration,
     /// The ingest span's context, when the request was traced.
     parent: Option<SpanContext>,
 }
@@ -176,30 +184,40 @@ impl Fetcher {
                 () = stop.cancelled() => break,
                 room = self.backpressure.acquire(FETCH_MAX, 0) => room,
             };
+            let pull = self
+                .consumer
+                .batch()
+                .max_messages(FETCH_MAX)
+                .expires(FETCH_EXPIRES)
+                .messages();
             let batch = tokio::select! {
                 () = stop.cancelled() => break,
-                batch = self
-                    .consumer
-                    .batch()
-                    .max_messages(FETCH_MAX)
-                    .expires(FETCH_EXPIRES)
-                    .messages() => batch,
+                batch = tokio::time::timeout(FETCH_EXPIRES + FETCH_GRACE, pull) => batch,
             };
             let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(error) => {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(error)) => {
                     tracing::debug!(%error, "pulling deliveries failed");
                     tokio::time::sleep(FETCH_RETRY).await;
                     continue;
                 }
+                Err(_) => {
+                    tracing::debug!("a pull request was not answered; pulling again");
+                    continue;
+                }
             };
             let mut pulled = Pulled::default();
+            let mut failed = false;
             loop {
                 // What has arrived goes to the workers at once; the pull
                 // itself may run on until it expires.
                 let next = if pulled.records.is_empty() {
+                    // A pull whose server end was lost (its consumer's
+                    // leader moved to another node) would never end: it is
+                    // given up a little after it should have expired.
                     tokio::select! {
                         () = stop.cancelled() => None,
+                        () = tokio::time::sleep(FETCH_EXPIRES + FETCH_GRACE) => None,
                         next = batch.next() => next,
                     }
                 } else {
@@ -214,11 +232,15 @@ impl Fetcher {
                 let message = match next {
                     Some(Ok(message)) => message,
                     Some(Err(error)) => {
+                        // No consumer leader for a moment (a cluster node
+                        // lost), say: ask again shortly, not at once.
                         tracing::debug!(%error, "a pull ended with an error");
+                        failed = true;
                         break;
                     }
                     None => break,
                 };
+                tracing::trace!("delivery pulled");
                 let Some(mut pull) = self.read(message) else {
                     continue;
                 };
@@ -242,6 +264,10 @@ impl Fetcher {
             }
             self.queue(pulled, &mut room).await;
             // Unused room goes back as `room` drops.
+            drop(room);
+            if failed {
+                tokio::time::sleep(FETCH_RETRY).await;
+            }
         }
         // Ends the queue once the workers have taken what was pulled.
         self.sender.close();
@@ -270,6 +296,7 @@ impl Fetcher {
                     retryable: delivered < self.max_deliver,
                 },
                 acker,
+                retry_after: retry_delay(delivered, self.ack_wait),
                 parent: codec::traceparent(headers).and_then(telemetry::parent_from_traceparent),
             }),
             Err(error) => {
@@ -320,11 +347,36 @@ impl Fetcher {
     }
 }
 
+/// The delay before the next delivery of an event that could not be
+/// published on its `delivered`th delivery: 1 s, doubling, at most
+/// `ack_wait`. A sink or JetStream that fails for a moment (a cluster
+/// electing a leader) is waited out rather than used up in a burst of
+/// redeliveries.
+fn retry_delay(delivered: i64, ack_wait: Duration) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
+    Duration::from_secs(1u64 << doublings).min(ack_wait)
+}
+
 impl Pulled {
     fn add(&mut self, pull: Pull) {
         self.bytes += event_footprint(&pull.record.event);
         self.records.push(Arc::new(pull.record));
         self.attempts.push(pull.attempt);
-        self.ackers.push(pull.acker);
+        self.ackers.push((pull.acker, pull.retry_after));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_up_to_the_ack_wait() {
+        let ack_wait = Duration::from_secs(30);
+        let delays: Vec<u64> = (1..=7)
+            .map(|n| retry_delay(n, ack_wait).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(retry_delay(i64::MAX, ack_wait), ack_wait);
     }
 }

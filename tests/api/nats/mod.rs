@@ -1,0 +1,524 @@
+//! The `nats` backend against a real `nats-server`: replicas sharing one
+//! pipeline, exactly-once publication, reads and SSE across replicas, and
+//! faults (a replica killed, NATS stopped, a cluster node lost).
+
+mod server;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use eventflow::config::{BackendKind, Settings};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use crate::binary;
+use crate::helpers::{TestApp, event, spawn_app_with};
+
+/// A replica in this process on the NATS at `url`.
+async fn replica(url: &str, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with(
+        |settings| {
+            settings.backend.kind = BackendKind::Nats;
+            settings.backend.nats_url = url.to_owned();
+            configure(settings);
+        },
+        Vec::new(),
+    )
+    .await
+}
+
+/// The ids on the published stream, in publication order, once it holds at
+/// least `expected` messages (bounded wait).
+async fn published_ids(url: &str, expected: usize) -> Vec<String> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // A cluster that just lost a node may take a moment to answer.
+    let stream = loop {
+        match js.get_stream("EVENTFLOW_PUBLISHED").await {
+            Ok(stream) => break stream,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "published stream: {error}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    loop {
+        let held = stream
+            .get_info()
+            .await
+            .map_or(0, |info| info.state.messages);
+        if held >= expected as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the published stream holds {held} messages, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Read from the start again after any error (a cluster electing a
+    // new leader), until every message was read in one go.
+    'read: loop {
+        assert!(
+            Instant::now() < deadline,
+            "the published stream was not readable"
+        );
+        let Ok(info) = stream.get_info().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let held = info.state.messages;
+        let config = pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        };
+        let messages = match stream.create_consumer(config).await {
+            Ok(consumer) => consumer.messages().await,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Ok(mut messages) = messages else { continue };
+        let mut ids = Vec::new();
+        while (ids.len() as u64) < held {
+            match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+                Ok(Some(Ok(message))) => {
+                    let line: Value = serde_json::from_slice(&message.payload).unwrap();
+                    ids.push(line["id"].as_str().unwrap().to_owned());
+                }
+                _ => continue 'read,
+            }
+        }
+        return ids;
+    }
+}
+
+/// How often each id occurs.
+fn counts<'a>(ids: impl IntoIterator<Item = &'a str>) -> HashMap<&'a str, usize> {
+    let mut counts = HashMap::new();
+    for id in ids {
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Waits (bounded) until the replicas' stdouts hold `n` lines in all.
+async fn stdout_ids(replicas: &[TestApp], n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines: Vec<Value> = replicas.iter().flat_map(|r| r.stdout.lines()).collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines
+                .iter()
+                .map(|line| line["id"].as_str().unwrap().to_owned())
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_pipeline_and_publish_each_event_exactly_once() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let replicas = vec![
+        replica(&nats.url(), |_| {}).await,
+        replica(&nats.url(), |_| {}).await,
+        replica(&nats.url(), |_| {}).await,
+    ];
+    let ids: Vec<String> = (0..3000).map(|i| format!("rr-{i}")).collect();
+    let statuses: Vec<u16> = futures_util::stream::iter(ids.iter().enumerate())
+        .map(|(i, id)| {
+            let app = &replicas[i % 3];
+            async move { app.post_event(&event(id, "p")).await.status().as_u16() }
+        })
+        .buffer_unordered(24)
+        .collect()
+        .await;
+    assert!(
+        statuses.iter().all(|&s| s == 202),
+        "{:?}",
+        counts_of(&statuses)
+    );
+
+    // Published exactly once: across the replicas' stdout, and on the stream.
+    let written = stdout_ids(&replicas, ids.len()).await;
+    let per_id = counts(written.iter().map(String::as_str));
+    assert_eq!(written.len(), ids.len(), "stdout lines across replicas");
+    assert!(ids.iter().all(|id| per_id.get(id.as_str()) == Some(&1)));
+    let busy = replicas
+        .iter()
+        .filter(|r| !r.stdout.lines().is_empty())
+        .count();
+    assert!(busy >= 2, "the work is shared: {busy} replicas published");
+    let on_stream = published_ids(&nats.url(), ids.len()).await;
+    assert_eq!(on_stream.len(), ids.len());
+    assert_eq!(
+        on_stream.iter().collect::<HashSet<_>>().len(),
+        ids.len(),
+        "no id twice on the published stream"
+    );
+
+    // Any replica answers for any event.
+    for id in ids.iter().step_by(251) {
+        for app in &replicas {
+            let record: Value = app
+                .get(&format!("/events/{id}"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(record["status"], "processed", "{record}");
+            assert_eq!(record["result"]["payload"], "P");
+        }
+    }
+
+    // The same id at two replicas at once: one is accepted, one is a duplicate.
+    for k in 0..20 {
+        let racing = event(&format!("race-{k}"), "same");
+        let (a, b) = tokio::join!(
+            replicas[k % 3].post_event(&racing),
+            replicas[(k + 1) % 3].post_event(&racing)
+        );
+        let mut both = [a.status().as_u16(), b.status().as_u16()];
+        both.sort_unstable();
+        assert_eq!(both, [200, 202], "race-{k}");
+    }
+    // And other content under a taken id is a conflict on every replica.
+    for app in &replicas {
+        let response = app.post_event(&event("race-0", "different")).await;
+        assert_eq!(response.status(), 409);
+    }
+}
+
+/// The event id of an SSE message's data.
+fn data_id(data: &str) -> String {
+    let event: Value = serde_json::from_str(data).unwrap();
+    event["id"].as_str().unwrap().to_owned()
+}
+
+fn counts_of(statuses: &[u16]) -> HashMap<u16, usize> {
+    let mut counts = HashMap::new();
+    for status in statuses {
+        *counts.entry(*status).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_replica_sees_events_ingested_on_another_and_resumes_on_a_third() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let a = replica(&nats.url(), |_| {}).await;
+    let b = replica(&nats.url(), |_| {}).await;
+    let c = replica(&nats.url(), |_| {}).await;
+    let mut on_a = a.subscribe(None).await;
+    for i in 0..8 {
+        assert_eq!(
+            b.post_event(&event(&format!("sse-{i}"), "x"))
+                .await
+                .status(),
+            202
+        );
+    }
+    // Publication order is the workers' (two of them), not arrival order:
+    // the ids are B's, the sequences 1..=8 without a gap.
+    let mut seen = Vec::new();
+    while seen.len() < 8 {
+        let message = on_a
+            .next(Duration::from_secs(10))
+            .await
+            .expect("A's subscriber gets B's events");
+        seen.push((message.id.clone(), data_id(&message.data)));
+    }
+    let sequences: Vec<&str> = seen.iter().map(|(seq, _)| seq.as_str()).collect();
+    assert_eq!(sequences, ["1", "2", "3", "4", "5", "6", "7", "8"]);
+    let ids: HashSet<String> = seen.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids, (0..8).map(|i| format!("sse-{i}")).collect());
+    // Resumed on C after publication 3: exactly what A saw after it.
+    let mut on_c = c.subscribe(Some(3)).await;
+    let mut resumed = Vec::new();
+    while resumed.len() < 5 {
+        let message = on_c
+            .next(Duration::from_secs(10))
+            .await
+            .expect("C replays what followed");
+        resumed.push((message.id.clone(), data_id(&message.data)));
+    }
+    assert_eq!(resumed, seen[3..]);
+    assert!(
+        on_c.next(Duration::from_millis(300)).await.is_none(),
+        "nothing more"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nats_is_down_ingest_gets_503_in_time_and_the_service_recovers_by_itself() {
+    let Some(mut nats) = server::single().await else {
+        return;
+    };
+    let app = replica(&nats.url(), |settings| {
+        settings.server.request_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut accepted = Vec::new();
+    for i in 0..50 {
+        let id = format!("before-{i}");
+        assert_eq!(app.post_event(&event(&id, "x")).await.status(), 202);
+        accepted.push(id);
+    }
+
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.get("/readyz").await.status() != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "readiness turns 503 without NATS"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let readiness: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(readiness["status"], "backend_unavailable", "{readiness}");
+    for i in 0..10 {
+        let started = Instant::now();
+        let response = app.post_event(&event(&format!("during-{i}"), "x")).await;
+        assert_eq!(response.status(), 503, "ingest during the outage");
+        assert!(response.headers().contains_key("retry-after"));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let batch = app
+            .post_batch(vec![event(&format!("during-batch-{i}"), "x")])
+            .await;
+        assert_eq!(batch.status(), 503, "batch ingest during the outage");
+    }
+
+    nats.start();
+    nats.wait_healthy().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.get("/readyz").await.status() != 200 {
+        assert!(Instant::now() < deadline, "ready again once NATS is back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..50 {
+        let id = format!("after-{i}");
+        assert_eq!(app.post_event(&event(&id, "x")).await.status(), 202);
+        accepted.push(id);
+    }
+    for id in &accepted {
+        app.wait_for_status(id, "processed").await;
+    }
+    let on_stream = published_ids(&nats.url(), accepted.len()).await;
+    assert_eq!(
+        on_stream.len(),
+        accepted.len(),
+        "each accepted event published once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_loses_a_node_under_load_and_no_accepted_event_is_lost() {
+    let Some(mut nodes) = server::cluster().await else {
+        return;
+    };
+    let urls = nodes.iter().map(|n| n.url()).collect::<Vec<_>>().join(",");
+    let app = replica(&urls, |settings| {
+        settings.backend.nats.replicas = 3;
+        settings.server.request_timeout = Duration::from_secs(4);
+    })
+    .await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    let mut accepted_after_kill = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Load before the kill, then on until the cluster has accepted 300
+    // more (a new stream leader is elected meanwhile).
+    for round in 0.. {
+        if round == 4 {
+            // The first node of the service's list, in the middle of the load.
+            nodes[0].kill();
+        }
+        if round > 4 && accepted_after_kill >= 300 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never accepted again"
+        );
+        let statuses: Vec<(String, u16)> = futures_util::stream::iter(0..100)
+            .map(|i| {
+                let id = format!("cluster-{round}-{i}");
+                let app = &app;
+                async move {
+                    let status = app.post_event(&event(&id, "x")).await.status().as_u16();
+                    (id, status)
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for (id, status) in statuses {
+            match status {
+                202 => {
+                    accepted.push(id);
+                    if round >= 4 {
+                        accepted_after_kill += 1;
+                    }
+                }
+                503 => refused += 1,
+                other => panic!("{id}: {other} (only 202 or 503 are expected)"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "cluster: {} accepted ({accepted_after_kill} after a node was killed), {refused} refused meanwhile",
+        accepted.len()
+    );
+    let survivor = nodes[1].url();
+    let on_stream = published_ids(&survivor, accepted.len()).await;
+    let published: HashSet<&str> = on_stream.iter().map(String::as_str).collect();
+    assert_eq!(
+        published.len(),
+        on_stream.len(),
+        "no id twice on the stream"
+    );
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !published.contains(id.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "accepted but never published: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_load_loses_nothing_its_survivors_finish_its_deliveries() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let url = nats.url();
+    let env = [
+        ("EVENTFLOW__BACKEND__KIND", "nats"),
+        ("EVENTFLOW__BACKEND__NATS_URL", url.as_str()),
+        ("EVENTFLOW__BACKEND__NATS__ACK_WAIT", "2s"),
+        ("EVENTFLOW__PIPELINE__WORKERS", "2"),
+        ("EVENTFLOW__PIPELINE__QUEUE_CAPACITY", "1024"),
+    ];
+    let mut services: Vec<binary::Service> = (0..3).map(|_| binary::start(&env)).collect();
+    let readers: Vec<_> = services
+        .iter_mut()
+        .map(|s| binary::stdout_reader(&mut s.child))
+        .collect();
+    let addrs: Vec<_> = services.iter().map(|s| s.addr).collect();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut accepted = Vec::new();
+    let mut killed = Some(&mut services[0].child);
+    for round in 0..6 {
+        let load = futures_util::stream::iter(0..600)
+            .map(|i| {
+                let id = format!("kill-{round}-{i}");
+                let addr = addrs[i % 3];
+                let client = &client;
+                async move {
+                    let status = client
+                        .post(format!("http://{addr}/events"))
+                        .json(&event(&id, "x"))
+                        .send()
+                        .await
+                        .ok()
+                        .map(|r| r.status().as_u16());
+                    (id, status)
+                }
+            })
+            .buffer_unordered(24)
+            .collect::<Vec<(String, Option<u16>)>>();
+        // In the middle of the third round, while it holds deliveries.
+        let kill = async {
+            if round == 2
+                && let Some(child) = killed.take()
+            {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                child.kill().unwrap();
+                child.wait().unwrap();
+            }
+        };
+        let (results, ()) = tokio::join!(load, kill);
+        accepted.extend(
+            results
+                .into_iter()
+                .filter(|(_, status)| *status == Some(202))
+                .map(|(id, _)| id),
+        );
+    }
+    // After `ack_wait` the survivors finish what the killed replica held.
+    let on_stream = published_ids(&url, accepted.len()).await;
+    let published: HashSet<&str> = on_stream.iter().map(String::as_str).collect();
+    assert_eq!(
+        published.len(),
+        on_stream.len(),
+        "no id twice on the stream"
+    );
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !published.contains(id.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "accepted but never published: {lost:?}");
+
+    let mut redeliveries = 0.0;
+    for service in &services[1..] {
+        redeliveries += service
+            .metric(&client, "eventflow_nats_redeliveries_total")
+            .await
+            .unwrap_or(0.0);
+    }
+    for service in &mut services[1..] {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(service.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert_eq!(
+            binary::wait_exit(&mut service.child, Duration::from_secs(30)),
+            0
+        );
+    }
+    let mut lines = Vec::new();
+    for reader in readers {
+        lines.extend(reader.join().unwrap().lines().map(str::to_owned));
+    }
+    let ids: Vec<String> = lines
+        .iter()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let repeats: usize = counts(ids.iter().map(String::as_str))
+        .values()
+        .map(|n| n - 1)
+        .sum();
+    eprintln!(
+        "killed replica: {} accepted, {} stdout lines across replicas, {repeats} repeated on stdout, \
+         {redeliveries} redeliveries taken by the survivors",
+        accepted.len(),
+        ids.len()
+    );
+    // Only what the killed replica held unacknowledged can repeat: at most
+    // its permits (pipeline.queue_capacity).
+    assert!(repeats <= 1024, "{repeats} repeats");
+    assert!(
+        accepted.iter().all(|id| ids.contains(id)),
+        "every accepted event reached some replica's stdout"
+    );
+}

