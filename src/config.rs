@@ -907,4 +907,86 @@ mod tests {
             .to_string();
         assert!(err.contains("workres"), "{err}");
     }
+
+    #[test]
+    fn the_backend_is_memory_unless_nats_is_chosen() {
+        let settings = load(&[]).unwrap();
+        assert_eq!(settings.backend.kind, BackendKind::Memory);
+        assert_eq!(settings.backend.nats.max_deliver, 10);
+        let settings = load(&[
+            ("EVENTFLOW__BACKEND__KIND", "nats"),
+            (
+                "EVENTFLOW__BACKEND__NATS_URL",
+                "nats://a:4222,nats://b:4222",
+            ),
+            ("EVENTFLOW__BACKEND__NATS__ACK_WAIT", "10s"),
+            ("EVENTFLOW__BACKEND__NATS__REPLICAS", "3"),
+        ])
+        .unwrap();
+        assert_eq!(settings.backend.kind, BackendKind::Nats);
+        assert_eq!(settings.backend.nats.ack_wait, Duration::from_secs(10));
+        assert_eq!(settings.backend.nats.replicas, 3);
+        let error = load(&[("EVENTFLOW__BACKEND__KIND", "kafka")]).unwrap_err();
+        assert!(
+            error.to_string().contains("valid values: memory, nats"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_nats_sink_is_refused_in_nats_mode_with_the_reason() {
+        assert!(load(&[("EVENTFLOW__PUBLISH__SINKS", "stdout,nats")]).is_ok());
+        let error = load(&[
+            ("EVENTFLOW__BACKEND__KIND", "nats"),
+            ("EVENTFLOW__PUBLISH__SINKS", "stdout,nats"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("publish.sinks"), "{error}");
+        assert!(error.contains("EVENTFLOW_PUBLISHED"), "{error}");
+    }
+
+    #[test]
+    fn bad_nats_settings_name_their_key() {
+        for (key, value, named) in [
+            (
+                "EVENTFLOW__BACKEND__NATS__REPLICAS",
+                "2",
+                "backend.nats.replicas",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__EVENTS_STREAM",
+                "a.b",
+                "backend.nats.events_stream",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__SUBJECT_PREFIX",
+                "a b",
+                "backend.nats.subject_prefix",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__MAX_DELIVER",
+                "0",
+                "backend.nats.max_deliver",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__ACK_WAIT",
+                "5m",
+                "backend.nats.duplicate_window",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS_URL",
+                "nats://a:1,",
+                "backend.nats_url",
+            ),
+            (
+                "EVENTFLOW__PUBLISH__NATS__SUBJECT",
+                "x.>",
+                "publish.nats.subject",
+            ),
+        ] {
+            let error = load(&[(key, value)]).unwrap_err().to_string();
+            assert!(error.contains(named), "{key}={value}: {error}");
+        }
+    }
 }

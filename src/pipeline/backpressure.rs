@@ -47,12 +47,6 @@ impl Permit {
         self.bytes.num_permits()
     }
 
-    /// Adds the room `other` holds to this permit.
-    pub fn merge(&mut self, other: Permit) {
-        self.slots.merge(other.slots);
-        self.bytes.merge(other.bytes);
-    }
-
     /// Moves the room of `events` events totalling `bytes` bytes into a new
     /// permit, or `None` (and nothing moves) when this one holds less.
     pub fn split(&mut self, events: usize, bytes: usize) -> Option<Permit> {

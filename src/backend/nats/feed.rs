@@ -2,16 +2,21 @@
 //! publication sequence (gap-free, the same on every replica); a
 //! subscriber is an ordered consumer starting after its `Last-Event-ID`;
 //! a second publication of an id (a redelivery whose acknowledgement was
-//! lost) is dropped by the stream's duplicate window (`Nats-Msg-Id`).
+//! lost) is dropped: within the stream's duplicate window by its
+//! `Nats-Msg-Id`, and after it because the id's subject already holds a
+//! message (`Nats-Expected-Last-Subject-Sequence: 0`).
 //!
-//! Each replica follows the stream's head (headers only) so that
-//! `?wait=published` wakes when any replica publishes.
+//! While a request waits for publication (`?wait=published`), the replica
+//! follows the stream's head (headers only), so that the wait wakes when
+//! any replica publishes; with no one waiting it follows nothing, and
+//! costs JetStream no delivery per event.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::{self};
@@ -43,6 +48,8 @@ pub struct NatsFeed {
 struct Shared {
     /// The highest publication sequence seen (bumped on outcome changes too).
     changes: watch::Sender<u64>,
+    /// Wakes the follower when someone starts watching `changes`.
+    watched: tokio::sync::Notify,
     subscribers: AtomicUsize,
 }
 
@@ -69,15 +76,11 @@ impl NatsFeed {
         let (changes, _) = watch::channel(last_sequence);
         let shared = Arc::new(Shared {
             changes,
+            watched: tokio::sync::Notify::new(),
             subscribers: AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
-        tokio::spawn(follow(
-            published.clone(),
-            Arc::clone(&shared),
-            last_sequence,
-            stop.clone(),
-        ));
+        tokio::spawn(follow(published.clone(), Arc::clone(&shared), stop.clone()));
         Self {
             js,
             published,
@@ -94,14 +97,22 @@ impl Drop for NatsFeed {
     }
 }
 
-/// Keeps `shared.changes` at the stream's head.
-async fn follow(published: Stream, shared: Arc<Shared>, mut head: u64, stop: CancellationToken) {
+/// Keeps `shared.changes` at the stream's head while someone watches it.
+async fn follow(published: Stream, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
+        if shared.changes.receiver_count() == 0 {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = shared.watched.notified() => {}
+                // Watchers that came and went without a wake-up are
+                // noticed here.
+                () = tokio::time::sleep(RETRY) => continue,
+            }
+        }
+        // New publications only: a waiter looks at the store itself first.
         let config = pull::OrderedConfig {
             headers_only: true,
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: head + 1,
-            },
+            deliver_policy: DeliverPolicy::New,
             ..Default::default()
         };
         let messages = async { published.create_consumer(config).await?.messages().await };
@@ -116,26 +127,26 @@ async fn follow(published: Stream, shared: Arc<Shared>, mut head: u64, stop: Can
                 }
             },
         };
-        loop {
+        while shared.changes.receiver_count() > 0 {
             let next = tokio::select! {
                 () = stop.cancelled() => return,
                 next = messages.next() => next,
+                () = tokio::time::sleep(RETRY) => continue,
             };
             match next {
                 Some(Ok(message)) => {
                     if let Ok(info) = message.info() {
-                        head = head.max(info.stream_sequence);
-                        shared.seen(head);
+                        shared.seen(info.stream_sequence);
                     }
                 }
                 Some(Err(error)) => {
                     tracing::debug!(%error, "following the published stream failed");
+                    tokio::time::sleep(RETRY).await;
                     break;
                 }
                 None => break,
             }
         }
-        tokio::time::sleep(RETRY).await;
     }
 }
 
@@ -151,7 +162,10 @@ impl Feed for NatsFeed {
                     event.processing.worker,
                     event.processing.processed_at,
                 ))
-                .message_id(event.id.as_str());
+                .message_id(event.id.as_str())
+                // Beyond the duplicate window too: a subject holds one
+                // publication.
+                .expected_last_subject_sequence(0);
             sent.push(
                 self.js
                     .send_publish(self.subjects.published_event(event.id), publish)
@@ -167,6 +181,8 @@ impl Feed for NatsFeed {
             };
             match acked {
                 Ok(ack) => head = head.max(ack.sequence),
+                // Published before (a redelivery whose ack was lost).
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {}
                 Err(error) => failure = Some(error.to_string()),
             }
         }
@@ -198,7 +214,9 @@ impl Feed for NatsFeed {
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
-        self.shared.changes.subscribe()
+        let receiver = self.shared.changes.subscribe();
+        self.shared.watched.notify_one();
+        receiver
     }
 
     fn subscribers(&self) -> usize {

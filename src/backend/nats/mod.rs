@@ -156,7 +156,7 @@ pub async fn open(
         },
     )
     .await?;
-    let consumer = ensure_consumer(&events, nats, &subjects.events()).await?;
+    let consumer = ensure_consumer(&events, nats).await?;
     let published_head = published
         .get_info()
         .await
@@ -276,12 +276,12 @@ async fn ensure_stream(
 async fn ensure_consumer(
     events: &stream::Stream,
     nats: &NatsSettings,
-    filter: &str,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, BackendError> {
     const KEY: &str = "backend.nats.consumer";
     let wanted = pull::Config {
         durable_name: Some(nats.consumer.clone()),
-        filter_subject: filter.to_owned(),
+        // The stream holds nothing else: no filter to match per message.
+        filter_subject: format!("{}.events.>", nats.subject_prefix),
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::Explicit,
         ack_wait: nats.ack_wait,

@@ -23,13 +23,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::codec;
 use crate::pipeline::{
-    Acknowledge, Attempt, Backpressure, CHUNK_EVENTS, Delivery, Permit, Queue, QueueError,
-    QueuedEvents, Verdict,
+    Acknowledge, Attempt, Backpressure, CHUNK_EVENTS, Delivery, Queue, QueueError, QueuedEvents,
+    Verdict,
 };
 use crate::store::{Record, event_footprint};
 use crate::telemetry;
 
-/// Most deliveries one pull asks for.
+/// Most deliveries one pull request asks for (also what this replica may
+/// hold beyond its permits).
 const FETCH_MAX: usize = 256;
 /// How long one pull waits for deliveries before asking again.
 const FETCH_EXPIRES: Duration = Duration::from_secs(1);
@@ -177,25 +178,24 @@ struct Pull {
 
 impl Fetcher {
     async fn run(self, stop: CancellationToken) {
-        loop {
-            // Room for a pull's worth first, so that what this replica holds
-            // stays within its permits (bytes are charged as events arrive).
-            let mut room = tokio::select! {
-                () = stop.cancelled() => break,
-                room = self.backpressure.acquire(FETCH_MAX, 0) => room,
-            };
-            let pull = self
+        'pull: loop {
+            // One continuous pull: the client asks for the next batch while
+            // this one is being taken, so deliveries never wait for a round
+            // trip; it asks for more only as this loop takes what came, and
+            // this loop takes nothing it has no permit for.
+            let messages = self
                 .consumer
-                .batch()
-                .max_messages(FETCH_MAX)
+                .stream()
+                .max_messages_per_batch(FETCH_MAX)
                 .expires(FETCH_EXPIRES)
+                .heartbeat(FETCH_EXPIRES / 2)
                 .messages();
-            let batch = tokio::select! {
+            let messages = tokio::select! {
                 () = stop.cancelled() => break,
-                batch = tokio::time::timeout(FETCH_EXPIRES + FETCH_GRACE, pull) => batch,
+                messages = tokio::time::timeout(FETCH_EXPIRES + FETCH_GRACE, messages) => messages,
             };
-            let mut batch = match batch {
-                Ok(Ok(batch)) => batch,
+            let mut messages = match messages {
+                Ok(Ok(messages)) => messages,
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "pulling deliveries failed");
                     tokio::time::sleep(FETCH_RETRY).await;
@@ -206,67 +206,57 @@ impl Fetcher {
                     continue;
                 }
             };
-            let mut pulled = Pulled::default();
-            let mut failed = false;
             loop {
-                // What has arrived goes to the workers at once; the pull
-                // itself may run on until it expires.
-                let next = if pulled.records.is_empty() {
-                    // A pull whose server end was lost (its consumer's
-                    // leader moved to another node) would never end: it is
-                    // given up a little after it should have expired.
-                    tokio::select! {
-                        () = stop.cancelled() => None,
-                        () = tokio::time::sleep(FETCH_EXPIRES + FETCH_GRACE) => None,
-                        next = batch.next() => next,
-                    }
-                } else {
-                    match batch.next().now_or_never() {
-                        Some(next) => next,
+                let mut pulled = Pulled::default();
+                // Wait for a first delivery, then take whatever else has
+                // arrived, up to an item's worth.
+                let mut next = tokio::select! {
+                    () = stop.cancelled() => break 'pull,
+                    next = messages.next() => next,
+                };
+                loop {
+                    let message = match next {
+                        Some(Ok(message)) => message,
+                        Some(Err(error)) => {
+                            // No consumer leader for a moment (a cluster
+                            // node lost), a missed heartbeat: pull afresh,
+                            // shortly.
+                            tracing::debug!(%error, "pulling deliveries failed");
+                            self.queue(pulled).await;
+                            tokio::time::sleep(FETCH_RETRY).await;
+                            continue 'pull;
+                        }
                         None => {
-                            self.queue(std::mem::take(&mut pulled), &mut room).await;
-                            continue;
+                            self.queue(pulled).await;
+                            continue 'pull;
+                        }
+                    };
+                    tracing::trace!("delivery pulled");
+                    if let Some(mut pull) = self.read(message) {
+                        if let Some(parent) = pull.parent.take() {
+                            // A traced event is processed alone, in its trace.
+                            self.queue(std::mem::take(&mut pulled)).await;
+                            let span = tracing::info_span!("deliver", messaging.system = "nats");
+                            telemetry::set_parent_context(&span, parent);
+                            let mut traced = Pulled {
+                                span: Some(span),
+                                ..Pulled::default()
+                            };
+                            traced.add(pull);
+                            self.queue(traced).await;
+                        } else {
+                            pulled.add(pull);
                         }
                     }
-                };
-                let message = match next {
-                    Some(Ok(message)) => message,
-                    Some(Err(error)) => {
-                        // No consumer leader for a moment (a cluster node
-                        // lost), say: ask again shortly, not at once.
-                        tracing::debug!(%error, "a pull ended with an error");
-                        failed = true;
+                    if pulled.records.len() == CHUNK_EVENTS {
                         break;
                     }
-                    None => break,
-                };
-                tracing::trace!("delivery pulled");
-                let Some(mut pull) = self.read(message) else {
-                    continue;
-                };
-                if let Some(parent) = pull.parent.take() {
-                    // A traced event is processed alone, in its trace.
-                    self.queue(std::mem::take(&mut pulled), &mut room).await;
-                    let span = tracing::info_span!("deliver", messaging.system = "nats");
-                    telemetry::set_parent_context(&span, parent);
-                    let mut traced = Pulled {
-                        span: Some(span),
-                        ..Pulled::default()
-                    };
-                    traced.add(pull);
-                    self.queue(traced, &mut room).await;
-                    continue;
+                    match messages.next().now_or_never() {
+                        Some(more) => next = more,
+                        None => break,
+                    }
                 }
-                pulled.add(pull);
-                if pulled.records.len() == CHUNK_EVENTS {
-                    self.queue(std::mem::take(&mut pulled), &mut room).await;
-                }
-            }
-            self.queue(pulled, &mut room).await;
-            // Unused room goes back as `room` drops.
-            drop(room);
-            if failed {
-                tokio::time::sleep(FETCH_RETRY).await;
+                self.queue(pulled).await;
             }
         }
         // Ends the queue once the workers have taken what was pulled.
@@ -309,9 +299,9 @@ impl Fetcher {
         }
     }
 
-    /// Hands pulled deliveries to the workers as one item, with their share
-    /// of `room` and a permit for their bytes.
-    async fn queue(&self, pulled: Pulled, room: &mut Permit) {
+    /// Hands pulled deliveries to the workers as one item, once there is
+    /// room for them (a permit).
+    async fn queue(&self, pulled: Pulled) {
         let Pulled {
             records,
             attempts,
@@ -323,11 +313,7 @@ impl Fetcher {
         if events == 0 {
             return;
         }
-        let mut permit = self.backpressure.acquire(0, bytes).await;
-        // A pull brings at most the room it asked for.
-        if let Some(slots) = room.split(events, 0) {
-            permit.merge(slots);
-        }
+        let permit = self.backpressure.acquire(events, bytes).await;
         self.waiting.fetch_add(events, Ordering::Relaxed);
         let item = QueuedEvents {
             records,

@@ -522,3 +522,56 @@ async fn a_replica_killed_mid_load_loses_nothing_its_survivors_finish_its_delive
         "every accepted event reached some replica's stdout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_mode_the_nats_sink_publishes_each_event_to_its_subject() {
+    let Some(mut nats) = server::single().await else {
+        return;
+    };
+    let listener = async_nats::connect(nats.url()).await.unwrap();
+    let mut received = listener.subscribe("eventflow.published").await.unwrap();
+    listener.flush().await.unwrap();
+    let client = eventflow::nats::connect(&nats.url(), "test-sink")
+        .await
+        .unwrap();
+    let sink = std::sync::Arc::new(eventflow::sink::NatsSink::new(
+        client,
+        "eventflow.published",
+    ));
+    let app = spawn_app_with(|_| {}, vec![sink]).await;
+    for i in 0..20 {
+        let status = app
+            .post_event(&event(&format!("sink-{i}"), "hi"))
+            .await
+            .status();
+        assert_eq!(status, 202);
+    }
+    let mut ids = Vec::new();
+    while ids.len() < 20 {
+        let message = tokio::time::timeout(Duration::from_secs(10), received.next())
+            .await
+            .expect("the subject gets every published event")
+            .unwrap();
+        let line: Value = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(line["payload"], "HI");
+        ids.push(line["id"].as_str().unwrap().to_owned());
+    }
+    let mut expected: Vec<String> = (0..20).map(|i| format!("sink-{i}")).collect();
+    ids.sort();
+    expected.sort();
+    assert_eq!(ids, expected);
+
+    // Without its server the sink cannot write: readiness says so.
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = app.get("/readyz").await;
+        if response.status() == 503 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["status"], "sink_broken", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "readiness turns 503");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
