@@ -2,7 +2,7 @@
 //!
 //! Clients POST events over HTTP; eventflow validates and stores them, a
 //! pool of workers transforms each one and publishes the result to stdout,
-//! logs and a live Server-Sent-Events stream, and on SIGINT/SIGTERM it
+//! logs, NATS and a live Server-Sent-Events stream, and on SIGINT/SIGTERM it
 //! drains every accepted event before it exits. An event is published once
 //! every sink has written it; each published event gets a gap-free
 //! publication sequence, which the SSE stream's ids are.
@@ -15,8 +15,12 @@
 //! # Layout
 //!
 //! - [`config`]: typed, layered settings (defaults < TOML file < environment).
-//! - [`app`]: builds the service from settings (binds the listener, wires
-//!   store, queue, feed, sinks and workers) and runs it until shutdown.
+//! - [`app`]: builds the service from settings (binds the listener, chooses
+//!   the backend, wires store, queue, feed, sinks and workers) and runs it
+//!   until shutdown.
+//! - [`backend`]: where the store, queue and feed live: in memory, or on
+//!   NATS JetStream shared by many replicas ([`backend::nats`]).
+//! - [`nats`]: connecting to NATS (the nats backend and the nats sink).
 //! - [`api`]: the axum router, one module per resource, and the
 //!   problem+json error type.
 //! - [`event`]: the incoming event parsed into valid types, and the
@@ -27,7 +31,7 @@
 //!   queue, the worker pool and the transform chain.
 //! - [`store`]: the `Store` trait and its bounded in-memory implementation.
 //! - [`sink`]: the `Sink` trait (a sink answers once it has written), the
-//!   stdout and log sinks.
+//!   stdout, log and nats sinks.
 //! - [`telemetry`]: logs (JSON, with trace ids), OpenTelemetry traces over
 //!   OTLP, and the Prometheus metrics (names defined once, in
 //!   [`telemetry::metrics`]).

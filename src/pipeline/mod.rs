@@ -284,7 +284,13 @@ impl Pipeline {
 
     /// How processing of `record` ended, if it has.
     async fn ended(&self, record: &Record) -> Option<WaitOutcome> {
-        match self.inner.store.outcome(record).await? {
+        // The record's own outcome when it has one (in memory, the store's
+        // record is this one): no call through the store on every wake-up.
+        let outcome = match record.outcome() {
+            Some(outcome) => outcome.clone(),
+            None => self.inner.store.outcome(record).await?,
+        };
+        match outcome {
             Outcome::Processed {
                 worker,
                 processed_at,

@@ -33,8 +33,13 @@ use tracing_subscriber::{Layer, Registry};
 use crate::config::{LogFormat, TelemetrySettings};
 use crate::trace_id::TraceId;
 
-/// Name of the per-request server span, the only span that may start a trace.
+/// Name of the per-request server span, which starts a trace.
 pub const REQUEST_SPAN: &str = "http_request";
+
+/// Name of the span of an event delivered from a shared queue (nats mode),
+/// which continues the trace of the request that ingested it, perhaps on
+/// another replica; made only for events whose request was traced.
+pub const DELIVERY_SPAN: &str = "deliver";
 
 /// Which requests are traced: decided once per request, at the edge.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -121,10 +126,13 @@ where
         // Only our own spans become traces: never the HTTP/gRPC client
         // internals of the exporter itself.
         let targets = Targets::new().with_target("eventflow", LevelFilter::DEBUG);
-        // A span is traced only as the root of a sampled request or inside
-        // a traced span (see `api::observe`): unsampled requests have no root.
+        // A span is traced only as the root of a sampled request (or of the
+        // delivery of a sampled request's event) or inside a traced span
+        // (see `api::observe`): unsampled requests have no root.
         let traced = DynFilterFn::new(|meta, cx| {
-            meta.name() == REQUEST_SPAN || cx.lookup_current().is_some()
+            meta.name() == REQUEST_SPAN
+                || meta.name() == DELIVERY_SPAN
+                || cx.lookup_current().is_some()
         });
         let trace_filter = targets.and(traced);
         tracing_opentelemetry::layer()

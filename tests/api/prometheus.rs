@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{event, spawn_app};
+use eventflow::config::BackendKind;
+
+use crate::helpers::{event, spawn_app, spawn_app_with};
 
 /// Stands in for Grafana's `$__rate_interval` with 1 s scrapes.
 const RATE_INTERVAL: &str = "15s";
@@ -41,8 +43,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts Prometheus scraping `target` every second, with the repo's alert rules.
-fn start_prometheus(target: &str) -> Option<Prometheus> {
+/// Starts Prometheus scraping every second, with the repo's alert rules,
+/// `memory` as job `eventflow` and `replica` (a nats-mode service) as job
+/// `eventflow-replicas`, the jobs of prometheus.yml.
+fn start_prometheus(memory: &str, replica: &str) -> Option<Prometheus> {
     let binary = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
     if Command::new(&binary).arg("--version").output().is_err() {
         assert!(
@@ -60,7 +64,8 @@ fn start_prometheus(target: &str) -> Option<Prometheus> {
         format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n  - {rules}\n\
-             scrape_configs:\n  - job_name: eventflow\n    static_configs:\n      - targets: ['{target}']\n",
+             scrape_configs:\n  - job_name: eventflow\n    static_configs:\n      - targets: ['{memory}']\n\
+             \x20 - job_name: eventflow-replicas\n    static_configs:\n      - targets: ['{replica}']\n",
             rules = rules.display()
         ),
     )
@@ -155,27 +160,42 @@ async fn traffic(app: &crate::helpers::TestApp, round: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_returns_data_and_every_alert_evaluates() {
     let app = spawn_app().await;
-    let Some(prometheus) = start_prometheus(&app.addr.to_string()) else {
+    // A nats-mode service too, for the backend panels.
+    let Some(nats) = crate::nats::server::single().await else {
+        return;
+    };
+    let replica = spawn_app_with(
+        |settings| {
+            settings.backend.kind = BackendKind::Nats;
+            settings.backend.nats_url = nats.url();
+        },
+        Vec::new(),
+    )
+    .await;
+    let Some(prometheus) = start_prometheus(&app.addr.to_string(), &replica.addr.to_string())
+    else {
         return;
     };
     let client = reqwest::Client::new();
     let _subscriber = app.subscribe(None).await;
+    let _replica_subscriber = replica.subscribe(None).await;
 
     // Traffic for several scrapes, so that rates have at least two samples.
     let started = Instant::now();
     let mut round = 0;
     while started.elapsed() < Duration::from_secs(6) {
         traffic(&app, round).await;
+        traffic(&replica, round).await;
         round += 1;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // The target is up and scraped.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let up = query(&client, &prometheus.url, "up{job=\"eventflow\"} == 1").await;
+        let up = query(&client, &prometheus.url, "up == 1").await;
         if up["data"]["result"]
             .as_array()
-            .is_some_and(|r| !r.is_empty())
+            .is_some_and(|r| r.len() == 2)
         {
             break;
         }
@@ -186,6 +206,7 @@ async fn every_dashboard_query_returns_data_and_every_alert_evaluates() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     traffic(&app, round).await;
+    traffic(&replica, round).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut failures = Vec::new();

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -249,4 +250,106 @@ async fn one_event_is_one_trace_from_request_to_publication() {
         publishes.iter().any(|s| hex(&s.span_id) == log_span),
         "span_id names the publish span"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_nats_mode_one_trace_runs_from_the_request_on_one_replica_to_the_worker_on_another() {
+    let Some(nats) = crate::nats::server::single().await else {
+        return;
+    };
+    let url = nats.url();
+    // Each replica exports to its own collector: where a span was made is
+    // where it arrives.
+    let (on_a, endpoint_a, server_a) = collector().await;
+    let (on_b, endpoint_b, server_b) = collector().await;
+    let replica = |endpoint: &str| {
+        start(&[
+            ("EVENTFLOW__TELEMETRY__OTLP_ENDPOINT", endpoint),
+            ("EVENTFLOW__TELEMETRY__SAMPLE_RATIO", "1.0"),
+            ("EVENTFLOW__BACKEND__KIND", "nats"),
+            ("EVENTFLOW__BACKEND__NATS_URL", url.as_str()),
+        ])
+    };
+    let mut a = replica(&endpoint_a);
+    let mut b = replica(&endpoint_b);
+    // Their stdout is read, or a full pipe would stop their workers.
+    let _stdout_a = crate::binary::stdout_reader(&mut a.child);
+    let _stdout_b = crate::binary::stdout_reader(&mut b.child);
+    let client = reqwest::Client::new();
+    // Events traced on A, each its own trace. Both replicas' workers pull
+    // from the shared consumer, a pull request taking up to 256 in a row:
+    // 600 events reach both.
+    let traces: Vec<String> = (0..600).map(|i| format!("{TRACE_ID:.24}{i:08x}")).collect();
+    let statuses: Vec<u16> = futures_util::stream::iter(traces.iter().enumerate())
+        .map(|(i, trace)| {
+            let client = &client;
+            let addr = a.addr;
+            async move {
+                client
+                    .post(format!("http://{addr}/events"))
+                    .header("traceparent", format!("00-{trace}-{REMOTE_PARENT}-01"))
+                    .json(&event(&format!("cross-{i}"), "x"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&s| s == 202));
+    // Every one processed (none pending on the shared store) before the
+    // replicas stop and flush their spans.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending: Value = client
+            .get(format!("http://{}/events?status=pending&limit=1", b.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if pending["events"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still pending: {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(a).await;
+    stop(b).await;
+    server_a.abort();
+    server_b.abort();
+    let spans_a = on_a.0.lock().unwrap().clone();
+    let spans_b = on_b.0.lock().unwrap().clone();
+    let all: Vec<&Span> = spans_a.iter().chain(&spans_b).collect();
+    let processed_on_b = spans_b.iter().filter(|s| s.name == "process_event").count();
+    assert!(
+        processed_on_b > 0,
+        "B's workers processed some of A's events"
+    );
+    let mut by_trace: HashMap<String, Vec<&Span>> = HashMap::new();
+    for span in &all {
+        by_trace.entry(hex(&span.trace_id)).or_default().push(span);
+    }
+    for trace in &traces {
+        let in_trace = by_trace.get(trace).cloned().unwrap_or_default();
+        let in_trace: Vec<&&Span> = in_trace.iter().collect();
+        let named = |name: &str| {
+            in_trace
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("trace {trace} has no {name} span"))
+        };
+        let ingest = named("ingest");
+        let deliver = named("deliver");
+        let process = named("process_event");
+        assert_eq!(deliver.parent_span_id, ingest.span_id, "trace {trace}");
+        assert_eq!(process.parent_span_id, deliver.span_id, "trace {trace}");
+    }
 }

@@ -236,7 +236,11 @@ impl Fetcher {
                         if let Some(parent) = pull.parent.take() {
                             // A traced event is processed alone, in its trace.
                             self.queue(std::mem::take(&mut pulled)).await;
-                            let span = tracing::info_span!("deliver", messaging.system = "nats");
+                            let span = tracing::debug_span!(
+                                telemetry::DELIVERY_SPAN,
+                                otel.kind = "consumer",
+                                messaging.system = "nats",
+                            );
                             telemetry::set_parent_context(&span, parent);
                             let mut traced = Pulled {
                                 span: Some(span),

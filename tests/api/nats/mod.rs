@@ -2,7 +2,7 @@
 //! pipeline, exactly-once publication, reads and SSE across replicas, and
 //! faults (a replica killed, NATS stopped, a cluster node lost).
 
-mod server;
+pub(crate) mod server;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
