@@ -211,7 +211,10 @@ impl Fetcher {
                 // Wait for a first delivery, then take whatever else has
                 // arrived, up to an item's worth.
                 let mut next = tokio::select! {
-                    () = stop.cancelled() => break 'pull,
+                    () = stop.cancelled() => {
+                        hand_back(&mut messages).await;
+                        break 'pull;
+                    }
                     next = messages.next() => next,
                 };
                 loop {
@@ -334,6 +337,31 @@ impl Fetcher {
             // `ack_wait`.
             self.waiting.fetch_sub(events, Ordering::Relaxed);
         }
+    }
+}
+
+/// Naks what the pull brings that this replica will not take (it stops),
+/// so that another replica gets it within a second rather than after
+/// `ack_wait`: what has arrived, and what the pull requests still open
+/// deliver until they expire.
+async fn hand_back(messages: &mut pull::Stream) {
+    let mut handed_back = 0;
+    let until = tokio::time::Instant::now() + FETCH_EXPIRES;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(until, messages.next()).await {
+        // Delayed, or it would come straight back to this pull.
+        if message
+            .ack_with(AckKind::Nak(Some(FETCH_EXPIRES)))
+            .await
+            .is_ok()
+        {
+            handed_back += 1;
+        }
+    }
+    if handed_back > 0 {
+        tracing::info!(
+            deliveries = handed_back,
+            "handed back deliveries not started"
+        );
     }
 }
 

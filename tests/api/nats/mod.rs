@@ -15,6 +15,16 @@ use serde_json::Value;
 use crate::binary;
 use crate::helpers::{TestApp, event, spawn_app_with};
 
+/// How many times CI's load the fault tests put on: `EVENTFLOW_FAULT_SCALE`
+/// (default 1; `scripts/nats-faults.sh` runs longer versions).
+fn scale() -> usize {
+    std::env::var("EVENTFLOW_FAULT_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 /// A replica in this process on the NATS at `url`.
 async fn replica(url: &str, configure: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_app_with(
@@ -33,7 +43,7 @@ async fn replica(url: &str, configure: impl FnOnce(&mut Settings)) -> TestApp {
 async fn published_ids(url: &str, expected: usize) -> Vec<String> {
     let client = async_nats::connect(url).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60 * scale() as u64);
     // A cluster that just lost a node may take a moment to answer.
     let stream = loop {
         match js.get_stream("EVENTFLOW_PUBLISHED").await {
@@ -107,7 +117,7 @@ fn counts<'a>(ids: impl IntoIterator<Item = &'a str>) -> HashMap<&'a str, usize>
 
 /// Waits (bounded) until the replicas' stdouts hold `n` lines in all.
 async fn stdout_ids(replicas: &[TestApp], n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60 * scale() as u64);
     loop {
         let lines: Vec<Value> = replicas.iter().flat_map(|r| r.stdout.lines()).collect();
         if lines.len() >= n || Instant::now() > deadline {
@@ -130,7 +140,7 @@ async fn three_replicas_share_one_pipeline_and_publish_each_event_exactly_once()
         replica(&nats.url(), |_| {}).await,
         replica(&nats.url(), |_| {}).await,
     ];
-    let ids: Vec<String> = (0..3000).map(|i| format!("rr-{i}")).collect();
+    let ids: Vec<String> = (0..3000 * scale()).map(|i| format!("rr-{i}")).collect();
     let statuses: Vec<u16> = futures_util::stream::iter(ids.iter().enumerate())
         .map(|(i, id)| {
             let app = &replicas[i % 3];
@@ -267,7 +277,7 @@ async fn while_nats_is_down_ingest_gets_503_in_time_and_the_service_recovers_by_
     })
     .await;
     let mut accepted = Vec::new();
-    for i in 0..50 {
+    for i in 0..50 * scale() {
         let id = format!("before-{i}");
         assert_eq!(app.post_event(&event(&id, "x")).await.status(), 202);
         accepted.push(id);
@@ -307,7 +317,7 @@ async fn while_nats_is_down_ingest_gets_503_in_time_and_the_service_recovers_by_
         assert!(Instant::now() < deadline, "ready again once NATS is back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for i in 0..50 {
+    for i in 0..50 * scale() {
         let id = format!("after-{i}");
         assert_eq!(app.post_event(&event(&id, "x")).await.status(), 202);
         accepted.push(id);
@@ -337,7 +347,7 @@ async fn a_three_node_cluster_loses_a_node_under_load_and_no_accepted_event_is_l
     let mut accepted = Vec::new();
     let mut refused = 0;
     let mut accepted_after_kill = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60 * scale() as u64);
     // Load before the kill, then on until the cluster has accepted 300
     // more (a new stream leader is elected meanwhile).
     for round in 0.. {
@@ -345,7 +355,7 @@ async fn a_three_node_cluster_loses_a_node_under_load_and_no_accepted_event_is_l
             // The first node of the service's list, in the middle of the load.
             nodes[0].kill();
         }
-        if round > 4 && accepted_after_kill >= 300 {
+        if round > 4 && accepted_after_kill >= 300 * scale() {
             break;
         }
         assert!(
@@ -422,7 +432,7 @@ async fn a_replica_killed_mid_load_loses_nothing_its_survivors_finish_its_delive
         .unwrap();
     let mut accepted = Vec::new();
     let mut killed = Some(&mut services[0].child);
-    for round in 0..6 {
+    for round in 0..6 * scale() {
         let load = futures_util::stream::iter(0..600)
             .map(|i| {
                 let id = format!("kill-{round}-{i}");
@@ -574,4 +584,115 @@ async fn in_memory_mode_the_nats_sink_publishes_each_event_to_its_subject() {
         assert!(Instant::now() < deadline, "readiness turns 503");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_events_stream_refuses_new_events_with_503_and_drops_none() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    // Room for a few dozen events; the workers are held back by a closed
+    // gate so that the stream fills.
+    let gate = crate::helpers::Gate::closed();
+    let app = spawn_app_with(
+        |settings| {
+            settings.backend.kind = BackendKind::Nats;
+            settings.backend.nats_url = nats.url();
+            settings.backend.nats.max_bytes = 16 * 1024;
+        },
+        vec![std::sync::Arc::new(gate.clone())],
+    )
+    .await;
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..1000 {
+        let id = format!("full-{i}");
+        let response = app.post_event(&event(&id, &"x".repeat(100))).await;
+        match response.status().as_u16() {
+            202 => accepted.push(id),
+            503 => {
+                assert!(response.headers().contains_key("retry-after"));
+                let problem: Value = response.json().await.unwrap();
+                refused = Some(problem);
+                break;
+            }
+            other => panic!("{id}: {other}"),
+        }
+    }
+    let problem = refused.expect("a full stream answers 503");
+    assert_eq!(problem["status"], 503, "{problem}");
+    assert!(!accepted.is_empty() && accepted.len() < 1000);
+    // Nothing accepted was dropped to make room: once the sinks write
+    // again, every one is published.
+    gate.open_all();
+    for id in &accepted {
+        app.wait_for_status(id, "processed").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_leaves_the_backlog_in_jetstream_for_the_others() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    // A replica whose sink lets nothing through holds its deliveries; it is
+    // told to stop while thousands wait in the stream behind them.
+    let gate = crate::helpers::Gate::closed();
+    let a = spawn_app_with(
+        |settings| {
+            settings.backend.kind = BackendKind::Nats;
+            settings.backend.nats_url = nats.url();
+            settings.server.shutdown_grace = Duration::from_secs(20);
+        },
+        vec![std::sync::Arc::new(gate.clone())],
+    )
+    .await;
+    let ids: Vec<String> = (0..5000).map(|i| format!("backlog-{i}")).collect();
+    for chunk in ids.chunks(1000) {
+        let batch = chunk.iter().map(|id| event(id, "x")).collect();
+        assert_eq!(a.post_batch(batch).await.status(), 202);
+    }
+    let stopping = tokio::spawn(a.shutdown());
+    // It finishes what it holds (the gate opens) and stops pulling; it does
+    // not work through the backlog.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.open_all();
+    let started = Instant::now();
+    stopping.await.unwrap().expect("the replica stops cleanly");
+    eprintln!("replica stopped in {:?}", started.elapsed());
+    // Another replica takes the rest; each is published once.
+    let b = replica(&nats.url(), |_| {}).await;
+    let on_stream = published_ids(&nats.url(), ids.len()).await;
+    assert_eq!(on_stream.len(), ids.len());
+    assert_eq!(on_stream.iter().collect::<HashSet<_>>().len(), ids.len());
+    let by_b = b.stdout.lines().len();
+    eprintln!("the second replica published {by_b} of {}", ids.len());
+    assert!(by_b > 0, "the backlog was left for the other replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_exists_with_other_settings_stops_the_start_naming_the_key() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    // The events stream made elsewhere, in memory; eventflow is told `file`.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "EVENTFLOW_EVENTS".into(),
+        subjects: vec!["eventflow.events.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut settings = crate::helpers::test_settings();
+    settings.backend.kind = BackendKind::Nats;
+    settings.backend.nats_url = nats.url();
+    let error = eventflow::app::App::build(settings)
+        .await
+        .expect_err("an incompatible stream stops the start")
+        .to_string();
+    assert!(error.contains("backend.nats.events_stream"), "{error}");
+    assert!(error.contains("storage"), "{error}");
 }
