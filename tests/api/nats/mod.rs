@@ -106,6 +106,22 @@ async fn published_ids(url: &str, expected: usize) -> Vec<String> {
     }
 }
 
+/// Every id of `accepted` is on the published stream, and no id twice.
+async fn assert_each_published_once(url: &str, accepted: &[String]) {
+    let on_stream = published_ids(url, accepted.len()).await;
+    let published: HashSet<&str> = on_stream.iter().map(String::as_str).collect();
+    assert_eq!(
+        published.len(),
+        on_stream.len(),
+        "no id twice on the stream"
+    );
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !published.contains(id.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "accepted but never published: {lost:?}");
+}
+
 /// How often each id occurs.
 fn counts<'a>(ids: impl IntoIterator<Item = &'a str>) -> HashMap<&'a str, usize> {
     let mut counts = HashMap::new();
@@ -392,19 +408,7 @@ async fn a_three_node_cluster_loses_a_node_under_load_and_no_accepted_event_is_l
         "cluster: {} accepted ({accepted_after_kill} after a node was killed), {refused} refused meanwhile",
         accepted.len()
     );
-    let survivor = nodes[1].url();
-    let on_stream = published_ids(&survivor, accepted.len()).await;
-    let published: HashSet<&str> = on_stream.iter().map(String::as_str).collect();
-    assert_eq!(
-        published.len(),
-        on_stream.len(),
-        "no id twice on the stream"
-    );
-    let lost: Vec<&String> = accepted
-        .iter()
-        .filter(|id| !published.contains(id.as_str()))
-        .collect();
-    assert!(lost.is_empty(), "accepted but never published: {lost:?}");
+    assert_each_published_once(&nodes[1].url(), &accepted).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,18 +474,7 @@ async fn a_replica_killed_mid_load_loses_nothing_its_survivors_finish_its_delive
         );
     }
     // After `ack_wait` the survivors finish what the killed replica held.
-    let on_stream = published_ids(&url, accepted.len()).await;
-    let published: HashSet<&str> = on_stream.iter().map(String::as_str).collect();
-    assert_eq!(
-        published.len(),
-        on_stream.len(),
-        "no id twice on the stream"
-    );
-    let lost: Vec<&String> = accepted
-        .iter()
-        .filter(|id| !published.contains(id.as_str()))
-        .collect();
-    assert!(lost.is_empty(), "accepted but never published: {lost:?}");
+    assert_each_published_once(&url, &accepted).await;
 
     let mut redeliveries = 0.0;
     for service in &services[1..] {
