@@ -90,7 +90,7 @@ fn query_error(rejection: QueryRejection) -> ApiError {
         (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields, or a `wait` value other than `published`", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "`?wait=published` and the event failed: a transform refused it or a sink could not write it", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Overloaded (pipeline full, or request bodies in memory at their limit), shutting down, or a sink broken; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded (pipeline full, or request bodies in memory at their limit), shutting down, a sink broken, or the backend unreachable; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Not published within `server.request_timeout`", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -287,6 +287,7 @@ pub(crate) async fn post_batch(
         (status = 200, description = "A page of events", body = EventPage),
         (status = 400, description = "A malformed query string (an unknown or repeated parameter)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A limit, cursor or status out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The backend cannot be reached", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_events(
@@ -331,15 +332,20 @@ pub(crate) async fn list_events(
             ));
         }
     };
-    let page = state
-        .pipeline
-        .store()
+    let store = state.pipeline.store();
+    let page = store
         .page(PageQuery {
             after,
             limit,
             status,
         })
         .await;
+    // An empty page from a store it cannot reach is not "nothing there".
+    if page.records.is_empty()
+        && let Some(why) = store.unavailable()
+    {
+        return Err(ApiError::Unavailable(why));
+    }
     Ok(Json(EventPage {
         events: page
             .records
@@ -359,6 +365,7 @@ pub(crate) async fn list_events(
     responses(
         (status = 200, description = "The event, its status and (once processed) its result", body = RecordView),
         (status = 404, description = "No such event (never received, or evicted)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The backend cannot be reached, so whether the event exists is unknown", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_event(
@@ -368,12 +375,15 @@ pub(crate) async fn get_event(
     let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
     let not_found = || ApiError::NotFound(format!("no event with id `{}`", clip(&raw)));
     let id = EventId::parse(&raw).map_err(|_| not_found())?;
-    let record = state
-        .pipeline
-        .store()
-        .get(&id)
-        .await
-        .ok_or_else(not_found)?;
+    let store = state.pipeline.store();
+    let Some(record) = store.get(&id).await else {
+        // A store it cannot reach does not know: not a 404 a client would
+        // take for "never received".
+        return Err(match store.unavailable() {
+            Some(why) => ApiError::Unavailable(why),
+            None => not_found(),
+        });
+    };
     Ok(Json(RecordView::of(&record, &state.pipeline)))
 }
 

@@ -325,6 +325,11 @@ async fn while_nats_is_down_ingest_gets_503_in_time_and_the_service_recovers_by_
             .await;
         assert_eq!(batch.status(), 503, "batch ingest during the outage");
     }
+    // Whether an event exists is unknown meanwhile: 503, not 404.
+    let lookup = app.get("/events/before-0").await;
+    assert_eq!(lookup.status(), 503, "a lookup during the outage");
+    let page = app.get("/events?after=1000000").await;
+    assert_eq!(page.status(), 503, "a page during the outage");
 
     nats.start();
     nats.wait_healthy().await;
