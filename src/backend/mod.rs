@@ -49,11 +49,6 @@ impl Backend {
         backpressure: &Backpressure,
         metrics: &Metrics,
     ) -> Result<Self, nats::BackendError> {
-        let parts = nats::open(settings, backpressure, metrics).await?;
-        Ok(Self {
-            store: parts.store,
-            queue: parts.queue,
-            feed: parts.feed,
-        })
+        nats::open(settings, backpressure, metrics).await
     }
 }

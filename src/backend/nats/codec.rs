@@ -120,12 +120,11 @@ pub(super) struct Undecodable {
 }
 
 /// The record of an accepted event's message (stream sequence = arrival
-/// sequence), with `outcome` if one is known.
+/// sequence), without an outcome (that is on the other streams).
 pub(super) fn decode_record(
     sequence: u64,
     headers: Option<&HeaderMap>,
     payload: &[u8],
-    outcome: Option<Outcome>,
 ) -> Result<Record, Undecodable> {
     let undecodable = |reason: String| Undecodable { sequence, reason };
     // Validated when accepted; no payload limit applies on the way back.
@@ -142,7 +141,7 @@ pub(super) fn decode_record(
         sequence,
         received_at,
         trace_id,
-        outcome,
+        None,
     ))
 }
 
@@ -182,7 +181,7 @@ mod tests {
         let trace_id = TraceId::random();
         let received_at = UnixNanos::from_nanos(1_700_000_000_123_456_789);
         let (headers, body) = event_message(&event, received_at, trace_id, Some("00-x"));
-        let record = decode_record(7, Some(&headers), &body, None).unwrap();
+        let record = decode_record(7, Some(&headers), &body).unwrap();
         assert_eq!(record.event, event);
         assert_eq!(record.sequence, 7);
         assert_eq!(record.received_at, received_at);
@@ -206,14 +205,8 @@ mod tests {
     #[test]
     fn a_foreign_message_is_reported_not_trusted() {
         assert!(
-            decode_record(
-                1,
-                None,
-                b"{\"id\":\"a\",\"timestamp\":1,\"payload\":\"p\"}",
-                None
-            )
-            .is_err()
+            decode_record(1, None, b"{\"id\":\"a\",\"timestamp\":1,\"payload\":\"p\"}").is_err()
         );
-        assert!(decode_record(1, None, b"garbage", None).is_err());
+        assert!(decode_record(1, None, b"garbage").is_err());
     }
 }

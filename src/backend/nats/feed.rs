@@ -208,7 +208,7 @@ impl Feed for NatsFeed {
             shared: Arc::clone(&self.shared),
             // New ones only: from what this replica knows is the head now
             // (an event published just before may be replayed, never missed).
-            next: Some(after.unwrap_or_else(|| self.head()).saturating_add(1)),
+            next: after.unwrap_or_else(|| self.head()).saturating_add(1),
             messages: None,
         })
     }
@@ -229,7 +229,7 @@ struct NatsSubscription {
     published: Stream,
     shared: Arc<Shared>,
     /// The publication sequence expected next.
-    next: Option<u64>,
+    next: u64,
     messages: Option<pull::Ordered>,
 }
 
@@ -247,24 +247,19 @@ impl Drop for NatsSubscription {
     }
 }
 
-/// An ordered consumer of `published` from publication sequence `next`
-/// (`None`: new ones only).
-async fn open(published: Stream, next: Option<u64>) -> Result<pull::Ordered, String> {
-    {
-        let deliver_policy = match next {
-            Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
-            None => DeliverPolicy::New,
-        };
-        let config = pull::OrderedConfig {
-            deliver_policy,
-            ..Default::default()
-        };
-        let consumer = published
-            .create_consumer(config)
-            .await
-            .map_err(|e| e.to_string())?;
-        consumer.messages().await.map_err(|e| e.to_string())
-    }
+/// An ordered consumer of `published` from publication sequence `next` on.
+async fn open(published: Stream, next: u64) -> Result<pull::Ordered, String> {
+    let config = pull::OrderedConfig {
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: next,
+        },
+        ..Default::default()
+    };
+    let consumer = published
+        .create_consumer(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
 }
 
 impl NatsSubscription {
@@ -272,16 +267,14 @@ impl NatsSubscription {
     fn items(&mut self, message: &jetstream::Message, items: &mut Vec<FeedItem>) {
         let Ok(info) = message.info() else { return };
         let sequence = info.stream_sequence;
-        if let Some(next) = self.next
-            && sequence > next
-        {
+        if sequence > self.next {
             // Aged out of the stream before this reader got to them.
             items.push(FeedItem::Lagged {
-                from: next,
+                from: self.next,
                 to: sequence - 1,
             });
         }
-        self.next = Some(sequence + 1);
+        self.next = sequence + 1;
         items.push(FeedItem::Event {
             publish_seq: sequence,
             line: FeedLine::Json(Arc::from(String::from_utf8_lossy(&message.payload))),

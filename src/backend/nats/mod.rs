@@ -28,6 +28,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self};
 
+use super::Backend;
 use crate::config::{NatsSettings, NatsStorage, Settings};
 use crate::pipeline::Backpressure;
 use crate::telemetry::metrics::{Metrics, names};
@@ -71,24 +72,13 @@ pub enum BackendError {
     },
 }
 
-/// The backend's parts, started.
-#[derive(Debug)]
-pub struct NatsParts {
-    /// Accepted events and outcomes.
-    pub store: Arc<NatsStore>,
-    /// Deliveries for this replica's workers.
-    pub queue: Arc<NatsQueue>,
-    /// The published stream.
-    pub feed: Arc<NatsFeed>,
-}
-
 /// Connects, creates or checks the streams and consumer, and starts
 /// fetching.
 pub async fn open(
     settings: &Settings,
     backpressure: &Backpressure,
     metrics: &Metrics,
-) -> Result<NatsParts, BackendError> {
+) -> Result<Backend, BackendError> {
     let nats = &settings.backend.nats;
     let client = crate::nats::connect(&settings.backend.nats_url, "eventflow").await?;
     // An ack that does not come within half the request timeout is an
@@ -190,7 +180,7 @@ pub async fn open(
         consumer = %nats.consumer,
         "nats backend ready"
     );
-    Ok(NatsParts { store, queue, feed })
+    Ok(Backend { store, queue, feed })
 }
 
 fn jetstream_error(key: &'static str, what: &str, error: impl ToString) -> BackendError {

@@ -285,7 +285,7 @@ impl Fetcher {
         }
         let (message, acker) = message.split();
         let headers = message.headers.as_ref();
-        match codec::decode_record(sequence, headers, &message.payload, None) {
+        match codec::decode_record(sequence, headers, &message.payload) {
             Ok(record) => Some(Pull {
                 record,
                 attempt: Attempt {

@@ -71,7 +71,6 @@ impl NatsStore {
                 message.sequence,
                 Some(&message.headers),
                 &message.payload,
-                None,
             )
             .map_err(|error| tracing::warn!(%error, "skipping a message"))
             .ok()),
@@ -217,13 +216,9 @@ impl Store for NatsStore {
 
     async fn get_by_sequence(&self, sequence: u64) -> Option<Arc<Record>> {
         let message = self.events.direct_get(sequence).await.ok()?;
-        let record = codec::decode_record(
-            message.sequence,
-            Some(&message.headers),
-            &message.payload,
-            None,
-        )
-        .ok()?;
+        let record =
+            codec::decode_record(message.sequence, Some(&message.headers), &message.payload)
+                .ok()?;
         Some(self.with_outcome(record).await)
     }
 
@@ -273,12 +268,9 @@ impl Store for NatsStore {
             };
             scanned += 1;
             next_sequence = message.sequence + 1;
-            let Ok(record) = codec::decode_record(
-                message.sequence,
-                Some(&message.headers),
-                &message.payload,
-                None,
-            ) else {
+            let Ok(record) =
+                codec::decode_record(message.sequence, Some(&message.headers), &message.payload)
+            else {
                 continue;
             };
             let record = self.with_outcome(record).await;
