@@ -5,13 +5,15 @@
 //! [`App::run_until_stopped`] serves until the given shutdown future
 //! resolves, then drains in this order:
 //!
-//! 1. readiness turns 503 and new ingest calls are refused;
-//! 2. the listener stops accepting; in-flight requests finish;
+//! 1. readiness turns 503; for `server.shutdown_delay` the service still
+//!    serves and accepts events, so that load balancers notice first;
+//! 2. new ingest calls are refused, the listener stops accepting, idle
+//!    connections close and in-flight requests finish;
 //! 3. once no ingest call is in progress the queue is closed, and the
 //!    workers publish everything left in it;
 //! 4. sinks are flushed, SSE streams end, the server task completes.
 //!
-//! All of it within `server.shutdown_grace`; otherwise, or when a sink
+//! All of it within `server.shutdown_grace` of the signal; otherwise, or when a sink
 //! failed to write accepted events during the run, an [`Unpublished`]
 //! report says what was left.
 
@@ -24,14 +26,16 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, BodyBudget, LimitedListener, SharedState};
+use crate::api::serve::{ConnectionLimits, serve};
+use crate::api::{self, AppState, BodyBudget, RateLimit, SharedState};
+use crate::auth::Tokens;
 use crate::backend::Backend;
 use crate::config::{BackendKind, Settings};
 use crate::pipeline::{Backpressure, Pipeline, PipelineParts, WorkerPool};
 use crate::shutdown::{Phase, Readiness, Unpublished};
 use crate::sink::{Sink, build_sinks};
 use crate::telemetry::TraceSampling;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, names};
 
 /// Time allowed to flush sinks after the drain deadline has passed.
 const LATE_FLUSH: Duration = Duration::from_secs(2);
@@ -45,6 +49,7 @@ const METRICS_UPKEEP: Duration = Duration::from_secs(1);
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
+    admin: Option<TcpListener>,
     state: AppState,
     workers: WorkerPool,
     shutdown_grace: Duration,
@@ -67,6 +72,15 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {addr} (server.addr)"))?;
         let local_addr = listener.local_addr()?;
+        let admin = match &settings.server.admin_addr {
+            Some(admin) => Some(
+                TcpListener::bind(admin.as_str())
+                    .await
+                    .with_context(|| format!("cannot listen on {admin} (server.admin_addr)"))?,
+            ),
+            None => None,
+        };
+        let tokens = Tokens::from_settings(&settings.auth)?;
         let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
         let metrics = Metrics::new(&sink_names);
         let backpressure = Backpressure::new(
@@ -78,6 +92,9 @@ impl App {
             BackendKind::Memory => Backend::memory(&settings),
             BackendKind::Nats => Backend::nats(&settings, &backpressure, &metrics).await?,
         };
+        let auth_failures = metrics.counter(names::AUTH_FAILURES, &[]);
+        let rate_limit =
+            RateLimit::from_settings(&settings.server, metrics.counter(names::RATE_LIMITED, &[]));
         let parts = PipelineParts {
             store: backend.store,
             queue: backend.queue,
@@ -96,10 +113,14 @@ impl App {
             stream_stop: CancellationToken::new(),
             sampling: TraceSampling::from_settings(&settings.telemetry),
             bodies: BodyBudget::new(settings.server.max_inflight_body_bytes),
+            tokens,
+            auth_failures,
+            rate_limit,
         });
         Ok(Self {
             listener,
             local_addr,
+            admin,
             state,
             workers,
             shutdown_grace: settings.server.shutdown_grace,
@@ -109,6 +130,13 @@ impl App {
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address, when `server.admin_addr` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|admin| admin.local_addr().ok())
     }
 
     /// The shared state (pipeline, readiness).
@@ -124,47 +152,69 @@ impl App {
         let Self {
             listener,
             local_addr,
+            admin,
             state,
             workers,
             shutdown_grace,
         } = self;
-        let max_connections = state.server.max_connections;
-        let idle_timeout = state.server.idle_timeout;
+        let limits = ConnectionLimits {
+            max_connections: state.server.max_connections,
+            idle_timeout: state.server.idle_timeout,
+        };
+        let shutdown_delay = state.server.shutdown_delay;
         let pipeline = state.pipeline.clone();
         let readiness = state.readiness.clone();
         let stream_stop = state.stream_stop.clone();
+        reload_tokens_on_hangup(state.tokens.clone());
         let http_stop = CancellationToken::new();
-        let router = api::router(state);
-        let listener = LimitedListener::new(listener, max_connections, idle_timeout);
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        let server = tokio::spawn(async move {
-            if let Err(error) = server.await {
-                tracing::error!(%error, "HTTP server failed");
-            }
-        });
+        let kept = state.clone();
+        let admin_addr = admin.as_ref().and_then(|admin| admin.local_addr().ok());
+        let auth_on = state.tokens.enabled();
+        let routers = api::routers(state);
+        let admin_server = match (admin, routers.admin) {
+            // Health and metrics keep answering through the drain.
+            (Some(listener), Some(router)) => Some(tokio::spawn(serve(
+                listener,
+                router,
+                limits,
+                stream_stop.clone(),
+            ))),
+            _ => None,
+        };
+        let server = tokio::spawn(serve(listener, routers.api, limits, http_stop.clone()));
         let metrics = pipeline.metrics().clone();
         let upkeep_stop = http_stop.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(METRICS_UPKEEP);
-            loop {
+            for tick in 1u64.. {
                 tokio::select! {
                     _ = every.tick() => metrics.run_upkeep(),
                     () = upkeep_stop.cancelled() => break,
+                }
+                if tick % 10 == 0
+                    && let Some(limit) = &kept.rate_limit
+                {
+                    limit.forget_idle();
                 }
             }
         });
         readiness.set(Phase::Ready);
         tracing::info!(
             addr = %local_addr,
+            admin_addr = admin_addr.map(|a| a.to_string()),
+            auth = auth_on,
             workers = workers.len(),
             "eventflow listening"
         );
 
         shutdown.await;
         let started = tokio::time::Instant::now();
-        tracing::info!(grace = ?shutdown_grace, "shutting down: draining accepted events");
         readiness.set(Phase::Draining);
+        if !shutdown_delay.is_zero() {
+            tracing::info!(delay = ?shutdown_delay, "shutting down: readiness is 503, still serving for the delay");
+            tokio::time::sleep(shutdown_delay).await;
+        }
+        tracing::info!(grace = ?shutdown_grace, "shutting down: draining accepted events");
         pipeline.close_ingest();
         http_stop.cancel();
 
@@ -192,6 +242,9 @@ impl App {
                 {
                     server.abort();
                     tracing::warn!("connections still open at the shutdown deadline were closed");
+                }
+                if let Some(admin) = admin_server {
+                    admin.abort();
                 }
                 let sink_failed = pipeline.sink_failures();
                 if sink_failed > 0 {
@@ -227,4 +280,37 @@ impl App {
             }
         }
     }
+}
+
+/// Re-reads `auth.tokens_file` on each SIGHUP; a file that does not read
+/// well keeps the tokens in force. (Caught even without a file, so that a
+/// stray SIGHUP does not end the service.)
+fn reload_tokens_on_hangup(tokens: Tokens) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "cannot catch SIGHUP: auth.tokens_file is read at start only");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                if !tokens.has_file() {
+                    tracing::info!("SIGHUP: no auth.tokens_file to re-read");
+                    continue;
+                }
+                match tokens.reload() {
+                    Ok(count) => tracing::info!(tokens = count, "SIGHUP: auth tokens re-read"),
+                    Err(error) => {
+                        tracing::error!(%error, "SIGHUP: auth tokens not re-read; the previous ones stay in force");
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = tokens;
 }

@@ -28,6 +28,28 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// Where the store, queue and feed live.
     pub backend: BackendSettings,
+    /// Bearer tokens.
+    pub auth: AuthSettings,
+}
+
+/// `auth.*` keys: bearer tokens the API asks for (none = no auth).
+///
+/// The tokens are secrets: `Debug` shows neither them nor how many there are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Tokens given inline (`EVENTFLOW__AUTH__TOKENS`, comma-separated).
+    pub tokens: Vec<secrecy::SecretString>,
+    /// A file of tokens, one a line (`#` comments), re-read on SIGHUP.
+    #[serde(default, deserialize_with = "empty_as_none")]
+    pub tokens_file: Option<String>,
+}
+
+impl AuthSettings {
+    /// Whether any request needs a token.
+    pub fn enabled(&self) -> bool {
+        !self.tokens.is_empty() || self.tokens_file.is_some()
+    }
 }
 
 /// `server.*` keys.
@@ -36,15 +58,19 @@ pub struct Settings {
 pub struct ServerSettings {
     /// Listen address, e.g. `0.0.0.0:8080`; port 0 picks a free port.
     pub addr: String,
+    /// A second listener for health, readiness and metrics only; when set
+    /// they are served there and not on `addr`.
+    #[serde(default, deserialize_with = "empty_as_none")]
+    pub admin_addr: Option<String>,
     /// Largest body accepted by single-event requests.
     pub max_body_bytes: usize,
     /// Largest batch body, measured after gzip decompression.
     pub max_batch_body_bytes: usize,
     /// Connections open at once; past it new ones wait to be accepted.
     pub max_connections: usize,
-    /// A connection that neither sends nor receives anything for this long,
-    /// or leaves a request unanswered this long, is closed (after up to
-    /// twice this).
+    /// A connection whose next request head has not fully arrived after
+    /// this long (idle between requests, or trickling a head), or whose
+    /// client has not taken a write for this long, is closed.
     #[serde(deserialize_with = "duration::deserialize")]
     pub idle_timeout: Duration,
     /// Bytes of request bodies (as received and inflated) held in memory
@@ -56,6 +82,21 @@ pub struct ServerSettings {
     /// Time allowed to drain the pipeline after SIGINT/SIGTERM.
     #[serde(deserialize_with = "duration::deserialize")]
     pub shutdown_grace: Duration,
+    /// Requests a second each client may make to the event routes
+    /// (0 = no limit); a client is its bearer token, else its address.
+    pub rate_limit_per_second: u32,
+    /// Requests a client may make at once above its rate (0 = one
+    /// second's worth).
+    pub rate_limit_burst: u32,
+    /// Proxies (addresses or CIDR networks) whose `X-Forwarded-For` names
+    /// the client; from anyone else the header is ignored.
+    #[serde(deserialize_with = "networks")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// After SIGINT/SIGTERM, how long readiness is 503 while the service
+    /// still serves, so that load balancers stop sending before it stops
+    /// accepting.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub shutdown_delay: Duration,
 }
 
 /// `pipeline.*` keys.
@@ -186,6 +227,23 @@ pub struct TelemetrySettings {
     pub sample_ratio: f64,
 }
 
+/// Addresses (`10.0.0.7`) or networks (`10.0.0.0/8`), as a list.
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| {
+            let text = text.trim();
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{text}` is not an address or network like 10.0.0.0/8"
+                    ))
+                })
+        })
+        .collect()
+}
+
 fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let value = Option::<String>::deserialize(d)?;
     Ok(value.filter(|v| !v.trim().is_empty()))
@@ -294,7 +352,12 @@ pub enum ConfigError {
 }
 
 /// Comma-separated list keys when given through the environment.
-const LIST_KEYS: [&str; 2] = ["pipeline.transforms", "publish.sinks"];
+const LIST_KEYS: [&str; 4] = [
+    "pipeline.transforms",
+    "publish.sinks",
+    "auth.tokens",
+    "server.trusted_proxies",
+];
 
 impl Settings {
     /// Loads settings from defaults, an optional file and the process environment.
@@ -452,21 +515,31 @@ impl Settings {
                 return Err(invalid(key, "must be at most a day"));
             }
         }
-        // Never cut a request that waits for publication (nor one whose
-        // head arrived slowly before it), nor a quiet SSE stream between
-        // its keep-alive comments (every 15 s).
-        let shortest_idle = self
-            .server
-            .request_timeout
-            .saturating_mul(2)
-            .max(Duration::from_secs(20));
-        if self.server.idle_timeout < shortest_idle {
+        if self.server.idle_timeout.is_zero() {
+            return Err(invalid("server.idle_timeout", "must be greater than 0"));
+        }
+        if self.server.shutdown_delay >= self.server.shutdown_grace {
             return Err(invalid(
-                "server.idle_timeout",
+                "server.shutdown_delay",
                 format!(
-                    "must be at least {shortest_idle:?} (twice server.request_timeout, and 20 s)"
+                    "must be shorter than server.shutdown_grace ({:?}), which counts from the signal",
+                    self.server.shutdown_grace
                 ),
             ));
+        }
+        if let Some(admin) = &self.server.admin_addr {
+            let admin: SocketAddr = admin.parse().map_err(|_| {
+                invalid(
+                    "server.admin_addr",
+                    format!("`{admin}` is not a socket address like 0.0.0.0:9090"),
+                )
+            })?;
+            if admin.port() != 0 && admin == self.server.socket_addr()? {
+                return Err(invalid(
+                    "server.admin_addr",
+                    "must differ from server.addr (it is a second listener)",
+                ));
+            }
         }
         self.validate_backend()?;
         if self
@@ -663,6 +736,11 @@ fn defaults(
         .set_default("server.idle_timeout", "60s")?
         .set_default("server.request_timeout", "10s")?
         .set_default("server.shutdown_grace", "30s")?
+        .set_default("server.shutdown_delay", "0s")?
+        .set_default("server.rate_limit_per_second", 0)?
+        .set_default("server.rate_limit_burst", 0)?
+        .set_default("server.trusted_proxies", Vec::<String>::new())?
+        .set_default("auth.tokens", Vec::<String>::new())?
         .set_default("pipeline.workers", default_workers())?
         .set_default("pipeline.queue_capacity", 65_536)?
         .set_default("pipeline.max_payload_bytes", 65_536)?
@@ -718,6 +796,13 @@ mod tests {
         assert_eq!(s.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(s.server.request_timeout, Duration::from_secs(10));
         assert_eq!(s.server.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(s.server.shutdown_delay, Duration::ZERO);
+        assert_eq!(s.server.admin_addr, None);
+        assert_eq!(s.server.rate_limit_per_second, 0);
+        assert!(s.server.trusted_proxies.is_empty());
+        assert!(s.auth.tokens.is_empty());
+        assert_eq!(s.auth.tokens_file, None);
+        assert!(!s.auth.enabled());
         assert!(s.pipeline.workers >= 1);
         assert_eq!(s.pipeline.queue_capacity, 65_536);
         assert_eq!(s.pipeline.max_payload_bytes, 65_536);
@@ -794,7 +879,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str, &str); 15] = [
+        let cases: [(&str, &str, &str); 18] = [
             ("EVENTFLOW__PIPELINE__WORKERS", "lots", "pipeline.workers"),
             (
                 "EVENTFLOW__PIPELINE__QUEUE_CAPACITY",
@@ -831,8 +916,28 @@ mod tests {
             ),
             (
                 "EVENTFLOW__SERVER__IDLE_TIMEOUT",
-                "5s",
+                "0s",
                 "server.idle_timeout",
+            ),
+            (
+                "EVENTFLOW__SERVER__SHUTDOWN_DELAY",
+                "30s",
+                "server.shutdown_delay",
+            ),
+            (
+                "EVENTFLOW__SERVER__TRUSTED_PROXIES",
+                "10.0.0.0/8,nginx",
+                "server.trusted_proxies",
+            ),
+            (
+                "EVENTFLOW__SERVER__ADMIN_ADDR",
+                "localhost",
+                "server.admin_addr",
+            ),
+            (
+                "EVENTFLOW__SERVER__ADMIN_ADDR",
+                "0.0.0.0:8080",
+                "server.admin_addr",
             ),
             (
                 "EVENTFLOW__SERVER__IDLE_TIMEOUT",
@@ -843,12 +948,6 @@ mod tests {
                 "EVENTFLOW__SERVER__REQUEST_TIMEOUT",
                 "2days",
                 "server.request_timeout",
-            ),
-            // The default idle timeout (60 s) is less than twice this.
-            (
-                "EVENTFLOW__SERVER__REQUEST_TIMEOUT",
-                "40s",
-                "server.idle_timeout",
             ),
             (
                 "EVENTFLOW__SERVER__MAX_INFLIGHT_BODY_BYTES",

@@ -21,8 +21,11 @@
 //! - [`backend`]: where the store, queue and feed live: in memory, or on
 //!   NATS JetStream shared by many replicas ([`backend::nats`]).
 //! - [`nats`]: connecting to NATS (the nats backend and the nats sink).
-//! - [`api`]: the axum router, one module per resource, and the
-//!   problem+json error type.
+//! - [`api`]: the axum routers, one module per resource, the problem+json
+//!   error type, and the serve loop ([`api::serve`]: hyper connections,
+//!   their timeouts and cap).
+//! - [`auth`]: the bearer tokens the API accepts (constant-time check,
+//!   re-read on SIGHUP).
 //! - [`event`]: the incoming event parsed into valid types, and the
 //!   published event.
 //! - [`feed`]: the published-events feed (publication sequence, replay then
@@ -47,6 +50,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod event;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -160,7 +160,14 @@ pub(crate) async fn read_body(
         return Err(too_large(limit));
     }
     let mut held = None;
-    let raw = collect_within(Limited::new(body, raw_limit), budget, &mut held, limit).await?;
+    let raw = collect_within(
+        Limited::new(body, raw_limit),
+        budget,
+        &mut held,
+        limit,
+        raw_limit,
+    )
+    .await?;
     if !gzip {
         return Ok(HeldBody {
             bytes: raw,
@@ -182,52 +189,84 @@ fn read_error(limit: usize) -> impl Fn(axum::BoxError) -> ApiError {
     move |err| {
         if err.is::<LengthLimitError>() {
             too_large(limit)
+        } else if timed_out(&*err) {
+            ApiError::SlowBody
         } else {
             ApiError::BadRequest(format!("could not read the request body: {err}"))
         }
     }
 }
 
+/// Whether a body read failed because its next chunk took too long
+/// (tower-http's body timeout, somewhere in the error's chain).
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// Collects a body, taking its share of `budget` as each frame arrives: a
 /// declared length is only a promise, and a client that sends nothing must
 /// hold nothing.
+///
+/// A body of one frame is kept as it is, uncopied. One of several is
+/// copied into one buffer as its frames arrive, and no frame is kept: a
+/// frame is a slice that pins the read buffer it was cut from, so a body
+/// sent in 1-byte chunks would otherwise cost tens of times its size. The
+/// buffer grows by doubling (at most to `limit`), and the budget is
+/// charged what it allocates.
 async fn collect_within(
     mut body: Limited<Body>,
     budget: &BodyBudget,
     held: &mut Option<OwnedSemaphorePermit>,
     limit: usize,
+    raw_limit: usize,
 ) -> Result<Bytes, ApiError> {
     let mut first: Option<Bytes> = None;
-    let mut rest: Vec<Bytes> = Vec::new();
-    let mut total = 0;
+    let mut joined: Vec<u8> = Vec::new();
+    // What `joined` holds of the budget: its allocation.
+    let mut charged = 0;
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.map_err(read_error(limit))?.into_data() {
-            budget.take(held, data.len())?;
-            total += data.len();
-            match first {
-                None => first = Some(data),
-                Some(_) => rest.push(data),
-            }
+        let Ok(data) = frame.map_err(read_error(limit))?.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
         }
+        if first.is_none() && charged == 0 {
+            budget.take(held, data.len())?;
+            first = Some(data);
+            continue;
+        }
+        let pending = first.as_ref().map_or(0, Bytes::len);
+        let needed = joined.len() + pending + data.len();
+        if needed > charged {
+            // The first frame's share moves to the buffer it is copied
+            // into (in the same step, with no await between).
+            if let Some(held) = held.as_mut() {
+                drop(held.split(pending));
+            }
+            let grown = needed
+                .max(charged.saturating_mul(2))
+                .min(raw_limit.max(needed));
+            budget.take(held, grown - charged)?;
+            joined.reserve_exact(grown - joined.len());
+            charged = grown;
+        }
+        if let Some(first) = first.take() {
+            joined.extend_from_slice(&first);
+        }
+        joined.extend_from_slice(&data);
     }
-    let Some(first) = first else {
-        return Ok(Bytes::new());
-    };
-    // Usually the body is one frame: no copy.
-    if rest.is_empty() {
-        return Ok(first);
-    }
-    // Joined into one buffer of exactly `total` bytes, which has its own
-    // share while the frames still exist.
-    budget.take(held, total)?;
-    let mut joined = BytesMut::with_capacity(total);
-    for frame in std::iter::once(first).chain(rest) {
-        joined.extend_from_slice(&frame);
-    }
-    if let Some(held) = held.as_mut() {
-        drop(held.split(total));
-    }
-    Ok(joined.freeze())
+    Ok(match first {
+        Some(first) => first,
+        None => Bytes::from(joined),
+    })
 }
 
 /// Inflated bytes taken from the budget at a time.

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::auth::Refusal;
 use crate::event::{DecodeError, FieldError};
 use crate::pipeline::{IngestError, RejectReason};
 
@@ -124,6 +125,18 @@ pub enum ApiError {
     /// say (408).
     #[error("the request did not complete within {0:?}")]
     RequestTimeout(std::time::Duration),
+    /// The body's next chunk did not come within `server.request_timeout` (408).
+    #[error("the request body stopped arriving: no data for longer than server.request_timeout")]
+    SlowBody,
+    /// No bearer token, or not one of ours (401 + `WWW-Authenticate`).
+    #[error("{}", match .0 {
+        Refusal::Missing => "this route needs a bearer token: Authorization: Bearer <token>",
+        Refusal::Invalid => "the bearer token is not valid",
+    })]
+    Unauthorized(Refusal),
+    /// The client's rate limit is spent (429 + `Retry-After`).
+    #[error("too many requests from this client; retry in {0} s")]
+    RateLimited(u32),
     /// A bug: a handler panicked (500). The panic is logged, not sent.
     #[error("internal error; the service's log has the details")]
     Internal,
@@ -154,6 +167,7 @@ impl ApiError {
             | Self::InvalidBody(_)
             | Self::InvalidQuery { .. } => Some(RejectReason::Invalid),
             Self::PayloadTooLarge(_) => Some(RejectReason::TooLarge),
+            Self::Unauthorized(_) => Some(RejectReason::Unauthorized),
             Self::Conflict { .. } => Some(RejectReason::Conflict),
             Self::Overloaded
             | Self::ShuttingDown
@@ -165,6 +179,8 @@ impl ApiError {
             | Self::NotPublished(_)
             | Self::ProcessingFailed(_)
             | Self::RequestTimeout(_)
+            | Self::SlowBody
+            | Self::RateLimited(_)
             | Self::Internal => None,
         }
     }
@@ -187,7 +203,9 @@ impl ApiError {
             | Self::BodiesOverBudget => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotPublished(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ProcessingFailed(_) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::RequestTimeout(_) | Self::SlowBody => StatusCode::REQUEST_TIMEOUT,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -210,8 +228,10 @@ impl ApiError {
             Self::NotPublished(_) => ("not-published", "Not published in time"),
             Self::ProcessingFailed(_) => ("processing-failed", "Processing failed"),
             Self::BodiesOverBudget => ("overloaded", "Overloaded"),
-            Self::RequestTimeout(_) => ("request-timeout", "Request timeout"),
+            Self::RequestTimeout(_) | Self::SlowBody => ("request-timeout", "Request timeout"),
             Self::Internal => ("internal", "Internal error"),
+            Self::Unauthorized(_) => ("unauthorized", "Unauthorized"),
+            Self::RateLimited(_) => ("rate-limited", "Too many requests"),
         }
     }
 
@@ -302,7 +322,18 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Self::Unauthorized(refusal) = self {
+            // RFC 6750 section 3: a wrong token says `invalid_token`.
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(match refusal {
+                    Refusal::Missing => "Bearer realm=\"eventflow\"",
+                    Refusal::Invalid => "Bearer realm=\"eventflow\", error=\"invalid_token\"",
+                }),
+            );
+        }
         let retry_after = match self {
+            Self::RateLimited(secs) => Some(secs),
             Self::Overloaded | Self::BodiesOverBudget => Some(RETRY_AFTER_OVERLOADED_SECS),
             Self::ShuttingDown | Self::SinkBroken(_) | Self::Unavailable(_) => {
                 Some(RETRY_AFTER_DRAINING_SECS)

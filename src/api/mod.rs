@@ -4,13 +4,15 @@
 //! `GET /openapi.json` is generated from the same handlers and types that
 //! serve requests.
 
+mod auth;
 mod body;
-mod connections;
 pub mod error;
 mod events;
 mod health;
+mod limit;
 mod metrics;
 mod observe;
+pub mod serve;
 mod stream;
 
 use std::sync::Arc;
@@ -30,14 +32,15 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::auth::Tokens;
 use crate::config::{PipelineSettings, ServerSettings};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Readiness;
 use crate::telemetry::TraceSampling;
 
 pub use body::BodyBudget;
-pub use connections::LimitedListener;
 pub use error::{ApiError, Problem};
+pub use limit::RateLimit;
 
 /// Everything a handler can reach. Every request clones it (axum's `State`),
 /// so a clone is one reference count.
@@ -74,6 +77,12 @@ pub struct SharedState {
     pub sampling: TraceSampling,
     /// Request bodies held in memory at once (`server.max_inflight_body_bytes`).
     pub bodies: BodyBudget,
+    /// The bearer tokens the event routes ask for (none: no auth).
+    pub tokens: Tokens,
+    /// `eventflow_auth_failures_total`.
+    pub auth_failures: ::metrics::Counter,
+    /// The per-client rate limit on the event routes, when one is set.
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(OpenApi)]
@@ -89,24 +98,66 @@ pub struct SharedState {
 )]
 struct ApiDoc;
 
-/// Builds the router (with its generated OpenAPI document).
-pub fn router(state: AppState) -> Router {
-    let (api_routes, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// The routers the service serves.
+#[derive(Debug)]
+pub struct Routers {
+    /// The API (on `server.addr`).
+    pub api: Router,
+    /// Health, readiness and metrics on their own listener, when
+    /// `server.admin_addr` is set (they are then not on the API's).
+    pub admin: Option<Router>,
+}
+
+/// Builds the routers (with the API's generated OpenAPI document).
+///
+/// The event routes ask for a bearer token when `auth.tokens` is set;
+/// health, readiness, metrics and `/openapi.json` never do.
+pub fn routers(state: AppState) -> Routers {
+    let separate_admin = state.server.admin_addr.is_some();
+    let (events, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(events::post_event, events::list_events))
         .routes(routes!(events::post_batch))
         .routes(routes!(stream::stream_events))
         .routes(routes!(events::get_event))
+        .split_for_parts();
+    let events = events.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::guard,
+    ));
+    let (open, open_doc) = OpenApiRouter::new()
         .routes(routes!(health::healthz))
         .routes(routes!(health::health))
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::metrics))
         .split_for_parts();
-    let openapi = document(&openapi, state.pipeline.settings());
+    let mut api = events;
+    let mut admin = None;
+    if separate_admin {
+        admin = Some(layered(open.with_state(state.clone()), &state));
+    } else {
+        openapi.merge(open_doc);
+        api = api.merge(open);
+    }
+    let openapi = document(&openapi, state.pipeline.settings(), state.tokens.enabled());
+    let api = api.route(
+        "/openapi.json",
+        get(move || {
+            let openapi = openapi.clone();
+            async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }
+        }),
+    );
+    Routers {
+        api: layered(api.with_state(state.clone()), &state),
+        admin,
+    }
+}
+
+/// The layers every router gets: the 404 and 405 problems, the backstop
+/// timeout, panics caught, and each request observed (span, metrics).
+fn layered(router: Router, state: &AppState) -> Router {
     // A backstop only: `?wait=published` answers 504 at `request_timeout`
     // from the handler's start; this ends, a second later, whatever else
-    // takes too long (a body that arrives too slowly: 408). It wraps every
-    // route and the fallback, which the connections' unanswered-request
-    // check relies on (api::connections).
+    // takes too long (a body that arrives too slowly: 408).
     let backstop = state
         .server
         .request_timeout
@@ -115,17 +166,15 @@ pub fn router(state: AppState) -> Router {
         metrics: state.pipeline.metrics().clone(),
         sampling: state.sampling,
     });
-    api_routes
-        .route(
-            "/openapi.json",
-            get(move || {
-                let openapi = openapi.clone();
-                async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }
-            }),
-        )
+    router
         .fallback(not_found)
-        .with_state(state)
         .layer(axum::middleware::map_response(method_not_allowed))
+        // A body whose next chunk takes longer than the request timeout
+        // fails its read (408) rather than holding its share of the body
+        // budget until the backstop.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.server.request_timeout,
+        ))
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(move |_: BoxError| async move {
@@ -144,8 +193,11 @@ pub fn router(state: AppState) -> Router {
 /// The OpenAPI document as served: the derived one, with the limits that
 /// come from configuration (payload size, batch length) filled in, so that
 /// it states what this instance enforces. Rendered once, at start.
-fn document(openapi: &utoipa::openapi::OpenApi, settings: &PipelineSettings) -> Bytes {
+fn document(openapi: &utoipa::openapi::OpenApi, settings: &PipelineSettings, auth: bool) -> Bytes {
     let mut document = serde_json::to_value(openapi).unwrap_or_default();
+    if auth {
+        require_bearer(&mut document);
+    }
     let schemas = &mut document["components"]["schemas"];
     if let Some(payload) = schemas["EventInput"]["properties"].get_mut("payload") {
         payload["maxLength"] = settings.max_payload_bytes.into();
@@ -158,6 +210,38 @@ fn document(openapi: &utoipa::openapi::OpenApi, settings: &PipelineSettings) -> 
         batch["schema"]["minItems"] = 1.into();
     }
     Bytes::from(serde_json::to_vec(&document).unwrap_or_default())
+}
+
+/// With auth on: the bearer scheme, asked for by every event operation,
+/// each of which can then answer 401.
+fn require_bearer(document: &mut serde_json::Value) {
+    use serde_json::json;
+    document["components"]["securitySchemes"]["bearer"] = json!({
+        "type": "http",
+        "scheme": "bearer",
+        "description": "One of auth.tokens or the lines of auth.tokens_file"
+    });
+    let Some(paths) = document["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        if !(path == "/events" || path.starts_with("/events/")) {
+            continue;
+        }
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            operation["security"] = json!([{ "bearer": [] }]);
+            operation["responses"]["401"] = json!({
+                "description": "No bearer token, or not a known one",
+                "headers": { "WWW-Authenticate": { "schema": { "type": "string" } } },
+                "content": { "application/problem+json": {
+                    "schema": { "$ref": "#/components/schemas/Problem" }
+                } }
+            });
+        }
+    }
 }
 
 /// The answer to a request whose handler panicked: a problem document,

@@ -90,6 +90,12 @@ impl Admission {
         self.rejected(reason, 1);
     }
 
+    /// A request refused for its credentials (401) before its body was
+    /// read: its events were never received, so only the refusal counts.
+    pub fn unauthorized(&self) {
+        self.rejected(RejectReason::Unauthorized, 1);
+    }
+
     /// A front end read `received` events, of which `invalid` are not valid
     /// events (refused here); the pipeline counts what becomes of the rest.
     pub fn read(&self, received: usize, invalid: usize) {

@@ -71,6 +71,10 @@ pub mod names {
     pub const NATS_REDELIVERIES: &str = "eventflow_nats_redeliveries_total";
     /// Histogram (nats backend): time for JetStream to acknowledge an ingest request's events.
     pub const NATS_PUBLISH_ACK: &str = "eventflow_nats_publish_ack_seconds";
+    /// Requests refused with 401 (no or wrong bearer token).
+    pub const AUTH_FAILURES: &str = "eventflow_auth_failures_total";
+    /// Requests refused with 429 by the per-client rate limit.
+    pub const RATE_LIMITED: &str = "eventflow_rate_limited_total";
 }
 
 /// Histogram buckets in seconds: 50 µs to 10 s, about three per decade.
@@ -565,6 +569,16 @@ fn describe(recorder: &PrometheusRecorder) {
             names::NATS_PUBLISH_ACK,
             "nats backend: time for JetStream to acknowledge an ingest request's events",
             Some(Unit::Seconds),
+        ),
+        (
+            names::AUTH_FAILURES,
+            "Requests refused with 401: no bearer token, or not a known one",
+            None,
+        ),
+        (
+            names::RATE_LIMITED,
+            "Requests refused with 429 by the per-client rate limit",
+            None,
         ),
     ];
     for (name, text, unit) in help {

@@ -359,7 +359,9 @@ async fn bodies_in_flight_share_one_budget_past_which_requests_are_503() {
     for request in stalled {
         assert_eq!(request.await.unwrap().unwrap().status(), 422);
     }
-    assert_eq!(app.post_batch(small(1_000)).await.status(), 202);
+    let after = app.post_batch(small(1_000)).await;
+    let status = after.status();
+    assert_eq!(status, 202, "{}", after.text().await.unwrap());
 }
 
 #[tokio::test]

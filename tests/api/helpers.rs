@@ -89,6 +89,8 @@ impl Gate {
 /// A running service.
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
+    /// The admin listener, when `server.admin_addr` is set.
+    pub(crate) admin: Option<SocketAddr>,
     pub(crate) client: reqwest::Client,
     pub(crate) stdout: Captured,
     pub(crate) state: AppState,
@@ -125,6 +127,7 @@ pub(crate) async fn spawn_app_with(
         .await
         .expect("app builds");
     let addr = app.local_addr();
+    let admin = app.admin_addr();
     let state = app.state().clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
@@ -132,6 +135,7 @@ pub(crate) async fn spawn_app_with(
     }));
     TestApp {
         addr,
+        admin,
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -242,6 +246,13 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the pipeline never became idle: (queue depth, in flight) = {last:?}");
+    }
+
+    /// Sends the shutdown signal without waiting for the drain.
+    pub(crate) fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 
     /// Triggers shutdown and waits for the drain to finish.

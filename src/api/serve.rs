@@ -1,0 +1,322 @@
+//! Serving connections: hyper's HTTP/1.1 connection with its own timers,
+//! one task per connection, a cap on open connections, graceful shutdown.
+//!
+//! What libraries do, each with `server.idle_timeout`:
+//! - hyper closes a connection whose next request head has not fully
+//!   arrived in time (`header_read_timeout`): a client trickling a head,
+//!   and a keep-alive connection left idle, since hyper starts that timer
+//!   whenever it waits for a head;
+//! - `tokio-io-timeout` fails a write the client has not taken in time
+//!   (hyper has no write timeout: hyper#1628), which ends a connection
+//!   whose client stopped reading its answer;
+//! - `hyper-util`'s `GracefulShutdown` closes idle connections at shutdown
+//!   and lets busy ones finish their answer.
+//!
+//! (A body that arrives too slowly is the router's business: tower-http's
+//! body timeout and the backstop timeout, in `api::layered`.)
+//!
+//! What is ours: the cap (`server.max_connections`). At the cap the
+//! listener stops accepting and new connections wait in the kernel's
+//! backlog until one closes; without it a flood of connections grows
+//! memory up to the file descriptor limit.
+//!
+//! HTTP/1.1 only: hyper-util's protocol-sniffing connection runs no timer
+//! until it has picked HTTP/1 or 2, so a client that sends nothing would
+//! hold its slot; load balancers speak HTTP/1.1 to their targets anyway.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_io_timeout::TimeoutStream;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// How connections are limited.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections open at once (`server.max_connections`).
+    pub max_connections: usize,
+    /// Wait for a request head, or for the client to take a write
+    /// (`server.idle_timeout`).
+    pub idle_timeout: Duration,
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled, then stops
+/// accepting and waits for the open connections to finish (idle ones are
+/// closed at once). Dropping the future closes every connection.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    stop: CancellationToken,
+) {
+    const YEAR: Duration = Duration::from_secs(365 * 86_400);
+    let idle_timeout = limits.idle_timeout.min(YEAR);
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout)
+        .keep_alive(true)
+        // A small answer's head and body go out as one buffer in one
+        // `write`, measured a few per cent cheaper than a `writev` of the
+        // two (docs/performance.md).
+        .writev(false);
+    let graceful = GracefulShutdown::new();
+    // Dropping the set aborts every connection task.
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        // The semaphore is never closed, so this only waits for a slot.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.ok(),
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    accept_failed(&error).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        // Answers are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(idle_timeout));
+        let io = TokioIo::new(Box::pin(stream));
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request.map(axum::body::Body::new))
+        });
+        let connection = graceful.watch(http.serve_connection(io, service));
+        connections.spawn(async move {
+            if let Err(error) = connection.await {
+                // A client that left, timed out or sent garbage: routine.
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    while connections.join_next().await.is_some() {}
+}
+
+/// After a failed `accept`: a connection that failed before it was
+/// accepted is the client's business; anything else (out of file
+/// descriptors) is logged and retried after a pause, as axum's `serve` does.
+async fn accept_failed(error: &std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "accepting a connection failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// Serves `GET /` with 200 (`GET /big` with 32 MiB, `GET /slow` after
+    /// 150 ms) with these limits.
+    async fn start(max: usize, idle_timeout: Duration) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/big",
+                axum::routing::get(|| async { vec![b'x'; 32 << 20] }),
+            )
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    "ok"
+                }),
+            )
+            .route(
+                "/peer",
+                axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                    peer.to_string()
+                }),
+            );
+        let stop = CancellationToken::new();
+        let limits = ConnectionLimits {
+            max_connections: max,
+            idle_timeout,
+        };
+        tokio::spawn(serve(listener, router, limits, stop.clone()));
+        (addr, stop)
+    }
+
+    /// Sends `GET path` on `stream`.
+    async fn get(stream: &mut TcpStream, path: &str) {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+    }
+
+    /// Reads until the server closes the connection or `within` passes.
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 1024];
+        let deadline = Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_keep_alive_connections_are_closed_and_busy_ones_kept() {
+        let (addr, _stop) = start(10, Duration::from_millis(300)).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut idle_after_a_request = TcpStream::connect(addr).await.unwrap();
+        get(&mut idle_after_a_request, "/").await;
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        // The busy one asks something every 100 ms for a second.
+        let asking = tokio::spawn(async move {
+            for _ in 0..10 {
+                get(&mut busy, "/").await;
+                let mut buf = [0u8; 1024];
+                let n = busy.read(&mut buf).await.unwrap();
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+        assert!(closed_within(&mut idle_after_a_request, Duration::from_secs(5)).await);
+        asking.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_head_that_never_finishes_arriving_is_cut() {
+        let (addr, _stop) = start(10, Duration::from_millis(300)).await;
+        let mut trickling = TcpStream::connect(addr).await.unwrap();
+        trickling.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        // One byte of a header every 50 ms, for at most 5 s: never idle,
+        // never a whole request.
+        let mut cut = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if trickling.write_all(b"x").await.is_err() {
+                cut = true;
+                break;
+            }
+        }
+        assert!(
+            cut || closed_within(&mut trickling, Duration::ZERO).await,
+            "a trickled request head kept its connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_slower_than_the_idle_timeout_are_not_cut() {
+        // Each answer takes 150 ms of a 100 ms idle timeout: a handler at
+        // work is not idleness.
+        let (addr, _stop) = start(10, Duration::from_millis(100)).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..4 {
+            get(&mut client, "/slow").await;
+            let mut buf = [0u8; 1024];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{n} bytes");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_the_cap_waits_for_a_slot() {
+        let (addr, _stop) = start(1, Duration::from_secs(60)).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        get(&mut first, "/").await;
+        let mut buf = [0u8; 1024];
+        assert!(first.read(&mut buf).await.unwrap() > 0);
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        get(&mut second, "/").await;
+        let waiting = tokio::time::timeout(Duration::from_millis(200), second.read(&mut buf)).await;
+        assert!(waiting.is_err(), "served past the cap");
+        drop(first);
+        let served = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf)).await;
+        assert!(matches!(served, Ok(Ok(n)) if n > 0), "{served:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_its_answer_gives_its_slot_back() {
+        let (addr, _stop) = start(1, Duration::from_millis(200)).await;
+        // Asks for far more than the socket buffers hold, then reads nothing.
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        get(&mut stalled, "/big").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        get(&mut next, "/").await;
+        let mut buf = [0u8; 1024];
+        let served = tokio::time::timeout(Duration::from_secs(5), next.read(&mut buf)).await;
+        assert!(matches!(served, Ok(Ok(n)) if n > 0), "{served:?}");
+        drop(stalled);
+    }
+
+    #[tokio::test]
+    async fn handlers_see_the_peer_address() {
+        let (addr, _stop) = start(10, Duration::from_secs(60)).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let local = client.local_addr().unwrap();
+        get(&mut client, "/peer").await;
+        let mut buf = [0u8; 1024];
+        let n = client.read(&mut buf).await.unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.ends_with(&local.to_string()), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn stopping_closes_idle_connections_and_finishes_busy_ones() {
+        let (addr, stop) = start(10, Duration::from_secs(60)).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        get(&mut idle, "/").await;
+        let mut buf = [0u8; 1024];
+        assert!(idle.read(&mut buf).await.unwrap() > 0);
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        get(&mut busy, "/slow").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.cancel();
+        assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
+        let n = busy.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "the busy one got its answer"
+        );
+        assert!(
+            TcpStream::connect(addr).await.is_err()
+                || closed_within(
+                    &mut TcpStream::connect(addr).await.unwrap(),
+                    Duration::from_secs(1)
+                )
+                .await,
+            "no new connection is served"
+        );
+    }
+}
