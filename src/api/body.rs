@@ -14,8 +14,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
 
-/// Bytes of request bodies held in memory at once, across all requests
-/// (`server.max_inflight_body_bytes`). The per-request limits alone do not
+/// Bytes of request bodies and large answers held in memory at once,
+/// across all requests (`server.max_inflight_body_bytes`). The per-request limits alone do not
 /// bound memory when many large requests arrive together; past this budget
 /// a request is refused with 503 and `Retry-After`, like a full pipeline.
 #[derive(Debug, Clone)]
@@ -41,6 +41,20 @@ impl BodyBudget {
             None => *held = Some(permit),
         }
         Ok(())
+    }
+
+    /// An answer of `bytes` as a response body that holds its share of
+    /// the budget until it is sent (or the connection drops it): a client
+    /// that does not read its answers cannot make the service hold more
+    /// than the budget. 503 when the budget cannot take it now.
+    pub(crate) fn answer(&self, bytes: Vec<u8>) -> Result<Body, ApiError> {
+        let mut held = None;
+        self.take(&mut held, bytes.len())?;
+        let chunk = futures_util::stream::once(async move {
+            let _held = held;
+            Ok::<_, std::convert::Infallible>(Bytes::from(bytes))
+        });
+        Ok(Body::from_stream(chunk))
     }
 
     /// Bytes no request holds now.

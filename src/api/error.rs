@@ -118,7 +118,7 @@ pub enum ApiError {
     ProcessingFailed(String),
     /// Request bodies in memory are at `server.max_inflight_body_bytes` (503).
     #[error(
-        "request bodies in memory are at their limit (server.max_inflight_body_bytes); retry later"
+        "request bodies and answers in memory are at their limit (server.max_inflight_body_bytes); retry later"
     )]
     BodiesOverBudget,
     /// The request did not complete in time, its body arriving too slowly
@@ -264,13 +264,21 @@ impl From<DecodeError> for ApiError {
         match err {
             DecodeError::Malformed(msg) => Self::MalformedJson(format!("malformed JSON: {msg}")),
             DecodeError::Invalid(errors) => Self::Validation {
+                // The errors list has them all (clipped, at most
+                // MAX_FIELD_ERRORS); the detail names the first few.
                 detail: format!(
-                    "invalid event: {}",
+                    "invalid event: {}{}",
                     errors
                         .iter()
+                        .take(3)
                         .map(|e| format!("{}: {}", e.field, e.message))
                         .collect::<Vec<_>>()
-                        .join("; ")
+                        .join("; "),
+                    if errors.len() > 3 {
+                        format!("; and {} more", errors.len() - 3)
+                    } else {
+                        String::new()
+                    }
                 ),
                 errors,
             },

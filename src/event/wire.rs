@@ -12,6 +12,26 @@ use utoipa::ToSchema;
 
 use super::{Event, EventId};
 
+/// Most field errors one event is answered with (a body of thousands of
+/// unknown keys must not be echoed back whole).
+const MAX_FIELD_ERRORS: usize = 20;
+
+/// Most bytes of a client's string an error repeats.
+const ECHO_MAX: usize = 128;
+
+/// `text` cut to at most [`ECHO_MAX`] bytes at a character boundary, with
+/// `…` when cut.
+fn clip(text: &str) -> String {
+    if text.len() <= ECHO_MAX {
+        return text.to_owned();
+    }
+    let mut end = ECHO_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// One problem with one field of an incoming event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct FieldError {
@@ -216,7 +236,7 @@ fn payload_too_large(len: usize, max: usize) -> FieldError {
 fn explain(bytes: &[u8], max_payload_bytes: usize, fast_err: &serde_json::Error) -> DecodeError {
     let value: serde_json::Value = match serde_json::from_slice(bytes) {
         Ok(v) => v,
-        Err(e) => return DecodeError::Malformed(e.to_string()),
+        Err(e) => return DecodeError::Malformed(clip(&e.to_string())),
     };
     let serde_json::Value::Object(map) = value else {
         return DecodeError::Invalid(vec![FieldError::new("body", "must be a JSON object")]);
@@ -255,15 +275,24 @@ fn explain(bytes: &[u8], max_payload_bytes: usize, fast_err: &serde_json::Error)
         Some(serde_json::Value::String(_)) => {}
         Some(_) => errors.push(FieldError::new("payload", "must be a string")),
     }
-    for key in map.keys() {
-        if !matches!(key.as_str(), "id" | "timestamp" | "payload") {
-            errors.push(FieldError::new(key.clone(), "unknown field"));
+    let unknown = map
+        .keys()
+        .filter(|key| !matches!(key.as_str(), "id" | "timestamp" | "payload"));
+    for key in unknown {
+        if errors.len() + 1 == MAX_FIELD_ERRORS {
+            let more = map.len().saturating_sub(3);
+            errors.push(FieldError::new(
+                "body",
+                format!("{more} unknown fields in all (not all listed)"),
+            ));
+            break;
         }
+        errors.push(FieldError::new(clip(key), "unknown field"));
     }
     if errors.is_empty() {
         // Valid as a generic value yet rejected by the typed pass: for
         // example a duplicated key. Report serde's own words.
-        errors.push(FieldError::new("body", fast_err.to_string()));
+        errors.push(FieldError::new("body", clip(&fast_err.to_string())));
     }
     DecodeError::Invalid(errors)
 }

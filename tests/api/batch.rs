@@ -26,7 +26,7 @@ async fn json_array_batch_is_accepted_and_published() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(
         body,
-        json!({"accepted": 50, "duplicates": 0, "rejected": []})
+        json!({"accepted": 50, "duplicates": 0, "rejected": [], "rejected_total": 0})
     );
     let lines = app.wait_for_stdout_lines(50).await;
     assert!(lines.iter().all(|l| l["payload"] == "BATCH"));

@@ -6,6 +6,7 @@
 mod auth;
 mod batch;
 mod binary;
+mod budgets;
 mod cli;
 mod events;
 mod health;

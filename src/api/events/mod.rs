@@ -29,6 +29,12 @@ use responses::{
 /// Default and maximum page sizes of `GET /events`.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// Most bytes of events in one page: a page holds fewer events than asked
+/// for when they are large (1,000 payloads of 64 KiB, tripled when
+/// uppercased, would be a 256 MB answer), and `next` goes on from there.
+pub(crate) const MAX_PAGE_BYTES: usize = 4 << 20;
+/// Most rejections a batch answer lists (`rejected_total` counts them all).
+const MAX_LISTED_REJECTIONS: usize = 100;
 
 /// Characters escaped in the `Location` path segment.
 const PATH_SEGMENT: &AsciiSet = &CONTROLS
@@ -248,13 +254,22 @@ pub(crate) async fn post_batch(
     }
     admission.read(received, rejected.len());
     if valid.is_empty() {
+        let listed = rejected.len().min(MAX_LISTED_REJECTIONS);
         return Err(ApiError::Validation {
-            detail: format!("none of the {received} events is valid"),
+            detail: format!(
+                "none of the {received} events is valid{}",
+                if listed < rejected.len() {
+                    format!(" (the first {listed} are listed)")
+                } else {
+                    String::new()
+                }
+            ),
             errors: rejected
                 .iter()
+                .take(listed)
                 .map(|r| crate::event::FieldError {
                     field: format!("[{}]", r.index),
-                    message: r.error.clone(),
+                    message: clip(&r.error).into_owned(),
                 })
                 .collect(),
         });
@@ -265,12 +280,14 @@ pub(crate) async fn post_batch(
     let body = BatchResponse {
         accepted: outcome.accepted,
         duplicates: outcome.duplicates,
+        rejected_total: rejected.len(),
         rejected: rejected
             .into_iter()
+            .take(MAX_LISTED_REJECTIONS)
             .map(|r| BatchRejected {
                 index: r.index,
-                id: r.id,
-                error: r.error,
+                id: r.id.map(|id| clip(&id).into_owned()),
+                error: clip(&r.error).into_owned(),
             })
             .collect(),
     };
@@ -293,7 +310,7 @@ pub(crate) async fn post_batch(
 pub(crate) async fn list_events(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<EventPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(query_error)?;
     let limit = match params.limit.as_deref() {
         None => DEFAULT_PAGE,
@@ -346,14 +363,38 @@ pub(crate) async fn list_events(
     {
         return Err(ApiError::Unavailable(why));
     }
-    Ok(Json(EventPage {
-        events: page
-            .records
-            .iter()
-            .map(|r| RecordView::of(r, &state.pipeline))
-            .collect(),
-        next: page.next.map(|n| n.to_string()),
-    }))
+    // Rendered record by record, so that the page stops at MAX_PAGE_BYTES
+    // (always holding at least one record), or at a quarter of the memory
+    // budget it is held against, so that one page never exhausts it.
+    let page_bytes = MAX_PAGE_BYTES.min(state.server.max_inflight_body_bytes / 4);
+    let mut events = Vec::with_capacity(64 * 1024);
+    events.extend_from_slice(b"{\"events\":[");
+    let mut next = page.next;
+    for (index, record) in page.records.iter().enumerate() {
+        let start = events.len();
+        if index > 0 {
+            events.push(b',');
+        }
+        serde_json::to_writer(&mut events, &RecordView::of(record, &state.pipeline))
+            .map_err(|_| ApiError::Internal)?;
+        if index > 0 && events.len() > page_bytes {
+            events.truncate(start);
+            next = Some(page.records[index - 1].sequence);
+            break;
+        }
+    }
+    events.extend_from_slice(b"],\"next\":");
+    match next {
+        Some(next) => {
+            events.push(b'"');
+            events.extend_from_slice(itoa::Buffer::new().format(next).as_bytes());
+            events.push(b'"');
+        }
+        None => events.extend_from_slice(b"null"),
+    }
+    events.push(b'}');
+    let body = state.bodies.answer(events)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// Look up one event.

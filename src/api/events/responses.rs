@@ -44,8 +44,10 @@ pub(crate) struct BatchResponse {
     pub(super) accepted: usize,
     /// Events already stored with the same content.
     pub(super) duplicates: usize,
-    /// Events refused, with the reason.
+    /// Events refused, with the reason: the first 100 (by position).
     pub(super) rejected: Vec<BatchRejected>,
+    /// How many events were refused in all.
+    pub(super) rejected_total: usize,
 }
 
 /// A stored event and what became of it.

@@ -1,0 +1,213 @@
+//! Budgets that hold against any client: what the service builds, buffers
+//! and echoes is bounded whatever is sent.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::binary;
+use crate::helpers::{event, spawn_app, spawn_app_with};
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_answer_lists_at_most_100_rejections_each_echo_cut_to_128_bytes() {
+    let app = spawn_app().await;
+    // One valid event and 2,000 with over-long ids, gzipped: a small
+    // request that once answered with every id in full.
+    let mut ndjson = event("echo-ok", "x").to_string();
+    for i in 0..2_000 {
+        ndjson.push('\n');
+        ndjson.push_str(&event(&format!("{i}-{}", "x".repeat(1_000)), "x").to_string());
+    }
+    let response = app
+        .client
+        .post(app.url("/events/batch"))
+        .header("content-type", "application/x-ndjson")
+        .header("content-encoding", "gzip")
+        .body(gzip(ndjson.as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let answer = response.bytes().await.unwrap();
+    assert!(answer.len() < 64 * 1024, "{} bytes answered", answer.len());
+    let body: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(body["rejected_total"], 2_000);
+    let rejected = body["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 100, "the first 100");
+    assert_eq!(rejected[0]["index"], 1);
+    for rejection in rejected {
+        let id = rejection["id"].as_str().unwrap();
+        assert!(id.len() <= 128 + "…".len(), "{} bytes echoed", id.len());
+    }
+
+    // None valid: a 422 that lists the first 100 too.
+    let all_bad: Vec<Value> = (0..500).map(|i| json!({ "id": i })).collect();
+    let response = app.post_batch(all_bad).await;
+    assert_eq!(response.status(), 422);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["errors"].as_array().unwrap().len(), 100);
+    assert!(problem["detail"].as_str().unwrap().contains("first 100"));
+}
+
+#[tokio::test]
+async fn an_event_with_a_huge_unknown_key_is_answered_in_a_few_hundred_bytes() {
+    let app = spawn_app().await;
+    let mut body = event("key-1", "x");
+    body[&"k".repeat(900_000)] = json!(1);
+    let response = app
+        .post_raw(
+            "/events",
+            "application/json",
+            gzip(body.to_string().as_bytes()),
+        )
+        .await;
+    // (Not gzip-declared: the raw bytes are not JSON.)
+    assert_eq!(response.status(), 400);
+    let response = app
+        .client
+        .post(app.url("/events"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gzip(body.to_string().as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let answer = response.bytes().await.unwrap();
+    assert!(answer.len() < 2_048, "{} bytes answered", answer.len());
+
+    // Thousands of unknown keys: a bounded list.
+    let mut body = event("key-2", "x");
+    for i in 0..5_000 {
+        body[&format!("k{i}")] = json!(i);
+    }
+    let response = app.post_event(&body).await;
+    assert_eq!(response.status(), 422);
+    let problem: Value = response.json().await.unwrap();
+    assert!(
+        problem["errors"].as_array().unwrap().len() <= 20,
+        "{problem}"
+    );
+    assert!(problem.to_string().len() < 4_096);
+}
+
+#[tokio::test]
+async fn a_page_is_bounded_in_bytes_and_next_goes_on_from_where_it_stopped() {
+    let app = spawn_app_with(
+        |s| {
+            // A budget of 3 MiB: a page holds at most a quarter of it.
+            s.server.max_body_bytes = 1 << 20;
+            s.server.max_batch_body_bytes = 1 << 20;
+            s.server.max_inflight_body_bytes = 3 << 20;
+        },
+        Vec::new(),
+    )
+    .await;
+    let payload = "ß".repeat(30_000); // 60 KB, 120 KB uppercased ("SS")
+    for i in 0..40 {
+        let response = app
+            .post_event(&event(&format!("big-{i:02}"), &payload))
+            .await;
+        assert_eq!(response.status(), 202);
+    }
+    app.wait_for_stdout_lines(40).await;
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    let mut pages = 0;
+    loop {
+        let response = app.get(&format!("/events?limit=1000&after={after}")).await;
+        assert_eq!(response.status(), 200);
+        let answer = response.bytes().await.unwrap();
+        assert!(
+            answer.len() <= (3 << 20) / 4 + 200_000,
+            "a page of {} bytes",
+            answer.len()
+        );
+        let page: Value = serde_json::from_slice(&answer).unwrap();
+        for record in page["events"].as_array().unwrap() {
+            seen.push(record["id"].as_str().unwrap().to_owned());
+        }
+        pages += 1;
+        match page["next"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => break,
+        }
+        assert!(pages < 100);
+    }
+    assert!(pages >= 4, "{pages} pages");
+    let expected: Vec<String> = (0..40).map(|i| format!("big-{i:02}")).collect();
+    assert_eq!(seen, expected, "every event once, in order");
+}
+
+/// The peak resident memory of process `pid` so far, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_in_one_byte_chunks_costs_about_its_size() {
+    let service = binary::start(&[
+        ("EVENTFLOW__PUBLISH__SINKS", ""),
+        ("EVENTFLOW__PIPELINE__WORKERS", "1"),
+    ]);
+    let pid = service.child.id();
+    let before = peak_rss(pid);
+    // 8 clients at once each send a 128 KB NDJSON batch in 1-byte chunks.
+    let line = format!("{}\n", event("c", &"y".repeat(900)));
+    let body: Vec<u8> = line.repeat(128_000 / line.len()).into_bytes();
+    let mut wire = Vec::with_capacity(body.len() * 6 + 5);
+    for byte in &body {
+        wire.extend_from_slice(b"1\r\n");
+        wire.push(*byte);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let clients = (0..8).map(|_| {
+        let wire = wire.clone();
+        let addr = service.addr;
+        tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(
+                    b"POST /events/batch HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-ndjson\r\n\
+                      transfer-encoding: chunked\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            stream.write_all(&wire).await.unwrap();
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.unwrap();
+            head
+        })
+    });
+    for client in clients.collect::<Vec<_>>() {
+        assert_eq!(&client.await.unwrap(), b"HTTP/1.1 202");
+    }
+    let grown = peak_rss(pid).saturating_sub(before);
+    eprintln!(
+        "8 bodies of {} bytes in 1-byte chunks: peak RSS {} -> {} MiB",
+        body.len(),
+        before >> 20,
+        peak_rss(pid) >> 20
+    );
+    // Each byte kept as its own frame pinned a slice of a read buffer:
+    // about 64 times the bodies' 1 MB. Coalesced, they cost about their
+    // size (and the peak includes the service warming up).
+    assert!(grown < 24 << 20, "peak RSS grew by {} MiB", grown >> 20);
+}
