@@ -2,7 +2,6 @@
 //! and echoes is bounded whatever is sent.
 
 use std::io::Write;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
