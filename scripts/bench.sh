@@ -2,7 +2,8 @@
 # Reproduces the figures in docs/performance.md.
 #
 #   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|all]
-#   BASE=path/to/another/eventflow scripts/bench.sh ab   (this build against that one)
+#   BASE=path/to/another/eventflow scripts/bench.sh ab   (this build against that one;
+#   KINDS="single wait batch" chooses the comparisons)
 #
 # The server is pinned to one core and the load generator (or wrk) to the
 # other; stdout goes to /dev/null; release build; default config unless a
@@ -494,7 +495,7 @@ bench_ab() {
   fi
   echo "== A/B: this build against $BASE, ${DURATION}s x $RUNS each, alternating"
   local kind path run server value
-  for kind in single wait batch; do
+  for kind in ${KINDS:-single wait batch}; do
     path=/events
     [[ "$kind" == wait ]] && path='/events?wait=published'
     local base_values=() this_values=()

@@ -37,6 +37,9 @@ use crate::sink::{Sink, build_sinks};
 use crate::telemetry::TraceSampling;
 use crate::telemetry::metrics::{Metrics, names};
 
+/// SSE subscribers that render stored events again at once: one, so that a
+/// storm of clients resuming from 0 keeps to one core.
+const REPLAYS_AT_ONCE: usize = 1;
 /// Time allowed to flush sinks after the drain deadline has passed.
 const LATE_FLUSH: Duration = Duration::from_secs(2);
 /// How often histogram buffers are drained between scrapes.
@@ -112,10 +115,18 @@ impl App {
             server: Arc::new(settings.server.clone()),
             stream_stop: CancellationToken::new(),
             sampling: TraceSampling::from_settings(&settings.telemetry),
-            bodies: BodyBudget::new(settings.server.max_inflight_body_bytes),
+            bodies: BodyBudget::new(settings.server.max_inflight_body_bytes)
+                .with_stall_timeout(settings.server.request_timeout),
             tokens,
             auth_failures,
             rate_limit,
+            subscribers: Arc::new(tokio::sync::Semaphore::new(
+                settings
+                    .server
+                    .max_subscribers
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            replays: Arc::new(tokio::sync::Semaphore::new(REPLAYS_AT_ONCE)),
         });
         Ok(Self {
             listener,
@@ -160,6 +171,7 @@ impl App {
         let limits = ConnectionLimits {
             max_connections: state.server.max_connections,
             idle_timeout: state.server.idle_timeout,
+            peer_address: state.rate_limit.is_some(),
         };
         let shutdown_delay = state.server.shutdown_delay;
         let pipeline = state.pipeline.clone();

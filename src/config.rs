@@ -68,6 +68,9 @@ pub struct ServerSettings {
     pub max_batch_body_bytes: usize,
     /// Connections open at once; past it new ones wait to be accepted.
     pub max_connections: usize,
+    /// SSE subscribers at once (fewer than `max_connections`, so that
+    /// subscribers can never take every slot from requests); past it 503.
+    pub max_subscribers: usize,
     /// A connection whose next request head has not fully arrived after
     /// this long (idle between requests, or trickling a head), or whose
     /// client has not taken a write for this long, is closed.
@@ -422,6 +425,7 @@ impl Settings {
                 self.server.max_batch_body_bytes,
             ),
             ("server.max_connections", self.server.max_connections),
+            ("server.max_subscribers", self.server.max_subscribers),
             ("pipeline.workers", self.pipeline.workers),
             ("pipeline.queue_capacity", self.pipeline.queue_capacity),
             (
@@ -514,6 +518,15 @@ impl Settings {
             if value > DAY {
                 return Err(invalid(key, "must be at most a day"));
             }
+        }
+        if self.server.max_subscribers >= self.server.max_connections {
+            return Err(invalid(
+                "server.max_subscribers",
+                format!(
+                    "must be less than server.max_connections ({}): subscribers may not take every connection",
+                    self.server.max_connections
+                ),
+            ));
         }
         if self.server.idle_timeout.is_zero() {
             return Err(invalid("server.idle_timeout", "must be greater than 0"));
@@ -733,6 +746,7 @@ fn defaults(
         .set_default("server.max_batch_body_bytes", 16_777_216)?
         .set_default("server.max_inflight_body_bytes", 134_217_728)?
         .set_default("server.max_connections", 10_000)?
+        .set_default("server.max_subscribers", 1_000)?
         .set_default("server.idle_timeout", "60s")?
         .set_default("server.request_timeout", "10s")?
         .set_default("server.shutdown_grace", "30s")?
@@ -799,6 +813,7 @@ mod tests {
         assert_eq!(s.server.shutdown_delay, Duration::ZERO);
         assert_eq!(s.server.admin_addr, None);
         assert_eq!(s.server.rate_limit_per_second, 0);
+        assert_eq!(s.server.max_subscribers, 1_000);
         assert!(s.server.trusted_proxies.is_empty());
         assert!(s.auth.tokens.is_empty());
         assert_eq!(s.auth.tokens_file, None);

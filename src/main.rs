@@ -50,6 +50,9 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 /// Exit code when a second signal forces exit.
 const EXIT_FORCED: i32 = 130;
+/// How long a forced exit waits for stdout to finish the line it is
+/// writing (its reader may be slow).
+const FINISH_LINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -112,10 +115,15 @@ async fn run(settings: Settings) -> ExitCode {
                 signal = name,
                 "second signal: exiting without finishing the drain"
             );
+            eventflow::sink::finish_line(FINISH_LINE);
             std::process::exit(EXIT_FORCED);
         });
     };
     let outcome = app.run_until_stopped(stop).await;
+    if outcome.is_err() {
+        // The drain deadline may have left the writer mid-line.
+        eventflow::sink::finish_line(FINISH_LINE);
+    }
     telemetry.shutdown().await;
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

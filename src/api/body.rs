@@ -9,6 +9,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -18,13 +19,30 @@ use super::error::ApiError;
 /// across all requests (`server.max_inflight_body_bytes`). The per-request limits alone do not
 /// bound memory when many large requests arrive together; past this budget
 /// a request is refused with 503 and `Retry-After`, like a full pipeline.
+///
+/// It also bounds how long a body may stall: a body whose next chunk takes
+/// longer than its stall timeout fails (408) rather than holding its share.
 #[derive(Debug, Clone)]
-pub struct BodyBudget(Arc<Semaphore>);
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    stall_timeout: std::time::Duration,
+}
 
 impl BodyBudget {
-    /// A budget of `bytes`.
+    /// A budget of `bytes`, with no stall timeout.
     pub fn new(bytes: usize) -> Self {
-        Self(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+        Self {
+            bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            stall_timeout: std::time::Duration::from_secs(365 * 86_400),
+        }
+    }
+
+    /// With bodies failing when their next chunk takes longer than `timeout`.
+    pub fn with_stall_timeout(self, timeout: std::time::Duration) -> Self {
+        Self {
+            stall_timeout: timeout,
+            ..self
+        }
     }
 
     /// Takes `bytes` more for the request that holds `held`.
@@ -33,7 +51,7 @@ impl BodyBudget {
             return Ok(());
         }
         let bytes = u32::try_from(bytes).map_err(|_| ApiError::BodiesOverBudget)?;
-        let permit = Arc::clone(&self.0)
+        let permit = Arc::clone(&self.bytes)
             .try_acquire_many_owned(bytes)
             .map_err(|_| ApiError::BodiesOverBudget)?;
         match held {
@@ -60,7 +78,7 @@ impl BodyBudget {
     /// Bytes no request holds now.
     #[cfg(test)]
     fn available(&self) -> usize {
-        self.0.available_permits()
+        self.bytes.available_permits()
     }
 }
 
@@ -180,6 +198,7 @@ pub(crate) async fn read_body(
         &mut held,
         limit,
         raw_limit,
+        declared_length.and_then(|length| usize::try_from(length).ok()),
     )
     .await?;
     if !gzip {
@@ -203,25 +222,10 @@ fn read_error(limit: usize) -> impl Fn(axum::BoxError) -> ApiError {
     move |err| {
         if err.is::<LengthLimitError>() {
             too_large(limit)
-        } else if timed_out(&*err) {
-            ApiError::SlowBody
         } else {
             ApiError::BadRequest(format!("could not read the request body: {err}"))
         }
     }
-}
-
-/// Whether a body read failed because its next chunk took too long
-/// (tower-http's body timeout, somewhere in the error's chain).
-fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        if error.is::<tower_http::timeout::TimeoutError>() {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
 }
 
 /// Collects a body, taking its share of `budget` as each frame arrives: a
@@ -240,12 +244,26 @@ async fn collect_within(
     held: &mut Option<OwnedSemaphorePermit>,
     limit: usize,
     raw_limit: usize,
+    declared: Option<usize>,
 ) -> Result<Bytes, ApiError> {
     let mut first: Option<Bytes> = None;
     let mut joined: Vec<u8> = Vec::new();
     // What `joined` holds of the budget: its allocation.
     let mut charged = 0;
-    while let Some(frame) = body.frame().await {
+    loop {
+        // The stall timer is armed only when the next chunk is not there
+        // yet: tower-http's body timeout arms one for every chunk, ready or
+        // not, which cost a measurable share of a single-event request
+        // (docs/performance.md). `frame()` is cancel-safe.
+        let frame = match body.frame().now_or_never() {
+            Some(frame) => frame,
+            None => tokio::time::timeout(budget.stall_timeout, body.frame())
+                .await
+                .map_err(|_| ApiError::SlowBody)?,
+        };
+        let Some(frame) = frame else {
+            break;
+        };
         let Ok(data) = frame.map_err(read_error(limit))?.into_data() else {
             continue;
         };
@@ -265,8 +283,11 @@ async fn collect_within(
             if let Some(held) = held.as_mut() {
                 drop(held.split(pending));
             }
+            // A declared length (already checked against the limit) sizes
+            // the buffer once; without one it doubles.
             let grown = needed
                 .max(charged.saturating_mul(2))
+                .max(declared.unwrap_or(0))
                 .min(raw_limit.max(needed));
             budget.take(held, grown - charged)?;
             joined.reserve_exact(grown - joined.len());

@@ -134,6 +134,11 @@ pub enum ApiError {
         Refusal::Invalid => "the bearer token is not valid",
     })]
     Unauthorized(Refusal),
+    /// `server.max_subscribers` SSE subscribers are connected (503).
+    #[error(
+        "{0} subscribers are connected, the most this instance serves (server.max_subscribers); retry later or on another instance"
+    )]
+    TooManySubscribers(usize),
     /// The client's rate limit is spent (429 + `Retry-After`).
     #[error("too many requests from this client; retry in {0} s")]
     RateLimited(u32),
@@ -180,6 +185,7 @@ impl ApiError {
             | Self::ProcessingFailed(_)
             | Self::RequestTimeout(_)
             | Self::SlowBody
+            | Self::TooManySubscribers(_)
             | Self::RateLimited(_)
             | Self::Internal => None,
         }
@@ -200,7 +206,8 @@ impl ApiError {
             | Self::ShuttingDown
             | Self::SinkBroken(_)
             | Self::Unavailable(_)
-            | Self::BodiesOverBudget => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::BodiesOverBudget
+            | Self::TooManySubscribers(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotPublished(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ProcessingFailed(_) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::RequestTimeout(_) | Self::SlowBody => StatusCode::REQUEST_TIMEOUT,
@@ -232,6 +239,7 @@ impl ApiError {
             Self::Internal => ("internal", "Internal error"),
             Self::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             Self::RateLimited(_) => ("rate-limited", "Too many requests"),
+            Self::TooManySubscribers(_) => ("too-many-subscribers", "Too many subscribers"),
         }
     }
 
@@ -343,9 +351,10 @@ impl IntoResponse for ApiError {
         let retry_after = match self {
             Self::RateLimited(secs) => Some(secs),
             Self::Overloaded | Self::BodiesOverBudget => Some(RETRY_AFTER_OVERLOADED_SECS),
-            Self::ShuttingDown | Self::SinkBroken(_) | Self::Unavailable(_) => {
-                Some(RETRY_AFTER_DRAINING_SECS)
-            }
+            Self::ShuttingDown
+            | Self::SinkBroken(_)
+            | Self::Unavailable(_)
+            | Self::TooManySubscribers(_) => Some(RETRY_AFTER_DRAINING_SECS),
             _ => None,
         };
         if let Some(secs) = retry_after {

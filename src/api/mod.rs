@@ -83,6 +83,10 @@ pub struct SharedState {
     pub auth_failures: ::metrics::Counter,
     /// The per-client rate limit on the event routes, when one is set.
     pub rate_limit: Option<RateLimit>,
+    /// One permit per SSE subscriber (`server.max_subscribers`).
+    pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// Subscribers rendering stored events again (a replay) at once.
+    pub replays: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(OpenApi)]
@@ -120,10 +124,16 @@ pub fn routers(state: AppState) -> Routers {
         .routes(routes!(stream::stream_events))
         .routes(routes!(events::get_event))
         .split_for_parts();
-    let events = events.route_layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        auth::guard,
-    ));
+    // Layered only when there is something to guard: the middleware costs
+    // a few per cent of a single-event request (docs/performance.md).
+    let events = if state.tokens.enabled() || state.rate_limit.is_some() {
+        events.route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
+    } else {
+        events
+    };
     let (open, open_doc) = OpenApiRouter::new()
         .routes(routes!(health::healthz))
         .routes(routes!(health::health))
@@ -169,12 +179,6 @@ fn layered(router: Router, state: &AppState) -> Router {
     router
         .fallback(not_found)
         .layer(axum::middleware::map_response(method_not_allowed))
-        // A body whose next chunk takes longer than the request timeout
-        // fails its read (408) rather than holding its share of the body
-        // budget until the backstop.
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            state.server.request_timeout,
-        ))
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(move |_: BoxError| async move {

@@ -12,8 +12,9 @@
 //! - `hyper-util`'s `GracefulShutdown` closes idle connections at shutdown
 //!   and lets busy ones finish their answer.
 //!
-//! (A body that arrives too slowly is the router's business: tower-http's
-//! body timeout and the backstop timeout, in `api::layered`.)
+//! (A body that arrives too slowly is the body reader's business, with
+//! `server.request_timeout` per chunk in `api::body`, and the backstop
+//! timeout's in `api::layered`.)
 //!
 //! What is ours: the cap (`server.max_connections`). At the cap the
 //! listener stops accepting and new connections wait in the kernel's
@@ -47,6 +48,9 @@ pub struct ConnectionLimits {
     /// Wait for a request head, or for the client to take a write
     /// (`server.idle_timeout`).
     pub idle_timeout: Duration,
+    /// Give each request its peer's address (`ConnectInfo`): only the rate
+    /// limit reads it, and it costs an extensions map per request.
+    pub peer_address: bool,
 }
 
 /// Serves `router` on `listener` until `stop` is cancelled, then stops
@@ -97,8 +101,11 @@ pub async fn serve(
         stream.set_write_timeout(Some(idle_timeout));
         let io = TokioIo::new(Box::pin(stream));
         let router = router.clone();
+        let peer_address = limits.peer_address;
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
+            if peer_address {
+                request.extensions_mut().insert(ConnectInfo(peer));
+            }
             router.clone().oneshot(request.map(axum::body::Body::new))
         });
         let connection = graceful.watch(http.serve_connection(io, service));
@@ -168,6 +175,7 @@ mod tests {
         let limits = ConnectionLimits {
             max_connections: max,
             idle_timeout,
+            peer_address: true,
         };
         tokio::spawn(serve(listener, router, limits, stop.clone()));
         (addr, stop)

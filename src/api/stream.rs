@@ -10,6 +10,7 @@
 //! from it does not ask for the range again.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -34,6 +35,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
     responses(
         (status = 200, description = "An endless `text/event-stream`: one message per published event (`id:` = its publication sequence: 1, 2, 3 … in publication order, no gaps; `data:` = the published event as JSON); `event: lagged` with `{\"from\",\"to\",\"skipped\"}` for published events no longer held", content_type = "text/event-stream", body = String),
         (status = 400, description = "`Last-Event-ID` is not a publication sequence", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`server.max_subscribers` are connected already (`Retry-After`)", body = super::error::Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn stream_events(
@@ -53,6 +55,12 @@ pub(crate) async fn stream_events(
             Some(parsed)
         }
     };
+    // Held for as long as the stream lasts: subscribers keep their
+    // connections busy for good, so they get their own cap, below the
+    // connection cap, and can never lock requests out.
+    let slot = Arc::clone(&state.subscribers)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManySubscribers(state.server.max_subscribers))?;
     let pipeline = state.pipeline.clone();
     let subscription = pipeline.feed().subscribe(resume_after);
     tracing::debug!(
@@ -61,16 +69,50 @@ pub(crate) async fn stream_events(
         subscribers = pipeline.feed().subscribers(),
         "SSE subscriber connected"
     );
-    let items = stream::unfold(subscription, |mut subscription| async move {
-        let items = subscription.next().await?;
-        Some((stream::iter(items), subscription))
-    })
-    .flatten();
-    let stop = state.stream_stop.clone().cancelled_owned();
-    let events = items
-        .map(move |item| Ok(message(&pipeline, item)))
-        .take_until(stop);
+    let replays = Arc::clone(&state.replays);
+    let events = stream::unfold(
+        (subscription, pipeline, replays, slot),
+        |(mut subscription, pipeline, replays, slot)| async move {
+            let items = subscription.next().await?;
+            let rendered: Vec<Result<Event, Infallible>> = if items.iter().any(is_stored) {
+                // Events older than the feed's window are rendered again
+                // from the store: one subscriber at a time does that, so
+                // that many resuming from 0 cannot take every core from
+                // ingest. The permit is held while this batch renders.
+                let _replaying = replays.acquire().await.ok();
+                let rendered = items
+                    .into_iter()
+                    .map(|item| Ok(message(&pipeline, item)))
+                    .collect();
+                drop(_replaying);
+                tokio::task::yield_now().await;
+                rendered
+            } else {
+                items
+                    .into_iter()
+                    .map(|item| Ok(message(&pipeline, item)))
+                    .collect()
+            };
+            Some((
+                stream::iter(rendered),
+                (subscription, pipeline, replays, slot),
+            ))
+        },
+    )
+    .flatten()
+    .take_until(state.stream_stop.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// Whether `item` must be rendered from the store.
+fn is_stored(item: &FeedItem) -> bool {
+    matches!(
+        item,
+        FeedItem::Event {
+            line: FeedLine::Stored(_),
+            ..
+        }
+    )
 }
 
 /// The SSE message for one feed item.

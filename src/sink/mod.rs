@@ -20,7 +20,7 @@ use crate::event::PublishedEvent;
 
 pub use log::LogSink;
 pub use nats::NatsSink;
-pub use stdout::StdoutSink;
+pub use stdout::{StdoutSink, finish_line};
 
 /// A published event together with its JSON form.
 #[derive(Debug, Clone, Copy)]

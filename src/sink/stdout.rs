@@ -13,10 +13,17 @@
 //! A failed write breaks the sink for good (a closed pipe does not reopen):
 //! the events whose lines were not written whole are reported back as not
 //! written, and every later pass is refused at once.
+//!
+//! stdout only ever carries whole lines, a forced exit included: the
+//! writer writes at most [`WRITE_CHUNK`] bytes a call, and once
+//! [`finish_line`] asks it to stop it finishes the line in progress and
+//! starts no other, while the caller waits (bounded) for that.
 
 use std::io::{self, IoSlice, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::{Condvar, Mutex};
@@ -26,6 +33,24 @@ use super::{Publications, PublishError, Sink, SinkError};
 
 /// Queued bytes at which publishers wait for the writer.
 const BUFFER_LIMIT: usize = 1024 * 1024;
+/// Most bytes one write hands the kernel: a blocking write to a pipe
+/// returns only once all of it is taken, and the writer looks at whether
+/// it must stop between writes.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// The writer of the process's standard output, for [`finish_line`].
+static PROCESS_STDOUT: OnceLock<Arc<Shared>> = OnceLock::new();
+
+/// Before a forced exit: stops the stdout writer at the end of the line it
+/// is writing (it starts no other), and waits up to `wait` for that, so
+/// that stdout does not end with half a line while its reader keeps
+/// reading. Returns at once when nothing is being written.
+pub fn finish_line(wait: Duration) {
+    let Some(shared) = PROCESS_STDOUT.get() else {
+        return;
+    };
+    shared.stop_at_line_end(wait);
+}
 
 /// How a queued pass was written.
 type WriteResult = Result<(), WriteFailure>;
@@ -54,6 +79,8 @@ struct State {
     flush_requests: Vec<oneshot::Sender<io::Result<()>>>,
     /// The sink was dropped: the writer thread ends once the queue is written.
     closing: bool,
+    /// The writer is writing a batch (it may be mid-line).
+    writing: bool,
 }
 
 struct Shared {
@@ -64,6 +91,20 @@ struct Shared {
     room: Notify,
     /// Why the sink is broken, once a write failed.
     broken: OnceLock<String>,
+    /// A forced exit asked the writer to stop at the end of its line.
+    stopping: AtomicBool,
+    /// Wakes [`Shared::stop_at_line_end`] when the writer stops writing.
+    idle: Condvar,
+}
+
+impl Shared {
+    fn stop_at_line_end(&self, wait: Duration) {
+        self.stopping.store(true, Ordering::Release);
+        let mut state = self.state.lock();
+        let _ = self
+            .idle
+            .wait_while_for(&mut state, |state| state.writing, wait);
+    }
 }
 
 /// Writes published events as JSON lines to a writer (standard output in production).
@@ -82,6 +123,12 @@ impl StdoutSink {
     /// write goes straight to file descriptor 1 (`io::Stdout` would line-
     /// buffer it once more).
     pub fn stdout() -> Self {
+        let sink = Self::stdout_writer();
+        let _ = PROCESS_STDOUT.set(Arc::clone(&sink.shared));
+        sink
+    }
+
+    fn stdout_writer() -> Self {
         #[cfg(unix)]
         {
             use std::os::fd::AsFd;
@@ -99,6 +146,8 @@ impl StdoutSink {
             work: Condvar::new(),
             room: Notify::new(),
             broken: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+            idle: Condvar::new(),
         });
         let for_writer = Arc::clone(&shared);
         let spawned = thread::Builder::new()
@@ -169,15 +218,23 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
             }
             std::mem::swap(&mut state.queued, &mut batch);
             state.queued_bytes = 0;
+            state.writing = true;
             std::mem::take(&mut state.flush_requests)
         };
         shared.room.notify_waiters();
+        if shared.stopping.load(Ordering::Acquire) {
+            let _ = shared.broken.set("the process is exiting".into());
+        }
         let result = match shared.broken.get() {
             // Broken since these were queued: none of them is written.
             Some(reason) => Err((io::Error::other(reason.clone()), 0)),
-            None => write_passes(&mut out, &batch)
+            None => write_passes(&mut out, &batch, &shared.stopping)
                 .and_then(|()| out.flush().map_err(|error| (error, usize::MAX))),
         };
+        {
+            shared.state.lock().writing = false;
+            shared.idle.notify_all();
+        }
         match &result {
             Ok(()) => {
                 for pass in batch.drain(..) {
@@ -230,9 +287,15 @@ fn report_failure(passes: impl Iterator<Item = Pass>, written: usize, error: &io
     }
 }
 
-/// Writes every pass, in order, in as few vectored writes as the writer
-/// takes; on failure, the error and how many bytes were written.
-fn write_passes<W: Write>(out: &mut W, passes: &[Pass]) -> Result<(), (io::Error, usize)> {
+/// Writes every pass, in order, in vectored writes of at most
+/// [`WRITE_CHUNK`] bytes; on failure, the error and how many bytes were
+/// written. Once `stopping` is set it finishes the line in progress and
+/// stops there.
+fn write_passes<W: Write>(
+    out: &mut W,
+    passes: &[Pass],
+    stopping: &AtomicBool,
+) -> Result<(), (io::Error, usize)> {
     let mut slices: Vec<IoSlice<'_>> = passes
         .iter()
         .filter(|p| !p.lines.is_empty())
@@ -241,7 +304,37 @@ fn write_passes<W: Write>(out: &mut W, passes: &[Pass]) -> Result<(), (io::Error
     let mut unwritten = &mut slices[..];
     let mut total = 0;
     while !unwritten.is_empty() {
-        match out.write_vectored(unwritten) {
+        if stopping.load(Ordering::Acquire) {
+            if !at_line_start(passes, total) {
+                // Every pass ends with a newline: the rest of the current
+                // line is in the first unwritten slice.
+                let line_end = unwritten[0]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(unwritten[0].len(), |end| end + 1);
+                let rest = &unwritten[0][..line_end];
+                out.write_all(rest).map_err(|error| (error, total))?;
+                total += rest.len();
+            }
+            return Err((io::Error::other("the process is exiting"), total));
+        }
+        // At most WRITE_CHUNK bytes: the leading slices that fit, or a
+        // part of the first one.
+        let mut count = 0;
+        let mut bytes = 0;
+        for slice in unwritten.iter() {
+            if count > 0 && bytes + slice.len() > WRITE_CHUNK {
+                break;
+            }
+            bytes += slice.len();
+            count += 1;
+        }
+        let result = if count == 1 && unwritten[0].len() > WRITE_CHUNK {
+            out.write(&unwritten[0][..WRITE_CHUNK])
+        } else {
+            out.write_vectored(&unwritten[..count])
+        };
+        match result {
             Ok(0) => return Err((io::ErrorKind::WriteZero.into(), total)),
             Ok(written) => {
                 total += written;
@@ -252,6 +345,23 @@ fn write_passes<W: Write>(out: &mut W, passes: &[Pass]) -> Result<(), (io::Error
         }
     }
     Ok(())
+}
+
+/// Whether the first `written` bytes of the passes end at the start of a
+/// line: nothing written, or a newline last.
+fn at_line_start(passes: &[Pass], written: usize) -> bool {
+    if written == 0 {
+        return true;
+    }
+    let mut left = written;
+    for pass in passes.iter().filter(|p| !p.lines.is_empty()) {
+        let bytes = pass.lines.as_bytes();
+        if left <= bytes.len() {
+            return bytes[left - 1] == b'\n';
+        }
+        left -= bytes.len();
+    }
+    true
 }
 
 #[async_trait]

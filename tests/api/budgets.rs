@@ -210,3 +210,117 @@ async fn a_body_sent_in_one_byte_chunks_costs_about_its_size() {
     // size (and the peak includes the service warming up).
     assert!(grown < 24 << 20, "peak RSS grew by {} MiB", grown >> 20);
 }
+
+/// `GET /events/stream` on a connection of its own; the status line's code
+/// and the stream (still open when 200).
+async fn raw_subscribe(
+    addr: std::net::SocketAddr,
+    last_event_id: Option<u64>,
+) -> (u16, tokio::net::TcpStream) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let resume = last_event_id.map_or(String::new(), |id| format!("last-event-id: {id}\r\n"));
+    stream
+        .write_all(format!("GET /events/stream HTTP/1.1\r\nhost: x\r\n{resume}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.unwrap();
+    let code = std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap();
+    (code, stream)
+}
+
+#[tokio::test]
+async fn subscribers_have_their_own_cap_and_cannot_lock_out_ingest() {
+    let app = spawn_app_with(
+        |s| {
+            s.server.max_connections = 4;
+            s.server.max_subscribers = 2;
+        },
+        Vec::new(),
+    )
+    .await;
+    let (first, first_stream) = raw_subscribe(app.addr, None).await;
+    let (second, _second_stream) = raw_subscribe(app.addr, None).await;
+    assert_eq!((first, second), (200, 200));
+    let third = app.get("/events/stream").await;
+    assert_eq!(third.status(), 503);
+    assert!(third.headers().contains_key("retry-after"));
+    let problem: Value = third.json().await.unwrap();
+    assert_eq!(
+        problem["type"],
+        "urn:eventflow:problem:too-many-subscribers"
+    );
+    // Requests still get connections and answers.
+    for i in 0..20 {
+        let response = app.post_event(&event(&format!("sub-{i}"), "x")).await;
+        assert_eq!(response.status(), 202);
+    }
+    // A subscriber that leaves gives its place back.
+    drop(first_stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (code, _stream) = raw_subscribe(app.addr, None).await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_replays_from_zero_does_not_stall_ingest() {
+    let app = spawn_app().await;
+    // Published before anyone subscribed: older than the feed's window of
+    // lines, so a replay renders each one again from the store.
+    let batch: Vec<Value> = (0..10_000)
+        .map(|i| event(&format!("old-{i}"), &"p".repeat(2_000)))
+        .collect();
+    for chunk in batch.chunks(2_000) {
+        assert_eq!(app.post_batch(chunk.to_vec()).await.status(), 202);
+    }
+    app.wait_until_idle().await;
+    let baseline = ingest_median(&app, "base").await;
+    let mut storm = Vec::new();
+    for _ in 0..40 {
+        let (code, mut stream) = raw_subscribe(app.addr, Some(0)).await;
+        assert_eq!(code, 200);
+        // Read (and drop) whatever comes, as a client catching up would.
+        storm.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut buf))
+                    .await
+            {
+                if n == 0 {
+                    break;
+                }
+            }
+        }));
+    }
+    let during = ingest_median(&app, "storm").await;
+    eprintln!("ingest median: {baseline:?} before, {during:?} during 40 replays of 10,000 events");
+    assert!(
+        during < std::time::Duration::from_millis(50),
+        "ingest median {during:?} during the replays"
+    );
+    for task in storm {
+        task.abort();
+    }
+}
+
+/// The median time of 50 single-event posts, one after another.
+async fn ingest_median(app: &crate::helpers::TestApp, tag: &str) -> std::time::Duration {
+    let mut times = Vec::new();
+    for i in 0..50 {
+        let started = std::time::Instant::now();
+        let response = app.post_event(&event(&format!("{tag}-{i}"), "x")).await;
+        assert_eq!(response.status(), 202);
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
+}

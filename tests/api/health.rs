@@ -94,7 +94,14 @@ async fn openapi_document_states_the_configured_limits() {
 
 #[tokio::test]
 async fn connections_past_the_cap_wait_until_others_close() {
-    let app = spawn_app_with(|s| s.server.max_connections = 2, Vec::new()).await;
+    let app = spawn_app_with(
+        |s| {
+            s.server.max_connections = 2;
+            s.server.max_subscribers = 1;
+        },
+        Vec::new(),
+    )
+    .await;
     // Two clients hold connections open, idle.
     let first = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let second = tokio::net::TcpStream::connect(app.addr).await.unwrap();

@@ -257,3 +257,53 @@ async fn a_writer_thread_that_dies_breaks_the_sink_instead_of_hanging_it() {
     .expect("refused at once");
     assert!(later.is_err());
 }
+
+/// Takes at most 700 bytes a call, 1 ms each: a slow reader.
+#[derive(Clone, Default)]
+struct Slow(Shared);
+
+impl Write for Slow {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        std::thread::sleep(Duration::from_millis(1));
+        let n = buf.len().min(700);
+        self.0.write(&buf[..n])
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_stop_finishes_the_line_in_progress_and_starts_no_other() {
+    let out = Slow::default();
+    let sink = Arc::new(StdoutSink::with_writer(out.clone()));
+    let event = event();
+    // Lines of 1,000 bytes, 200 kB in all: written over ~300 calls.
+    let line = format!("{{\"x\":\"{}\"}}", "y".repeat(992));
+    let jsons: Vec<&str> = (0..200).map(|_| line.as_str()).collect();
+    let publishing = {
+        let sink = Arc::clone(&sink);
+        let jsons: Vec<String> = jsons.iter().map(|j| (*j).to_owned()).collect();
+        tokio::spawn(async move {
+            let refs: Vec<&str> = jsons.iter().map(String::as_str).collect();
+            let event = self::event();
+            publish(&sink, &event, &refs).await
+        })
+    };
+    // Mid-way through, not at a line's end (700 does not divide 1,001).
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let shared = Arc::clone(&sink.shared);
+    tokio::task::spawn_blocking(move || shared.stop_at_line_end(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let written = out.0.0.lock().unwrap().clone();
+    assert!(!written.is_empty(), "something was written first");
+    assert!(written.len() < 200 * 1_001, "it stopped early");
+    assert_eq!(written.last(), Some(&b'\n'), "ends with a whole line");
+    assert_eq!(written.len() % 1_001, 0, "whole lines only");
+    // The pass is answered as not all written; nothing is written after.
+    let failed = publishing.await.unwrap().unwrap_err();
+    assert_eq!(failed.written, written.len() / 1_001);
+    assert!(publish(&sink, &event, &[r#"{"late":1}"#]).await.is_err());
+    assert_eq!(out.0.0.lock().unwrap().len(), written.len());
+}
