@@ -143,3 +143,58 @@ async fn a_stdout_nobody_reads_holds_events_unpublished_and_the_report_counts_th
         "the report counts the unwritten lines: {report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_exit_behind_a_slow_reader_leaves_only_whole_lines_on_stdout() {
+    use std::io::Read;
+    let mut service = start(&[("EVENTFLOW__PIPELINE__WORKERS", "1")]);
+    // A reader that takes 16 KiB every 20 ms, until the end.
+    let mut stdout = service.child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => return out,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // 60 events of 50 KB: ~3 MB for a reader of ~0.8 MB/s.
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/events", service.addr);
+    for i in 0..60 {
+        let response = client
+            .post(&url)
+            .json(&event(&format!("slow-{i}"), &"z".repeat(50_000)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let pid = Pid::from_raw(service.child.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(pid, Signal::SIGTERM).unwrap();
+    let code =
+        tokio::task::spawn_blocking(move || wait_exit(&mut service.child, Duration::from_secs(30)))
+            .await
+            .unwrap();
+    assert_eq!(code, 130, "the second signal forces the exit");
+    let written = reader.join().unwrap();
+    assert!(!written.is_empty());
+    assert!(
+        written.len() < 60 * 50_000,
+        "the exit came before all was written"
+    );
+    assert_eq!(
+        written.last(),
+        Some(&b'\n'),
+        "stdout ends with a whole line"
+    );
+    for line in String::from_utf8(written).unwrap().lines() {
+        let published: Value = serde_json::from_str(line).expect("every line is whole JSON");
+        assert!(published["id"].as_str().unwrap().starts_with("slow-"));
+    }
+}
