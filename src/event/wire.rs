@@ -102,7 +102,7 @@ pub struct EventInput<'a> {
 pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, DecodeError> {
     match from_json::<EventInput>(bytes) {
         Ok(wire) => validate(wire, max_payload_bytes).map_err(DecodeError::Invalid),
-        Err(fast_err) => Err(explain(bytes, max_payload_bytes, &fast_err)),
+        Err(fast_err) => explain(bytes, max_payload_bytes, &fast_err),
     }
 }
 
@@ -233,14 +233,34 @@ fn payload_too_large(len: usize, max: usize) -> FieldError {
 }
 
 /// The slow path: say exactly which fields are wrong.
-fn explain(bytes: &[u8], max_payload_bytes: usize, fast_err: &serde_json::Error) -> DecodeError {
+///
+/// One event the fast path refuses is valid: `"timestamp": -0`, a JSON
+/// integer that serde_json reads as the float -0.0; it is decoded here,
+/// as 0.
+fn explain(
+    bytes: &[u8],
+    max_payload_bytes: usize,
+    fast_err: &serde_json::Error,
+) -> Result<Event, DecodeError> {
     let value: serde_json::Value = match serde_json::from_slice(bytes) {
         Ok(v) => v,
-        Err(e) => return DecodeError::Malformed(clip(&e.to_string())),
+        // Valid JSON (`1e400`, a 5,000-digit integer) that no number type
+        // here can hold: a value out of range (422), not malformed JSON.
+        Err(e) if e.to_string().starts_with("number out of range") => {
+            return Err(DecodeError::Invalid(vec![FieldError::new(
+                "body",
+                clip(&format!("{e}: numbers must fit an int64 or a double")),
+            )]));
+        }
+        Err(e) => return Err(DecodeError::Malformed(clip(&e.to_string()))),
     };
     let serde_json::Value::Object(map) = value else {
-        return DecodeError::Invalid(vec![FieldError::new("body", "must be a JSON object")]);
+        return Err(DecodeError::Invalid(vec![FieldError::new(
+            "body",
+            "must be a JSON object",
+        )]));
     };
+    let mut negative_zero = false;
     let mut errors = Vec::new();
     match map.get("id") {
         None => errors.push(FieldError::new("id", "is required")),
@@ -254,6 +274,11 @@ fn explain(bytes: &[u8], max_payload_bytes: usize, fast_err: &serde_json::Error)
     match map.get("timestamp") {
         None => errors.push(FieldError::new("timestamp", "is required")),
         Some(serde_json::Value::Number(n)) if n.is_i64() => {}
+        Some(serde_json::Value::Number(n))
+            if n.as_f64() == Some(0.0) && is_negative_zero(bytes) =>
+        {
+            negative_zero = true;
+        }
         Some(serde_json::Value::Number(n)) if n.is_u64() => errors.push(FieldError::new(
             "timestamp",
             "must be within the int64 range",
@@ -289,12 +314,36 @@ fn explain(bytes: &[u8], max_payload_bytes: usize, fast_err: &serde_json::Error)
         }
         errors.push(FieldError::new(clip(key), "unknown field"));
     }
+    if errors.is_empty()
+        && negative_zero
+        && let (Some(serde_json::Value::String(id)), Some(serde_json::Value::String(payload))) =
+            (map.get("id"), map.get("payload"))
+        && let Ok(id) = EventId::parse(id)
+    {
+        return Ok(Event {
+            id,
+            timestamp: 0,
+            payload: payload.as_str().into(),
+        });
+    }
     if errors.is_empty() {
         // Valid as a generic value yet rejected by the typed pass: for
         // example a duplicated key. Report serde's own words.
         errors.push(FieldError::new("body", clip(&fast_err.to_string())));
     }
-    DecodeError::Invalid(errors)
+    Err(DecodeError::Invalid(errors))
+}
+
+/// Whether the event's timestamp is written `-0` (an integer), not `-0.0`
+/// or `-0e0` (floats), which serde_json reads alike.
+fn is_negative_zero(bytes: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Timestamp<'a> {
+        #[serde(borrow)]
+        timestamp: &'a serde_json::value::RawValue,
+    }
+    serde_json::from_slice::<Timestamp<'_>>(bytes)
+        .is_ok_and(|raw| raw.timestamp.get().trim() == "-0")
 }
 
 #[cfg(test)]

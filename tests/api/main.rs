@@ -11,6 +11,7 @@ mod cli;
 mod events;
 mod health;
 mod helpers;
+mod input;
 mod list;
 mod metrics;
 mod nats;
