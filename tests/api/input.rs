@@ -95,9 +95,9 @@ async fn unicode_edge_cases() {
     let body = "{\"id\":\"u-\u{200f}rtl\",\"timestamp\":1,\"payload\":\"x\"}";
     assert_eq!(post(&app, "/events", json, body.into()).await.0, 202);
     // A 4-byte character that ends exactly at the limit, and one past it.
-    let at = format!("{{\"id\":\"u-5\",\"timestamp\":1,\"payload\":\"aaaaaa\u{1F600}\"}}");
+    let at = "{\"id\":\"u-5\",\"timestamp\":1,\"payload\":\"aaaaaa\u{1F600}\"}".to_owned();
     assert_eq!(post(&app, "/events", json, at.into()).await.0, 202);
-    let past = format!("{{\"id\":\"u-6\",\"timestamp\":1,\"payload\":\"aaaaaaa\u{1F600}\"}}");
+    let past = "{\"id\":\"u-6\",\"timestamp\":1,\"payload\":\"aaaaaaa\u{1F600}\"}".to_owned();
     let (status, problem) = post(&app, "/events", json, past.into()).await;
     assert_eq!(status, 422);
     assert_eq!(problem["errors"][0]["field"], "payload");
