@@ -124,6 +124,7 @@ async fn a_page_is_bounded_in_bytes_and_next_goes_on_from_where_it_stopped() {
     let mut pages = 0;
     loop {
         let response = app.get(&format!("/events?limit=1000&after={after}")).await;
+        // (`after=` empty: from the start.)
         assert_eq!(response.status(), 200);
         let answer = response.bytes().await.unwrap();
         assert!(

@@ -70,6 +70,33 @@ async fn openapi_document_describes_every_route() {
     ] {
         assert!(schemas.contains_key(schema), "schema {schema} missing");
     }
+    // The query constraints the handlers enforce.
+    let parameter = |path: &str, method: &str, name: &str| {
+        paths[path][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["schema"]
+            .clone()
+    };
+    let limit = parameter("/events", "get", "limit");
+    assert_eq!(
+        (limit["minimum"].as_f64(), limit["maximum"].as_f64()),
+        (Some(1.0), Some(1000.0))
+    );
+    assert_eq!(
+        parameter("/events", "get", "after")["pattern"],
+        "^[0-9]{0,19}$"
+    );
+    assert_eq!(
+        parameter("/events", "get", "status")["enum"],
+        serde_json::json!(["pending", "processed", "failed"])
+    );
+    assert_eq!(
+        parameter("/events", "post", "wait")["enum"],
+        serde_json::json!(["published"])
+    );
 }
 
 #[tokio::test]

@@ -22,8 +22,8 @@ use crate::telemetry;
 use crate::trace_id::TraceId;
 use batch::{DecodedBatch, decode_batch};
 use responses::{
-    BatchParams, BatchRejected, BatchResponse, EventPage, IngestParams, IngestResponse,
-    IngestStatus, ListParams, RecordView,
+    BatchParams, BatchRejected, BatchResponse, EventPage, IngestOk, IngestParams, IngestResponse,
+    IngestStatus, ListParams, RecordView, WaitFor,
 };
 
 /// Default and maximum page sizes of `GET /events`.
@@ -89,7 +89,7 @@ fn query_error(rejection: QueryRejection) -> ApiError {
     responses(
         (status = 202, description = "Accepted; `Location` names the event", body = IngestResponse,
             headers(("Location" = String, description = "URL of the event"))),
-        (status = 200, description = "Duplicate (same id and content), or the published event with `?wait=published`", body = IngestResponse),
+        (status = 200, description = "Duplicate (same id and content), or the published event with `?wait=published`", body = IngestOk),
         (status = 400, description = "Malformed JSON, or a malformed query string (an unknown or repeated parameter)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Same id, different content", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over `server.max_body_bytes`, or an event larger than even an empty pipeline holds", body = Problem, content_type = "application/problem+json"),
@@ -122,11 +122,11 @@ pub(crate) async fn post_event(
         }
         (Ingested::Duplicate(record), None) => Ok((
             StatusCode::OK,
-            Json(IngestResponse {
+            Json(IngestOk::Duplicate(IngestResponse {
                 id: id.as_str(),
                 status: IngestStatus::Duplicate,
                 sequence: record.sequence,
-            }),
+            })),
         )
             .into_response()),
         (Ingested::Accepted(record), None) => {
@@ -159,7 +159,9 @@ async fn read_event(
     // is answered with this 504 and not the backstop's 408.
     let deadline = match params.wait.as_deref() {
         None => None,
-        Some("published") => Some(tokio::time::Instant::now() + state.server.request_timeout),
+        Some(text) if WaitFor::from_query(text).is_some() => {
+            Some(tokio::time::Instant::now() + state.server.request_timeout)
+        }
         Some(other) => {
             return Err(ApiError::invalid_query(
                 "wait",
@@ -179,7 +181,9 @@ async fn read_event(
 /// none (`None`: the deadline came first).
 fn published_answer(outcome: Option<WaitOutcome>, state: &AppState) -> Result<Response, ApiError> {
     match outcome {
-        Some(Ok(published)) => Ok((StatusCode::OK, Json(published)).into_response()),
+        Some(Ok(published)) => {
+            Ok((StatusCode::OK, Json(IngestOk::Published(published))).into_response())
+        }
         Some(Err(error)) => Err(ApiError::ProcessingFailed(error)),
         None => Err(ApiError::NotPublished(state.server.request_timeout)),
     }
@@ -316,7 +320,13 @@ pub(crate) async fn list_events(
         None => DEFAULT_PAGE,
         Some(raw) => match raw.parse::<u64>() {
             Ok(0) => return Err(ApiError::invalid_query("limit", "must be at least 1")),
-            Ok(n) => usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
+            Ok(n) if n > MAX_PAGE as u64 => {
+                return Err(ApiError::invalid_query(
+                    "limit",
+                    format!("must be at most {MAX_PAGE}, got {n}"),
+                ));
+            }
+            Ok(n) => n as usize,
             Err(_) => {
                 return Err(ApiError::invalid_query(
                     "limit",
@@ -327,15 +337,21 @@ pub(crate) async fn list_events(
     };
     let after = match params.after.as_deref() {
         None | Some("") => 0,
-        Some(raw) => raw.parse::<u64>().map_err(|_| {
-            ApiError::invalid_query(
-                "after",
-                format!("`{}` is not a cursor from `next`", clip(raw)),
-            )
-        })?,
+        // At most 19 digits (as the document says), so every cursor it
+        // allows is a u64.
+        Some(raw) => raw
+            .parse::<u64>()
+            .ok()
+            .filter(|_| raw.len() <= 19 && raw.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| {
+                ApiError::invalid_query(
+                    "after",
+                    format!("`{}` is not a cursor from `next`", clip(raw)),
+                )
+            })?,
     };
     let status = match params.status.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some("pending") => Some(Status::Pending),
         Some("processed") => Some(Status::Processed),
         Some("failed") => Some(Status::Failed),

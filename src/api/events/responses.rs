@@ -114,7 +114,35 @@ pub(crate) struct EventPage {
 pub(crate) struct IngestParams {
     /// `published`: answer only once the event is published (200 with the
     /// published event, or 504 after `server.request_timeout`).
+    #[param(value_type = Option<WaitFor>, inline)]
     pub(super) wait: Option<String>,
+}
+
+/// The body of a 200 from `POST /events`: a duplicate's answer, or with
+/// `?wait=published` the published event (the document's type for it).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum IngestOk<'a> {
+    /// Same id and content as a stored event.
+    Duplicate(IngestResponse<'a>),
+    /// `?wait=published`: the event as published.
+    Published(crate::event::PublishedEvent),
+}
+
+/// What `?wait=` can wait for (the document's type for it; the handler
+/// reads the text and refuses anything else with 422).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum WaitFor {
+    /// The event's publication.
+    Published,
+}
+
+impl WaitFor {
+    /// The value of `?wait=`, if it names something to wait for.
+    pub(crate) fn from_query(text: &str) -> Option<Self> {
+        (text == "published").then_some(Self::Published)
+    }
 }
 
 /// Query of `POST /events/batch`: none is taken; `wait` is named only to
@@ -130,10 +158,14 @@ pub(crate) struct BatchParams {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
-    /// Page size, 1..=1000 (larger values are capped); default 100.
+    /// Page size, 1..=1000; default 100. (The handler reads the text:
+    /// anything else is 422, as the document's type says.)
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     pub(super) limit: Option<String>,
-    /// Cursor from a previous page's `next`.
+    /// Cursor from a previous page's `next` (empty: from the start).
+    #[param(value_type = Option<String>, pattern = r"^[0-9]{0,19}$")]
     pub(super) after: Option<String>,
-    /// Only events with this status: `pending`, `processed` or `failed`.
+    /// Only events with this status.
+    #[param(value_type = Option<crate::store::Status>, inline)]
     pub(super) status: Option<String>,
 }
