@@ -283,4 +283,92 @@ mod tests {
             json.len()
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::trace_id::TraceId;
+
+        /// Any id the service accepts: 1..=256 bytes, no control characters.
+        fn any_id() -> impl Strategy<Value = EventId> {
+            "[^\\p{Cc}]{1,64}".prop_filter_map("an id", |text| EventId::parse(&text).ok())
+        }
+
+        fn any_metadata() -> impl Strategy<Value = Metadata> {
+            (
+                0u64..4_102_444_800_000_000, // microseconds up to 2100
+                0u64..10_000_000,
+                any::<u32>(),
+                any::<u64>(),
+                proptest::num::f64::NORMAL | proptest::num::f64::ZERO,
+                any::<u128>().prop_filter_map("a trace id is not zero", |n| {
+                    TraceId::from_bytes(n.to_be_bytes())
+                }),
+            )
+                .prop_map(|(received, took, worker, sequence, wait, trace)| {
+                    let received_at =
+                        SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(received);
+                    Metadata {
+                        received_at,
+                        processed_at: received_at + std::time::Duration::from_micros(took),
+                        worker,
+                        sequence,
+                        queue_wait_ms: wait.abs(),
+                        trace_id: trace,
+                    }
+                })
+        }
+
+        fn any_event() -> impl Strategy<Value = PublishedEvent> {
+            (
+                any_id(),
+                any::<i64>(),
+                any::<String>(),
+                proptest::option::of(any_metadata()),
+            )
+                .prop_map(|(id, timestamp, payload, metadata)| PublishedEvent {
+                    id,
+                    timestamp,
+                    payload,
+                    metadata,
+                })
+        }
+
+        proptest! {
+            /// The hand-written writer and serde_json say the same thing:
+            /// every line is serde_json's text of the event and parses back
+            /// to it, one writer reused across events (its cached metadata
+            /// text) too.
+            #[test]
+            fn the_writer_writes_what_serde_json_reads_back(events in proptest::collection::vec(any_event(), 1..8)) {
+                let mut writer = JsonWriter::default();
+                for event in &events {
+                    let line = writer.write(event);
+                    prop_assert!(!line.contains('\n'), "one line: {line:?}");
+                    // Read back as serde_json reads its own text of the
+                    // event (the two may differ in form only: `e294` and
+                    // `e+294`).
+                    let parsed: serde_json::Value = serde_json::from_str(&line)
+                        .map_err(|e| TestCaseError::fail(format!("{e}: {line}")))?;
+                    let reference: serde_json::Value =
+                        serde_json::from_str(&serde_json::to_string(event).unwrap()).unwrap();
+                    prop_assert_eq!(&parsed, &reference);
+                    // And the float exactly (serde_json's own parsing of
+                    // floats is fast, not exact).
+                    if let Some(metadata) = &event.metadata {
+                        let raw = line
+                            .split("\"queue_wait_ms\":")
+                            .nth(1)
+                            .and_then(|rest| rest.split(',').next())
+                            .unwrap();
+                        prop_assert_eq!(raw.parse::<f64>().ok(), Some(metadata.queue_wait_ms));
+                    }
+                    prop_assert_eq!(&parsed["id"], event.id.as_str());
+                    prop_assert_eq!(&parsed["payload"], event.payload.as_str());
+                    prop_assert_eq!(parsed["timestamp"].as_i64(), Some(event.timestamp));
+                }
+            }
+        }
+    }
 }

@@ -543,4 +543,74 @@ mod tests {
             ));
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A valid event as JSON text, and its fields.
+        fn valid_event() -> impl Strategy<Value = (String, i64, String)> {
+            (
+                "[^\\p{Cc}]{1,40}".prop_filter("an id", |id| EventId::parse(id).is_ok()),
+                any::<i64>(),
+                any::<String>().prop_map(|p| p.chars().take(200).collect::<String>()),
+            )
+        }
+
+        fn json_of(id: &str, timestamp: i64, payload: &str) -> Vec<u8> {
+            serde_json::to_vec(&serde_json::json!({
+                "id": id, "timestamp": timestamp, "payload": payload,
+            }))
+            .unwrap()
+        }
+
+        proptest! {
+            /// Any bytes: an event or an error, never a panic.
+            #[test]
+            fn any_bytes_decode_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = decode_event(&bytes, MAX);
+                let _ = decode_array(&bytes, MAX, 100);
+            }
+
+            /// A valid event decodes to exactly its fields.
+            #[test]
+            fn valid_events_decode_to_their_fields((id, timestamp, payload) in valid_event()) {
+                let event = decode_event(&json_of(&id, timestamp, &payload), MAX).unwrap();
+                prop_assert_eq!(event.id.as_str(), id.as_str());
+                prop_assert_eq!(event.timestamp, timestamp);
+                prop_assert_eq!(&*event.payload, payload.as_str());
+            }
+
+            /// A valid event with one byte changed, inserted or removed:
+            /// decoded or refused, never a panic, and when it decodes it is
+            /// what serde_json reads in the same bytes.
+            #[test]
+            fn near_valid_json_is_decoded_or_refused(
+                (id, timestamp, payload) in valid_event(),
+                position in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+                edit in 0..3u8,
+            ) {
+                let mut bytes = json_of(&id, timestamp, &payload);
+                let at = position.index(bytes.len());
+                match edit {
+                    0 => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ => {
+                        bytes.remove(at);
+                    }
+                }
+                if let Ok(event) = decode_event(&bytes, MAX) {
+                    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    prop_assert_eq!(value["id"].as_str(), Some(event.id.as_str()));
+                    prop_assert_eq!(value["payload"].as_str(), Some(&*event.payload));
+                }
+                let mut array = b"[".to_vec();
+                array.extend_from_slice(&bytes);
+                array.push(b']');
+                let _ = decode_array(&array, MAX, 100);
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@ mod binary;
 mod budgets;
 mod cli;
 mod events;
+mod fuzz;
 mod health;
 mod helpers;
 mod input;

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Fuzzing and long property runs of the ingest decoders (not in .ci/run).
+#
+#   scripts/fuzz.sh                 every part
+#   SECONDS_PER_TARGET=120 CASES=20000 scripts/fuzz.sh
+#
+# 1. cargo-fuzz (nightly toolchain; `cargo install cargo-fuzz`): each
+#    target in fuzz/fuzz_targets for SECONDS_PER_TARGET (default 60).
+#    Corpora and crash artifacts stay in fuzz/ (ignored by git): a crash
+#    found here becomes a test.
+# 2. The property tests with CASES cases each (default 10000): the JSON
+#    writer and the decoders (src/event), and random and near-valid bodies
+#    through the real server (tests/api/fuzz.rs: single, array, NDJSON,
+#    gzip; every answer a 2xx or a 4xx problem, never a 5xx).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SECONDS_PER_TARGET="${SECONDS_PER_TARGET:-60}"
+CASES="${CASES:-10000}"
+
+if cargo +nightly fuzz --version >/dev/null 2>&1; then
+  for target in decode_event decode_array; do
+    echo "== cargo fuzz: $target for ${SECONDS_PER_TARGET}s"
+    cargo +nightly fuzz run "$target" -- -max_total_time="$SECONDS_PER_TARGET" 2>&1 \
+      | grep -E '^(Done|#[0-9]+ +DONE)|SUMMARY|panicked|ERROR' || true
+  done
+else
+  echo "fuzz: cargo-fuzz on a nightly toolchain is not available; skipping part 1" >&2
+fi
+
+echo "== property tests, $CASES cases each (release build)"
+started=$(date +%s)
+PROPTEST_CASES="$CASES" cargo test --release -q -p eventflow --lib properties 2>&1 | grep -E 'test result|panicked|minimal' || true
+PROPTEST_CASES="$CASES" cargo test --release -q -p eventflow --test api fuzz:: 2>&1 | grep -E 'test result|panicked|minimal' || true
+echo "property tests: $(( $(date +%s) - started ))s"
