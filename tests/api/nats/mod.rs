@@ -710,3 +710,97 @@ async fn a_stream_that_exists_with_other_settings_stops_the_start_naming_the_key
     assert!(error.contains("backend.nats.events_stream"), "{error}");
     assert!(error.contains("storage"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_full_load_exits_0_and_another_replica_publishes_the_rest() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let url = nats.url();
+    let env = [
+        ("EVENTFLOW__BACKEND__KIND", "nats"),
+        ("EVENTFLOW__BACKEND__NATS_URL", url.as_str()),
+    ];
+    let mut first = binary::start(&env);
+    // Its stdout is read (a pipe nobody reads would hold the workers).
+    let _first_stdout = binary::stdout_reader(&mut first.child);
+    let client = reqwest::Client::new();
+    let target = format!("http://{}/events/batch", first.addr);
+    // 8 senders posting NDJSON batches of 250 back to back, as fast as
+    // answers come, until the replica stops taking them.
+    let senders: Vec<_> = (0..8)
+        .map(|sender| {
+            let (client, target) = (client.clone(), target.clone());
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                for round in 0..40 {
+                    let ids: Vec<String> = (0..250)
+                        .map(|i| format!("full-{sender}-{round}-{i}"))
+                        .collect();
+                    let body: String = ids
+                        .iter()
+                        .map(|id| format!("{}\n", event(id, "x")))
+                        .collect();
+                    match client
+                        .post(&target)
+                        .header("content-type", "application/x-ndjson")
+                        .body(body)
+                        .send()
+                        .await
+                    {
+                        Ok(response) if response.status() == 202 => accepted.extend(ids),
+                        Ok(response) => assert_eq!(response.status(), 503),
+                        Err(_) => break,
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    // Under load: some thousands accepted, then SIGTERM.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first
+        .metric(&client, "eventflow_events_accepted_total")
+        .await
+        .unwrap_or(0.0)
+        < 4_000.0
+    {
+        assert!(Instant::now() < deadline, "the load never built up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut accepted = Vec::new();
+    for sender in senders {
+        accepted.extend(sender.await.unwrap());
+    }
+    let (code, first) = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            if let Some(status) = first.child.try_wait().unwrap() {
+                return (status.code(), first);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (None, first)
+    })
+    .await
+    .unwrap();
+    if code != Some(0) {
+        for line in first.stderr.try_iter() {
+            eprintln!("replica: {line}");
+        }
+    }
+    assert_eq!(code, Some(0), "the replica stops cleanly under load");
+    // The backlog it left in JetStream is another replica's to publish.
+    let mut second = binary::start(&env);
+    let _second_stdout = binary::stdout_reader(&mut second.child);
+    eprintln!(
+        "full load: {} events accepted before SIGTERM",
+        accepted.len()
+    );
+    assert_each_published_once(&url, &accepted).await;
+}
