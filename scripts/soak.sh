@@ -55,7 +55,7 @@ rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["rss_mib"]]
 store_max = int(sys.argv[3])
 rss = [float(r["rss_mib"]) for r in rows]
 depth = [float(r["queue_depth"] or 0) for r in rows]
-full = next((i for i, r in enumerate(rows) if float(r["store_events"] or 0) >= store_max), None)
+full = next((i for i, r in enumerate(rows) if float(r["store_events"] or 0) >= 0.99 * store_max), None)
 summary = json.load(open(sys.argv[2]))
 print(f"soak: {len(rows)} s, {summary['events_accepted']} events accepted "
       f"({summary['accepted_events_per_s']:.0f}/s), statuses {summary['status']}, "
