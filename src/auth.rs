@@ -113,6 +113,9 @@ pub struct Tokens(Arc<Inner>);
 
 #[derive(Debug)]
 struct Inner {
+    /// Bumped by every reload that changed the set, so that long-lived
+    /// requests (SSE streams) can check their token again.
+    reloads: tokio::sync::watch::Sender<u64>,
     enabled: bool,
     inline: Vec<TokenDigest>,
     file: Option<PathBuf>,
@@ -139,6 +142,7 @@ impl Tokens {
             current.extend(read_file(path)?);
         }
         Ok(Self(Arc::new(Inner {
+            reloads: tokio::sync::watch::Sender::new(0),
             enabled: settings.enabled(),
             inline,
             file,
@@ -149,6 +153,7 @@ impl Tokens {
     /// No token is asked for.
     pub fn disabled() -> Self {
         Self(Arc::new(Inner {
+            reloads: tokio::sync::watch::Sender::new(0),
             enabled: false,
             inline: Vec::new(),
             file: None,
@@ -177,7 +182,30 @@ impl Tokens {
         next.extend(read_file(path)?);
         let count = next.len();
         *self.0.current.write() = next.into();
+        self.0.reloads.send_modify(|generation| *generation += 1);
         Ok(count)
+    }
+
+    /// Whether `caller`'s token is still accepted (it may have been taken
+    /// out of the file since).
+    pub fn accepts(&self, caller: &TokenDigest) -> bool {
+        let known = Arc::clone(&self.0.current.read());
+        let mut found = subtle::Choice::from(0);
+        for digest in known.iter() {
+            found |= digest.0.ct_eq(&caller.0);
+        }
+        bool::from(found)
+    }
+
+    /// Resolves once `caller`'s token is no longer accepted (after a
+    /// reload took it out); never while it is.
+    pub async fn revoked(&self, caller: TokenDigest) {
+        let mut reloads = self.0.reloads.subscribe();
+        while self.accepts(&caller) {
+            if reloads.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Checks an `Authorization` header value; `Ok` with the caller's
@@ -198,13 +226,8 @@ impl Tokens {
             return Err(Refusal::Invalid);
         }
         let presented = TokenDigest::of(token);
-        let known = Arc::clone(&self.0.current.read());
         // Every known token is compared, whatever matched first.
-        let mut found = subtle::Choice::from(0);
-        for digest in known.iter() {
-            found |= digest.0.ct_eq(&presented.0);
-        }
-        if bool::from(found) {
+        if self.accepts(&presented) {
             Ok(Some(presented))
         } else {
             Err(Refusal::Invalid)
@@ -319,8 +342,10 @@ mod tests {
         assert!(tokens.check(Some(&bearer(A))).is_ok());
         assert!(tokens.check(Some(&bearer(B))).is_err());
 
+        let a_caller = tokens.check(Some(&bearer(A))).unwrap().unwrap();
         std::fs::write(file.path(), format!("{B}\n")).unwrap();
         assert_eq!(tokens.reload().unwrap(), 1);
+        assert!(!tokens.accepts(&a_caller), "A's holder is out");
         assert!(tokens.check(Some(&bearer(B))).is_ok());
         assert!(tokens.check(Some(&bearer(A))).is_err(), "A was revoked");
 

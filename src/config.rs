@@ -34,7 +34,7 @@ pub struct Settings {
 
 /// `auth.*` keys: bearer tokens the API asks for (none = no auth).
 ///
-/// The tokens are secrets: `Debug` shows neither them nor how many there are.
+/// The tokens are secrets: `Debug` shows `[REDACTED]` for each.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
@@ -531,7 +531,9 @@ impl Settings {
         if self.server.idle_timeout.is_zero() {
             return Err(invalid("server.idle_timeout", "must be greater than 0"));
         }
-        if self.server.shutdown_delay >= self.server.shutdown_grace {
+        if !self.server.shutdown_delay.is_zero()
+            && self.server.shutdown_delay >= self.server.shutdown_grace
+        {
             return Err(invalid(
                 "server.shutdown_delay",
                 format!(

@@ -16,10 +16,19 @@ use axum::response::{IntoResponse, Response};
 use super::limit::Client;
 use super::{ApiError, AppState};
 
+/// The caller's token (a request extension, when auth is on): long-lived
+/// answers end when it is revoked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caller(pub(crate) crate::auth::TokenDigest);
+
 /// Lets a request through only with a known bearer token (when auth is
 /// on) and within its client's rate (when limited). A refused token still
 /// spends its address's rate, so guessing tokens is limited too.
-pub(crate) async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub(crate) async fn guard(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -41,7 +50,12 @@ pub(crate) async fn guard(State(state): State<AppState>, request: Request, next:
         }
     }
     match checked {
-        Ok(_) => next.run(request).await,
+        Ok(caller) => {
+            if let Some(caller) = caller {
+                request.extensions_mut().insert(Caller(caller));
+            }
+            next.run(request).await
+        }
         Err(refusal) => {
             state.auth_failures.increment(1);
             if request.method() == Method::POST {

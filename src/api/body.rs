@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -65,14 +65,23 @@ impl BodyBudget {
     /// the budget until it is sent (or the connection drops it): a client
     /// that does not read its answers cannot make the service hold more
     /// than the budget. 503 when the budget cannot take it now.
+    ///
+    /// The answer goes out in chunks of [`ANSWER_CHUNK`]: hyper takes a
+    /// chunk into its own (bounded) write buffer as soon as it is offered,
+    /// so one large chunk would leave the budget at once while still in
+    /// memory; in chunks, the rest stays here, counted, until sent.
     pub(crate) fn answer(&self, bytes: Vec<u8>) -> Result<Body, ApiError> {
         let mut held = None;
-        self.take(&mut held, bytes.len())?;
-        let chunk = futures_util::stream::once(async move {
-            let _held = held;
-            Ok::<_, std::convert::Infallible>(Bytes::from(bytes))
+        self.take(&mut held, bytes.capacity())?;
+        let bytes = Bytes::from(bytes);
+        let chunks = (0..bytes.len())
+            .step_by(ANSWER_CHUNK)
+            .map(move |start| bytes.slice(start..(start + ANSWER_CHUNK).min(bytes.len())));
+        let stream = futures_util::stream::iter(chunks).map(move |chunk| {
+            let _held = &held;
+            Ok::<_, std::convert::Infallible>(chunk)
         });
-        Ok(Body::from_stream(chunk))
+        Ok(Body::from_stream(stream))
     }
 
     /// Bytes no request holds now.
@@ -302,11 +311,12 @@ async fn collect_within(
             if let Some(held) = held.as_mut() {
                 drop(held.split(pending));
             }
-            // A declared length (already checked against the limit) sizes
-            // the buffer once; without one it doubles.
+            // Doubling, but never past a declared length: a declared
+            // length is only a promise, so it bounds the growth and never
+            // reserves room for bytes that have not come.
             let grown = needed
                 .max(charged.saturating_mul(2))
-                .max(declared.unwrap_or(0))
+                .min(declared.unwrap_or(raw_limit).max(needed))
                 .min(raw_limit.max(needed));
             budget.take(held, grown - charged)?;
             joined.reserve_exact(grown - joined.len());
@@ -322,6 +332,9 @@ async fn collect_within(
         None => Bytes::from(joined),
     })
 }
+
+/// Bytes of a large answer handed to hyper at a time.
+const ANSWER_CHUNK: usize = 64 * 1024;
 
 /// Inflated bytes taken from the budget at a time.
 const INFLATE_STEP: usize = 64 * 1024;
@@ -340,12 +353,14 @@ fn gunzip(
 ) -> Result<Bytes, ApiError> {
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     let mut total = 0;
+    let mut chunk_shares = 0;
     // Reading one byte past the limit tells "exactly at" from "over".
     let most = limit.saturating_add(1);
     let mut decoder = flate2::read::MultiGzDecoder::new(raw).take(most as u64);
     loop {
         let step = INFLATE_STEP.min(most - total);
         budget.take(held, step)?;
+        chunk_shares += step;
         let mut chunk = Vec::with_capacity(step);
         let read = (&mut decoder)
             .take(step as u64)
@@ -360,6 +375,10 @@ fn gunzip(
             break;
         }
     }
+    // The compressed bytes are dropped on return: their share goes now.
+    if let Some(held) = held.as_mut() {
+        drop(held.split(raw.len()));
+    }
     if chunks.len() == 1 {
         return Ok(Bytes::from(chunks.swap_remove(0)));
     }
@@ -367,6 +386,10 @@ fn gunzip(
     let mut joined = Vec::with_capacity(total);
     for chunk in chunks {
         joined.extend_from_slice(&chunk);
+    }
+    // The chunks are gone; only the joined buffer stays.
+    if let Some(held) = held.as_mut() {
+        drop(held.split(chunk_shares));
     }
     Ok(Bytes::from(joined))
 }

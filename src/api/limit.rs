@@ -65,7 +65,8 @@ impl RateLimit {
     /// proxy added) leftwards, past the trusted proxies, to the first
     /// address that is not one.
     pub(crate) fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> Client {
-        let mut client = peer;
+        // A dual-stack listener sees IPv4 peers as `::ffff:a.b.c.d`.
+        let mut client = peer.to_canonical();
         if self.trusts(client) {
             let forwarded = headers
                 .get_all("x-forwarded-for")
@@ -74,9 +75,16 @@ impl RateLimit {
                 .flat_map(|value| value.split(','))
                 .collect::<Vec<_>>();
             for hop in forwarded.iter().rev() {
-                let Ok(address) = hop.trim().parse::<IpAddr>() else {
+                // An address, or an address with a port.
+                let hop = hop.trim();
+                let Some(address) = hop
+                    .parse::<IpAddr>()
+                    .ok()
+                    .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+                else {
                     break;
                 };
+                let address = address.to_canonical();
                 client = address;
                 if !self.trusts(address) {
                     break;
@@ -181,6 +189,13 @@ mod tests {
         );
         let headers = forwarded("garbage");
         assert_eq!(limit.client_address(proxy, &headers), address("10.0.0.2"));
+        // A dual-stack listener's IPv4 peer, and a hop with a port.
+        let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
+        let headers = forwarded("198.51.100.9:4711");
+        assert_eq!(
+            limit.client_address(mapped, &headers),
+            address("198.51.100.9")
+        );
     }
 
     #[test]

@@ -40,6 +40,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 )]
 pub(crate) async fn stream_events(
     State(state): State<AppState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let resume_after = match headers.get("last-event-id") {
@@ -101,6 +102,15 @@ pub(crate) async fn stream_events(
     )
     .flatten()
     .take_until(state.stream_stop.clone().cancelled_owned());
+    // A stream lasts for good: it ends when a reload revokes its token.
+    let tokens = state.tokens.clone();
+    let revoked = async move {
+        match caller {
+            Some(axum::Extension(super::auth::Caller(digest))) => tokens.revoked(digest).await,
+            None => std::future::pending().await,
+        }
+    };
+    let events = events.take_until(revoked);
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 

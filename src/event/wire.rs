@@ -300,12 +300,10 @@ fn explain(
         Some(serde_json::Value::String(_)) => {}
         Some(_) => errors.push(FieldError::new("payload", "must be a string")),
     }
-    let unknown = map
-        .keys()
-        .filter(|key| !matches!(key.as_str(), "id" | "timestamp" | "payload"));
-    for key in unknown {
+    let is_unknown = |key: &&String| !matches!(key.as_str(), "id" | "timestamp" | "payload");
+    for key in map.keys().filter(is_unknown) {
         if errors.len() + 1 == MAX_FIELD_ERRORS {
-            let more = map.len().saturating_sub(3);
+            let more = map.keys().filter(is_unknown).count();
             errors.push(FieldError::new(
                 "body",
                 format!("{more} unknown fields in all (not all listed)"),
@@ -316,15 +314,9 @@ fn explain(
     }
     if errors.is_empty()
         && negative_zero
-        && let (Some(serde_json::Value::String(id)), Some(serde_json::Value::String(payload))) =
-            (map.get("id"), map.get("payload"))
-        && let Ok(id) = EventId::parse(id)
+        && let Some(event) = decode_with_negative_zero(bytes)
     {
-        return Ok(Event {
-            id,
-            timestamp: 0,
-            payload: payload.as_str().into(),
-        });
+        return Ok(event);
     }
     if errors.is_empty() {
         // Valid as a generic value yet rejected by the typed pass: for
@@ -332,6 +324,28 @@ fn explain(
         errors.push(FieldError::new("body", clip(&fast_err.to_string())));
     }
     Err(DecodeError::Invalid(errors))
+}
+
+/// The event, when it is valid but for a timestamp written `-0`: decoded
+/// by the same rules as the fast path (a duplicated key is refused), with
+/// the timestamp taken as written.
+fn decode_with_negative_zero(bytes: &[u8]) -> Option<Event> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Exact<'a> {
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+        #[serde(borrow)]
+        timestamp: &'a serde_json::value::RawValue,
+        payload: String,
+    }
+    let exact: Exact<'_> = serde_json::from_slice(bytes).ok()?;
+    (exact.timestamp.get().trim() == "-0").then_some(())?;
+    Some(Event {
+        id: EventId::parse(&exact.id).ok()?,
+        timestamp: 0,
+        payload: exact.payload.into_boxed_str(),
+    })
 }
 
 /// Whether the event's timestamp is written `-0` (an integer), not `-0.0`

@@ -308,9 +308,18 @@ fn tokens_file_is_reread_on_sighup_and_no_token_reaches_the_logs() {
                 .as_u16()
         }
     };
-    runtime.block_on(async {
+    // A stream opened with the token that is about to be revoked.
+    let mut stream = runtime.block_on(async {
         assert_eq!(status(TOKEN).await, 200);
         assert_eq!(status(OTHER).await, 401);
+        let response = client
+            .get(format!("http://{}/events/stream", service.addr))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes_stream()
     });
     std::fs::write(&file, format!("{OTHER}\n")).unwrap();
     nix::sys::signal::kill(
@@ -328,6 +337,13 @@ fn tokens_file_is_reread_on_sighup_and_no_token_reaches_the_logs() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(status(TOKEN).await, 401, "the old one was revoked");
+        // Its open stream ends too.
+        use futures_util::StreamExt;
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
+        assert!(ended.is_ok(), "a revoked token's stream ends");
     });
     // A broken file keeps the tokens in force.
     std::fs::write(&file, "not a token\n").unwrap();
