@@ -16,21 +16,7 @@ const RETRY_AFTER_OVERLOADED_SECS: u32 = 1;
 /// (or one whose sink is broken: another instance may take it).
 const RETRY_AFTER_DRAINING_SECS: u32 = 5;
 
-/// Most bytes of a client's string a problem repeats.
-pub const ECHO_MAX: usize = 128;
-
-/// `text` cut to at most [`ECHO_MAX`] bytes (at a character boundary), with
-/// `…` when cut: problems repeat what a client sent, never all of it.
-pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.len() <= ECHO_MAX {
-        return text.into();
-    }
-    let mut end = ECHO_MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end]).into()
-}
+pub use crate::event::{ECHO_MAX, clip};
 
 /// A problem details document (RFC 9457).
 #[derive(Debug, Serialize, ToSchema)]

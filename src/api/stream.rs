@@ -75,25 +75,23 @@ pub(crate) async fn stream_events(
         (subscription, pipeline, replays, slot),
         |(mut subscription, pipeline, replays, slot)| async move {
             let items = subscription.next().await?;
-            let rendered: Vec<Result<Event, Infallible>> = if items.iter().any(is_stored) {
-                // Events older than the feed's window are rendered again
-                // from the store: one subscriber at a time does that, so
-                // that many resuming from 0 cannot take every core from
-                // ingest. The permit is held while this batch renders.
-                let _replaying = replays.acquire().await.ok();
-                let rendered = items
-                    .into_iter()
-                    .map(|item| Ok(message(&pipeline, item)))
-                    .collect();
-                drop(_replaying);
-                tokio::task::yield_now().await;
-                rendered
+            // Events older than the feed's window are rendered again from
+            // the store: one subscriber at a time does that, so that many
+            // resuming from 0 cannot take every core from ingest. The
+            // permit is held while this batch renders.
+            let replaying = if items.iter().any(is_stored) {
+                Arc::clone(&replays).acquire_owned().await.ok()
             } else {
-                items
-                    .into_iter()
-                    .map(|item| Ok(message(&pipeline, item)))
-                    .collect()
+                None
             };
+            let rendered: Vec<Result<Event, Infallible>> = items
+                .into_iter()
+                .map(|item| Ok(message(&pipeline, item)))
+                .collect();
+            if replaying.is_some() {
+                drop(replaying);
+                tokio::task::yield_now().await;
+            }
             Some((
                 stream::iter(rendered),
                 (subscription, pipeline, replays, slot),

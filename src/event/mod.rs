@@ -17,7 +17,8 @@ pub use id::{EventId, MAX_ID_BYTES};
 pub use json::{JsonWriter, line_size_hint};
 pub use published::{Metadata, PublishedEvent};
 pub use wire::{
-    DecodeError, DecodedArray, EventInput, FieldError, InvalidElement, decode_array, decode_event,
+    DecodeError, DecodedArray, ECHO_MAX, EventInput, FieldError, InvalidElement, clip,
+    decode_array, decode_event,
 };
 
 /// A validated incoming event.

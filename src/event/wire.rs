@@ -17,19 +17,19 @@ use super::{Event, EventId};
 const MAX_FIELD_ERRORS: usize = 20;
 
 /// Most bytes of a client's string an error repeats.
-const ECHO_MAX: usize = 128;
+pub const ECHO_MAX: usize = 128;
 
-/// `text` cut to at most [`ECHO_MAX`] bytes at a character boundary, with
-/// `…` when cut.
-fn clip(text: &str) -> String {
+/// `text` cut to at most [`ECHO_MAX`] bytes (at a character boundary), with
+/// `…` when cut: errors repeat what a client sent, never all of it.
+pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
     if text.len() <= ECHO_MAX {
-        return text.to_owned();
+        return text.into();
     }
     let mut end = ECHO_MAX;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &text[..end])
+    format!("{}…", &text[..end]).into()
 }
 
 /// One problem with one field of an incoming event.
@@ -249,10 +249,10 @@ fn explain(
         Err(e) if e.to_string().starts_with("number out of range") => {
             return Err(DecodeError::Invalid(vec![FieldError::new(
                 "body",
-                clip(&format!("{e}: numbers must fit an int64 or a double")),
+                clip(&format!("{e}: numbers must fit an int64 or a double")).into_owned(),
             )]));
         }
-        Err(e) => return Err(DecodeError::Malformed(clip(&e.to_string()))),
+        Err(e) => return Err(DecodeError::Malformed(clip(&e.to_string()).into_owned())),
     };
     let serde_json::Value::Object(map) = value else {
         return Err(DecodeError::Invalid(vec![FieldError::new(
@@ -310,7 +310,7 @@ fn explain(
             ));
             break;
         }
-        errors.push(FieldError::new(clip(key), "unknown field"));
+        errors.push(FieldError::new(clip(key).into_owned(), "unknown field"));
     }
     if errors.is_empty()
         && negative_zero
@@ -321,7 +321,10 @@ fn explain(
     if errors.is_empty() {
         // Valid as a generic value yet rejected by the typed pass: for
         // example a duplicated key. Report serde's own words.
-        errors.push(FieldError::new("body", clip(&fast_err.to_string())));
+        errors.push(FieldError::new(
+            "body",
+            clip(&fast_err.to_string()).into_owned(),
+        ));
     }
     Err(DecodeError::Invalid(errors))
 }

@@ -1,17 +1,10 @@
 //! `POST /events/batch`.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Gate, event, spawn_app, spawn_app_with};
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    encoder.write_all(data).unwrap();
-    encoder.finish().unwrap()
-}
+use crate::helpers::{Gate, event, gzip, spawn_app, spawn_app_with};
 
 fn ndjson(events: &[Value]) -> String {
     events.iter().map(|e| format!("{e}\n")).collect()

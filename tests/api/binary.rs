@@ -71,6 +71,18 @@ impl Drop for Service {
 }
 
 impl Service {
+    /// The service's peak resident memory so far (`VmHWM`), in bytes.
+    pub(crate) fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    }
+
     /// The value of series `series` (name and labels) on the service's `/metrics`.
     pub(crate) async fn metric(&self, client: &reqwest::Client, series: &str) -> Option<f64> {
         let text = client

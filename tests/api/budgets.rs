@@ -1,19 +1,11 @@
 //! Budgets that hold against any client: what the service builds, buffers
 //! and echoes is bounded whatever is sent.
 
-use std::io::Write;
-
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::binary;
-use crate::helpers::{event, spawn_app, spawn_app_with};
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
-}
+use crate::helpers::{event, gzip, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn a_batch_answer_lists_at_most_100_rejections_each_echo_cut_to_128_bytes() {
@@ -148,26 +140,13 @@ async fn a_page_is_bounded_in_bytes_and_next_goes_on_from_where_it_stopped() {
     assert_eq!(seen, expected, "every event once, in order");
 }
 
-/// The peak resident memory of process `pid` so far, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_sent_in_one_byte_chunks_costs_about_its_size() {
     let service = binary::start(&[
         ("EVENTFLOW__PUBLISH__SINKS", ""),
         ("EVENTFLOW__PIPELINE__WORKERS", "1"),
     ]);
-    let pid = service.child.id();
-    let before = peak_rss(pid);
+    let before = service.peak_rss();
     // 8 clients at once each send a 128 KB NDJSON batch in 1-byte chunks.
     let line = format!("{}\n", event("c", &"y".repeat(900)));
     let body: Vec<u8> = line.repeat(128_000 / line.len()).into_bytes();
@@ -199,12 +178,12 @@ async fn a_body_sent_in_one_byte_chunks_costs_about_its_size() {
     for client in clients.collect::<Vec<_>>() {
         assert_eq!(&client.await.unwrap(), b"HTTP/1.1 202");
     }
-    let grown = peak_rss(pid).saturating_sub(before);
+    let grown = service.peak_rss().saturating_sub(before);
     eprintln!(
         "8 bodies of {} bytes in 1-byte chunks: peak RSS {} -> {} MiB",
         body.len(),
         before >> 20,
-        peak_rss(pid) >> 20
+        service.peak_rss() >> 20
     );
     // Each byte kept as its own frame pinned a slice of a read buffer:
     // about 64 times the bodies' 1 MB. Coalesced, they cost about their

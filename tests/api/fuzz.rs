@@ -4,13 +4,12 @@
 //! panic or a hang. (`PROPTEST_CASES` sets the number of cases: 256 in
 //! `cargo test`, more in `scripts/fuzz.sh`.)
 
-use std::io::Write;
 use std::sync::LazyLock;
 
 use proptest::prelude::*;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, gzip, spawn_app};
 
 /// One runtime and one server for every case of this file's properties.
 static SERVER: LazyLock<(tokio::runtime::Runtime, TestApp)> = LazyLock::new(|| {
@@ -26,12 +25,6 @@ enum Framing {
     Array,
     Ndjson,
     GzipNdjson,
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
 }
 
 /// Sends `body` framed as `framing`; the status and the answer's problem

@@ -272,6 +272,13 @@ impl Drop for TestApp {
     }
 }
 
+/// `data` gzip-compressed.
+pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
 /// A valid event.
 pub(crate) fn event(id: &str, payload: &str) -> Value {
     json!({"id": id, "timestamp": 1_700_000_000, "payload": payload})

@@ -1,18 +1,10 @@
 //! Unicode, number and framing edge cases: each gets the status the
 //! document gives it, with a problem body, and never a panic.
 
-use std::io::Write;
-
 use serde_json::Value;
 
 use crate::binary;
-use crate::helpers::{TestApp, spawn_app, spawn_app_with};
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
-}
+use crate::helpers::{TestApp, gzip, spawn_app, spawn_app_with};
 
 /// Posts raw bytes to `path` as `content_type`; the status and body.
 async fn post(app: &TestApp, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
@@ -163,23 +155,10 @@ async fn long_client_strings_are_echoed_cut_to_128_bytes() {
     assert!(response.text().await.unwrap().len() < 1_024);
 }
 
-/// The peak resident memory of process `pid` so far, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gzip_bomb_is_413_and_memory_stays_flat() {
     let service = binary::start(&[("EVENTFLOW__PUBLISH__SINKS", "")]);
-    let pid = service.child.id();
-    let before = peak_rss(pid);
+    let before = service.peak_rss();
     // 256 MB of zeros in ~1.2 MB, against a 16 MiB batch limit.
     let bomb = tokio::task::spawn_blocking(|| gzip(&vec![0u8; 256 << 20]))
         .await
@@ -203,9 +182,9 @@ async fn a_gzip_bomb_is_413_and_memory_stays_flat() {
         }
     };
     send(4).await;
-    let after_4 = peak_rss(pid);
+    let after_4 = service.peak_rss();
     send(12).await;
-    let after_16 = peak_rss(pid);
+    let after_16 = service.peak_rss();
     eprintln!(
         "gzip bombs of {} bytes (256 MiB inflated): peak RSS {} MiB, +{} MiB after 4, +{} MiB more after 12 more",
         bomb.len(),
