@@ -212,10 +212,21 @@ async fn ensure_stream(
         Err(_) => None,
     };
     let Some(found) = existing else {
-        return js
-            .create_stream(wanted)
-            .await
-            .map_err(|e| jetstream_error(key, &format!("creating {what}"), e));
+        return js.create_stream(wanted).await.map_err(|e| {
+            // JetStream reserves a stream's whole `max_bytes` when it is
+            // made; say which settings to change when the server has too little.
+            let reason = e.to_string();
+            let reason = if reason.contains("insufficient storage") {
+                format!(
+                    "{reason}: the server reserves each stream's max_bytes; lower \
+                     backend.nats.max_bytes or backend.nats.published_max_bytes, or give \
+                     its JetStream more storage (max_file_store)"
+                )
+            } else {
+                reason
+            };
+            jetstream_error(key, &format!("creating {what}"), reason)
+        });
     };
     let incompatible = |field, found: String, wanted: String| BackendError::Incompatible {
         key,

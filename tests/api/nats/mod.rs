@@ -712,6 +712,25 @@ async fn a_stream_that_exists_with_other_settings_stops_the_start_naming_the_key
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_room_for_the_streams_stops_the_start_naming_the_settings() {
+    // JetStream reserves each stream's max_bytes (3 GiB in all by default)
+    // when it is made: 1 GB of storage cannot hold them.
+    let Some(nats) = server::single_with_storage("1GB").await else {
+        return;
+    };
+    let mut settings = crate::helpers::test_settings();
+    settings.backend.kind = BackendKind::Nats;
+    settings.backend.nats_url = nats.url();
+    let error = eventflow::app::App::build(settings)
+        .await
+        .expect_err("streams larger than the server's storage stop the start")
+        .to_string();
+    assert!(error.contains("insufficient storage"), "{error}");
+    assert!(error.contains("backend.nats.max_bytes"), "{error}");
+    assert!(error.contains("max_file_store"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_full_load_exits_0_and_another_replica_publishes_the_rest() {
     let Some(nats) = server::single().await else {
         return;

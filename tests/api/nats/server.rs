@@ -54,10 +54,28 @@ pub(crate) struct NatsNode {
 }
 
 impl NatsNode {
-    fn new(binary: PathBuf, extra: Vec<String>, port: u16, name: &str) -> Self {
+    fn new(
+        binary: PathBuf,
+        extra: Vec<String>,
+        port: u16,
+        name: &str,
+        max_file_store: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
+        // Left unset, JetStream's storage limit is 75 % of the disk's free
+        // space, and every stream reserves its `max_bytes` (3 GiB by default)
+        // against it: on a machine with little free disk the streams were
+        // refused. The tests write megabytes; the limit is only a reservation.
+        let config = dir.path().join("jetstream.conf");
+        std::fs::write(
+            &config,
+            format!("jetstream {{ max_file_store: {max_file_store}, max_memory_store: 1GB }}\n"),
+        )
+        .expect("the server's configuration is written");
         let monitor = free_port();
         let mut args = vec![
+            "-c".to_owned(),
+            config.display().to_string(),
             "-js".to_owned(),
             "-sd".to_owned(),
             dir.path().display().to_string(),
@@ -136,7 +154,21 @@ impl Drop for NatsNode {
 /// A single node with JetStream, ready; `None` when the binary is missing
 /// outside CI.
 pub(crate) async fn single() -> Option<NatsNode> {
-    let node = NatsNode::new(binary_or_skip()?, Vec::new(), free_port(), "single");
+    single_with_storage(TEST_FILE_STORE).await
+}
+
+/// JetStream file storage the test servers offer (a reservation, not disk used).
+const TEST_FILE_STORE: &str = "64GB";
+
+/// A single node offering `max_file_store` of JetStream file storage.
+pub(crate) async fn single_with_storage(max_file_store: &str) -> Option<NatsNode> {
+    let node = NatsNode::new(
+        binary_or_skip()?,
+        Vec::new(),
+        free_port(),
+        "single",
+        max_file_store,
+    );
     node.wait_healthy().await;
     Some(node)
 }
@@ -162,7 +194,13 @@ pub(crate) async fn cluster() -> Option<Vec<NatsNode>> {
                 "--routes".to_owned(),
                 route_list.clone(),
             ];
-            NatsNode::new(binary.clone(), extra, free_port(), &format!("n{i}"))
+            NatsNode::new(
+                binary.clone(),
+                extra,
+                free_port(),
+                &format!("n{i}"),
+                TEST_FILE_STORE,
+            )
         })
         .collect();
     for node in &nodes {
