@@ -542,13 +542,7 @@ impl Settings {
                 ),
             ));
         }
-        if let Some(admin) = &self.server.admin_addr {
-            let admin: SocketAddr = admin.parse().map_err(|_| {
-                invalid(
-                    "server.admin_addr",
-                    format!("`{admin}` is not a socket address like 0.0.0.0:9090"),
-                )
-            })?;
+        if let Some(admin) = self.server.admin_socket_addr()? {
             if admin.port() != 0 && admin == self.server.socket_addr()? {
                 return Err(invalid(
                     "server.admin_addr",
@@ -731,6 +725,17 @@ impl ServerSettings {
         self.addr.parse().map_err(|_| ConfigError::Invalid {
             key: "server.addr",
             message: format!("`{}` is not a socket address like 0.0.0.0:8080", self.addr),
+        })
+    }
+
+    /// The admin listener's address, parsed, when one is configured.
+    pub fn admin_socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(admin) = &self.admin_addr else {
+            return Ok(None);
+        };
+        admin.parse().map(Some).map_err(|_| ConfigError::Invalid {
+            key: "server.admin_addr",
+            message: format!("`{admin}` is not a socket address like 0.0.0.0:8081"),
         })
     }
 }

@@ -1,5 +1,7 @@
 //! `eventflow healthcheck`: a dependency-free HTTP probe of `/healthz`, so
-//! that container images need no shell or curl for their health check.
+//! that container images need no shell or curl for their health check. It
+//! probes the admin listener when `server.admin_addr` is set (health is
+//! served only there then), else `server.addr`.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -30,10 +32,13 @@ pub enum HealthcheckError {
     Status(String),
 }
 
-/// Probes `GET /healthz` on the configured port (on loopback when the
-/// service listens on all interfaces).
+/// Probes `GET /healthz` on the admin listener if there is one, else on the
+/// service's port (on loopback when it listens on all interfaces).
 pub fn check(server: &ServerSettings) -> Result<(), HealthcheckError> {
-    let mut addr = server.socket_addr()?;
+    let mut addr = match server.admin_socket_addr()? {
+        Some(admin) => admin,
+        None => server.socket_addr()?,
+    };
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             Ipv4Addr::LOCALHOST.into()

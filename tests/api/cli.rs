@@ -10,17 +10,26 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::binary::{start, wait_exit};
-use crate::helpers::{event, spawn_app};
+use crate::helpers::{event, spawn_app, spawn_app_with};
 
 /// `eventflow healthcheck` against `addr`: its exit code and stderr.
 async fn healthcheck(addr: String) -> (i32, String) {
+    healthcheck_with_admin(addr, None).await
+}
+
+/// `eventflow healthcheck` configured with `addr` and `admin_addr`.
+async fn healthcheck_with_admin(addr: String, admin: Option<String>) -> (i32, String) {
     tokio::task::spawn_blocking(move || {
-        let output = Command::new(env!("CARGO_BIN_EXE_eventflow"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_eventflow"));
+        command
             .arg("healthcheck")
             .env("EVENTFLOW__SERVER__ADDR", addr)
-            .env_remove("EVENTFLOW_CONFIG")
-            .output()
-            .unwrap();
+            .env_remove("EVENTFLOW__SERVER__ADMIN_ADDR")
+            .env_remove("EVENTFLOW_CONFIG");
+        if let Some(admin) = admin {
+            command.env("EVENTFLOW__SERVER__ADMIN_ADDR", admin);
+        }
+        let output = command.output().unwrap();
         (
             output.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -46,6 +55,30 @@ async fn healthcheck_is_a_liveness_probe() {
     drop(absent);
     let (code, stderr) = healthcheck(addr).await;
     assert_ne!(code, 0, "nothing listening");
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+}
+
+/// A loopback address nothing listens on.
+fn dead_addr() -> String {
+    let absent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = absent.local_addr().unwrap().to_string();
+    drop(absent);
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_probes_the_admin_listener_when_there_is_one() {
+    let app = spawn_app_with(
+        |settings| settings.server.admin_addr = Some("127.0.0.1:0".to_owned()),
+        Vec::new(),
+    )
+    .await;
+    let admin = app.admin.expect("an admin listener").to_string();
+    // The API's port is not probed: health lives on the admin port.
+    let (code, stderr) = healthcheck_with_admin(dead_addr(), Some(admin)).await;
+    assert_eq!(code, 0, "admin listener answers: {stderr}");
+    let (code, stderr) = healthcheck_with_admin(app.addr.to_string(), Some(dead_addr())).await;
+    assert_ne!(code, 0, "admin listener down");
     assert!(stderr.contains("cannot reach"), "{stderr}");
 }
 
