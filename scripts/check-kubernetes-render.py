@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Splits one rendered overlay for the offline checks (scripts/check-deploy.sh)
+and checks what no schema covers.
+
+Usage: check-kubernetes-render.py RENDERED OUT_DIR ALERT_RULES
+
+Writes OUT_DIR/objects.yaml (the objects with a Kubernetes schema, for
+kubernetes-validate) and, when the render has a PrometheusRule,
+OUT_DIR/rules.yml (its spec, for promtool). Fails when:
+- the PrometheusRule's groups differ from ALERT_RULES (one source of truth);
+- a ServiceMonitor selects no Service, or names a port that Service lacks;
+- a Deployment's terminationGracePeriodSeconds is not above
+  server.shutdown_delay + server.shutdown_grace of its configuration;
+- a container's probe names a port the container does not declare.
+"""
+
+import re
+import sys
+import tomllib
+
+import yaml
+
+CUSTOM_KINDS = {"PrometheusRule", "ServiceMonitor"}
+
+
+def seconds(text: str) -> float:
+    """A humantime duration such as "10s", "1m" or "250ms", in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    total = 0.0
+    for value, unit in re.findall(r"(\d+)\s*(ms|s|m|h)", text):
+        total += int(value) * units[unit]
+    return total
+
+
+def config_of(deployment, objects):
+    """The TOML configuration a Deployment mounts, with its env overrides."""
+    pod = deployment["spec"]["template"]["spec"]
+    names = {v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
+    for obj in objects:
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] in names:
+            for text in obj.get("data", {}).values():
+                config = tomllib.loads(text)
+                server = config.setdefault("server", {})
+                for container in pod["containers"]:
+                    for env in container.get("env", []):
+                        key = env["name"].lower().removeprefix("eventflow__server__")
+                        if env["name"].startswith("EVENTFLOW__SERVER__") and "value" in env:
+                            server[key] = env["value"]
+                return config
+    return None
+
+
+def main() -> int:
+    rendered, out_dir, rules_path = sys.argv[1:4]
+    with open(rendered, encoding="utf-8") as f:
+        objects = [o for o in yaml.safe_load_all(f) if o]
+    errors = []
+
+    plain = [o for o in objects if o["kind"] not in CUSTOM_KINDS]
+    with open(f"{out_dir}/objects.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump_all(plain, f, sort_keys=False)
+
+    with open(rules_path, encoding="utf-8") as f:
+        source = yaml.safe_load(f)
+    for rule in (o for o in objects if o["kind"] == "PrometheusRule"):
+        if rule["spec"] != source:
+            errors.append(f"PrometheusRule {rule['metadata']['name']}: its groups differ from {rules_path} "
+                          "(run scripts/gen-kubernetes-monitoring.py)")
+        with open(f"{out_dir}/rules.yml", "w", encoding="utf-8") as f:
+            yaml.safe_dump(rule["spec"], f, sort_keys=False)
+
+    services = [o for o in objects if o["kind"] == "Service"]
+    for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
+        name = monitor["metadata"]["name"]
+        wanted = monitor["spec"]["selector"].get("matchLabels", {})
+        matched = [s for s in services
+                   if s["metadata"].get("namespace") == monitor["metadata"].get("namespace")
+                   and wanted.items() <= s["metadata"].get("labels", {}).items()]
+        if not matched:
+            errors.append(f"ServiceMonitor {name}: selects no Service ({wanted})")
+        for service in matched:
+            ports = {p.get("name") for p in service["spec"]["ports"]}
+            for endpoint in monitor["spec"]["endpoints"]:
+                if endpoint.get("port") not in ports:
+                    errors.append(f"ServiceMonitor {name}: Service {service['metadata']['name']} "
+                                  f"has no port {endpoint.get('port')!r}")
+        job_label = monitor["spec"].get("jobLabel")
+        for service in matched:
+            if job_label and service["metadata"]["labels"].get(job_label) != "eventflow":
+                errors.append(f"ServiceMonitor {name}: job would not be \"eventflow\", "
+                              "which the alert rules select")
+
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]["spec"]
+        config = config_of(deployment, objects)
+        if config is not None:
+            server = config.get("server", {})
+            needed = seconds(server.get("shutdown_delay", "0s")) + seconds(server.get("shutdown_grace", "30s"))
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            if grace <= needed:
+                errors.append(f"Deployment {name}: terminationGracePeriodSeconds {grace} is not above "
+                              f"server.shutdown_delay + server.shutdown_grace ({needed:g} s)")
+        for container in pod["containers"]:
+            ports = {p.get("name") for p in container.get("ports", [])}
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                port = container.get(probe, {}).get("httpGet", {}).get("port")
+                if isinstance(port, str) and port not in ports:
+                    errors.append(f"Deployment {name}: {probe} names port {port!r}, not declared")
+
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        return 1
+    kinds = sorted({o["kind"] for o in objects})
+    print(f"{len(objects)} objects ({', '.join(kinds)}): {len(plain)} for the schemas; "
+          "rules, monitors, grace periods and probe ports agree")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
