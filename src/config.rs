@@ -542,13 +542,14 @@ impl Settings {
                 ),
             ));
         }
-        if let Some(admin) = self.server.admin_socket_addr()? {
-            if admin.port() != 0 && admin == self.server.socket_addr()? {
-                return Err(invalid(
-                    "server.admin_addr",
-                    "must differ from server.addr (it is a second listener)",
-                ));
-            }
+        if let Some(admin) = self.server.admin_socket_addr()?
+            && admin.port() != 0
+            && admin == self.server.socket_addr()?
+        {
+            return Err(invalid(
+                "server.admin_addr",
+                "must differ from server.addr (it is a second listener)",
+            ));
         }
         self.validate_backend()?;
         if self

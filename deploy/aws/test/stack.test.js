@@ -1,0 +1,101 @@
+// What the synthesized template must say: the design's numbers, checked
+// on the CloudFormation CDK writes (node --test; no AWS account needed).
+'use strict';
+
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const { test } = require('node:test');
+const { App, Validations } = require('aws-cdk-lib');
+const { Match, Template } = require('aws-cdk-lib/assertions');
+const { AwsSolutionsChecks } = require('cdk-nag');
+const { EventflowStack } = require('../lib/eventflow-stack');
+
+const app = new App();
+Validations.of(app).addPlugins(new AwsSolutionsChecks(app));
+const stack = new EventflowStack(app, 'Test');
+const template = Template.fromStack(stack);
+
+test('the VPC spans three availability zones, each with a NAT gateway', () => {
+  template.resourceCountIs('AWS::EC2::Subnet', 6);
+  template.resourceCountIs('AWS::EC2::NatGateway', 3);
+  const zones = Object.values(template.findResources('AWS::EC2::Subnet'))
+    .map((subnet) => JSON.stringify(subnet.Properties.AvailabilityZone));
+  assert.equal(new Set(zones).size, 3, `subnets in ${[...new Set(zones)]}`);
+});
+
+test('the ALB checks /readyz on the admin port and drains for 30 s', () => {
+  template.hasResourceProperties('AWS::ElasticLoadBalancingV2::TargetGroup', {
+    Port: 8080,
+    HealthCheckPath: '/readyz',
+    HealthCheckPort: '8081',
+    TargetGroupAttributes: Match.arrayWith([{ Key: 'deregistration_delay.timeout_seconds', Value: '30' }]),
+  });
+  template.hasResourceProperties('AWS::ElasticLoadBalancingV2::Listener', { Protocol: 'HTTPS', Port: 443 });
+  template.resourceCountIs('AWS::ElasticLoadBalancingV2::Listener', 1);
+});
+
+test('the drain fits: SIGKILL comes after the service\'s shutdown grace', () => {
+  const [task] = Object.values(template.findResources('AWS::ECS::TaskDefinition'));
+  const eventflow = task.Properties.ContainerDefinitions.find((c) => c.Name === 'eventflow');
+  const env = Object.fromEntries(eventflow.Environment.map((e) => [e.Name, e.Value]));
+  const grace = Number.parseInt(env.EVENTFLOW__SERVER__SHUTDOWN_GRACE, 10);
+  assert.ok(eventflow.StopTimeout > grace, `stopTimeout ${eventflow.StopTimeout} s, grace ${grace} s`);
+  assert.equal(eventflow.ReadonlyRootFilesystem, true);
+  assert.equal(eventflow.User, '65532:65532');
+  assert.equal(env.EVENTFLOW__BACKEND__KIND, 'nats');
+  assert.equal(env.EVENTFLOW__BACKEND__NATS__REPLICAS, '3');
+  // The tokens come from Secrets Manager, never from the environment.
+  assert.equal(env.EVENTFLOW__AUTH__TOKENS, undefined);
+  assert.deepEqual(eventflow.Secrets.map((s) => s.Name), ['EVENTFLOW__AUTH__TOKENS']);
+});
+
+test('the service scales on the JetStream backlog and on CPU, from 3 to 12 tasks', () => {
+  template.hasResourceProperties('AWS::ApplicationAutoScaling::ScalableTarget', { MinCapacity: 3, MaxCapacity: 12 });
+  template.hasResourceProperties('AWS::CloudWatch::Alarm', {
+    Namespace: 'Eventflow',
+    MetricName: 'eventflow_nats_consumer_pending',
+    Statistic: 'Maximum',
+  });
+  template.hasResourceProperties('AWS::ApplicationAutoScaling::ScalingPolicy', {
+    TargetTrackingScalingPolicyConfiguration: Match.objectLike({
+      PredefinedMetricSpecification: { PredefinedMetricType: 'ECSServiceAverageCPUUtilization' },
+      TargetValue: 70,
+    }),
+  });
+});
+
+test('NATS runs on three nodes with encrypted, retained data volumes', () => {
+  const instances = Object.values(template.findResources('AWS::EC2::Instance'));
+  assert.equal(instances.length, 3);
+  for (const instance of instances) {
+    const data = instance.Properties.BlockDeviceMappings.find((m) => m.DeviceName === '/dev/sdf');
+    assert.equal(data.Ebs.Encrypted, true);
+    assert.equal(data.Ebs.DeleteOnTermination, false);
+  }
+  template.resourceCountIs('AWS::Route53::RecordSet', 3);
+});
+
+test('AMP gets the alert rules of prometheus/alerts.yml, unchanged', () => {
+  const rules = fs.readFileSync(path.join(__dirname, '..', '..', '..', 'prometheus', 'alerts.yml'), 'utf8');
+  template.hasResourceProperties('AWS::APS::RuleGroupsNamespace', { Data: rules });
+});
+
+test('the task role may write to this workspace only, and read no secret', () => {
+  const policies = Object.entries(template.findResources('AWS::IAM::Policy'))
+    .filter(([id]) => id.includes('TaskRole'));
+  assert.equal(policies.length, 1);
+  const statements = policies[0][1].Properties.PolicyDocument.Statement;
+  const actions = statements.flatMap((s) => [].concat(s.Action));
+  assert.ok(actions.includes('aps:RemoteWrite'));
+  assert.ok(!actions.some((a) => a.startsWith('secretsmanager:')), actions.join(', '));
+  const remoteWrite = statements.find((s) => [].concat(s.Action).includes('aps:RemoteWrite'));
+  assert.notEqual(remoteWrite.Resource, '*');
+});
+
+test('cdk-nag\'s AWS Solutions pack finds nothing unacknowledged', () => {
+  const assembly = app.synth();
+  const report = JSON.parse(fs.readFileSync(path.join(assembly.directory, 'validation-report.json'), 'utf8'));
+  const violations = report.pluginReports.flatMap((r) => r.violations || []);
+  assert.deepEqual(violations.map((v) => v.ruleName), []);
+});
