@@ -11,7 +11,10 @@ OUT_DIR/rules.yml (its spec, for promtool). Fails when:
 - a ServiceMonitor selects no Service, or names a port that Service lacks;
 - a Deployment's terminationGracePeriodSeconds is not above
   server.shutdown_delay + server.shutdown_grace of its configuration;
-- a container's probe names a port the container does not declare.
+- a container's probe names a port the container does not declare;
+- the streams eventflow asks for (backend.nats.max_bytes + 2 x
+  published_max_bytes, reserved on every node) do not fit the NATS
+  servers' max_file_store, or their volume is smaller than that.
 """
 
 import re
@@ -21,6 +24,51 @@ import tomllib
 import yaml
 
 CUSTOM_KINDS = {"PrometheusRule", "ServiceMonitor"}
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40,
+              "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def size_bytes(text: str) -> int:
+    """A size as nats-server (10G, 54Gi, 1GB) or Kubernetes (60Gi) writes it."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r}")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+
+
+def check_stream_reservations(objects, errors):
+    """eventflow's streams fit every NATS node's store, and the store its volume."""
+    stores = []
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":
+            for text in obj.get("data", {}).values():
+                match = re.search(r"^\s*max_file_store:\s*(\S+)", text, re.M)
+                if match:
+                    stores.append(size_bytes(match.group(1)))
+    if not stores:
+        return
+    store = min(stores)
+    for obj in objects:
+        if obj["kind"] == "StatefulSet":
+            for claim in obj["spec"].get("volumeClaimTemplates", []):
+                volume = size_bytes(claim["spec"]["resources"]["requests"]["storage"])
+                if volume < store:
+                    errors.append(f"StatefulSet {obj['metadata']['name']}: volume {volume} bytes is "
+                                  f"smaller than max_file_store {store}")
+        if obj["kind"] != "Deployment":
+            continue
+        env = {e["name"]: e.get("value") for c in obj["spec"]["template"]["spec"]["containers"]
+               for e in c.get("env", [])}
+        if env.get("EVENTFLOW__BACKEND__KIND") != "nats":
+            continue
+        # The service's defaults (src/config.rs) where the overlay sets none.
+        events = int(env.get("EVENTFLOW__BACKEND__NATS__MAX_BYTES") or 2**30)
+        published = int(env.get("EVENTFLOW__BACKEND__NATS__PUBLISHED_MAX_BYTES") or 2**30)
+        wanted = events + 2 * published
+        if wanted > store:
+            errors.append(f"Deployment {obj['metadata']['name']}: the streams reserve {wanted} bytes "
+                          f"(max_bytes + 2 x published_max_bytes), more than max_file_store {store}")
 
 
 def seconds(text: str) -> float:
@@ -108,13 +156,15 @@ def main() -> int:
                 if isinstance(port, str) and port not in ports:
                     errors.append(f"Deployment {name}: {probe} names port {port!r}, not declared")
 
+    check_stream_reservations(objects, errors)
+
     for error in errors:
         print(error, file=sys.stderr)
     if errors:
         return 1
     kinds = sorted({o["kind"] for o in objects})
     print(f"{len(objects)} objects ({', '.join(kinds)}): {len(plain)} for the schemas; "
-          "rules, monitors, grace periods and probe ports agree")
+          "rules, monitors, grace periods, probe ports and stream reservations agree")
     return 0
 
 

@@ -2,13 +2,44 @@
 // the service, wired together. See docs/aws.md for the design.
 'use strict';
 
-const { CfnOutput, CfnParameter, CfnResource, Fn, Stack } = require('aws-cdk-lib');
+const { CfnMapping, CfnOutput, CfnParameter, CfnResource, Fn, Stack, Token } = require('aws-cdk-lib');
 const { checkov } = require('./suppress');
 const { Network } = require('./network');
 const { Observability } = require('./observability');
 const { NatsCluster } = require('./nats-cluster');
 const { Ingress } = require('./ingress');
 const { Service } = require('./service');
+
+const GIB = 1024 ** 3;
+
+/**
+ * What each scale tier buys (docs/aws.md, "Cost", shows the arithmetic).
+ * The events stream keeps every event 24 h (idempotency, reads, the
+ * backlog's longest wait) at about 350 bytes stored: rate x 86,400 s x 350
+ * bytes, rounded up. The published and failed streams keep 1 h (the SSE
+ * resume window) at about 400 bytes. JetStream reserves all three streams'
+ * max_bytes on every node (stream replicas 3): they must fit the volume's
+ * max_file_store, 90 % of it.
+ */
+const SIZING = {
+  '1k': tier('m7g.large', 50, 32, 2),
+  '10k': tier('m7g.large', 400, 300, 16),
+  '100k': tier('m7g.2xlarge', 3700, 2900, 160),
+};
+
+function tier(natsInstanceType, natsVolumeGiB, eventsGiB, publishedGiB) {
+  const maxFileStoreGiB = Math.floor(natsVolumeGiB * 0.9);
+  if (eventsGiB + 2 * publishedGiB > maxFileStoreGiB) {
+    throw new Error(`streams (${eventsGiB} + 2 x ${publishedGiB} GiB) exceed ${maxFileStoreGiB} GiB of store`);
+  }
+  return {
+    natsInstanceType,
+    natsVolumeGiB: String(natsVolumeGiB),
+    natsMaxFileStore: `${maxFileStoreGiB}Gi`,
+    eventsMaxBytes: String(eventsGiB * GIB),
+    publishedMaxBytes: String(publishedGiB * GIB),
+  };
+}
 
 class EventflowStack extends Stack {
   constructor(scope, id, props) {
@@ -23,26 +54,30 @@ class EventflowStack extends Stack {
       type: 'String',
       allowedPattern: '^arn:aws[a-z-]*:acm:[a-z0-9-]+:[0-9]{12}:certificate/[0-9a-f-]+$',
     });
-    const natsInstanceType = new CfnParameter(this, 'NatsInstanceType', {
-      description: 'EC2 instance type of the three NATS nodes (Graviton): JetStream\'s CPU sets the throughput (docs/aws.md)',
+    const scale = new CfnParameter(this, 'Scale', {
+      description: 'Sustained events per second the stack is sized for (NATS nodes, volumes, stream limits): docs/aws.md, "Cost"',
       type: 'String',
-      default: 'm7g.large',
-      allowedValues: ['m7g.large', 'm7g.xlarge', 'm7g.2xlarge', 'c7g.xlarge', 'c7g.2xlarge'],
+      default: '10k',
+      allowedValues: Object.keys(SIZING),
     });
+    const sizing = new CfnMapping(this, 'Sizing', { mapping: SIZING });
+    const size = (key) => sizing.findInMap(scale.valueAsString, key);
 
     const observability = new Observability(this, 'Observability');
     const network = new Network(this, 'Network', { key: observability.key });
     const nats = new NatsCluster(this, 'Nats', {
       vpc: network.vpc,
-      instanceType: natsInstanceType.valueAsString,
+      instanceType: size('natsInstanceType'),
+      volumeGiB: Token.asNumber(size('natsVolumeGiB')),
+      maxFileStore: size('natsMaxFileStore'),
       logGroup: observability.natsLogs,
-      key: observability.key,
     });
     const ingress = new Ingress(this, 'Ingress', { vpc: network.vpc, certificateArn: certificate.valueAsString });
     const service = new Service(this, 'Eventflow', {
       vpc: network.vpc,
       image: image.valueAsString,
       natsUrl: nats.url,
+      streams: { maxBytes: size('eventsMaxBytes'), publishedMaxBytes: size('publishedMaxBytes') },
       observability,
       loadBalancer: ingress.loadBalancer,
       listener: ingress.listener,
@@ -88,4 +123,4 @@ function cfnLintIgnore(resource, rule) {
   resource.addMetadata('cfn-lint', { config: { ignore_checks: [rule] } });
 }
 
-module.exports = { EventflowStack };
+module.exports = { EventflowStack, SIZING };

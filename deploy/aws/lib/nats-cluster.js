@@ -20,15 +20,13 @@ const ZONE = 'eventflow.internal';
 const CLIENT_PORT = 4222;
 const ROUTE_PORT = 6222;
 const MONITOR_PORT = 8222;
-/** JetStream volume; the server is told it may use 90 % of it. */
-const DATA_GIB = 100;
 
 class NatsCluster extends Construct {
   /**
    * @param {Construct} scope
    * @param {string} id
-   * @param {{vpc: ec2.IVpc, instanceType: string, logGroup: import('aws-cdk-lib/aws-logs').ILogGroup,
-   *          key: import('aws-cdk-lib/aws-kms').IKey}} props
+   * @param {{vpc: ec2.IVpc, instanceType: string, volumeGiB: number, maxFileStore: string,
+   *          logGroup: import('aws-cdk-lib/aws-logs').ILogGroup}} props
    */
   constructor(scope, id, props) {
     super(scope, id);
@@ -73,7 +71,7 @@ class NatsCluster extends Construct {
           { deviceName: '/dev/xvda', volume: ec2.BlockDeviceVolume.ebs(20, { encrypted: true, volumeType: ec2.EbsDeviceVolumeType.GP3 }) },
           {
             deviceName: '/dev/sdf',
-            volume: ec2.BlockDeviceVolume.ebs(DATA_GIB, {
+            volume: ec2.BlockDeviceVolume.ebs(props.volumeGiB, {
               encrypted: true,
               volumeType: ec2.EbsDeviceVolumeType.GP3,
               // The streams outlive the instance: a replaced node is re-seeded
@@ -82,7 +80,7 @@ class NatsCluster extends Construct {
             }),
           },
         ],
-        userData: ec2.UserData.custom(userData(name, names, props.logGroup.logGroupName)),
+        userData: ec2.UserData.custom(userData(name, names, props.maxFileStore, props.logGroup.logGroupName)),
         userDataCausesReplacement: true,
       });
       Tags.of(instance).add('Name', `eventflow-${name}`);
@@ -122,9 +120,8 @@ class NatsCluster extends Construct {
 }
 
 /** Boot script: format and mount the data volume once, run nats-server in a container. */
-function userData(name, names, logGroup) {
+function userData(name, names, maxFileStore, logGroup) {
   const routes = names.map((peer) => `nats://${peer}:${ROUTE_PORT}`).join(', ');
-  const maxStore = Math.floor(DATA_GIB * 0.9);
   return `#!/bin/bash
 set -euo pipefail
 dnf install -y docker
@@ -150,7 +147,7 @@ cluster {
 }
 jetstream {
   store_dir: /data
-  max_file_store: ${maxStore}G
+  max_file_store: ${maxFileStore}
   max_memory_store: 0
 }
 CONF

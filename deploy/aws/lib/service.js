@@ -25,7 +25,8 @@ class Service extends Construct {
   /**
    * @param {Construct} scope
    * @param {string} id
-   * @param {{vpc: ec2.IVpc, image: string, natsUrl: string, observability: import('./observability').Observability,
+   * @param {{vpc: ec2.IVpc, image: string, natsUrl: string, streams: {maxBytes: string, publishedMaxBytes: string},
+   *          observability: import('./observability').Observability,
    *          loadBalancer: elbv2.ApplicationLoadBalancer, listener: elbv2.ApplicationListener}} props
    */
   constructor(scope, id, props) {
@@ -84,6 +85,16 @@ class Service extends Construct {
         EVENTFLOW__BACKEND__KIND: 'nats',
         EVENTFLOW__BACKEND__NATS_URL: props.natsUrl,
         EVENTFLOW__BACKEND__NATS__REPLICAS: '3',
+        // The stream limits of the scale tier (lib/eventflow-stack.js): 24 h
+        // of accepted events, 1 h of published ones.
+        EVENTFLOW__BACKEND__NATS__MAX_BYTES: props.streams.maxBytes,
+        EVENTFLOW__BACKEND__NATS__MAX_AGE: '24h',
+        EVENTFLOW__BACKEND__NATS__PUBLISHED_MAX_BYTES: props.streams.publishedMaxBytes,
+        EVENTFLOW__BACKEND__NATS__PUBLISHED_MAX_AGE: '1h',
+        // No stdout sink: the published stream is the output (SSE, NATS
+        // consumers), and a line per event in CloudWatch Logs would cost
+        // more than the rest of the stack (docs/aws.md).
+        EVENTFLOW__PUBLISH__SINKS: '',
         EVENTFLOW__TELEMETRY__OTLP_ENDPOINT: 'http://127.0.0.1:4317',
         EVENTFLOW__TELEMETRY__SAMPLE_RATIO: '0.05',
       },
