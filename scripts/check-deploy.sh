@@ -55,7 +55,7 @@ for overlay in "${overlays[@]}"; do
   check kubectl kustomize "$overlay" -o "$out/rendered.yaml"
   # Split the render: objects with a Kubernetes schema, the PrometheusRule's
   # rules (for promtool), and what prometheus-operator's custom kinds need.
-  check python3 scripts/check-kubernetes-render.py "$out/rendered.yaml" "$out" prometheus/alerts.yml
+  check python3 scripts/check-kubernetes-render.py "$out/rendered.yaml" "$out"
   check kubernetes-validate --strict --quiet -k "$KUBERNETES_VERSION" "$out/objects.yaml"
   if [[ -f "$out/rules.yml" ]]; then
     check promtool check rules "$out/rules.yml"
@@ -63,8 +63,8 @@ for overlay in "${overlays[@]}"; do
   check checkov -f "$out/rendered.yaml" --framework kubernetes --compact --quiet --skip-download
 done
 
-# The NATS cluster's configuration parses (the pod's $SERVER_NAME stands in).
-check env SERVER_NAME=nats-0 nats-server -c deploy/kubernetes/overlays/production/nats/nats.conf -t
+# The NATS cluster's configuration parses (the pod's $POD_NAME stands in).
+check env POD_NAME=nats-0 nats-server -c deploy/kubernetes/overlays/production/nats/nats.conf -t
 
 check checkov -f Dockerfile --framework dockerfile --compact --quiet --skip-download
 

@@ -54,6 +54,10 @@ class EventflowStack extends Stack {
       type: 'String',
       allowedPattern: '^arn:aws[a-z-]*:acm:[a-z0-9-]+:[0-9]{12}:certificate/[0-9a-f-]+$',
     });
+    const natsImage = new CfnParameter(this, 'NatsImageId', {
+      description: 'AMI of the NATS nodes, pinned (Amazon Linux 2023, arm64): aws ssm get-parameter --name /aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64 --query Parameter.Value',
+      type: 'AWS::EC2::Image::Id',
+    });
     const scale = new CfnParameter(this, 'Scale', {
       description: 'Sustained events per second the stack is sized for (NATS nodes, volumes, stream limits): docs/aws.md, "Cost"',
       type: 'String',
@@ -67,6 +71,7 @@ class EventflowStack extends Stack {
     const network = new Network(this, 'Network', { key: observability.key });
     const nats = new NatsCluster(this, 'Nats', {
       vpc: network.vpc,
+      imageId: natsImage.valueAsString,
       instanceType: size('natsInstanceType'),
       volumeGiB: Token.asNumber(size('natsVolumeGiB')),
       maxFileStore: size('natsMaxFileStore'),

@@ -62,14 +62,18 @@ class Ingress extends Construct {
     });
 
     // AWS WAF: the managed common and known-bad-input rules, and a rate
-    // limit per client address. The common set's 8 KB body rule is
-    // counted, not enforced: batches are up to 16 MiB by design.
+    // limit per client address. Counted, not enforced: the 8 KB body rule
+    // (batches are up to 16 MiB by design), the body rules that read
+    // payloads as HTML or URLs (an event's payload is the client's data),
+    // and the missing User-Agent rule (producers are programs).
     const acl = new wafv2.CfnWebACL(this, 'WebAcl', {
       scope: 'REGIONAL',
       defaultAction: { allow: {} },
       visibilityConfig: { cloudWatchMetricsEnabled: true, metricName: 'eventflow', sampledRequestsEnabled: true },
       rules: [
-        managedRule('common', 'AWSManagedRulesCommonRuleSet', 1, [{ name: 'SizeRestrictions_BODY', actionToUse: { count: {} } }]),
+        managedRule('common', 'AWSManagedRulesCommonRuleSet', 1,
+          ['SizeRestrictions_BODY', 'CrossSiteScripting_BODY', 'GenericRFI_BODY', 'NoUserAgent_HEADER']
+            .map((rule) => ({ name: rule, actionToUse: { count: {} } }))),
         managedRule('bad-inputs', 'AWSManagedRulesKnownBadInputsRuleSet', 2, []),
         {
           name: 'per-address-rate',
@@ -90,7 +94,8 @@ class Ingress extends Construct {
    * Access logs to `bucket` without knowing the region at synth time (CDK's
    * logAccessLogs needs it): the region's Elastic Load Balancing account
    * from a mapping of CDK's region table, and the log-delivery service
-   * principal that regions opened since August 2022 use.
+   * principal. The mapping holds the regions opened before August 2022; a
+   * newer region has no account there and fails the deployment (docs/aws.md).
    */
   logAccessLogs(bucket) {
     const prefix = 'alb';

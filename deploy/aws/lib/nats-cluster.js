@@ -3,9 +3,15 @@
 // AZ) can go and the other two keep quorum. An instance whose host fails is
 // recovered in place (same id, address and volume) by a CloudWatch alarm.
 // Names: nats-0..2.<zone> in a private hosted zone.
+//
+// The streams outlive every change: the data volume is a resource of its
+// own (retained, attached to the node), the AMI is a parameter (an AMI
+// release does not replace the nodes), and the boot script runs at every
+// boot, so a new tier (instance type, volume size, max_file_store) is
+// applied by a stop and start, one node after another.
 'use strict';
 
-const { Aws, Duration, Tags } = require('aws-cdk-lib');
+const { Aws, Duration, RemovalPolicy, Tags } = require('aws-cdk-lib');
 const cloudwatch = require('aws-cdk-lib/aws-cloudwatch');
 const ec2 = require('aws-cdk-lib/aws-ec2');
 const iam = require('aws-cdk-lib/aws-iam');
@@ -20,12 +26,13 @@ const ZONE = 'eventflow.internal';
 const CLIENT_PORT = 4222;
 const ROUTE_PORT = 6222;
 const MONITOR_PORT = 8222;
+const DATA_DEVICE = '/dev/sdf';
 
 class NatsCluster extends Construct {
   /**
    * @param {Construct} scope
    * @param {string} id
-   * @param {{vpc: ec2.IVpc, instanceType: string, volumeGiB: number, maxFileStore: string,
+   * @param {{vpc: ec2.IVpc, imageId: string, instanceType: string, volumeGiB: number, maxFileStore: string,
    *          logGroup: import('aws-cdk-lib/aws-logs').ILogGroup}} props
    */
   constructor(scope, id, props) {
@@ -51,39 +58,56 @@ class NatsCluster extends Construct {
       reason: 'AmazonSSMManagedInstanceCore is the documented minimum for Session Manager, which replaces SSH',
     }]);
 
+    // An AMI pinned by the operator: a new release changes nothing until
+    // the parameter does (then the nodes are replaced, the volumes kept).
+    const machineImage = {
+      getImage: () => ({ imageId: props.imageId, osType: ec2.OperatingSystemType.LINUX, userData: ec2.UserData.forLinux() }),
+    };
     const names = [...Array(NODES).keys()].map((i) => `nats-${i}.${ZONE}`);
     const subnets = vpc.selectSubnets({ subnetType: ec2.SubnetType.PRIVATE_WITH_EGRESS }).subnets;
     /** nats://nats-0.<zone>:4222,... for the service's backend.nats_url. */
     this.url = names.map((name) => `nats://${name}:${CLIENT_PORT}`).join(',');
     /** The nodes. */
-    this.instances = names.map((name, i) => {
+    this.instances = [];
+    names.forEach((name, i) => {
+      const subnet = subnets[i % subnets.length];
       const instance = new ec2.Instance(this, `Node${i}`, {
         vpc,
-        vpcSubnets: { subnets: [subnets[i % subnets.length]] },
+        vpcSubnets: { subnets: [subnet] },
         instanceType: new ec2.InstanceType(props.instanceType),
-        machineImage: ec2.MachineImage.latestAmazonLinux2023({ cpuType: ec2.AmazonLinuxCpuType.ARM_64 }),
+        machineImage,
         securityGroup: this.securityGroup,
         role,
         requireImdsv2: true,
         detailedMonitoring: true,
         ebsOptimized: true,
-        blockDevices: [
-          { deviceName: '/dev/xvda', volume: ec2.BlockDeviceVolume.ebs(20, { encrypted: true, volumeType: ec2.EbsDeviceVolumeType.GP3 }) },
-          {
-            deviceName: '/dev/sdf',
-            volume: ec2.BlockDeviceVolume.ebs(props.volumeGiB, {
-              encrypted: true,
-              volumeType: ec2.EbsDeviceVolumeType.GP3,
-              // The streams outlive the instance: a replaced node is re-seeded
-              // by its peers, but a retained volume is the last resort.
-              deleteOnTermination: false,
-            }),
-          },
-        ],
-        userData: ec2.UserData.custom(userData(name, names, props.maxFileStore, props.logGroup.logGroupName)),
-        userDataCausesReplacement: true,
+        blockDevices: [{
+          deviceName: '/dev/xvda',
+          volume: ec2.BlockDeviceVolume.ebs(20, { encrypted: true, volumeType: ec2.EbsDeviceVolumeType.GP3 }),
+        }],
+        userData: bootScript(name, names, props.maxFileStore, props.logGroup.logGroupName),
       });
       Tags.of(instance).add('Name', `eventflow-${name}`);
+      // One node at a time when a change stops and starts them.
+      if (i > 0) instance.node.addDependency(this.instances[i - 1]);
+      this.instances.push(instance);
+
+      // The L1 resource: the size is a deploy-time value (the tier), which
+      // ec2.Volume's synth-time checks cannot read.
+      const data = new ec2.CfnVolume(this, `Data${i}`, {
+        availabilityZone: subnet.availabilityZone,
+        size: props.volumeGiB,
+        volumeType: 'gp3',
+        encrypted: true,
+        tags: [{ key: 'Name', value: `eventflow-${name}-data` }],
+      });
+      data.applyRemovalPolicy(RemovalPolicy.RETAIN);
+      new ec2.CfnVolumeAttachment(this, `Attach${i}`, {
+        instanceId: instance.instanceId,
+        volumeId: data.ref,
+        device: DATA_DEVICE,
+      });
+
       new route53.ARecord(this, `Name${i}`, {
         zone,
         recordName: `nats-${i}`,
@@ -106,32 +130,39 @@ class NatsCluster extends Construct {
       }).addAlarmAction({ bind: () => ({ alarmActionArn: `arn:${Aws.PARTITION}:automate:${Aws.REGION}:ec2:recover` }) });
       nag(instance, [{
         id: 'AwsSolutions::AwsSolutions-EC29',
-        reason: 'termination protection is left off so that a rolling replacement (new AMI, user data) is possible; the streams are replicated on three nodes and the data volume is retained',
+        reason: 'termination protection is left off so that a new AMI can replace a node; the streams are on three nodes and on retained volumes of their own',
       }]);
-      return instance;
     });
   }
 
   /** Lets `peer` reach the nodes' client port. */
   allowClients(peer) {
     this.securityGroup.connections.allowFrom(peer, ec2.Port.tcp(CLIENT_PORT), 'NATS clients');
-    this.securityGroup.connections.allowFrom(peer, ec2.Port.tcp(MONITOR_PORT), 'NATS monitoring (collector)');
   }
 }
 
-/** Boot script: format and mount the data volume once, run nats-server in a container. */
-function userData(name, names, maxFileStore, logGroup) {
+/**
+ * The node's boot script. cloud-init runs it at every boot (not only the
+ * first), so a changed configuration takes effect at the next start: it
+ * waits for the data volume, formats it only if empty, grows the file
+ * system to the volume, and (re)starts nats-server in a container.
+ */
+function bootScript(name, names, maxFileStore, logGroup) {
   const routes = names.map((peer) => `nats://${peer}:${ROUTE_PORT}`).join(', ');
-  return `#!/bin/bash
+  const everyBoot = ['#cloud-config', 'cloud_final_modules:', '  - [scripts-user, always]', ''].join('\n');
+  const script = `#!/bin/bash
 set -euo pipefail
-dnf install -y docker
+command -v docker >/dev/null || dnf install -y docker
 systemctl enable --now docker
-# The data volume (/dev/sdf, an NVMe device on Nitro): formatted only if empty.
-device=$(readlink -f /dev/sdf)
+# The data volume (${DATA_DEVICE}, an NVMe device on Nitro) is attached
+# after the instance starts.
+for _ in $(seq 120); do [ -e ${DATA_DEVICE} ] && break; sleep 2; done
+device=$(readlink -f ${DATA_DEVICE})
 if ! blkid "$device" >/dev/null 2>&1; then mkfs.xfs "$device"; fi
 mkdir -p /data
 grep -q ' /data ' /etc/fstab || echo "UUID=$(blkid -s UUID -o value "$device") /data xfs defaults,nofail 0 2" >> /etc/fstab
 mount -a
+xfs_growfs /data
 chown 10001:10001 /data
 mkdir -p /etc/nats
 cat > /etc/nats/nats.conf <<'CONF'
@@ -151,13 +182,20 @@ jetstream {
   max_memory_store: 0
 }
 CONF
+docker rm -f nats >/dev/null 2>&1 || true
+# SIGUSR2 puts nats-server in lame-duck mode: clients move to the other
+# nodes before it stops (lame_duck_duration 30 s, inside the 60 s timeout).
 docker run -d --name nats --restart always --network host --user 10001:10001 \\
   --read-only --cap-drop ALL --security-opt no-new-privileges \\
-  --stop-timeout 60 \\
+  --stop-signal SIGUSR2 --stop-timeout 60 \\
   --log-driver awslogs --log-opt awslogs-group=${logGroup} --log-opt awslogs-stream=${name} \\
   -v /data:/data -v /etc/nats:/etc/nats:ro \\
   ${NATS_IMAGE} --config /etc/nats/nats.conf
 `;
+  const userData = new ec2.MultipartUserData();
+  userData.addPart(ec2.MultipartBody.fromRawBody({ contentType: 'text/cloud-config; charset="utf-8"', body: everyBoot }));
+  userData.addPart(ec2.MultipartBody.fromRawBody({ contentType: ec2.MultipartBody.SHELL_SCRIPT, body: script }));
+  return userData;
 }
 
 module.exports = { NatsCluster, NATS_IMAGE };

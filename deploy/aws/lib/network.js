@@ -28,7 +28,7 @@ class Network extends Construct {
       ],
       restrictDefaultSecurityGroup: true,
     });
-    // S3 (ECR's image layers, ALB logs) without NAT charges.
+    // ECR's image layers come from S3: fetched without NAT charges.
     this.vpc.addGatewayEndpoint('S3', { service: ec2.GatewayVpcEndpointAwsService.S3 });
 
     const flowLogs = new logs.LogGroup(this, 'FlowLogs', {

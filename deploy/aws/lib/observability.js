@@ -36,7 +36,7 @@ class Observability extends Construct {
       },
     }));
 
-    /** The service's logs (JSON lines on stderr) and its published events (stdout). */
+    /** The service's logs (JSON lines). */
     this.serviceLogs = this.logGroup('ServiceLogs');
     /** The collector's own logs. */
     this.collectorLogs = this.logGroup('CollectorLogs');

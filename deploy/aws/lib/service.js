@@ -38,7 +38,10 @@ class Service extends Construct {
       containerInsightsV2: ecs.ContainerInsights.ENHANCED,
     });
 
-    /** The bearer tokens, comma-separated (auth.tokens); rotate by editing the secret and redeploying. */
+    /**
+     * The bearer tokens, comma-separated (auth.tokens). Tasks read it when
+     * they start: after editing it, `aws ecs update-service --force-new-deployment`.
+     */
     this.tokens = new secretsmanager.Secret(this, 'Tokens', {
       description: 'eventflow bearer tokens, comma-separated (auth.tokens)',
       encryptionKey: observability.key,
@@ -78,6 +81,9 @@ class Service extends Construct {
         // The ALB's addresses: X-Forwarded-For names the client for the
         // per-client rate limit.
         EVENTFLOW__SERVER__TRUSTED_PROXIES: vpc.vpcCidrBlock,
+        // Longer than the ALB's 60 s idle timeout, so that the ALB, not the
+        // task, closes an idle connection (else a request can meet a close: 502).
+        EVENTFLOW__SERVER__IDLE_TIMEOUT: '75s',
         EVENTFLOW__SERVER__RATE_LIMIT_PER_SECOND: '2000',
         EVENTFLOW__SERVER__RATE_LIMIT_BURST: '4000',
         EVENTFLOW__SERVER__MAX_INFLIGHT_BODY_BYTES: String(256 * 1024 * 1024),
@@ -157,7 +163,8 @@ class Service extends Construct {
     this.service = new ecs.FargateService(this, 'Service', {
       cluster,
       taskDefinition: task,
-      desiredCount: 3,
+      // No desiredCount: the autoscaler owns the count (3 to 12), and a
+      // deployment must not reset it.
       minHealthyPercent: 100,
       maxHealthyPercent: 200,
       circuitBreaker: { enable: true, rollback: true },
@@ -189,9 +196,11 @@ class Service extends Construct {
     });
     this.securityGroup.connections.allowFrom(props.loadBalancer, ec2.Port.tcp(ADMIN_PORT), 'health checks on the admin port');
 
-    // Scaling: the JetStream backlog (a custom metric, the shared consumer's
-    // pending events, written by the collectors) in steps, with CPU as the
-    // floor. Every task reports the same backlog: Maximum is the figure.
+    // Scaling: out on the JetStream backlog (a custom metric, the shared
+    // consumer's pending events, written by the collectors) in steps; in and
+    // out on CPU, which is the floor. Every task reports the same backlog:
+    // Maximum is the figure. The backlog policy only adds tasks: a scale-in
+    // step would fire whenever the backlog is small and fight CPU's policy.
     const scaling = this.service.autoScaleTaskCount({ minCapacity: 3, maxCapacity: 12 });
     scaling.scaleOnCpuUtilization('Cpu', {
       targetUtilizationPercent: 70,
@@ -202,7 +211,7 @@ class Service extends Construct {
     this.backlog = new cloudwatch.Metric({
       namespace: METRICS_NAMESPACE,
       metricName: 'eventflow_nats_consumer_pending',
-      dimensionsMap: { job: 'eventflow' },
+      dimensionsMap: { Service: 'eventflow' },
       statistic: 'Maximum',
       period: Duration.minutes(1),
     });
@@ -210,7 +219,6 @@ class Service extends Construct {
       metric: this.backlog,
       adjustmentType: appscaling.AdjustmentType.CHANGE_IN_CAPACITY,
       scalingSteps: [
-        { upper: 1000, change: -1 },
         { lower: 5000, change: +1 },
         { lower: 20000, change: +3 },
       ],
@@ -232,14 +240,22 @@ function collectorConfig(observability) {
             job_name: 'eventflow',
             scrape_interval: '15s',
             static_configs: [{ targets: [`127.0.0.1:${ADMIN_PORT}`] }],
+            // A data-point label for the CloudWatch dimension: the receiver
+            // keeps job and instance as resource attributes only, which
+            // awsemf does not turn into dimensions.
+            metric_relabel_configs: [{ action: 'replace', target_label: 'Service', replacement: 'eventflow' }],
           }],
         },
       },
     },
     processors: {
       batch: {},
-      // Which task a series comes from: the alert rules group by instance.
       resourcedetection: { detectors: ['env', 'ecs'] },
+      // Which task a series comes from (the alert rules group by instance):
+      // every task scrapes 127.0.0.1, so the instance becomes the task's ARN.
+      'resource/instance': {
+        attributes: [{ key: 'service.instance.id', from_attribute: 'aws.ecs.task.arn', action: 'upsert' }],
+      },
     },
     exporters: {
       prometheusremotewrite: {
@@ -254,7 +270,7 @@ function collectorConfig(observability) {
         log_group_name: observability.metricLogs.logGroupName,
         dimension_rollup_option: 'NoDimensionRollup',
         metric_declarations: [{
-          dimensions: [['job']],
+          dimensions: [['Service']],
           metric_name_selectors: ['^eventflow_nats_consumer_pending$', '^eventflow_queue_depth$', '^eventflow_queue_capacity$'],
         }],
       },
@@ -262,7 +278,11 @@ function collectorConfig(observability) {
     service: {
       extensions: ['sigv4auth', 'health_check'],
       pipelines: {
-        metrics: { receivers: ['prometheus'], processors: ['resourcedetection', 'batch'], exporters: ['prometheusremotewrite', 'awsemf'] },
+        metrics: {
+          receivers: ['prometheus'],
+          processors: ['resourcedetection', 'resource/instance', 'batch'],
+          exporters: ['prometheusremotewrite', 'awsemf'],
+        },
         traces: { receivers: ['otlp'], processors: ['resourcedetection', 'batch'], exporters: ['awsxray'] },
       },
     },

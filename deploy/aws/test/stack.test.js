@@ -55,8 +55,12 @@ test('the service scales on the JetStream backlog and on CPU, from 3 to 12 tasks
   template.hasResourceProperties('AWS::CloudWatch::Alarm', {
     Namespace: 'Eventflow',
     MetricName: 'eventflow_nats_consumer_pending',
+    Dimensions: [{ Name: 'Service', Value: 'eventflow' }],
     Statistic: 'Maximum',
   });
+  // The autoscaler owns the count: a deployment does not reset it.
+  const [service] = Object.values(template.findResources('AWS::ECS::Service'));
+  assert.equal(service.Properties.DesiredCount, undefined);
   template.hasResourceProperties('AWS::ApplicationAutoScaling::ScalingPolicy', {
     TargetTrackingScalingPolicyConfiguration: Match.objectLike({
       PredefinedMetricSpecification: { PredefinedMetricType: 'ECSServiceAverageCPUUtilization' },
@@ -65,15 +69,40 @@ test('the service scales on the JetStream backlog and on CPU, from 3 to 12 tasks
   });
 });
 
-test('NATS runs on three nodes with encrypted, retained data volumes', () => {
-  const instances = Object.values(template.findResources('AWS::EC2::Instance'));
-  assert.equal(instances.length, 3);
-  for (const instance of instances) {
-    const data = instance.Properties.BlockDeviceMappings.find((m) => m.DeviceName === '/dev/sdf');
-    assert.equal(data.Ebs.Encrypted, true);
-    assert.equal(data.Ebs.DeleteOnTermination, false);
+test('the collector writes the scaling metric with the dimension the alarm reads', () => {
+  const [task] = Object.values(template.findResources('AWS::ECS::TaskDefinition'));
+  const collector = task.Properties.ContainerDefinitions.find((c) => c.Name === 'collector');
+  const config = collector.Environment.find((e) => e.Name === 'AOT_CONFIG_CONTENT').Value;
+  // A JSON document joined around deploy-time values: keep its literal parts.
+  const text = config['Fn::Join'][1].filter((part) => typeof part === 'string').join('');
+  assert.ok(text.includes('"metric_relabel_configs":[{"action":"replace","target_label":"Service","replacement":"eventflow"}]'), text);
+  assert.ok(text.includes('"dimensions":[["Service"]]'), text);
+  assert.ok(text.includes('"^eventflow_nats_consumer_pending$"'), text);
+});
+
+test('NATS runs on three nodes, each with an encrypted data volume of its own that outlives it', () => {
+  template.resourceCountIs('AWS::EC2::Instance', 3);
+  const volumes = template.findResources('AWS::EC2::Volume');
+  assert.equal(Object.keys(volumes).length, 3);
+  for (const volume of Object.values(volumes)) {
+    assert.equal(volume.Properties.Encrypted, true);
+    assert.equal(volume.Properties.VolumeType, 'gp3');
+    assert.equal(volume.DeletionPolicy, 'Retain');
   }
+  template.resourcePropertiesCountIs('AWS::EC2::VolumeAttachment', { Device: '/dev/sdf' }, 3);
   template.resourceCountIs('AWS::Route53::RecordSet', 3);
+  // A pinned AMI: an AMI release does not replace the nodes.
+  template.hasParameter('NatsImageId', { Type: 'AWS::EC2::Image::Id' });
+});
+
+test('every scale tier fits its streams in the NATS store', () => {
+  const { SIZING } = require('../lib/eventflow-stack');
+  for (const [tier, size] of Object.entries(SIZING)) {
+    const store = Number.parseInt(size.natsMaxFileStore, 10) * 1024 ** 3;
+    const reserved = Number(size.eventsMaxBytes) + 2 * Number(size.publishedMaxBytes);
+    assert.ok(reserved <= store, `${tier}: ${reserved} reserved, ${store} of store`);
+    assert.ok(size.natsMaxFileStore.endsWith('Gi'), `${tier}: nats-server reads G as 10^9, Gi as 2^30`);
+  }
 });
 
 test('AMP gets the alert rules of prometheus/alerts.yml, unchanged', () => {
