@@ -14,7 +14,7 @@
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-for tool in kubectl kubernetes-validate checkov cfn-lint promtool nats-server python3 node npx; do
+for tool in kubectl kubernetes-validate checkov cfn-lint promtool nats-server shellcheck python3 node npx; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "check-deploy: required tool '$tool' not found on PATH (see this script's header)" >&2
     exit 1
@@ -76,6 +76,10 @@ synth() { (cd deploy/aws && npx --no-install cdk synth -q --no-notices -o "$tmp/
 check synth
 template="$tmp/cdk.out/Eventflow.template.json"
 check cfn-lint "$template"
+# What the NATS nodes run at boot: the script, and the nats.conf it writes.
+check python3 scripts/extract-aws-boot.py "$template" "$tmp"
+check shellcheck -s bash "$tmp/boot.sh"
+check nats-server -c "$tmp/nats.conf" -t
 check checkov -f "$template" --framework cloudformation --compact --quiet --skip-download
 
 printf '\ncheck-deploy: all %d checks passed (%d overlays)\n' "$passed" "${#overlays[@]}"
