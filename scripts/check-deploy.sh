@@ -34,16 +34,8 @@ KUBERNETES_VERSION="${KUBERNETES_VERSION:-1.33.0}"
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-current=""
-passed=0
-trap 'echo "check-deploy: FAILED: $current" >&2' ERR
-
-check() {
-  current="$*"
-  printf '\n==> %s\n' "$current"
-  "$@"
-  passed=$((passed + 1))
-}
+# shellcheck source=scripts/check-lib.sh
+source scripts/check-lib.sh
 
 check python3 scripts/gen-kubernetes-monitoring.py --check
 

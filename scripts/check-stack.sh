@@ -32,16 +32,8 @@ fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-current=""
-passed=0
-trap 'echo "check-stack: FAILED: $current" >&2' ERR
-
-check() {
-  current="$*"
-  printf '\n==> %s\n' "$current"
-  "$@"
-  passed=$((passed + 1))
-}
+# shellcheck source=scripts/check-lib.sh
+source scripts/check-lib.sh
 
 dashboards=(grafana/dashboards/*.json)
 
@@ -51,7 +43,7 @@ check promtool test rules prometheus/alerts.test.yml
 check docker-compose -f docker-compose.yml config -q
 check yamllint -c .yamllint.yml --strict .
 check hadolint Dockerfile
-check shellcheck scripts/*.sh
+check shellcheck -x scripts/*.sh
 for dashboard in "${dashboards[@]}"; do
   check python3 -m json.tool "$dashboard" /dev/null
 done
