@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self};
 
@@ -215,8 +216,13 @@ async fn ensure_stream(
         return js.create_stream(wanted).await.map_err(|e| {
             // JetStream reserves a stream's whole `max_bytes` when it is
             // made; say which settings to change when the server has too little.
+            let no_room = matches!(
+                e.kind(),
+                CreateStreamErrorKind::JetStream(error)
+                    if error.error_code() == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            );
             let reason = e.to_string();
-            let reason = if reason.contains("insufficient storage") {
+            let reason = if no_room {
                 format!(
                     "{reason}: the server reserves each stream's max_bytes; lower \
                      backend.nats.max_bytes or backend.nats.published_max_bytes, or give \
