@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use eventflow::config::BackendKind;
-
 use crate::helpers::{event, spawn_app, spawn_app_with};
 
 /// Stands in for Grafana's `$__rate_interval` with 1 s scrapes.
@@ -165,10 +163,7 @@ async fn every_dashboard_query_returns_data_and_every_alert_evaluates() {
         return;
     };
     let replica = spawn_app_with(
-        |settings| {
-            settings.backend.kind = BackendKind::Nats;
-            settings.backend.nats_url = nats.url();
-        },
+        |settings| crate::nats::nats_mode(settings, &nats.url()),
         Vec::new(),
     )
     .await;

@@ -25,17 +25,32 @@ fn scale() -> usize {
         .unwrap_or(1)
 }
 
+/// Points `settings` at the NATS at `url` (the nats backend).
+pub(crate) fn nats_mode(settings: &mut Settings, url: &str) {
+    settings.backend.kind = BackendKind::Nats;
+    settings.backend.nats_url = url.to_owned();
+}
+
 /// A replica in this process on the NATS at `url`.
 async fn replica(url: &str, configure: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_app_with(
         |settings| {
-            settings.backend.kind = BackendKind::Nats;
-            settings.backend.nats_url = url.to_owned();
+            nats_mode(settings, url);
             configure(settings);
         },
         Vec::new(),
     )
     .await
+}
+
+/// Why a nats-mode service on `url` refuses to start (it must refuse).
+async fn start_error(url: &str) -> String {
+    let mut settings = crate::helpers::test_settings();
+    nats_mode(&mut settings, url);
+    match eventflow::app::App::build(settings).await {
+        Ok(_) => panic!("the service started"),
+        Err(error) => error.to_string(),
+    }
 }
 
 /// The ids on the published stream, in publication order, once it holds at
@@ -610,8 +625,7 @@ async fn a_full_events_stream_refuses_new_events_with_503_and_drops_none() {
     let gate = crate::helpers::Gate::closed();
     let app = spawn_app_with(
         |settings| {
-            settings.backend.kind = BackendKind::Nats;
-            settings.backend.nats_url = nats.url();
+            nats_mode(settings, &nats.url());
             settings.backend.nats.max_bytes = 16 * 1024;
         },
         vec![std::sync::Arc::new(gate.clone())],
@@ -654,8 +668,7 @@ async fn a_stopping_replica_leaves_the_backlog_in_jetstream_for_the_others() {
     let gate = crate::helpers::Gate::closed();
     let a = spawn_app_with(
         |settings| {
-            settings.backend.kind = BackendKind::Nats;
-            settings.backend.nats_url = nats.url();
+            nats_mode(settings, &nats.url());
             settings.server.shutdown_grace = Duration::from_secs(20);
         },
         vec![std::sync::Arc::new(gate.clone())],
@@ -700,13 +713,7 @@ async fn a_stream_that_exists_with_other_settings_stops_the_start_naming_the_key
     })
     .await
     .unwrap();
-    let mut settings = crate::helpers::test_settings();
-    settings.backend.kind = BackendKind::Nats;
-    settings.backend.nats_url = nats.url();
-    let error = eventflow::app::App::build(settings)
-        .await
-        .expect_err("an incompatible stream stops the start")
-        .to_string();
+    let error = start_error(&nats.url()).await;
     assert!(error.contains("backend.nats.events_stream"), "{error}");
     assert!(error.contains("storage"), "{error}");
 }
@@ -718,13 +725,7 @@ async fn a_server_without_room_for_the_streams_stops_the_start_naming_the_settin
     let Some(nats) = server::single_with_storage("1GB").await else {
         return;
     };
-    let mut settings = crate::helpers::test_settings();
-    settings.backend.kind = BackendKind::Nats;
-    settings.backend.nats_url = nats.url();
-    let error = eventflow::app::App::build(settings)
-        .await
-        .expect_err("streams larger than the server's storage stop the start")
-        .to_string();
+    let error = start_error(&nats.url()).await;
     assert!(error.contains("insufficient storage"), "{error}");
     assert!(error.contains("backend.nats.max_bytes"), "{error}");
     assert!(error.contains("max_file_store"), "{error}");
