@@ -298,6 +298,7 @@ fn pipeline_metrics_overhead(c: &mut Criterion) {
                 queue: MemoryQueue::new(1 << 16),
                 sinks: vec![Arc::new(StdoutSink::with_writer(std::io::sink()))],
                 chain: None,
+                write_deadline: None,
                 metrics: metrics.clone(),
             },
         );

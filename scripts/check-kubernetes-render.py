@@ -12,9 +12,11 @@ OUT_DIR/rules.yml (its spec, for promtool; gen-kubernetes-monitoring.py
 - a Deployment's terminationGracePeriodSeconds is not above
   server.shutdown_delay + server.shutdown_grace of its configuration;
 - a container's probe names a port the container does not declare;
-- the streams eventflow asks for (backend.nats.max_bytes + 2 x
-  published_max_bytes, reserved on every node) do not fit the NATS
-  servers' max_file_store, or their volume is smaller than that.
+- a Deployment sets a backend.nats key that was removed;
+- the streams eventflow asks for (backend.nats.backlog_max_bytes +
+  idempotency_max_bytes + 2 x history_max_bytes, reserved on every node)
+  do not fit the NATS servers' max_file_store, or their volume is smaller
+  than that.
 """
 
 import re
@@ -63,12 +65,20 @@ def check_stream_reservations(objects, errors):
         if env.get("EVENTFLOW__BACKEND__KIND") != "nats":
             continue
         # The service's defaults (src/config.rs) where the overlay sets none.
-        events = int(env.get("EVENTFLOW__BACKEND__NATS__MAX_BYTES") or 2**30)
-        published = int(env.get("EVENTFLOW__BACKEND__NATS__PUBLISHED_MAX_BYTES") or 2**30)
-        wanted = events + 2 * published
+        removed = [name for name in env if name.removeprefix("EVENTFLOW__BACKEND__NATS__") in
+                   ("MAX_BYTES", "MAX_AGE", "PUBLISHED_MAX_BYTES", "PUBLISHED_MAX_AGE",
+                    "EVENTS_STREAM", "DUPLICATE_WINDOW")]
+        if removed:
+            errors.append(f"Deployment {obj['metadata']['name']}: {', '.join(removed)} "
+                          "were removed (eventflow refuses to start with them)")
+        backlog = int(env.get("EVENTFLOW__BACKEND__NATS__BACKLOG_MAX_BYTES") or 2**30)
+        ids = int(env.get("EVENTFLOW__BACKEND__NATS__IDEMPOTENCY_MAX_BYTES") or 2**30)
+        history = int(env.get("EVENTFLOW__BACKEND__NATS__HISTORY_MAX_BYTES") or 2**30)
+        wanted = backlog + ids + 2 * history
         if wanted > store:
             errors.append(f"Deployment {obj['metadata']['name']}: the streams reserve {wanted} bytes "
-                          f"(max_bytes + 2 x published_max_bytes), more than max_file_store {store}")
+                          f"(backlog + ids + 2 x history: published and failed), more than "
+                          f"max_file_store {store}")
 
 
 def seconds(text: str) -> float:

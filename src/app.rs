@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::serve::{ConnectionLimits, serve};
 use crate::api::{self, AppState, BodyBudget, RateLimit, SharedState};
 use crate::auth::Tokens;
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendFailure};
 use crate::config::{BackendKind, Settings};
 use crate::pipeline::{Backpressure, Pipeline, PipelineParts, WorkerPool};
 use crate::shutdown::{Phase, Readiness, Unpublished};
@@ -56,6 +56,8 @@ pub struct App {
     state: AppState,
     workers: WorkerPool,
     shutdown_grace: Duration,
+    /// Says why, should the backend fail for good after start-up.
+    backend_failure: BackendFailure,
 }
 
 impl App {
@@ -84,6 +86,9 @@ impl App {
             None => None,
         };
         let tokens = Tokens::from_settings(&settings.auth)?;
+        // Before any wait on the network (a backend may take seconds to
+        // answer): a SIGHUP meanwhile must not end the process.
+        reload_tokens_on_hangup(tokens.clone());
         let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
         let metrics = Metrics::new(&sink_names);
         let backpressure = Backpressure::new(
@@ -98,6 +103,7 @@ impl App {
         let auth_failures = metrics.counter(names::AUTH_FAILURES, &[]);
         let rate_limit =
             RateLimit::from_settings(&settings.server, metrics.counter(names::RATE_LIMITED, &[]));
+        let backend_failure = backend.failure;
         let parts = PipelineParts {
             store: backend.store,
             queue: backend.queue,
@@ -105,6 +111,9 @@ impl App {
             sinks,
             backpressure: Some(backpressure),
             chain: None,
+            // A request waits at most half its timeout for the backend, so
+            // that an outage is answered 503 in time, never 408.
+            write_deadline: Some(settings.server.request_timeout / 2),
             metrics,
         };
         let pipeline = Pipeline::new(settings.pipeline.clone(), parts);
@@ -135,6 +144,7 @@ impl App {
             state,
             workers,
             shutdown_grace: settings.server.shutdown_grace,
+            backend_failure,
         })
     }
 
@@ -167,6 +177,7 @@ impl App {
             state,
             workers,
             shutdown_grace,
+            backend_failure,
         } = self;
         let limits = ConnectionLimits {
             max_connections: state.server.max_connections,
@@ -177,7 +188,6 @@ impl App {
         let pipeline = state.pipeline.clone();
         let readiness = state.readiness.clone();
         let stream_stop = state.stream_stop.clone();
-        reload_tokens_on_hangup(state.tokens.clone());
         let http_stop = CancellationToken::new();
         let kept = state.clone();
         let admin_addr = admin.as_ref().and_then(|admin| admin.local_addr().ok());
@@ -219,7 +229,13 @@ impl App {
             "eventflow listening"
         );
 
-        shutdown.await;
+        let backend_failed = tokio::select! {
+            () = shutdown => None,
+            why = backend_failure.failed() => {
+                tracing::error!(error = %why, "the backend failed: shutting down");
+                Some(why)
+            }
+        };
         let started = tokio::time::Instant::now();
         readiness.set(Phase::Draining);
         if !shutdown_delay.is_zero() {
@@ -259,13 +275,14 @@ impl App {
                     admin.abort();
                 }
                 let sink_failed = pipeline.sink_failures();
-                if sink_failed > 0 {
+                if sink_failed > 0 || backend_failed.is_some() {
                     return Err(Unpublished {
                         grace: shutdown_grace,
                         deadline_passed: false,
                         queued: 0,
                         in_flight: 0,
                         sink_failed,
+                        backend_failed,
                     });
                 }
                 tracing::info!(took = ?started.elapsed(), "shutdown complete: every accepted event was published");
@@ -278,6 +295,7 @@ impl App {
                     queued: pipeline.queue_depth(),
                     in_flight: pipeline.backpressure().in_use(),
                     sink_failed: pipeline.sink_failures(),
+                    backend_failed,
                 };
                 tracing::error!(
                     queued = report.queued,

@@ -295,48 +295,87 @@ named_choice!(
 );
 
 /// `backend.nats.*` keys: the JetStream objects of the `nats` backend,
-/// created at start-up when missing and checked when present.
+/// created at start-up when missing and checked when present. Three bounds
+/// are kept apart: the backlog (accepted, not yet published; full → 503),
+/// the history (published and failed events; oldest dropped first) and the
+/// idempotency horizon (ids remembered; oldest forgotten first).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsSettings {
-    /// First token of every subject (`<prefix>.events.<key>`, ...).
+    /// First token of every subject (`<prefix>.ids.<key>`, ...).
     pub subject_prefix: String,
-    /// Stream of accepted events: the queue, and the idempotency record.
-    pub events_stream: String,
+    /// Stream of the idempotency records: one per accepted id, for
+    /// `idempotency_window`; its sequence is the arrival sequence.
+    pub ids_stream: String,
+    /// Work-queue stream of accepted, unpublished events (chunks of them).
+    pub backlog_stream: String,
     /// Stream of published events: the feed (publication sequence).
     pub published_stream: String,
-    /// Stream of events that failed for good.
+    /// Stream of events that failed for good, with their content.
     pub failed_stream: String,
-    /// Durable pull consumer shared by every replica's workers.
+    /// Durable pull consumer on the backlog, shared by every replica's workers.
     pub consumer: String,
     /// Copies of each stream in a cluster (1, 3 or 5).
     pub replicas: usize,
     /// `file` or `memory`.
     pub storage: NatsStorage,
-    /// Bytes of accepted events kept; a full stream refuses new ones (503).
-    pub max_bytes: i64,
-    /// How long accepted events are kept for reads and idempotency (also
-    /// the longest a backlog may wait).
+    /// Bytes of accepted, unpublished events; a full backlog refuses new
+    /// ones (503) and never drops one.
+    pub backlog_max_bytes: i64,
+    /// Bytes of published (and, apart, of failed) events kept for reads,
+    /// SSE resume and retry; the oldest are dropped first.
+    pub history_max_bytes: i64,
+    /// How long published and failed events are kept.
     #[serde(deserialize_with = "duration::deserialize")]
-    pub max_age: Duration,
-    /// Bytes of published events kept (oldest dropped first).
-    pub published_max_bytes: i64,
-    /// How long published (and failed) events are kept.
+    pub history_max_age: Duration,
+    /// How long a retried id is recognised (and its record readable).
     #[serde(deserialize_with = "duration::deserialize")]
-    pub published_max_age: Duration,
-    /// A delivery not acknowledged within this is delivered again (to
-    /// another replica, say, when this one died).
+    pub idempotency_window: Duration,
+    /// Bytes the idempotency records may take; the oldest are forgotten
+    /// first, so at a high rate this, not the window, sets the horizon.
+    pub idempotency_max_bytes: i64,
+    /// A delivery neither acknowledged nor reported in progress within this
+    /// is delivered again (a dead replica's deliveries come back after it).
     #[serde(deserialize_with = "duration::deserialize")]
     pub ack_wait: Duration,
-    /// Deliveries unacknowledged at once, across replicas.
+    /// Deliveries (chunks of events) unacknowledged at once, across replicas.
     pub max_ack_pending: i64,
-    /// Deliveries of one event before it fails for good (retries wait 1 s,
-    /// doubling up to `ack_wait`: the default 10 spans about 3 minutes).
+    /// Deliveries of one chunk before its unpublished events fail for good
+    /// (retries wait 1 s, doubling up to 30 s: the default 10 spans about
+    /// 2 minutes).
     pub max_deliver: i64,
-    /// Window in which the published stream drops a second publication of an id.
-    #[serde(deserialize_with = "duration::deserialize")]
-    pub duplicate_window: Duration,
 }
+
+/// Keys of the earlier JetStream layout, refused with what replaces them.
+const REMOVED_NATS_KEYS: [(&str, &str); 6] = [
+    (
+        "backend.nats.max_bytes",
+        "backend.nats.backlog_max_bytes (accepted, unpublished events), \
+         backend.nats.history_max_bytes (published events kept) and \
+         backend.nats.idempotency_max_bytes (ids remembered)",
+    ),
+    (
+        "backend.nats.max_age",
+        "backend.nats.history_max_age (published events kept) and \
+         backend.nats.idempotency_window (ids remembered); the backlog has no age",
+    ),
+    (
+        "backend.nats.published_max_bytes",
+        "backend.nats.history_max_bytes",
+    ),
+    (
+        "backend.nats.published_max_age",
+        "backend.nats.history_max_age",
+    ),
+    (
+        "backend.nats.events_stream",
+        "backend.nats.ids_stream and backend.nats.backlog_stream",
+    ),
+    (
+        "backend.nats.duplicate_window",
+        "nothing: each publication is fenced by its own subject",
+    ),
+];
 
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -404,7 +443,16 @@ impl Settings {
         for key in empty_lists {
             builder = builder.set_override(key, Vec::<String>::new())?;
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let built = builder.build()?;
+        for (key, replacement) in REMOVED_NATS_KEYS {
+            if built.get::<config::Value>(key).is_ok() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("was removed; set {replacement} instead"),
+                });
+            }
+        }
+        let settings: Settings = built.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -626,7 +674,8 @@ impl Settings {
             }
         }
         for (key, name) in [
-            ("backend.nats.events_stream", &nats.events_stream),
+            ("backend.nats.ids_stream", &nats.ids_stream),
+            ("backend.nats.backlog_stream", &nats.backlog_stream),
             ("backend.nats.published_stream", &nats.published_stream),
             ("backend.nats.failed_stream", &nats.failed_stream),
             ("backend.nats.consumer", &nats.consumer),
@@ -638,12 +687,32 @@ impl Settings {
                 ));
             }
         }
+        let streams = [
+            &nats.ids_stream,
+            &nats.backlog_stream,
+            &nats.published_stream,
+            &nats.failed_stream,
+        ];
+        if streams
+            .iter()
+            .enumerate()
+            .any(|(i, a)| streams[..i].contains(a))
+        {
+            return Err(invalid(
+                "backend.nats.ids_stream",
+                "the four streams (ids, backlog, published, failed) need four different names",
+            ));
+        }
         if ![1, 3, 5].contains(&nats.replicas) {
             return Err(invalid("backend.nats.replicas", "must be 1, 3 or 5"));
         }
         for (key, value) in [
-            ("backend.nats.max_bytes", nats.max_bytes),
-            ("backend.nats.published_max_bytes", nats.published_max_bytes),
+            ("backend.nats.backlog_max_bytes", nats.backlog_max_bytes),
+            ("backend.nats.history_max_bytes", nats.history_max_bytes),
+            (
+                "backend.nats.idempotency_max_bytes",
+                nats.idempotency_max_bytes,
+            ),
             ("backend.nats.max_ack_pending", nats.max_ack_pending),
             ("backend.nats.max_deliver", nats.max_deliver),
         ] {
@@ -652,30 +721,13 @@ impl Settings {
             }
         }
         for (key, value) in [
-            ("backend.nats.max_age", nats.max_age),
-            ("backend.nats.published_max_age", nats.published_max_age),
+            ("backend.nats.history_max_age", nats.history_max_age),
+            ("backend.nats.idempotency_window", nats.idempotency_window),
             ("backend.nats.ack_wait", nats.ack_wait),
-            ("backend.nats.duplicate_window", nats.duplicate_window),
         ] {
             if value < Duration::from_secs(1) {
                 return Err(invalid(key, "must be at least 1s"));
             }
-        }
-        // A redelivery after a lost acknowledgement must still be recognised.
-        if nats.duplicate_window < nats.ack_wait {
-            return Err(invalid(
-                "backend.nats.duplicate_window",
-                format!(
-                    "must be at least backend.nats.ack_wait ({:?})",
-                    nats.ack_wait
-                ),
-            ));
-        }
-        if nats.duplicate_window > nats.published_max_age {
-            return Err(invalid(
-                "backend.nats.duplicate_window",
-                "must be at most backend.nats.published_max_age",
-            ));
         }
         Ok(())
     }
@@ -777,20 +829,21 @@ fn defaults(
         .set_default("backend.kind", "memory")?
         .set_default("backend.nats_url", "nats://127.0.0.1:4222")?
         .set_default("backend.nats.subject_prefix", "eventflow")?
-        .set_default("backend.nats.events_stream", "EVENTFLOW_EVENTS")?
+        .set_default("backend.nats.ids_stream", "EVENTFLOW_IDS")?
+        .set_default("backend.nats.backlog_stream", "EVENTFLOW_BACKLOG")?
         .set_default("backend.nats.published_stream", "EVENTFLOW_PUBLISHED")?
         .set_default("backend.nats.failed_stream", "EVENTFLOW_FAILED")?
         .set_default("backend.nats.consumer", "eventflow-workers")?
         .set_default("backend.nats.replicas", 1)?
         .set_default("backend.nats.storage", "file")?
-        .set_default("backend.nats.max_bytes", 1_073_741_824_i64)?
-        .set_default("backend.nats.max_age", "7d")?
-        .set_default("backend.nats.published_max_bytes", 1_073_741_824_i64)?
-        .set_default("backend.nats.published_max_age", "7d")?
-        .set_default("backend.nats.ack_wait", "30s")?
+        .set_default("backend.nats.backlog_max_bytes", 1_073_741_824_i64)?
+        .set_default("backend.nats.history_max_bytes", 1_073_741_824_i64)?
+        .set_default("backend.nats.history_max_age", "7d")?
+        .set_default("backend.nats.idempotency_window", "24h")?
+        .set_default("backend.nats.idempotency_max_bytes", 1_073_741_824_i64)?
+        .set_default("backend.nats.ack_wait", "5s")?
         .set_default("backend.nats.max_ack_pending", 20_000)?
         .set_default("backend.nats.max_deliver", 10)?
-        .set_default("backend.nats.duplicate_window", "2m")?
         .set_default("telemetry.log_format", "json")?
         .set_default("telemetry.log_level", "info")?
         .set_default("telemetry.sample_ratio", 1.0)
@@ -1077,9 +1130,14 @@ mod tests {
                 "backend.nats.replicas",
             ),
             (
-                "EVENTFLOW__BACKEND__NATS__EVENTS_STREAM",
+                "EVENTFLOW__BACKEND__NATS__IDS_STREAM",
                 "a.b",
-                "backend.nats.events_stream",
+                "backend.nats.ids_stream",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__BACKLOG_STREAM",
+                "EVENTFLOW_PUBLISHED",
+                "four different names",
             ),
             (
                 "EVENTFLOW__BACKEND__NATS__SUBJECT_PREFIX",
@@ -1093,8 +1151,8 @@ mod tests {
             ),
             (
                 "EVENTFLOW__BACKEND__NATS__ACK_WAIT",
-                "5m",
-                "backend.nats.duplicate_window",
+                "500ms",
+                "backend.nats.ack_wait",
             ),
             (
                 "EVENTFLOW__BACKEND__NATS_URL",
@@ -1110,5 +1168,54 @@ mod tests {
             let error = load(&[(key, value)]).unwrap_err().to_string();
             assert!(error.contains(named), "{key}={value}: {error}");
         }
+    }
+
+    #[test]
+    fn keys_of_the_earlier_nats_layout_are_refused_naming_their_replacements() {
+        for (variable, key, replacement) in [
+            (
+                "EVENTFLOW__BACKEND__NATS__MAX_BYTES",
+                "backend.nats.max_bytes",
+                "backend.nats.backlog_max_bytes",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__MAX_AGE",
+                "backend.nats.max_age",
+                "backend.nats.idempotency_window",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__PUBLISHED_MAX_BYTES",
+                "backend.nats.published_max_bytes",
+                "backend.nats.history_max_bytes",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__PUBLISHED_MAX_AGE",
+                "backend.nats.published_max_age",
+                "backend.nats.history_max_age",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__EVENTS_STREAM",
+                "backend.nats.events_stream",
+                "backend.nats.ids_stream",
+            ),
+            (
+                "EVENTFLOW__BACKEND__NATS__DUPLICATE_WINDOW",
+                "backend.nats.duplicate_window",
+                "fenced",
+            ),
+        ] {
+            let error = load(&[(variable, "7d")]).unwrap_err().to_string();
+            assert!(error.contains(key), "{variable}: {error}");
+            assert!(error.contains("was removed"), "{variable}: {error}");
+            assert!(error.contains(replacement), "{variable}: {error}");
+        }
+        // In a file as well.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eventflow.toml");
+        std::fs::write(&path, "[backend.nats]\nmax_bytes = 1024\n").unwrap();
+        let error = Settings::load_from(Some(&path), std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("backend.nats.backlog_max_bytes"), "{error}");
     }
 }

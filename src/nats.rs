@@ -43,16 +43,10 @@ pub fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, ConnectError> {
         .collect()
 }
 
-/// Connects to one of `urls` (comma-separated). After the first
-/// connection the client reconnects by itself, forever, to any server of
-/// the list or of the cluster it learns about.
-pub async fn connect(urls: &str, name: &str) -> Result<Client, ConnectError> {
-    let addrs = server_addrs(urls)?;
-    let unreachable = |reason: String| ConnectError::Unreachable {
-        urls: urls.to_owned(),
-        reason,
-    };
-    let options = ConnectOptions::new()
+/// The options every client here shares: reconnect forever, log the
+/// connection's comings and goings.
+fn options(name: &str) -> ConnectOptions {
+    ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(2))
         .max_reconnects(None)
@@ -62,11 +56,46 @@ pub async fn connect(urls: &str, name: &str) -> Result<Client, ConnectError> {
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
                 other => tracing::debug!(event = %other, "NATS client event"),
             }
-        });
-    tokio::time::timeout(CONNECT_TIMEOUT, options.connect(addrs))
+        })
+}
+
+/// Connects to one of `urls` (comma-separated). After the first
+/// connection the client reconnects by itself, forever, to any server of
+/// the list or of the cluster it learns about.
+pub async fn connect(urls: &str, name: &str) -> Result<Client, ConnectError> {
+    let addrs = server_addrs(urls)?;
+    let unreachable = |reason: String| ConnectError::Unreachable {
+        urls: urls.to_owned(),
+        reason,
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, options(name).connect(addrs))
         .await
         .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
         .map_err(|error| unreachable(error.to_string()))
+}
+
+/// A client for `urls` (comma-separated) that connects in the background
+/// and reconnects forever: a service that starts before its NATS waits
+/// for it instead of exiting. Only an address that does not parse fails.
+/// `subscription_capacity` bounds the messages buffered for each of its
+/// subscriptions.
+pub async fn connect_in_background(
+    urls: &str,
+    name: &str,
+    subscription_capacity: usize,
+) -> Result<Client, ConnectError> {
+    let addrs = server_addrs(urls)?;
+    // With `retry_on_initial_connect` this returns without waiting on the
+    // network.
+    options(name)
+        .retry_on_initial_connect()
+        .subscription_capacity(subscription_capacity)
+        .connect(addrs)
+        .await
+        .map_err(|error| ConnectError::Unreachable {
+            urls: urls.to_owned(),
+            reason: error.to_string(),
+        })
 }
 
 /// Why `client` cannot be used now, if it cannot.

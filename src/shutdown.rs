@@ -59,11 +59,16 @@ pub struct Unpublished {
     pub in_flight: usize,
     /// Accepted events that failed because a sink could not write them.
     pub sink_failed: u64,
+    /// Why the backend failed for good, when that is what stopped the service.
+    pub backend_failed: Option<String>,
 }
 
 impl std::fmt::Display for Unpublished {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts = Vec::new();
+        if let Some(why) = &self.backend_failed {
+            parts.push(format!("the backend failed: {why}"));
+        }
         if self.deadline_passed {
             parts.push(format!(
                 "shutdown deadline of {:?} passed with {} queued and {} accepted events not yet published",
@@ -137,6 +142,7 @@ mod tests {
             queued: 10,
             in_flight: 12,
             sink_failed: 0,
+            backend_failed: None,
         };
         assert_eq!(
             late.to_string(),

@@ -160,11 +160,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => Some(RejectReason::TooLarge),
             Self::Unauthorized(_) => Some(RejectReason::Unauthorized),
             Self::Conflict { .. } => Some(RejectReason::Conflict),
-            Self::Overloaded
-            | Self::ShuttingDown
-            | Self::SinkBroken(_)
-            | Self::Unavailable(_)
-            | Self::BodiesOverBudget => Some(RejectReason::Overloaded),
+            Self::Overloaded | Self::BodiesOverBudget => Some(RejectReason::Overloaded),
+            Self::ShuttingDown => Some(RejectReason::ShuttingDown),
+            Self::SinkBroken(_) | Self::Unavailable(_) => Some(RejectReason::Unavailable),
             Self::MethodNotAllowed(_)
             | Self::NotFound(_)
             | Self::NotPublished(_)
@@ -287,6 +285,7 @@ impl From<IngestError> for ApiError {
             IngestError::ShuttingDown => Self::ShuttingDown,
             IngestError::SinkBroken(reason) => Self::SinkBroken(reason),
             IngestError::Unavailable(reason) => Self::Unavailable(reason),
+            IngestError::TooLarge(reason) => Self::PayloadTooLarge(reason),
             never @ IngestError::NeverFits { .. } => {
                 Self::PayloadTooLarge(format!("{never}; send fewer at a time"))
             }

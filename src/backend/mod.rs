@@ -19,7 +19,7 @@ use crate::pipeline::{Backpressure, MemoryQueue, Queue};
 use crate::store::{MemoryStore, Store};
 use crate::telemetry::metrics::Metrics;
 
-/// A backend's three parts.
+/// A backend's three parts, and word of its failure.
 #[derive(Debug, Clone)]
 pub struct Backend {
     /// Accepted events and their outcomes.
@@ -28,6 +28,40 @@ pub struct Backend {
     pub queue: Arc<dyn Queue>,
     /// Published events in publication order.
     pub feed: Arc<dyn Feed>,
+    /// Says why, should the backend fail for good after start-up.
+    pub failure: BackendFailure,
+}
+
+/// Why a backend failed for good after start-up (a setup it could only do
+/// once its server answered was refused): the service then stops.
+#[derive(Debug, Clone)]
+pub struct BackendFailure(tokio::sync::watch::Receiver<Option<String>>);
+
+impl BackendFailure {
+    /// Reports what `failed` says.
+    pub fn new(failed: tokio::sync::watch::Receiver<Option<String>>) -> Self {
+        Self(failed)
+    }
+
+    /// A backend that cannot fail after start-up.
+    pub fn never() -> Self {
+        // A closed channel with no failure in it: `failed` never resolves.
+        let (_, receiver) = tokio::sync::watch::channel(None);
+        Self(receiver)
+    }
+
+    /// Resolves with the reason once the backend failed; never otherwise.
+    pub async fn failed(mut self) -> String {
+        loop {
+            if let Some(why) = self.0.borrow_and_update().clone() {
+                return why;
+            }
+            if self.0.changed().await.is_err() {
+                // Its sender is gone without a failure: it never fails now.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 impl Backend {
@@ -39,6 +73,7 @@ impl Backend {
             feed: Arc::new(MemoryFeed::new(store.clone(), settings.store.max_events)),
             store,
             queue: MemoryQueue::new(settings.pipeline.queue_capacity),
+            failure: BackendFailure::never(),
         }
     }
 

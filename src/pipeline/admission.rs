@@ -15,7 +15,7 @@ use metrics::Counter;
 use tracing::Instrument;
 
 use super::backpressure::Overloaded;
-use super::queue::{Delivery, QueueError, QueuedEvents};
+use super::queue::{Attempt, Delivery, QueueError, QueuedEvents};
 use super::{Permit, Pipeline};
 use crate::event::Event;
 use crate::store::{Insert, Record, StoreError, event_footprint};
@@ -33,19 +33,25 @@ pub enum RejectReason {
     Conflict,
     /// Over a size limit (413).
     TooLarge,
-    /// No room in the pipeline, draining, or a sink broken (503).
+    /// No room: the pipeline's permits or the backlog are full (503).
     Overloaded,
+    /// The backend cannot be reached or a sink is broken (503).
+    Unavailable,
+    /// The service is draining (503).
+    ShuttingDown,
     /// Missing or wrong bearer token (401).
     Unauthorized,
 }
 
 impl RejectReason {
     /// Every reason, in declaration order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::Invalid,
         Self::Conflict,
         Self::TooLarge,
         Self::Overloaded,
+        Self::Unavailable,
+        Self::ShuttingDown,
         Self::Unauthorized,
     ];
 
@@ -56,6 +62,8 @@ impl RejectReason {
             Self::Conflict => "conflict",
             Self::TooLarge => "too_large",
             Self::Overloaded => "overloaded",
+            Self::Unavailable => "unavailable",
+            Self::ShuttingDown => "shutting_down",
             Self::Unauthorized => "unauthorized",
         }
     }
@@ -67,7 +75,7 @@ pub struct Admission {
     received: Counter,
     accepted: Counter,
     duplicate: Counter,
-    rejected: [Counter; 5],
+    rejected: [Counter; 7],
 }
 
 impl Admission {
@@ -132,9 +140,12 @@ pub enum IngestError {
     /// A sink cannot write, so nothing accepted could be published (503).
     #[error("{0}")]
     SinkBroken(String),
-    /// The backend cannot be reached (503).
+    /// The backend cannot be reached, or did not answer in time (503).
     #[error("{0}")]
     Unavailable(String),
+    /// An event the backend can never store, whatever its load (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// More than the pipeline holds even when empty (413): a retry would
     /// be refused forever.
     #[error(
@@ -157,11 +168,11 @@ impl IngestError {
     /// How it counts in `eventflow_events_rejected_total`.
     pub fn reason(&self) -> RejectReason {
         match self {
-            Self::Overloaded | Self::ShuttingDown | Self::SinkBroken(_) | Self::Unavailable(_) => {
-                RejectReason::Overloaded
-            }
+            Self::Overloaded => RejectReason::Overloaded,
+            Self::ShuttingDown => RejectReason::ShuttingDown,
+            Self::SinkBroken(_) | Self::Unavailable(_) => RejectReason::Unavailable,
             Self::Conflict(_) => RejectReason::Conflict,
-            Self::NeverFits { .. } => RejectReason::TooLarge,
+            Self::NeverFits { .. } | Self::TooLarge(_) => RejectReason::TooLarge,
         }
     }
 }
@@ -177,6 +188,7 @@ impl From<StoreError> for IngestError {
         match err {
             StoreError::Full => Self::Overloaded,
             StoreError::Unavailable(why) => Self::Unavailable(why),
+            StoreError::TooLarge(why) => Self::TooLarge(why),
         }
     }
 }
@@ -216,13 +228,32 @@ impl Pipeline {
         );
         let admission = &self.inner.admission;
         admission.read(1, 0);
-        let ingested = self.ingest_one(event, trace_id).instrument(span).await;
+        let ingested = self
+            .within_deadline(self.ingest_one(event, trace_id))
+            .instrument(span)
+            .await;
         match &ingested {
             Ok(Ingested::Accepted(_)) => admission.accepted(1),
             Ok(Ingested::Duplicate(_)) => admission.duplicate(1),
             Err(error) => admission.rejected(error.reason(), 1),
         }
         ingested
+    }
+
+    /// Runs an ingest call within the backend's deadline: a backend that
+    /// does not answer makes the whole request 503 in time, never a hang.
+    pub(super) async fn within_deadline<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, IngestError>>,
+    ) -> Result<T, IngestError> {
+        let Some(limit) = self.inner.write_deadline else {
+            return call.await;
+        };
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(IngestError::Unavailable(format!(
+                "the backend did not answer within {limit:?}"
+            )))
+        })
     }
 
     async fn ingest_one(&self, event: Event, trace_id: TraceId) -> Result<Ingested, IngestError> {
@@ -234,22 +265,48 @@ impl Pipeline {
             Ok(permit) => permit,
             // Retries are answered even when the pipeline is full.
             Err(Overloaded) => {
-                return match store.get(&event.id).await {
-                    Some(existing) => classify_existing(existing, &event),
-                    None => Err(self.refusal(1, event_footprint(&event))),
+                return match store.get(&event.id).await? {
+                    Some(existing) if self.surely_queued(&existing) => {
+                        classify_existing(existing, &event)
+                    }
+                    _ => Err(self.refusal(1, event_footprint(&event))),
                 };
             }
         };
         match store.insert(event, SystemTime::now(), trace_id).await? {
             Insert::Inserted(record) => {
-                self.enqueue(vec![Arc::clone(&record)], permit, Instant::now())
-                    .await
-                    .map_err(|(err, _)| err)?;
+                self.enqueue(
+                    vec![Arc::clone(&record)],
+                    permit,
+                    Instant::now(),
+                    Vec::new(),
+                )
+                .await
+                .map_err(|(err, _)| err)?;
                 Ok(Ingested::Accepted(record))
+            }
+            Insert::Requeue(record) => {
+                self.enqueue(
+                    vec![Arc::clone(&record)],
+                    permit,
+                    Instant::now(),
+                    vec![REQUEUED],
+                )
+                .await
+                .map_err(|(err, _)| err)?;
+                Ok(Ingested::Duplicate(record))
             }
             Insert::Duplicate(record) => Ok(Ingested::Duplicate(record)),
             Insert::Conflict(record) => Err(IngestError::Conflict(record)),
         }
+    }
+
+    /// Whether a stored record is surely in the queue or done with, so that
+    /// a retry of it may be answered without queueing it again: always in
+    /// one process; in a shared store not while it is pending, since a
+    /// crash between two writes can have left it unqueued.
+    pub(super) fn surely_queued(&self, record: &Record) -> bool {
+        self.inner.store.pending_is_queued() || record.outcome().is_some()
     }
 
     /// Why `events` new events of `bytes` bytes got no room: the pipeline
@@ -269,17 +326,22 @@ impl Pipeline {
         }
     }
 
-    /// Queues stored records; on failure takes them back out of the store
-    /// and returns them.
+    /// Queues stored records (`attempts`: one per record, or empty when
+    /// each is new); on failure takes them back out of the store and
+    /// returns them.
     pub(super) async fn enqueue(
         &self,
         records: Vec<Arc<Record>>,
         permit: Permit,
         enqueued_at: Instant,
+        attempts: Vec<Attempt>,
     ) -> Result<(), (IngestError, Vec<Arc<Record>>)> {
         let item = QueuedEvents {
             records,
-            delivery: Delivery::default(),
+            delivery: Delivery {
+                attempts,
+                acknowledge: None,
+            },
             permit,
             enqueued_at,
             span: tracing::Span::current(),
@@ -292,12 +354,20 @@ impl Pipeline {
             let err = match err {
                 QueueError::Closed => IngestError::ShuttingDown,
                 QueueError::Full => IngestError::Overloaded,
+                QueueError::Unavailable(why) => IngestError::Unavailable(why),
             };
             return Err((err, item.records));
         }
         Ok(())
     }
 }
+
+/// The attempt of an event queued again by a retry: it may have been
+/// published already, so the worker looks before publishing it.
+pub(super) const REQUEUED: Attempt = Attempt {
+    redelivered: true,
+    retryable: false,
+};
 
 /// A retry of a stored event: the same content, or a conflict.
 pub(super) fn classify_existing(

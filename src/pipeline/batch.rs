@@ -9,12 +9,12 @@ use std::time::{Instant, SystemTime};
 
 use tracing::Instrument;
 
-use super::admission::{IngestError, RejectReason};
+use super::admission::{IngestError, REQUEUED, RejectReason};
 use super::backpressure::Overloaded;
-use super::queue::{CHUNK_BYTES, CHUNK_EVENTS};
+use super::queue::{Attempt, CHUNK_BYTES, CHUNK_EVENTS};
 use super::{Permit, Pipeline};
 use crate::event::{Event, EventId};
-use crate::store::{Insert, Record, event_footprint};
+use crate::store::{Insert, Record, StoreError, event_footprint};
 use crate::telemetry;
 use crate::trace_id::TraceId;
 
@@ -72,17 +72,32 @@ struct Chunk {
     /// Their total footprint.
     bytes: usize,
     records: Vec<Arc<Record>>,
+    /// Per event, when one is queued again by a retry (else empty).
+    attempts: Vec<Attempt>,
+    /// Events queued again by a retry (answered as duplicates).
+    requeued: usize,
 }
 
 impl Chunk {
-    fn push(&mut self, index: usize, size: usize, record: Arc<Record>) {
+    fn push(&mut self, index: usize, size: usize, record: Arc<Record>, requeued: bool) {
         if self.records.is_empty() {
             self.indexes.reserve(CHUNK_EVENTS);
             self.records.reserve(CHUNK_EVENTS);
         }
+        if requeued {
+            self.attempts.resize(self.records.len(), Attempt::default());
+            self.attempts.push(REQUEUED);
+            self.requeued += 1;
+        } else if !self.attempts.is_empty() {
+            self.attempts.push(Attempt::default());
+        }
         self.indexes.push(index);
         self.bytes += size;
         self.records.push(record);
+    }
+
+    fn is_full(&self) -> bool {
+        self.records.len() == CHUNK_EVENTS || self.bytes >= CHUNK_BYTES
     }
 }
 
@@ -104,7 +119,7 @@ impl Pipeline {
         });
         let valid = events.len();
         let outcome = self
-            .ingest_batch_inner(events, trace_id)
+            .within_deadline(self.ingest_batch_inner(events, trace_id))
             .instrument(span)
             .await;
         let admission = &self.inner.admission;
@@ -174,9 +189,14 @@ impl Pipeline {
                 let mut new_events = Vec::new();
                 let mut new_placed = Vec::new();
                 for (event, placed) in unique.into_iter().zip(placed) {
-                    match store.get(&event.id).await {
-                        Some(held) if held.same_content(&event) => {
+                    match store.get(&event.id).await? {
+                        Some(held) if held.same_content(&event) && self.surely_queued(&held) => {
                             outcome.duplicates += 1;
+                        }
+                        // Maybe never queued: it needs room to be queued again.
+                        Some(held) if held.same_content(&event) => {
+                            new_events.push(event);
+                            new_placed.push(placed);
                         }
                         Some(_) => {
                             conflicted[placed.position] = true;
@@ -200,8 +220,22 @@ impl Pipeline {
         };
         let received_at = SystemTime::now();
         let enqueued_at = Instant::now();
-        let mut chunk = Chunk::default();
         let inserted = store.insert_batch(events, received_at, trace_id).await;
+        // All or nothing when the store cannot be reached: what it did take
+        // goes back out (a retry heals what cannot be taken back).
+        if let Some(why) = inserted.iter().find_map(|inserted| match inserted {
+            Err(StoreError::Unavailable(why)) => Some(why.clone()),
+            _ => None,
+        }) {
+            for inserted in &inserted {
+                if let Ok(Insert::Inserted(record)) = inserted {
+                    store.remove(record).await;
+                }
+            }
+            return Err(IngestError::Unavailable(why));
+        }
+        let mut chunks = Vec::new();
+        let mut chunk = Chunk::default();
         for (placed, inserted) in placed.into_iter().zip(inserted) {
             let Placed {
                 position,
@@ -211,11 +245,16 @@ impl Pipeline {
             } = placed;
             match inserted {
                 Ok(Insert::Inserted(record)) => {
-                    chunk.push(index, size, record);
-                    if chunk.records.len() == CHUNK_EVENTS || chunk.bytes >= CHUNK_BYTES {
-                        let full = std::mem::take(&mut chunk);
-                        self.enqueue_chunk(full, &mut permit, enqueued_at, &mut outcome)
-                            .await;
+                    chunk.push(index, size, record, false);
+                    if chunk.is_full() {
+                        chunks.push(std::mem::take(&mut chunk));
+                    }
+                    continue;
+                }
+                Ok(Insert::Requeue(record)) => {
+                    chunk.push(index, size, record, true);
+                    if chunk.is_full() {
+                        chunks.push(std::mem::take(&mut chunk));
                     }
                     continue;
                 }
@@ -224,10 +263,9 @@ impl Pipeline {
                     conflicted[position] = true;
                     outcome.rejected.push(conflict(index, &id));
                 }
-                // Only reachable in a narrow race between concurrent evictions.
                 Err(err) => outcome.rejected.push(BatchRejection {
                     index,
-                    reason: RejectReason::Overloaded,
+                    reason: IngestError::from(err.clone()).reason(),
                     id: Some(id.to_string()),
                     error: err.to_string(),
                 }),
@@ -236,9 +274,10 @@ impl Pipeline {
             drop(permit.split(1, size));
         }
         if !chunk.records.is_empty() {
-            self.enqueue_chunk(chunk, &mut permit, enqueued_at, &mut outcome)
-                .await;
+            chunks.push(chunk);
         }
+        self.enqueue_chunks(chunks, &mut permit, enqueued_at, &mut outcome)
+            .await?;
         for repeat in repeats {
             if conflicted[repeat.position] || repeat.differs {
                 outcome.rejected.push(conflict(repeat.index, &repeat.id));
@@ -261,46 +300,64 @@ impl Pipeline {
             .try_acquire_many(events.len(), bytes)
     }
 
-    /// Queues a chunk of a batch with its share of the batch's permit;
-    /// counts its events as accepted, or as rejected when it cannot be queued.
-    async fn enqueue_chunk(
+    /// Queues a batch's chunks, each with its share of the batch's permit,
+    /// all at once (a shared queue answers them in one round trip); counts
+    /// their events as accepted (or, queued again, as duplicates). When
+    /// none could be queued the batch is refused as a whole; otherwise the
+    /// events of a chunk that could not be are listed as rejected.
+    async fn enqueue_chunks(
         &self,
-        chunk: Chunk,
+        chunks: Vec<Chunk>,
         permit: &mut Permit,
         enqueued_at: Instant,
         outcome: &mut BatchOutcome,
-    ) {
-        let Chunk {
-            indexes,
-            bytes,
-            records,
-        } = chunk;
-        let events = records.len();
-        let queued = match permit.split(events, bytes) {
-            Some(share) => self.enqueue(records, share, enqueued_at).await,
-            None => {
-                // The batch's permit covers every stored event by construction.
+    ) -> Result<(), IngestError> {
+        let mut queued = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let Chunk {
+                indexes,
+                bytes,
+                records,
+                attempts,
+                requeued,
+            } = chunk;
+            let events = records.len();
+            // The batch's permit covers every stored event by construction.
+            let Some(share) = permit.split(events, bytes) else {
                 for record in &records {
                     self.inner.store.remove(record).await;
                 }
-                Err((IngestError::Overloaded, records))
-            }
-        };
-        match queued {
-            Ok(()) => outcome.accepted += events,
-            Err((err, records)) => {
-                outcome
-                    .rejected
-                    .extend(indexes.into_iter().zip(records).map(|(index, record)| {
-                        BatchRejection {
-                            index,
-                            reason: RejectReason::Overloaded,
-                            id: Some(record.event.id.to_string()),
-                            error: err.to_string(),
-                        }
-                    }));
+                return Err(IngestError::Overloaded);
+            };
+            queued.push(async move {
+                let result = self.enqueue(records, share, enqueued_at, attempts).await;
+                (indexes, requeued, result)
+            });
+        }
+        let results = futures_util::future::join_all(queued).await;
+        let any_queued = results.iter().any(|(_, _, result)| result.is_ok());
+        for (indexes, requeued, result) in results {
+            match result {
+                Ok(()) => {
+                    outcome.accepted += indexes.len() - requeued;
+                    outcome.duplicates += requeued;
+                }
+                Err((err, _)) if !any_queued => return Err(err),
+                Err((err, records)) => {
+                    outcome
+                        .rejected
+                        .extend(indexes.into_iter().zip(records).map(|(index, record)| {
+                            BatchRejection {
+                                index,
+                                reason: err.reason(),
+                                id: Some(record.event.id.to_string()),
+                                error: err.to_string(),
+                            }
+                        }));
+                }
             }
         }
+        Ok(())
     }
 }
 

@@ -74,6 +74,8 @@ struct Inner {
     live_workers: AtomicUsize,
     /// Accepted events that were not published because a sink failed.
     sink_failures: AtomicU64,
+    /// How long an ingest call waits for the store and the queue.
+    write_deadline: Option<std::time::Duration>,
     metrics: Metrics,
 }
 
@@ -93,6 +95,9 @@ pub struct PipelineParts {
     pub backpressure: Option<Backpressure>,
     /// Transform chain (`None`: the one named in the settings).
     pub chain: Option<TransformChain>,
+    /// How long an ingest call may wait for the store and the queue before
+    /// it is answered 503 as a whole (`None`: no limit).
+    pub write_deadline: Option<std::time::Duration>,
     /// Instrumentation.
     pub metrics: Metrics,
 }
@@ -120,6 +125,7 @@ impl Pipeline {
                 ingest_calls: TaskTracker::new(),
                 live_workers: AtomicUsize::new(0),
                 sink_failures: AtomicU64::new(0),
+                write_deadline: parts.write_deadline,
                 metrics: parts.metrics,
             }),
         }

@@ -101,14 +101,18 @@ impl Delivery {
 }
 
 /// Why an event could not be queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
     /// The queue is closed: the service is shutting down.
     #[error("queue is closed")]
     Closed,
-    /// The queue is full (cannot happen while permits bound it).
+    /// The queue is full (in memory, cannot happen while permits bound it;
+    /// a shared backlog can be full of other replicas' events).
     #[error("queue is full")]
     Full,
+    /// The queue cannot be reached, or did not answer in time.
+    #[error("the queue is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A multi-producer, multi-consumer queue of accepted events.

@@ -176,6 +176,11 @@ pub enum Insert {
     Inserted(Arc<Record>),
     /// Same id and content already stored.
     Duplicate(Arc<Record>),
+    /// Same id and content already stored, but maybe never queued (a crash
+    /// between the store's write and the queue's): queued again, and
+    /// answered as a duplicate. The queue's copy is marked as a possible
+    /// repeat, so that it is published at most once.
+    Requeue(Arc<Record>),
     /// Same id, different content.
     Conflict(Arc<Record>),
 }
@@ -189,6 +194,10 @@ pub enum StoreError {
     /// The store cannot be reached or did not answer in time.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// The event can never be stored, whatever the load (its message would
+    /// pass the backend's size limit).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// A page of records in arrival order.
@@ -198,6 +207,9 @@ pub struct Page {
     pub records: Vec<Arc<Record>>,
     /// Cursor for the next page, if there may be more.
     pub next: Option<u64>,
+    /// The scan for a status stopped at its budget (time or records read)
+    /// before finding `limit` matches: more may follow `next`.
+    pub incomplete: bool,
 }
 
 /// Which records a page contains.
@@ -234,8 +246,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         }
         results
     }
-    /// The record for `id`.
-    async fn get(&self, id: &EventId) -> Option<Arc<Record>>;
+    /// The record for `id`, if held; an error when the store could not be
+    /// asked (whether the event exists is then unknown).
+    async fn get(&self, id: &EventId) -> Result<Option<Arc<Record>>, StoreError>;
     /// How processing of `record` ended, if it has, as the store knows it
     /// now (a shared store learns of outcomes set by other processes).
     async fn outcome(&self, record: &Record) -> Option<Outcome> {
@@ -245,6 +258,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// ingest answer 503 meanwhile).
     fn unavailable(&self) -> Option<String> {
         None
+    }
+    /// Whether a record without an outcome is surely in the queue: true in
+    /// one process; false where a crash between the store's write and the
+    /// queue's can leave it unqueued (a retry then queues it again).
+    fn pending_is_queued(&self) -> bool {
+        true
     }
     /// The record with arrival sequence `sequence`, if still held.
     async fn get_by_sequence(&self, sequence: u64) -> Option<Arc<Record>>;
@@ -264,8 +283,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         }
         results
     }
-    /// Records in arrival order.
-    async fn page(&self, query: PageQuery) -> Page;
+    /// Records in arrival order; an error when the store could not be asked.
+    async fn page(&self, query: PageQuery) -> Result<Page, StoreError>;
     /// Number of records held.
     fn len(&self) -> usize;
     /// Records evicted since start.

@@ -71,6 +71,10 @@ pub mod names {
     pub const NATS_REDELIVERIES: &str = "eventflow_nats_redeliveries_total";
     /// Histogram (nats backend): time for JetStream to acknowledge an ingest request's events.
     pub const NATS_PUBLISH_ACK: &str = "eventflow_nats_publish_ack_seconds";
+    /// Gauge (nats backend): bytes of accepted, unpublished events in the backlog stream.
+    pub const NATS_BACKLOG_BYTES: &str = "eventflow_nats_backlog_bytes";
+    /// Gauge (nats backend): the backlog's bound (`backend.nats.backlog_max_bytes`).
+    pub const NATS_BACKLOG_LIMIT: &str = "eventflow_nats_backlog_limit_bytes";
     /// Requests refused with 401 (no or wrong bearer token).
     pub const AUTH_FAILURES: &str = "eventflow_auth_failures_total";
     /// Requests refused with 429 by the per-client rate limit.
@@ -552,12 +556,22 @@ fn describe(recorder: &PrometheusRecorder) {
         ),
         (
             names::NATS_PENDING,
-            "nats backend: accepted events not yet handed to any replica (stream lag)",
+            "nats backend: backlog chunks (up to 64 events each) not yet handed to any replica (the lag)",
             None,
         ),
         (
+            names::NATS_BACKLOG_BYTES,
+            "nats backend: bytes of accepted, unpublished events in the backlog stream",
+            Some(Unit::Bytes),
+        ),
+        (
+            names::NATS_BACKLOG_LIMIT,
+            "nats backend: the backlog's bound in bytes (backend.nats.backlog_max_bytes); ingest is refused at it",
+            Some(Unit::Bytes),
+        ),
+        (
             names::NATS_ACK_PENDING,
-            "nats backend: deliveries handed out and not yet acknowledged",
+            "nats backend: deliveries (backlog chunks) handed out and not yet acknowledged",
             None,
         ),
         (

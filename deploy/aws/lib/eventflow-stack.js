@@ -14,30 +14,34 @@ const GIB = 1024 ** 3;
 
 /**
  * What each scale tier buys (docs/aws.md, "Cost", shows the arithmetic).
- * The events stream keeps every event 24 h (idempotency, reads, the
- * backlog's longest wait) at about 350 bytes stored: rate x 86,400 s x 350
- * bytes, rounded up. The published and failed streams keep 1 h (the SSE
- * resume window) at about 400 bytes. JetStream reserves all three streams'
- * max_bytes on every node (stream replicas 3): they must fit the volume's
- * max_file_store, 90 % of it.
+ * Three bounds, each reserved in full on every node (stream replicas 3),
+ * together within the volume's max_file_store (90 % of it):
+ * - ids: the idempotency horizon, 24 h of ids at about 400 bytes stored
+ *   each (rate x 86,400 s x 400 bytes, rounded up);
+ * - backlog: 30 minutes of outage at the tier's rate, about 300 bytes an
+ *   event in chunks, before ingest is refused;
+ * - history: 1 h of published events (the SSE resume window) at about 600
+ *   bytes, reserved twice (the failed stream has the same bound).
  */
 const SIZING = {
-  '1k': tier('m7g.large', 50, 32, 2),
-  '10k': tier('m7g.large', 400, 300, 16),
-  '100k': tier('m7g.2xlarge', 3700, 2900, 160),
+  '1k': tier('m7g.large', 50, { idsGiB: 33, backlogGiB: 1, historyGiB: 3 }),
+  '10k': tier('m7g.large', 450, { idsGiB: 330, backlogGiB: 6, historyGiB: 22 }),
+  '100k': tier('m7g.2xlarge', 4300, { idsGiB: 3300, backlogGiB: 55, historyGiB: 220 }),
 };
 
-function tier(natsInstanceType, natsVolumeGiB, eventsGiB, publishedGiB) {
+function tier(natsInstanceType, natsVolumeGiB, { idsGiB, backlogGiB, historyGiB }) {
   const maxFileStoreGiB = Math.floor(natsVolumeGiB * 0.9);
-  if (eventsGiB + 2 * publishedGiB > maxFileStoreGiB) {
-    throw new Error(`streams (${eventsGiB} + 2 x ${publishedGiB} GiB) exceed ${maxFileStoreGiB} GiB of store`);
+  const reserved = idsGiB + backlogGiB + 2 * historyGiB;
+  if (reserved > maxFileStoreGiB) {
+    throw new Error(`streams (${idsGiB} + ${backlogGiB} + 2 x ${historyGiB} GiB) exceed ${maxFileStoreGiB} GiB of store`);
   }
   return {
     natsInstanceType,
     natsVolumeGiB: String(natsVolumeGiB),
     natsMaxFileStore: `${maxFileStoreGiB}Gi`,
-    eventsMaxBytes: String(eventsGiB * GIB),
-    publishedMaxBytes: String(publishedGiB * GIB),
+    idsMaxBytes: String(idsGiB * GIB),
+    backlogMaxBytes: String(backlogGiB * GIB),
+    historyMaxBytes: String(historyGiB * GIB),
   };
 }
 
@@ -82,7 +86,11 @@ class EventflowStack extends Stack {
       vpc: network.vpc,
       image: image.valueAsString,
       natsUrl: nats.url,
-      streams: { maxBytes: size('eventsMaxBytes'), publishedMaxBytes: size('publishedMaxBytes') },
+      streams: {
+        idsMaxBytes: size('idsMaxBytes'),
+        backlogMaxBytes: size('backlogMaxBytes'),
+        historyMaxBytes: size('historyMaxBytes'),
+      },
       observability,
       loadBalancer: ingress.loadBalancer,
       listener: ingress.listener,

@@ -25,7 +25,7 @@ class Service extends Construct {
   /**
    * @param {Construct} scope
    * @param {string} id
-   * @param {{vpc: ec2.IVpc, image: string, natsUrl: string, streams: {maxBytes: string, publishedMaxBytes: string},
+   * @param {{vpc: ec2.IVpc, image: string, natsUrl: string, streams: {idsMaxBytes: string, backlogMaxBytes: string, historyMaxBytes: string},
    *          observability: import('./observability').Observability,
    *          loadBalancer: elbv2.ApplicationLoadBalancer, listener: elbv2.ApplicationListener}} props
    */
@@ -92,11 +92,12 @@ class Service extends Construct {
         EVENTFLOW__BACKEND__NATS_URL: props.natsUrl,
         EVENTFLOW__BACKEND__NATS__REPLICAS: '3',
         // The stream limits of the scale tier (lib/eventflow-stack.js): 24 h
-        // of accepted events, 1 h of published ones.
-        EVENTFLOW__BACKEND__NATS__MAX_BYTES: props.streams.maxBytes,
-        EVENTFLOW__BACKEND__NATS__MAX_AGE: '24h',
-        EVENTFLOW__BACKEND__NATS__PUBLISHED_MAX_BYTES: props.streams.publishedMaxBytes,
-        EVENTFLOW__BACKEND__NATS__PUBLISHED_MAX_AGE: '1h',
+        // of ids, 30 minutes of backlog, 1 h of published events.
+        EVENTFLOW__BACKEND__NATS__IDEMPOTENCY_WINDOW: '24h',
+        EVENTFLOW__BACKEND__NATS__IDEMPOTENCY_MAX_BYTES: props.streams.idsMaxBytes,
+        EVENTFLOW__BACKEND__NATS__BACKLOG_MAX_BYTES: props.streams.backlogMaxBytes,
+        EVENTFLOW__BACKEND__NATS__HISTORY_MAX_BYTES: props.streams.historyMaxBytes,
+        EVENTFLOW__BACKEND__NATS__HISTORY_MAX_AGE: '1h',
         // No stdout sink: the published stream is the output (SSE, NATS
         // consumers), and a line per event in CloudWatch Logs would cost
         // more than the rest of the stack (docs/aws.md).

@@ -99,7 +99,7 @@ test('every scale tier fits its streams in the NATS store', () => {
   const { SIZING } = require('../lib/eventflow-stack');
   for (const [tier, size] of Object.entries(SIZING)) {
     const store = Number.parseInt(size.natsMaxFileStore, 10) * 1024 ** 3;
-    const reserved = Number(size.eventsMaxBytes) + 2 * Number(size.publishedMaxBytes);
+    const reserved = Number(size.idsMaxBytes) + Number(size.backlogMaxBytes) + 2 * Number(size.historyMaxBytes);
     assert.ok(reserved <= store, `${tier}: ${reserved} reserved, ${store} of store`);
     assert.ok(size.natsMaxFileStore.endsWith('Gi'), `${tier}: nats-server reads G as 10^9, Gi as 2^30`);
   }

@@ -366,19 +366,15 @@ pub(crate) async fn list_events(
         }
     };
     let store = state.pipeline.store();
+    // A store it cannot ask is not "nothing there": 503, not an empty page.
     let page = store
         .page(PageQuery {
             after,
             limit,
             status,
         })
-        .await;
-    // An empty page from a store it cannot reach is not "nothing there".
-    if page.records.is_empty()
-        && let Some(why) = store.unavailable()
-    {
-        return Err(ApiError::Unavailable(why));
-    }
+        .await
+        .map_err(|error| ApiError::Unavailable(error.to_string()))?;
     // Rendered record by record, so that the page stops at MAX_PAGE_BYTES
     // (always holding at least one record), or at a quarter of the memory
     // budget it is held against, so that one page never exhausts it.
@@ -408,6 +404,11 @@ pub(crate) async fn list_events(
         }
         None => events.extend_from_slice(b"null"),
     }
+    if page.incomplete {
+        // Say why a filtered page may hold fewer than `limit`: the scan
+        // stopped at its budget, and more may follow `next`.
+        events.extend_from_slice(b",\"incomplete\":true");
+    }
     events.push(b'}');
     let body = state.bodies.answer(events)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
@@ -433,13 +434,14 @@ pub(crate) async fn get_event(
     let not_found = || ApiError::NotFound(format!("no event with id `{}`", clip(&raw)));
     let id = EventId::parse(&raw).map_err(|_| not_found())?;
     let store = state.pipeline.store();
-    let Some(record) = store.get(&id).await else {
-        // A store it cannot reach does not know: not a 404 a client would
-        // take for "never received".
-        return Err(match store.unavailable() {
-            Some(why) => ApiError::Unavailable(why),
-            None => not_found(),
-        });
+    // A store it cannot ask does not know: not a 404 a client would take
+    // for "never received".
+    let Some(record) = store
+        .get(&id)
+        .await
+        .map_err(|error| ApiError::Unavailable(error.to_string()))?
+    else {
+        return Err(not_found());
     };
     Ok(Json(RecordView::of(&record, &state.pipeline)))
 }

@@ -105,6 +105,11 @@ pub(crate) struct EventPage {
     pub(super) events: Vec<RecordView>,
     /// Pass as `after` to get the next page; null on the last page.
     pub(super) next: Option<String>,
+    /// Present (true) when a `status` filter's scan stopped at its time or
+    /// read budget before finding `limit` matches: the page may hold fewer,
+    /// and more may follow `next` (nats mode, over a long history).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) incomplete: Option<bool>,
 }
 
 /// Query of `POST /events`.

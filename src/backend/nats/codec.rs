@@ -1,17 +1,25 @@
-//! How events, publications and failures are written as JetStream
-//! messages, and read back.
+//! How ids records, backlog chunks, publications and failures are written
+//! as JetStream messages, and read back.
 //!
-//! Subjects end in the event id's key: the id's bytes in unpadded
-//! base64url, since an id may hold any character and a subject token may
-//! not (no spaces, dots or wildcards).
+//! Subjects (under `backend.nats.subject_prefix`):
+//!
+//! - `<prefix>.ids.<key>`: an id's record; the key is the id's bytes in
+//!   unpadded base64url, since an id may hold any character and a subject
+//!   token may not (no spaces, dots or wildcards);
+//! - `<prefix>.backlog`: chunks of accepted events (one subject: the
+//!   backlog is read in order, never by key);
+//! - `<prefix>.published.<sequence>` and `<prefix>.failed.<sequence>`: an
+//!   accepted event's publication or failure, by its arrival sequence, so
+//!   that each acceptance is published at most once
+//!   (`Nats-Expected-Last-Subject-Sequence: 0`) and found again by it.
 
 use async_nats::HeaderMap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, EventId, decode_event};
+use crate::event::{Event, EventId, MAX_ID_BYTES, decode_event};
 use crate::store::{Outcome, Record};
 use crate::time::UnixNanos;
 use crate::trace_id::TraceId;
@@ -20,14 +28,30 @@ use crate::trace_id::TraceId;
 pub(super) const RECEIVED_AT: &str = "Eventflow-Received-At";
 /// The trace id the event's metadata carries (32 hex digits).
 pub(super) const TRACE_ID: &str = "Eventflow-Trace-Id";
-/// W3C trace context of the ingest span, when it was traced.
-pub(super) const TRACEPARENT: &str = "traceparent";
-/// Arrival sequence of a published event.
+/// Arrival sequence of a published or failed event.
 pub(super) const SEQUENCE: &str = "Eventflow-Sequence";
 /// Worker that processed a published event.
 pub(super) const WORKER: &str = "Eventflow-Worker";
 /// When a published event was processed (Unix nanoseconds).
 pub(super) const PROCESSED_AT: &str = "Eventflow-Processed-At";
+/// Why a failed event failed.
+pub(super) const ERROR: &str = "Eventflow-Error";
+/// Events in a backlog chunk.
+pub(super) const EVENTS: &str = "Eventflow-Events";
+
+/// Room kept for a message's headers and subject beside its body when
+/// sizes are compared with the server's `max_payload`.
+pub(crate) const HEADROOM: usize = 2048;
+
+/// The longest message an event of `max_payload_bytes` can make (its
+/// record, its chunk entry or its published line): every byte of id and
+/// payload escaped as `\u00XX` (6 bytes) is the worst case, which also
+/// covers uppercase's growth (at most 3 bytes for 1), plus the metadata.
+pub(crate) fn largest_message(max_payload_bytes: usize) -> usize {
+    6usize
+        .saturating_mul(MAX_ID_BYTES.saturating_add(max_payload_bytes))
+        .saturating_add(HEADROOM)
+}
 
 /// The subjects of one deployment, under `backend.nats.subject_prefix`.
 #[derive(Debug, Clone)]
@@ -42,9 +66,14 @@ impl Subjects {
         }
     }
 
-    /// Every accepted event's subject.
-    pub(super) fn events(&self) -> String {
-        format!("{}.events.>", self.prefix)
+    /// Every id record's subject.
+    pub(super) fn ids(&self) -> String {
+        format!("{}.ids.>", self.prefix)
+    }
+
+    /// The backlog's one subject.
+    pub(super) fn backlog(&self) -> String {
+        format!("{}.backlog", self.prefix)
     }
 
     /// Every published event's subject.
@@ -57,16 +86,16 @@ impl Subjects {
         format!("{}.failed.>", self.prefix)
     }
 
-    pub(super) fn event(&self, id: &EventId) -> String {
-        format!("{}.events.{}", self.prefix, key(id))
+    pub(super) fn id(&self, id: &EventId) -> String {
+        format!("{}.ids.{}", self.prefix, key(id))
     }
 
-    pub(super) fn published_event(&self, id: &EventId) -> String {
-        format!("{}.published.{}", self.prefix, key(id))
+    pub(super) fn published_event(&self, sequence: u64) -> String {
+        format!("{}.published.{sequence}", self.prefix)
     }
 
-    pub(super) fn failed_event(&self, id: &EventId) -> String {
-        format!("{}.failed.{}", self.prefix, key(id))
+    pub(super) fn failed_event(&self, sequence: u64) -> String {
+        format!("{}.failed.{sequence}", self.prefix)
     }
 }
 
@@ -81,26 +110,26 @@ struct StoredEvent<'a> {
     payload: &'a str,
 }
 
-/// An accepted event's message: its JSON and headers.
-pub(super) fn event_message(
-    event: &Event,
-    received_at: UnixNanos,
-    trace_id: TraceId,
-    traceparent: Option<&str>,
-) -> (HeaderMap, Bytes) {
-    let mut headers = HeaderMap::new();
-    headers.insert(RECEIVED_AT, received_at.as_nanos().to_string().as_str());
-    headers.insert(TRACE_ID, trace_id.to_hex().as_str());
-    if let Some(traceparent) = traceparent {
-        headers.insert(TRACEPARENT, traceparent);
-    }
-    let body = serde_json::to_vec(&StoredEvent {
+fn event_json(event: &Event) -> Vec<u8> {
+    // Serializing strings and an integer cannot fail.
+    serde_json::to_vec(&StoredEvent {
         id: event.id.as_str(),
         timestamp: event.timestamp,
         payload: &event.payload,
     })
-    .unwrap_or_default();
-    (headers, Bytes::from(body))
+    .unwrap_or_default()
+}
+
+/// An id's record: the event's JSON, when it was accepted and its trace id.
+pub(super) fn id_record(
+    event: &Event,
+    received_at: UnixNanos,
+    trace_id: TraceId,
+) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    headers.insert(RECEIVED_AT, received_at.as_nanos().to_string().as_str());
+    headers.insert(TRACE_ID, trace_id.to_hex().as_str());
+    (headers, Bytes::from(event_json(event)))
 }
 
 fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
@@ -111,17 +140,24 @@ fn number(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
     header(headers, name)?.parse().ok()
 }
 
-/// A message of the events stream that is not an event eventflow wrote.
+fn trace_id(headers: Option<&HeaderMap>) -> TraceId {
+    header(headers, TRACE_ID)
+        .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+        .and_then(|id| TraceId::from_bytes(id.to_be_bytes()))
+        .unwrap_or_else(TraceId::random)
+}
+
+/// A message that is not one eventflow wrote.
 #[derive(Debug, thiserror::Error)]
-#[error("stream message {sequence} is not an eventflow event: {reason}")]
+#[error("stream message {sequence} is not an eventflow record: {reason}")]
 pub(super) struct Undecodable {
     sequence: u64,
     reason: String,
 }
 
-/// The record of an accepted event's message (stream sequence = arrival
+/// The record of an id (its message's stream sequence is the arrival
 /// sequence), without an outcome (that is on the other streams).
-pub(super) fn decode_record(
+pub(super) fn decode_id_record(
     sequence: u64,
     headers: Option<&HeaderMap>,
     payload: &[u8],
@@ -132,22 +168,137 @@ pub(super) fn decode_record(
     let received_at = number(headers, RECEIVED_AT)
         .map(UnixNanos::from_nanos)
         .ok_or_else(|| undecodable(format!("no {RECEIVED_AT} header")))?;
-    let trace_id = header(headers, TRACE_ID)
-        .and_then(|hex| u128::from_str_radix(hex, 16).ok())
-        .and_then(|id| TraceId::from_bytes(id.to_be_bytes()))
-        .unwrap_or_else(TraceId::random);
     Ok(Record::with_outcome(
         event,
         sequence,
         received_at,
-        trace_id,
+        trace_id(headers),
         None,
     ))
 }
 
-/// The W3C trace context of an accepted event's message.
-pub(super) fn traceparent(headers: Option<&HeaderMap>) -> Option<&str> {
-    header(headers, TRACEPARENT)
+/// One event of a backlog chunk.
+#[derive(Serialize, Deserialize)]
+struct ChunkEntry<'a> {
+    /// Arrival sequence.
+    s: u64,
+    /// Received at (Unix nanoseconds).
+    r: u64,
+    /// Trace id, 32 hex digits.
+    t: &'a str,
+    /// W3C trace context of the ingest span, when it was traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    p: Option<&'a str>,
+    /// Queued again by a retry: it may have been published already.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    h: bool,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    timestamp: i64,
+    #[serde(borrow)]
+    payload: std::borrow::Cow<'a, str>,
+}
+
+/// An event as the backlog carries it.
+#[derive(Debug)]
+pub(super) struct Queued {
+    /// The record (arrival sequence, trace id, received at).
+    pub(super) record: Record,
+    /// The ingest span's context, when the request was traced.
+    pub(super) traceparent: Option<String>,
+    /// Queued again by a retry: it may have been published already.
+    pub(super) requeued: bool,
+}
+
+/// Writes backlog chunks: the events of one queue item, split so that no
+/// message's body passes `limit` bytes (a message holds one event at least).
+pub(super) struct ChunkWriter {
+    limit: usize,
+    chunks: Vec<(usize, Vec<u8>)>,
+}
+
+impl ChunkWriter {
+    pub(super) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            chunks: Vec::new(),
+        }
+    }
+
+    /// Adds one event.
+    pub(super) fn push(&mut self, record: &Record, traceparent: Option<&str>, requeued: bool) {
+        let trace = record.trace_id.to_hex();
+        let entry = ChunkEntry {
+            s: record.sequence,
+            r: record.received_at.as_nanos(),
+            t: &trace,
+            p: traceparent,
+            h: requeued,
+            id: record.event.id.as_str().into(),
+            timestamp: record.event.timestamp,
+            payload: (&*record.event.payload).into(),
+        };
+        let Ok(line) = serde_json::to_vec(&entry) else {
+            return;
+        };
+        let fits = self
+            .chunks
+            .last()
+            // A separator and the closing bracket.
+            .is_some_and(|(_, body)| body.len() + line.len() + 2 <= self.limit);
+        if !fits {
+            self.chunks.push((0, Vec::with_capacity(line.len() + 2)));
+        }
+        if let Some((events, body)) = self.chunks.last_mut() {
+            body.push(if *events == 0 { b'[' } else { b',' });
+            body.extend_from_slice(&line);
+            *events += 1;
+        }
+    }
+
+    /// The chunks: each one's event count and JSON array.
+    pub(super) fn finish(self) -> Vec<(usize, Bytes)> {
+        self.chunks
+            .into_iter()
+            .map(|(events, mut body)| {
+                body.push(b']');
+                (events, Bytes::from(body))
+            })
+            .collect()
+    }
+}
+
+/// The events of a backlog chunk.
+pub(super) fn decode_chunk(sequence: u64, payload: &[u8]) -> Result<Vec<Queued>, Undecodable> {
+    let undecodable = |reason: String| Undecodable { sequence, reason };
+    let entries: Vec<ChunkEntry<'_>> =
+        serde_json::from_slice(payload).map_err(|e| undecodable(e.to_string()))?;
+    entries
+        .into_iter()
+        .map(|entry| {
+            let id = EventId::parse(&entry.id).map_err(undecodable)?;
+            let trace_id = u128::from_str_radix(entry.t, 16)
+                .ok()
+                .and_then(|id| TraceId::from_bytes(id.to_be_bytes()))
+                .unwrap_or_else(TraceId::random);
+            let event = Event {
+                id,
+                timestamp: entry.timestamp,
+                payload: entry.payload.into_owned().into_boxed_str(),
+            };
+            Ok(Queued {
+                record: Record::with_outcome(
+                    event,
+                    entry.s,
+                    UnixNanos::from_nanos(entry.r),
+                    trace_id,
+                    None,
+                ),
+                traceparent: entry.p.map(str::to_owned),
+                requeued: entry.h,
+            })
+        })
+        .collect()
 }
 
 /// Headers of a published event's message.
@@ -167,33 +318,156 @@ pub(super) fn processed_outcome(headers: Option<&HeaderMap>) -> Option<Outcome> 
     })
 }
 
+/// Longest error text a failed event's message keeps.
+const ERROR_MAX: usize = 1024;
+
+/// A failed event's message: its content (so that it can be read and
+/// retried), when and why it failed.
+pub(super) fn failed_message(record: &Record, error: &str) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    headers.insert(SEQUENCE, record.sequence.to_string().as_str());
+    headers.insert(
+        RECEIVED_AT,
+        record.received_at.as_nanos().to_string().as_str(),
+    );
+    headers.insert(TRACE_ID, record.trace_id.to_hex().as_str());
+    // A header value is one line of text.
+    let mut text: String = error
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.len() > ERROR_MAX {
+        let mut end = ERROR_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    headers.insert(ERROR, text.as_str());
+    (headers, Bytes::from(event_json(&record.event)))
+}
+
+/// The outcome a failed event's message records.
+pub(super) fn failed_outcome(headers: Option<&HeaderMap>) -> Outcome {
+    Outcome::Failed {
+        error: header(headers, ERROR)
+            .unwrap_or("failed")
+            .to_owned()
+            .into_boxed_str(),
+    }
+}
+
+/// The W3C trace context a chunk's events were ingested in (their first
+/// traced one's).
+pub(super) fn chunk_traceparent(events: &[Queued]) -> Option<&str> {
+    events
+        .iter()
+        .find_map(|queued| queued.traceparent.as_deref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_event_survives_its_message() {
-        let event = Event {
-            id: EventId::parse("order 1.*>/é").unwrap(),
+    fn event(id: &str, payload: &str) -> Event {
+        Event {
+            id: EventId::parse(id).unwrap(),
             timestamp: -5,
-            payload: "straße \"q\"\n".into(),
-        };
+            payload: payload.into(),
+        }
+    }
+
+    #[test]
+    fn an_event_survives_its_id_record() {
+        let event = event("order 1.*>/é", "straße \"q\"\n");
         let trace_id = TraceId::random();
         let received_at = UnixNanos::from_nanos(1_700_000_000_123_456_789);
-        let (headers, body) = event_message(&event, received_at, trace_id, Some("00-x"));
-        let record = decode_record(7, Some(&headers), &body).unwrap();
+        let (headers, body) = id_record(&event, received_at, trace_id);
+        let record = decode_id_record(7, Some(&headers), &body).unwrap();
         assert_eq!(record.event, event);
         assert_eq!(record.sequence, 7);
         assert_eq!(record.received_at, received_at);
         assert_eq!(record.trace_id, trace_id);
-        assert_eq!(traceparent(Some(&headers)), Some("00-x"));
+    }
+
+    #[test]
+    fn events_survive_their_chunks_which_keep_under_the_limit() {
+        let mut writer = ChunkWriter::new(400);
+        let records: Vec<Record> = (0..10)
+            .map(|i| {
+                Record::with_outcome(
+                    event(&format!("e-{i}"), &"\u{1}".repeat(i * 5)),
+                    100 + i as u64,
+                    UnixNanos::from_nanos(i as u64),
+                    TraceId::random(),
+                    None,
+                )
+            })
+            .collect();
+        for (i, record) in records.iter().enumerate() {
+            writer.push(record, (i == 3).then_some("00-trace"), i == 4);
+        }
+        let chunks = writer.finish();
+        assert!(chunks.len() > 1, "split into several");
+        let mut decoded = Vec::new();
+        for (events, body) in &chunks {
+            assert!(body.len() <= 400 || *events == 1, "{}", body.len());
+            let queued = decode_chunk(1, body).unwrap();
+            assert_eq!(queued.len(), *events);
+            decoded.extend(queued);
+        }
+        assert_eq!(decoded.len(), records.len());
+        for (queued, record) in decoded.iter().zip(&records) {
+            assert_eq!(queued.record.event, record.event);
+            assert_eq!(queued.record.sequence, record.sequence);
+            assert_eq!(queued.record.received_at, record.received_at);
+            assert_eq!(queued.record.trace_id, record.trace_id);
+        }
+        assert_eq!(decoded[3].traceparent.as_deref(), Some("00-trace"));
+        assert!(decoded[4].requeued && !decoded[3].requeued);
+        assert_eq!(chunk_traceparent(&decoded), Some("00-trace"));
+    }
+
+    #[test]
+    fn the_worst_case_message_is_bounded_by_the_formula() {
+        let payload = "\u{1}".repeat(1000);
+        let id = "\u{7f}".repeat(MAX_ID_BYTES);
+        let record = Record::with_outcome(
+            event(&id.replace('\u{7f}', "a"), &payload),
+            u64::MAX,
+            UnixNanos::from_nanos(u64::MAX),
+            TraceId::random(),
+            None,
+        );
+        let mut writer = ChunkWriter::new(usize::MAX);
+        writer.push(&record, Some(&"0".repeat(55)), true);
+        let (_, body) = writer.finish().remove(0);
+        assert!(body.len() <= largest_message(1000), "{}", body.len());
+    }
+
+    #[test]
+    fn a_failed_message_keeps_the_content_and_one_line_of_error() {
+        let record = Record::with_outcome(
+            event("f-1", "p"),
+            9,
+            UnixNanos::from_nanos(5),
+            TraceId::random(),
+            None,
+        );
+        let (headers, body) = failed_message(&record, "disk\nfull");
+        let back = decode_id_record(9, Some(&headers), &body).unwrap();
+        assert_eq!(back.event, record.event);
+        match failed_outcome(Some(&headers)) {
+            Outcome::Failed { error } => assert_eq!(&*error, "disk full"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn any_id_makes_a_valid_subject_token() {
         let subjects = Subjects::new("eventflow");
-        let subject = subjects.event(&EventId::parse("a b.c*>").unwrap());
-        let token = subject.strip_prefix("eventflow.events.").unwrap();
+        let subject = subjects.id(&EventId::parse("a b.c*>").unwrap());
+        let token = subject.strip_prefix("eventflow.ids.").unwrap();
         assert!(
             token
                 .chars()
@@ -205,8 +479,9 @@ mod tests {
     #[test]
     fn a_foreign_message_is_reported_not_trusted() {
         assert!(
-            decode_record(1, None, b"{\"id\":\"a\",\"timestamp\":1,\"payload\":\"p\"}").is_err()
+            decode_id_record(1, None, b"{\"id\":\"a\",\"timestamp\":1,\"payload\":\"p\"}").is_err()
         );
-        assert!(decode_record(1, None, b"garbage").is_err());
+        assert!(decode_id_record(1, None, b"garbage").is_err());
+        assert!(decode_chunk(1, b"[{\"s\":1}]").is_err());
     }
 }

@@ -1,15 +1,17 @@
 //! The JetStream feed: the published stream. Its stream sequence is the
 //! publication sequence (gap-free, the same on every replica); a
-//! subscriber is an ordered consumer starting after its `Last-Event-ID`;
-//! a second publication of an id (a redelivery whose acknowledgement was
-//! lost) is dropped: within the stream's duplicate window by its
-//! `Nats-Msg-Id`, and after it because the id's subject already holds a
-//! message (`Nats-Expected-Last-Subject-Sequence: 0`).
+//! publication's subject is its event's arrival sequence, written once
+//! (`Nats-Expected-Last-Subject-Sequence: 0`), so that a chunk delivered
+//! twice (its ack lost, its replica frozen past `ack_wait`) publishes each
+//! event once.
 //!
-//! While a request waits for publication (`?wait=published`), the replica
-//! follows the stream's head (headers only), so that the wait wakes when
-//! any replica publishes; with no one waiting it follows nothing, and
-//! costs JetStream no delivery per event.
+//! Readers use the reader connection: a subscriber is an ordered consumer
+//! that asks for a few messages at a time, and only when it has sent what
+//! it had, so one that does not read holds little and makes the server
+//! send nothing. While a request waits for publication (`?wait=published`),
+//! the replica follows the stream's head (headers only), so that the wait
+//! wakes when any replica publishes; with no one waiting it follows
+//! nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,20 +28,22 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{self, Subjects};
+use super::Nats;
+use super::codec;
 use crate::feed::{Feed, FeedError, FeedItem, FeedLine, Published, Subscription};
 
 /// Most items a subscriber takes at once.
 const READ_BATCH: usize = 256;
+/// Messages one subscriber's pull asks for: what a subscriber that does
+/// not read can hold.
+const SUBSCRIBER_PULL: i64 = 32;
 /// Pause before following the stream again after an error.
 const RETRY: Duration = Duration::from_secs(1);
 
 /// The published-events feed on JetStream.
 #[derive(Debug)]
 pub struct NatsFeed {
-    js: jetstream::Context,
-    published: Stream,
-    subjects: Subjects,
+    nats: Arc<Nats>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 }
@@ -66,28 +70,28 @@ impl Shared {
 }
 
 impl NatsFeed {
-    /// A feed on `published`, following its head from `last_sequence`.
-    pub(super) fn start(
-        js: jetstream::Context,
-        published: Stream,
-        subjects: Subjects,
-        last_sequence: u64,
-    ) -> Self {
-        let (changes, _) = watch::channel(last_sequence);
-        let shared = Arc::new(Shared {
-            changes,
-            watched: tokio::sync::Notify::new(),
-            subscribers: AtomicUsize::new(0),
-        });
-        let stop = CancellationToken::new();
-        tokio::spawn(follow(published.clone(), Arc::clone(&shared), stop.clone()));
+    /// A feed whose follower starts once the backend is set up.
+    pub(super) fn new(nats: Arc<Nats>) -> Self {
+        let (changes, _) = watch::channel(0);
         Self {
-            js,
-            published,
-            subjects,
-            shared,
-            stop,
+            nats,
+            shared: Arc::new(Shared {
+                changes,
+                watched: tokio::sync::Notify::new(),
+                subscribers: AtomicUsize::new(0),
+            }),
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// Starts following the stream's head from `last_sequence`.
+    pub(super) fn start(&self, last_sequence: u64) {
+        self.shared.seen(last_sequence);
+        tokio::spawn(follow(
+            self.nats.published_read.clone(),
+            Arc::clone(&self.shared),
+            self.stop.clone(),
+        ));
     }
 }
 
@@ -98,7 +102,7 @@ impl Drop for NatsFeed {
 }
 
 /// Keeps `shared.changes` at the stream's head while someone watches it.
-async fn follow(published: Stream, shared: Arc<Shared>, stop: CancellationToken) {
+async fn follow(published: Stream<()>, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         if shared.changes.receiver_count() == 0 {
             tokio::select! {
@@ -153,6 +157,7 @@ async fn follow(published: Stream, shared: Arc<Shared>, stop: CancellationToken)
 #[async_trait]
 impl Feed for NatsFeed {
     async fn append(&self, events: &[Published<'_>]) -> Result<(), FeedError> {
+        let nats = &self.nats;
         let mut sent = Vec::with_capacity(events.len());
         for event in events {
             let publish = PublishMessage::build()
@@ -162,26 +167,34 @@ impl Feed for NatsFeed {
                     event.processing.worker,
                     event.processing.processed_at,
                 ))
-                .message_id(event.id.as_str())
-                // Beyond the duplicate window too: a subject holds one
-                // publication.
+                // Once per acceptance, whoever delivers it.
                 .expected_last_subject_sequence(0);
             sent.push(
-                self.js
-                    .send_publish(self.subjects.published_event(event.id), publish)
+                nats.js
+                    .send_publish(nats.subjects.published_event(event.sequence), publish)
                     .await,
             );
         }
+        let until = tokio::time::Instant::now() + nats.deadline;
         let mut failure = None;
         let mut head = 0;
         for sent in sent {
             let acked = match sent {
-                Ok(ack) => ack.await,
+                Ok(ack) => match tokio::time::timeout_at(until, ack).await {
+                    Ok(acked) => acked,
+                    Err(_) => {
+                        failure = Some(format!(
+                            "NATS did not acknowledge within {:?}",
+                            nats.deadline
+                        ));
+                        continue;
+                    }
+                },
                 Err(error) => Err(error),
             };
             match acked {
                 Ok(ack) => head = head.max(ack.sequence),
-                // Published before (a redelivery whose ack was lost).
+                // Published before (a chunk delivered again).
                 Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {}
                 Err(error) => failure = Some(error.to_string()),
             }
@@ -204,7 +217,7 @@ impl Feed for NatsFeed {
     fn subscribe(&self, after: Option<u64>) -> Box<dyn Subscription> {
         self.shared.subscribers.fetch_add(1, Ordering::Relaxed);
         Box::new(NatsSubscription {
-            published: self.published.clone(),
+            published: self.nats.published_read.clone(),
             shared: Arc::clone(&self.shared),
             // New ones only: from what this replica knows is the head now
             // (an event published just before may be replayed, never missed).
@@ -226,7 +239,7 @@ impl Feed for NatsFeed {
 
 /// A reader of the published stream.
 struct NatsSubscription {
-    published: Stream,
+    published: Stream<()>,
     shared: Arc<Shared>,
     /// The publication sequence expected next.
     next: u64,
@@ -247,12 +260,14 @@ impl Drop for NatsSubscription {
     }
 }
 
-/// An ordered consumer of `published` from publication sequence `next` on.
-async fn open(published: Stream, next: u64) -> Result<pull::Ordered, String> {
+/// An ordered consumer of `published` from publication sequence `next` on,
+/// pulling a few messages at a time.
+async fn open(published: Stream<()>, next: u64) -> Result<pull::Ordered, String> {
     let config = pull::OrderedConfig {
         deliver_policy: DeliverPolicy::ByStartSequence {
             start_sequence: next,
         },
+        max_batch: SUBSCRIBER_PULL,
         ..Default::default()
     };
     let consumer = published
@@ -268,7 +283,7 @@ impl NatsSubscription {
         let Ok(info) = message.info() else { return };
         let sequence = info.stream_sequence;
         if sequence > self.next {
-            // Aged out of the stream before this reader got to them.
+            // Dropped from the history before this reader got to them.
             items.push(FeedItem::Lagged {
                 from: self.next,
                 to: sequence - 1,

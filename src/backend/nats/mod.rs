@@ -1,22 +1,35 @@
 //! The `nats` backend: the store, queue and feed on NATS JetStream, shared
 //! by every replica.
 //!
-//! Three streams and one consumer, created at start-up when missing and
-//! checked when present (`backend.nats.*`):
+//! Three bounds, in four streams ([`layout`]), never confused:
 //!
-//! - events (`<prefix>.events.<key>`, `discard: new`): one message per
-//!   accepted event, written once (first writer wins), which is at once
-//!   the idempotency record, the queue and the arrival order;
-//! - the durable pull consumer on it that every replica's workers share;
-//! - published (`<prefix>.published.<key>`): the published-events feed;
-//!   its sequence is the publication sequence;
-//! - failed (`<prefix>.failed.<key>`): why an event failed for good.
+//! - **idempotency horizon**: the ids stream (`<prefix>.ids.<key>`), one
+//!   record per accepted id, written once (first writer wins, atomically,
+//!   whichever replica it reached); its sequence is the arrival sequence.
+//!   Bounded by `idempotency_window` and `idempotency_max_bytes`, oldest
+//!   forgotten first: it never refuses ingest;
+//! - **backlog**: a work-queue stream of chunks (one message for up to 64
+//!   events of a request) that leave once processed; `discard: new` at
+//!   `backlog_max_bytes` is the one thing that refuses ingest (503);
+//! - **history**: the published stream (one message per event, its
+//!   sequence the gap-free publication sequence) and the failed stream,
+//!   by `history_max_bytes` and `history_max_age`, oldest dropped first.
 //!
-//! Per accepted event: one publish (ack awaited before the 202), one
-//! delivery and its ack, one publish to the published stream.
+//! Per accepted event of a batch: one id record and its ack, one
+//! publication and its ack, and a share of one chunk's four messages.
+//! Ingest and the workers use one connection; reads, SSE subscribers and
+//! the follower of the published stream another ([`Nats::read`]), so that a
+//! reader can never make the server drop the connection ingest needs.
+//!
+//! A replica that starts before its NATS keeps trying (`/readyz` 503
+//! meanwhile); NATS that stops answering turns `/readyz` 503 within two
+//! seconds ([`health`]), and every ingest request gets its answer within
+//! `server.request_timeout / 2`.
 
 mod codec;
 mod feed;
+mod health;
+mod layout;
 mod queue;
 mod store;
 
@@ -24,13 +37,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use async_nats::jetstream::context::CreateStreamErrorKind;
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::consumer::{Consumer, pull};
+use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::{self};
+use tokio::sync::watch;
 
-use super::Backend;
-use crate::config::{NatsSettings, NatsStorage, Settings};
+use super::{Backend, BackendFailure};
+use crate::config::Settings;
 use crate::pipeline::Backpressure;
 use crate::telemetry::metrics::{Metrics, names};
 
@@ -38,8 +51,23 @@ pub use feed::NatsFeed;
 pub use queue::NatsQueue;
 pub use store::NatsStore;
 
-/// How often the stream and consumer state is read for the metrics.
+use codec::Subjects;
+use health::Health;
+
+/// How often the streams' and the consumer's state is read for the metrics.
 const UPKEEP: Duration = Duration::from_secs(2);
+/// How long start-up waits for NATS before it serves anyway (`/readyz`
+/// 503) and keeps trying in the background.
+const FIRST_SETUP: Duration = Duration::from_secs(3);
+/// Pause between attempts to set up while NATS does not answer.
+const SETUP_RETRY: Duration = Duration::from_secs(1);
+/// Messages the reader connection buffers per subscription: an SSE
+/// subscriber that does not read holds at most this (its pulls are
+/// smaller still), and the server never has to drop the connection.
+const READER_CAPACITY: usize = 4096;
+/// Acks the ingest connection may await at once (a batch's publishes go
+/// out together; more wait for room rather than fail).
+const ACKS_IN_FLIGHT: usize = 65_536;
 
 /// Why the backend could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +75,9 @@ pub enum BackendError {
     /// NATS could not be reached.
     #[error(transparent)]
     Connect(#[from] crate::nats::ConnectError),
+    /// NATS did not answer (worth trying again).
+    #[error("{0}")]
+    Unreachable(String),
     /// A stream or the consumer could not be created or read.
     #[error("{key}: {what}: {reason}")]
     JetStream {
@@ -71,289 +102,298 @@ pub enum BackendError {
         /// What it must be.
         wanted: String,
     },
+    /// A stream made by an earlier eventflow, whose layout this one does
+    /// not read.
+    #[error(
+        "{key}: stream `{stream}` was made by an earlier eventflow (one events stream that kept \
+         processed events; this version keeps the backlog, the history and the ids apart). To \
+         move: let the earlier version drain its backlog (eventflow_nats_consumer_pending 0), \
+         stop it, delete its streams (nats stream rm EVENTFLOW_EVENTS; nats stream rm {stream}; \
+         and the failed stream), then start this version; or point this version at other \
+         names (backend.nats.subject_prefix and the backend.nats.*_stream keys)"
+    )]
+    EarlierLayout {
+        /// The setting naming the stream.
+        key: &'static str,
+        /// The stream.
+        stream: String,
+    },
+    /// The server's `max_payload` is smaller than the largest message the
+    /// settings allow.
+    #[error(
+        "pipeline.max_payload_bytes = {event_max} allows messages of up to {largest} bytes (an \
+         event's record or published line with every character escaped), over the NATS \
+         server's max_payload of {max_payload} bytes: lower pipeline.max_payload_bytes to at \
+         most {fits}, or raise max_payload in nats-server's configuration (say \
+         `max_payload: 8MB`; at most 64MB)"
+    )]
+    PayloadTooSmall {
+        /// The server's limit.
+        max_payload: usize,
+        /// `pipeline.max_payload_bytes`.
+        event_max: usize,
+        /// The largest message it allows.
+        largest: usize,
+        /// The largest `pipeline.max_payload_bytes` the server takes.
+        fits: usize,
+    },
 }
 
-/// Connects, creates or checks the streams and consumer, and starts
-/// fetching.
+impl BackendError {
+    /// Whether trying again may succeed (NATS did not answer), as opposed
+    /// to a refusal that only a change of settings cures.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable(_))
+    }
+}
+
+/// The connections and stream handles the store, queue and feed share.
+#[derive(Debug)]
+struct Nats {
+    /// Ingest and the workers.
+    client: async_nats::Client,
+    /// On `client`, its acks bounded by the request deadline.
+    js: jetstream::Context,
+    subjects: Subjects,
+    ids: Stream<()>,
+    backlog: Stream<()>,
+    published: Stream<()>,
+    failed: Stream<()>,
+    /// The same streams on the reader connection (reads, SSE subscribers
+    /// and the follower have a connection of their own).
+    ids_read: Stream<()>,
+    published_read: Stream<()>,
+    failed_read: Stream<()>,
+    health: Arc<Health>,
+    /// One request's wait for NATS: `server.request_timeout / 2`.
+    deadline: Duration,
+    /// Id records held, as last read by the upkeep task.
+    ids_held: AtomicU64,
+}
+
+impl Nats {
+    /// Why NATS cannot be used now, if it cannot.
+    fn unavailable(&self) -> Option<String> {
+        self.health.unavailable()
+    }
+
+    /// The largest message body NATS takes now (its `max_payload` less
+    /// room for headers).
+    fn max_body(&self) -> usize {
+        self.client.max_payload().saturating_sub(codec::HEADROOM)
+    }
+}
+
+/// Connects, sets up the streams and the consumer (or keeps trying in the
+/// background while NATS does not answer), and starts fetching.
 pub async fn open(
     settings: &Settings,
     backpressure: &Backpressure,
     metrics: &Metrics,
 ) -> Result<Backend, BackendError> {
-    let nats = &settings.backend.nats;
-    let client = crate::nats::connect(&settings.backend.nats_url, "eventflow").await?;
+    let urls = &settings.backend.nats_url;
+    let configured = &settings.backend.nats;
+    // The `async-nats` default for subscriptions on the ingest connection
+    // (only the workers' pull subscribes there).
+    let client = crate::nats::connect_in_background(urls, "eventflow", 65_536).await?;
+    let reader =
+        crate::nats::connect_in_background(urls, "eventflow-reader", READER_CAPACITY).await?;
     // An ack that does not come within half the request timeout is an
     // outage: the request still gets its 503 in time.
-    let timeout = (settings.server.request_timeout / 2).max(Duration::from_millis(500));
+    let deadline = (settings.server.request_timeout / 2).max(Duration::from_millis(500));
     let js = jetstream::ContextBuilder::new()
-        .timeout(timeout)
+        .timeout(deadline)
+        .max_ack_inflight(ACKS_IN_FLIGHT)
+        .backpressure_on_inflight(true)
         .build(client.clone());
-    let subjects = codec::Subjects::new(&nats.subject_prefix);
-    let storage = match nats.storage {
-        NatsStorage::File => StorageType::File,
-        NatsStorage::Memory => StorageType::Memory,
-    };
-    let events = ensure_stream(
-        &js,
-        "backend.nats.events_stream",
-        stream::Config {
-            name: nats.events_stream.clone(),
-            subjects: vec![subjects.events()],
-            retention: RetentionPolicy::Limits,
-            // A full stream refuses new events (503); a pending event is
-            // never dropped to make room.
-            discard: DiscardPolicy::New,
-            max_bytes: nats.max_bytes,
-            max_age: nats.max_age,
-            storage,
-            num_replicas: nats.replicas,
-            allow_direct: true,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let published = ensure_stream(
-        &js,
-        "backend.nats.published_stream",
-        stream::Config {
-            name: nats.published_stream.clone(),
-            subjects: vec![subjects.published()],
-            retention: RetentionPolicy::Limits,
-            discard: DiscardPolicy::Old,
-            max_bytes: nats.published_max_bytes,
-            max_age: nats.published_max_age,
-            duplicate_window: nats.duplicate_window,
-            storage,
-            num_replicas: nats.replicas,
-            allow_direct: true,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let failed = ensure_stream(
-        &js,
-        "backend.nats.failed_stream",
-        stream::Config {
-            name: nats.failed_stream.clone(),
-            subjects: vec![subjects.failed()],
-            retention: RetentionPolicy::Limits,
-            discard: DiscardPolicy::Old,
-            max_bytes: nats.published_max_bytes,
-            max_age: nats.published_max_age,
-            storage,
-            num_replicas: nats.replicas,
-            allow_direct: true,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let consumer = ensure_consumer(&events, nats).await?;
-    let published_head = published
-        .get_info()
-        .await
-        .map(|info| info.state.last_sequence)
-        .map_err(|e| jetstream_error("backend.nats.published_stream", "reading", e))?;
-
-    let held = Arc::new(AtomicU64::new(0));
-    let store = Arc::new(NatsStore {
+    let read = jetstream::ContextBuilder::new()
+        .timeout(deadline)
+        .build(reader.clone());
+    let subjects = Subjects::new(&configured.subject_prefix);
+    let health = Health::start(client.clone());
+    let nats = Arc::new(Nats {
+        ids: named(&js, &configured.ids_stream, "backend.nats.ids_stream").await?,
+        backlog: named(
+            &js,
+            &configured.backlog_stream,
+            "backend.nats.backlog_stream",
+        )
+        .await?,
+        published: named(
+            &js,
+            &configured.published_stream,
+            "backend.nats.published_stream",
+        )
+        .await?,
+        failed: named(&js, &configured.failed_stream, "backend.nats.failed_stream").await?,
+        ids_read: named(&read, &configured.ids_stream, "backend.nats.ids_stream").await?,
+        published_read: named(
+            &read,
+            &configured.published_stream,
+            "backend.nats.published_stream",
+        )
+        .await?,
+        failed_read: named(
+            &read,
+            &configured.failed_stream,
+            "backend.nats.failed_stream",
+        )
+        .await?,
         client: client.clone(),
         js: js.clone(),
-        events: events.clone(),
-        published: published.clone(),
-        failed,
         subjects: subjects.clone(),
-        held: Arc::clone(&held),
-        ack_latency: metrics.histogram(names::NATS_PUBLISH_ACK),
+        health: Arc::clone(&health),
+        deadline,
+        ids_held: AtomicU64::new(0),
     });
-    let queue = NatsQueue::start(
-        consumer.clone(),
+    let store = Arc::new(NatsStore::new(Arc::clone(&nats), metrics));
+    let queue = NatsQueue::new(
+        Arc::clone(&nats),
         backpressure.clone(),
-        nats.max_deliver,
-        nats.ack_wait,
         settings.pipeline.workers,
+        configured.max_deliver,
         metrics.counter(names::NATS_REDELIVERIES, &[]),
     );
-    let feed = Arc::new(NatsFeed::start(js, published, subjects, published_head));
-    tokio::spawn(upkeep(events, consumer, held, metrics.clone()));
-    tracing::info!(
-        urls = %settings.backend.nats_url,
-        events = %nats.events_stream,
-        consumer = %nats.consumer,
-        "nats backend ready"
-    );
-    Ok(Backend { store, queue, feed })
-}
-
-fn jetstream_error(key: &'static str, what: &str, error: impl ToString) -> BackendError {
-    BackendError::JetStream {
-        key,
-        what: what.to_owned(),
-        reason: error.to_string(),
+    let feed = Arc::new(NatsFeed::new(Arc::clone(&nats)));
+    let (failed_tx, failed_rx) = watch::channel(None);
+    let starter = Starter {
+        nats: Arc::clone(&nats),
+        settings: settings.clone(),
+        queue: Arc::clone(&queue),
+        feed: Arc::clone(&feed),
+        metrics: metrics.clone(),
+    };
+    // NATS answering at start: set up now, so that a refusal stops the start.
+    let first = async {
+        loop {
+            match starter.try_once().await {
+                Err(error) if error.is_transient() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                done => return done,
+            }
+        }
+    };
+    match tokio::time::timeout(FIRST_SETUP, first).await {
+        Ok(Ok(ready)) => starter.start(ready),
+        Ok(Err(error)) => return Err(error),
+        Err(_) => {
+            tracing::warn!(urls = %urls, "NATS is not answering yet; serving with /readyz 503 meanwhile");
+            tokio::spawn(starter.keep_trying(failed_tx));
+        }
     }
+    Ok(Backend {
+        store,
+        queue,
+        feed,
+        failure: BackendFailure::new(failed_rx),
+    })
 }
 
-/// The stream `wanted.name`: created as `wanted` when missing; when it
-/// exists, its limits are brought to `wanted` and what cannot change is
-/// checked.
-async fn ensure_stream(
+/// A handle on the stream `name` (no request is made).
+async fn named(
     js: &jetstream::Context,
+    name: &str,
     key: &'static str,
-    wanted: stream::Config,
-) -> Result<stream::Stream, BackendError> {
-    let what = format!("stream `{}`", wanted.name);
-    let existing = match js.get_stream(&wanted.name).await {
-        Ok(mut stream) => Some(
-            stream
-                .info()
-                .await
-                .map_err(|e| jetstream_error(key, &format!("reading {what}"), e))?
-                .config
-                .clone(),
-        ),
-        Err(_) => None,
-    };
-    let Some(found) = existing else {
-        return js.create_stream(wanted).await.map_err(|e| {
-            // JetStream reserves a stream's whole `max_bytes` when it is
-            // made; say which settings to change when the server has too little.
-            let no_room = matches!(
-                e.kind(),
-                CreateStreamErrorKind::JetStream(error)
-                    if error.error_code() == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED
-            );
-            let reason = e.to_string();
-            let reason = if no_room {
-                format!(
-                    "{reason}: the server reserves each stream's max_bytes; lower \
-                     backend.nats.max_bytes or backend.nats.published_max_bytes, or give \
-                     its JetStream more storage (max_file_store)"
-                )
-            } else {
-                reason
-            };
-            jetstream_error(key, &format!("creating {what}"), reason)
-        });
-    };
-    let incompatible = |field, found: String, wanted: String| BackendError::Incompatible {
-        key,
-        what: what.clone(),
-        field,
-        found,
-        wanted,
-    };
-    if found.subjects != wanted.subjects {
-        return Err(incompatible(
-            "subjects",
-            format!("{:?}", found.subjects),
-            format!("{:?}", wanted.subjects),
-        ));
-    }
-    if found.retention != wanted.retention {
-        return Err(incompatible(
-            "retention",
-            format!("{:?}", found.retention),
-            format!("{:?}", wanted.retention),
-        ));
-    }
-    if found.storage != wanted.storage {
-        return Err(incompatible(
-            "storage (backend.nats.storage)",
-            format!("{:?}", found.storage),
-            format!("{:?}", wanted.storage),
-        ));
-    }
-    let same_limits = found.discard == wanted.discard
-        && found.max_bytes == wanted.max_bytes
-        && found.max_age == wanted.max_age
-        && found.num_replicas == wanted.num_replicas
-        && found.allow_direct == wanted.allow_direct
-        && (wanted.duplicate_window.is_zero() || found.duplicate_window == wanted.duplicate_window);
-    if !same_limits {
-        tracing::info!(stream = %wanted.name, "updating the stream's limits to the configured ones");
-        js.update_stream(&wanted)
-            .await
-            .map_err(|e| jetstream_error(key, &format!("updating {what}"), e))?;
-    }
-    js.get_stream(&wanted.name)
+) -> Result<Stream<()>, BackendError> {
+    js.get_stream_no_info(name)
         .await
-        .map_err(|e| jetstream_error(key, &format!("reading {what}"), e))
+        .map_err(|e| BackendError::JetStream {
+            key,
+            what: format!("naming stream `{name}`"),
+            reason: e.to_string(),
+        })
 }
 
-/// The durable pull consumer every replica's workers share.
-async fn ensure_consumer(
-    events: &stream::Stream,
-    nats: &NatsSettings,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, BackendError> {
-    const KEY: &str = "backend.nats.consumer";
-    let wanted = pull::Config {
-        durable_name: Some(nats.consumer.clone()),
-        // The stream holds nothing else: no filter to match per message.
-        filter_subject: format!("{}.events.>", nats.subject_prefix),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: nats.ack_wait,
-        max_deliver: nats.max_deliver,
-        max_ack_pending: nats.max_ack_pending,
-        ..Default::default()
-    };
-    let what = format!("consumer `{}`", nats.consumer);
-    if let Ok(mut consumer) = events.get_consumer::<pull::Config>(&nats.consumer).await {
-        let found = consumer
-            .info()
-            .await
-            .map_err(|e| jetstream_error(KEY, &format!("reading {what}"), e))?
-            .config
-            .clone();
-        if found.filter_subject != wanted.filter_subject {
-            return Err(BackendError::Incompatible {
-                key: KEY,
-                what,
-                field: "filter_subject",
-                found: found.filter_subject,
-                wanted: wanted.filter_subject,
-            });
-        }
-        if found.ack_policy != wanted.ack_policy {
-            return Err(BackendError::Incompatible {
-                key: KEY,
-                what,
-                field: "ack_policy",
-                found: format!("{:?}", found.ack_policy),
-                wanted: format!("{:?}", wanted.ack_policy),
-            });
-        }
-        if found.ack_wait == wanted.ack_wait
-            && found.max_deliver == wanted.max_deliver
-            && found.max_ack_pending == wanted.max_ack_pending
-        {
-            return Ok(consumer);
-        }
-        tracing::info!(consumer = %nats.consumer, "updating the consumer to the configured settings");
-        return events
-            .update_consumer(wanted)
-            .await
-            .map_err(|e| jetstream_error(KEY, &format!("updating {what}"), e));
-    }
-    events
-        .create_consumer(wanted)
-        .await
-        .map_err(|e| jetstream_error(KEY, &format!("creating {what}"), e))
+/// Sets the backend up once NATS answers, then starts its tasks.
+struct Starter {
+    nats: Arc<Nats>,
+    settings: Settings,
+    queue: Arc<NatsQueue>,
+    feed: Arc<NatsFeed>,
+    metrics: Metrics,
 }
 
-/// Reads the stream and consumer state for the metrics, now and then.
+impl Starter {
+    async fn try_once(&self) -> Result<layout::Ready, BackendError> {
+        layout::set_up(
+            &self.nats.js,
+            &self.nats.client,
+            &self.settings,
+            &self.nats.subjects,
+        )
+        .await
+    }
+
+    /// Tries until NATS answers; a refusal then ends the service (through
+    /// `failed`), since only new settings can cure it.
+    async fn keep_trying(self, failed: watch::Sender<Option<String>>) {
+        loop {
+            match self.try_once().await {
+                Ok(ready) => {
+                    self.start(ready);
+                    return;
+                }
+                Err(error) if error.is_transient() => {
+                    self.nats.health.starting(error.to_string());
+                    tracing::debug!(%error, "NATS is not answering yet");
+                    tokio::time::sleep(SETUP_RETRY).await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "the nats backend cannot start");
+                    self.nats.health.starting(error.to_string());
+                    let _ = failed.send(Some(error.to_string()));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start(&self, ready: layout::Ready) {
+        let layout::Ready {
+            consumer,
+            published_head,
+        } = ready;
+        self.feed.start(published_head);
+        self.queue
+            .start(consumer.clone(), self.settings.backend.nats.ack_wait);
+        tokio::spawn(upkeep(
+            Arc::clone(&self.nats),
+            consumer,
+            self.settings.backend.nats.backlog_max_bytes,
+            self.metrics.clone(),
+        ));
+        self.nats.health.set_up();
+        tracing::info!(
+            urls = %self.settings.backend.nats_url,
+            backlog = %self.settings.backend.nats.backlog_stream,
+            consumer = %self.settings.backend.nats.consumer,
+            "nats backend ready"
+        );
+    }
+}
+
+/// Reads the streams' and the consumer's state for the metrics, now and then.
 async fn upkeep(
-    events: stream::Stream,
-    mut consumer: jetstream::consumer::Consumer<pull::Config>,
-    held: Arc<AtomicU64>,
+    nats: Arc<Nats>,
+    mut consumer: Consumer<pull::Config>,
+    backlog_max_bytes: i64,
     metrics: Metrics,
 ) {
     let pending = metrics.gauge(names::NATS_PENDING);
     let ack_pending = metrics.gauge(names::NATS_ACK_PENDING);
+    let backlog_bytes = metrics.gauge(names::NATS_BACKLOG_BYTES);
+    metrics
+        .gauge(names::NATS_BACKLOG_LIMIT)
+        .set(backlog_max_bytes as f64);
     let mut every = tokio::time::interval(UPKEEP);
     loop {
         every.tick().await;
-        if let Ok(info) = events.get_info().await {
-            held.store(info.state.messages, Ordering::Relaxed);
+        if let Ok(info) = nats.ids.get_info().await {
+            nats.ids_held.store(info.state.messages, Ordering::Relaxed);
+        }
+        if let Ok(info) = nats.backlog.get_info().await {
+            backlog_bytes.set(info.state.bytes as f64);
         }
         if let Ok(info) = consumer.info().await {
             pending.set(info.num_pending as f64);

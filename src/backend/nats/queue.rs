@@ -1,84 +1,110 @@
-//! The JetStream queue: one durable pull consumer on the events stream,
-//! shared by every replica. Each replica runs one fetcher that pulls
-//! deliveries only while it has local permits for them, and hands them to
-//! its workers; a worker acks each event after every sink published it,
-//! or naks it for redelivery (a sink error, up to `max_deliver`). A
-//! delivery that is never acknowledged (the replica died) comes back after
-//! `ack_wait`, to any replica.
+//! The JetStream queue: the backlog stream and one durable pull consumer on
+//! it, shared by every replica.
 //!
-//! Pushing is nothing: the store's write already queued the event, so the
-//! ingest request's permit is released on the publish ack.
+//! Pushing writes the item's events as one chunk message (more when they
+//! would pass the server's `max_payload`), so a batch request's 64-event
+//! chunk costs one write, one delivery and one ack. Each replica runs one
+//! fetcher that pulls chunks only while it has local permits for them and
+//! hands them to its workers; a worker acks a chunk once every sink
+//! published its events, or naks it for redelivery (a sink error, up to
+//! `max_deliver`: its published events are then skipped by the fence on
+//! the published stream). While a replica holds a chunk it reports it in
+//! progress every third of `ack_wait`, so `ack_wait` can be short: a dead
+//! replica's chunks come back within it, slow work is never taken away.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{Consumer, pull};
-use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::message::{Acker, PublishMessage};
 use async_trait::async_trait;
-use futures_util::{FutureExt, StreamExt};
-use opentelemetry::trace::SpanContext;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::Nats;
 use super::codec;
 use crate::pipeline::{
-    Acknowledge, Attempt, Backpressure, CHUNK_EVENTS, Delivery, Queue, QueueError, QueuedEvents,
-    Verdict,
+    Acknowledge, Attempt, Backpressure, Delivery, Queue, QueueError, QueuedEvents, Verdict,
 };
-use crate::store::{Record, event_footprint};
+use crate::store::event_footprint;
 use crate::telemetry;
 
-/// Most deliveries one pull request asks for (also what this replica may
-/// hold beyond its permits).
-const FETCH_MAX: usize = 256;
+/// Most chunks one pull request asks for.
+const FETCH_MAX: usize = 16;
 /// How long one pull waits for deliveries before asking again.
 const FETCH_EXPIRES: Duration = Duration::from_secs(1);
 /// How long past its expiry a pull is waited for.
 const FETCH_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed pull (NATS unreachable, say).
 const FETCH_RETRY: Duration = Duration::from_millis(250);
+/// Largest chunk body: a few hundred KiB keeps a delivery's work short,
+/// whatever the server's `max_payload`.
+const CHUNK_BODY_MAX: usize = 512 * 1024;
 
-/// The queue of one replica: what its fetcher pulled, for its workers.
+/// The queue of one replica: chunks it writes, and what its fetcher pulled
+/// for its workers.
 #[derive(Debug)]
 pub struct NatsQueue {
+    nats: Arc<Nats>,
+    sender: async_channel::Sender<QueuedEvents>,
     receiver: async_channel::Receiver<QueuedEvents>,
     /// Events pulled and not yet taken by a worker.
     waiting: Arc<AtomicUsize>,
     /// Stops the fetcher: shutdown stops pulling, and the workers finish
     /// what was pulled.
     stop: CancellationToken,
+    backpressure: Backpressure,
+    max_deliver: i64,
+    /// `eventflow_nats_redeliveries_total`.
+    redeliveries: metrics::Counter,
 }
 
 impl NatsQueue {
-    /// Starts fetching from `consumer`, each delivery holding a permit of
-    /// `backpressure` until it is acknowledged.
-    pub(super) fn start(
-        consumer: Consumer<pull::Config>,
+    /// A queue whose fetcher starts once the backend is set up
+    /// ([`Self::start`]).
+    pub(super) fn new(
+        nats: Arc<Nats>,
         backpressure: Backpressure,
-        max_deliver: i64,
-        ack_wait: Duration,
         workers: usize,
+        max_deliver: i64,
         redeliveries: metrics::Counter,
     ) -> Arc<Self> {
         let (sender, receiver) = async_channel::bounded(workers.max(1) * 4);
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        let fetcher = Fetcher {
-            consumer,
+        Arc::new(Self {
+            nats,
+            sender,
+            receiver,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            stop: CancellationToken::new(),
             backpressure,
             max_deliver,
-            ack_wait,
-            sender,
-            waiting: Arc::clone(&waiting),
             redeliveries,
-        };
-        tokio::spawn(fetcher.run(stop.clone()));
-        Arc::new(Self {
-            receiver,
-            waiting,
-            stop,
         })
+    }
+
+    /// Starts fetching from `consumer`, each chunk holding permits of the
+    /// backpressure for its events until it is acknowledged.
+    pub(super) fn start(&self, consumer: Consumer<pull::Config>, ack_wait: Duration) {
+        let held = Arc::new(Held::default());
+        tokio::spawn(report_progress(
+            Arc::clone(&held),
+            ack_wait,
+            self.stop.clone(),
+        ));
+        let fetcher = Fetcher {
+            consumer,
+            backpressure: self.backpressure.clone(),
+            max_deliver: self.max_deliver,
+            sender: self.sender.clone(),
+            waiting: Arc::clone(&self.waiting),
+            redeliveries: self.redeliveries.clone(),
+            held,
+        };
+        tokio::spawn(fetcher.run(self.stop.clone()));
     }
 
     fn taken(&self, item: QueuedEvents) -> QueuedEvents {
@@ -86,15 +112,60 @@ impl NatsQueue {
             .fetch_sub(item.records.len(), Ordering::Relaxed);
         item
     }
+
+    /// Writes `item`'s events to the backlog as chunks.
+    async fn write(&self, item: &QueuedEvents) -> Result<(), QueueError> {
+        if let Some(why) = self.nats.unavailable() {
+            return Err(QueueError::Unavailable(why));
+        }
+        let traceparent = telemetry::traceparent_of(&item.span);
+        let mut writer = codec::ChunkWriter::new(self.nats.max_body().min(CHUNK_BODY_MAX));
+        for (index, record) in item.records.iter().enumerate() {
+            let requeued = item.delivery.attempt(index).redelivered;
+            writer.push(record, traceparent.as_deref(), requeued);
+        }
+        let subject = self.nats.subjects.backlog();
+        let mut sent = Vec::new();
+        for (events, body) in writer.finish() {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(codec::EVENTS, events.to_string().as_str());
+            let publish = PublishMessage::build().payload(body).headers(headers);
+            sent.push(self.nats.js.send_publish(subject.clone(), publish).await);
+        }
+        let until = tokio::time::Instant::now() + self.nats.deadline;
+        for sent in sent {
+            let acked = match sent {
+                Ok(ack) => tokio::time::timeout_at(until, ack).await.map_err(|_| {
+                    QueueError::Unavailable(format!(
+                        "NATS did not acknowledge within {:?}",
+                        self.nats.deadline
+                    ))
+                })?,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = acked {
+                // JetStream's answer when a `discard: new` stream is at a limit.
+                let text = error.to_string();
+                return Err(if text.contains("maximum") {
+                    QueueError::Full
+                } else {
+                    QueueError::Unavailable(text)
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Queue for NatsQueue {
     async fn push(&self, item: QueuedEvents) -> Result<(), (QueueError, Box<QueuedEvents>)> {
-        // Already in the events stream; dropping the item releases the
-        // ingest permit.
-        drop(item);
-        Ok(())
+        // Once in the backlog, dropping the item releases the ingest permit:
+        // the delivery takes a permit of its own.
+        match self.write(&item).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err((error, Box::new(item))),
+        }
     }
 
     async fn pop(&self) -> Option<QueuedEvents> {
@@ -109,6 +180,10 @@ impl Queue for NatsQueue {
 
     fn close(&self) {
         self.stop.cancel();
+        // Not started (NATS never came): nothing was pulled, nothing to drain.
+        if self.sender.receiver_count() > 0 && self.sender.sender_count() == 1 {
+            self.sender.close();
+        }
     }
 
     fn len(&self) -> usize {
@@ -116,29 +191,83 @@ impl Queue for NatsQueue {
     }
 }
 
-/// Acknowledges one item's deliveries; each with the delay before its
-/// redelivery should it be retried.
-struct Acks(Vec<(Acker, Duration)>);
+/// The deliveries this replica holds, reported in progress now and then.
+#[derive(Default)]
+struct Held {
+    next: AtomicU64,
+    ackers: Mutex<HashMap<u64, Arc<Acker>>>,
+}
+
+impl Held {
+    fn hold(&self, acker: Acker) -> (u64, Arc<Acker>) {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let acker = Arc::new(acker);
+        self.ackers.lock().insert(key, Arc::clone(&acker));
+        (key, acker)
+    }
+
+    fn release(&self, key: u64) {
+        self.ackers.lock().remove(&key);
+    }
+}
+
+/// Tells JetStream every third of `ack_wait` that the held deliveries are
+/// in progress, so that only a dead replica's come back.
+async fn report_progress(held: Arc<Held>, ack_wait: Duration, stop: CancellationToken) {
+    let mut every = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(100)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.cancelled() => {
+                // Still held while the workers finish them.
+                if held.ackers.lock().is_empty() {
+                    return;
+                }
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = tokio::time::sleep(Duration::from_secs(30)) => return,
+                }
+            }
+        }
+        let ackers: Vec<Arc<Acker>> = held.ackers.lock().values().cloned().collect();
+        for acker in ackers {
+            // Fire and forget: a lost one is made up for by the next.
+            let _ = acker.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+/// Acknowledges one chunk.
+struct Acks {
+    acker: Arc<Acker>,
+    key: u64,
+    held: Arc<Held>,
+    /// The delay before its redelivery, should it be retried.
+    retry_after: Duration,
+}
 
 impl std::fmt::Debug for Acks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Acks({} deliveries)", self.0.len())
+        write!(f, "Acks(delivery {})", self.key)
     }
 }
 
 #[async_trait]
 impl Acknowledge for Acks {
     async fn settle(self: Box<Self>, verdicts: &[Verdict]) {
-        for (index, (acker, delay)) in self.0.into_iter().enumerate() {
-            let kind = match verdicts.get(index) {
-                Some(Verdict::Retry) => AckKind::Nak(Some(delay)),
-                _ => AckKind::Ack,
-            };
-            if let Err(error) = acker.ack_with(kind).await {
-                // Not acknowledged: it comes back after `ack_wait`, and the
-                // worker then finds it processed.
-                tracing::warn!(%error, "acknowledging a delivery failed");
-            }
+        self.held.release(self.key);
+        // One ack for the chunk: delivered again if any of its events is to
+        // be retried (the published ones are then skipped).
+        let kind = if verdicts.contains(&Verdict::Retry) {
+            AckKind::Nak(Some(self.retry_after))
+        } else {
+            AckKind::Ack
+        };
+        if let Err(error) = self.acker.ack_with(kind).await {
+            // Not acknowledged: it comes back after `ack_wait`, and the
+            // worker then finds its events published.
+            tracing::warn!(%error, "acknowledging a delivery failed");
         }
     }
 }
@@ -147,40 +276,18 @@ struct Fetcher {
     consumer: Consumer<pull::Config>,
     backpressure: Backpressure,
     max_deliver: i64,
-    ack_wait: Duration,
     sender: async_channel::Sender<QueuedEvents>,
     waiting: Arc<AtomicUsize>,
     /// `eventflow_nats_redeliveries_total`.
     redeliveries: metrics::Counter,
-}
-
-/// Deliveries pulled together, before they are queued as one item.
-#[derive(Default)]
-struct Pulled {
-    records: Vec<Arc<Record>>,
-    attempts: Vec<Attempt>,
-    ackers: Vec<(Acker, Duration)>,
-    bytes: usize,
-    /// The span of a traced event (which is then alone in its item).
-    span: Option<tracing::Span>,
-}
-
-/// One delivery, read.
-struct Pull {
-    record: Record,
-    attempt: Attempt,
-    acker: Acker,
-    /// How long to wait before delivering it again, should it be retried.
-    retry_after: Duration,
-    /// The ingest span's context, when the request was traced.
-    parent: Option<SpanContext>,
+    held: Arc<Held>,
 }
 
 impl Fetcher {
     async fn run(self, stop: CancellationToken) {
         'pull: loop {
-            // One continuous pull: the client asks for the next batch while
-            // this one is being taken, so deliveries never wait for a round
+            // One continuous pull: the client asks for the next chunks while
+            // these are being taken, so deliveries never wait for a round
             // trip; it asks for more only as this loop takes what came, and
             // this loop takes nothing it has no permit for.
             let messages = self
@@ -207,63 +314,34 @@ impl Fetcher {
                 }
             };
             loop {
-                let mut pulled = Pulled::default();
-                // Wait for a first delivery, then take whatever else has
-                // arrived, up to an item's worth.
-                let mut next = tokio::select! {
+                let next = tokio::select! {
                     () = stop.cancelled() => {
                         hand_back(&mut messages).await;
                         break 'pull;
                     }
                     next = messages.next() => next,
                 };
-                loop {
-                    let message = match next {
-                        Some(Ok(message)) => message,
-                        Some(Err(error)) => {
-                            // No consumer leader for a moment (a cluster
-                            // node lost), a missed heartbeat: pull afresh,
-                            // shortly.
-                            tracing::debug!(%error, "pulling deliveries failed");
-                            self.queue(pulled).await;
-                            tokio::time::sleep(FETCH_RETRY).await;
-                            continue 'pull;
-                        }
-                        None => {
-                            self.queue(pulled).await;
-                            continue 'pull;
-                        }
-                    };
-                    tracing::trace!("delivery pulled");
-                    if let Some(mut pull) = self.read(message) {
-                        if let Some(parent) = pull.parent.take() {
-                            // A traced event is processed alone, in its trace.
-                            self.queue(std::mem::take(&mut pulled)).await;
-                            let span = tracing::debug_span!(
-                                telemetry::DELIVERY_SPAN,
-                                otel.kind = "consumer",
-                                messaging.system = "nats",
-                            );
-                            telemetry::set_parent_context(&span, parent);
-                            let mut traced = Pulled {
-                                span: Some(span),
-                                ..Pulled::default()
-                            };
-                            traced.add(pull);
-                            self.queue(traced).await;
-                        } else {
-                            pulled.add(pull);
+                match next {
+                    Some(Ok(message)) => {
+                        if let Some(item) = self.read(message).await {
+                            let events = item.records.len();
+                            self.waiting.fetch_add(events, Ordering::Relaxed);
+                            if self.sender.send(item).await.is_err() {
+                                // No workers (shutdown): another replica gets
+                                // it after `ack_wait`.
+                                self.waiting.fetch_sub(events, Ordering::Relaxed);
+                            }
                         }
                     }
-                    if pulled.records.len() == CHUNK_EVENTS {
-                        break;
+                    Some(Err(error)) => {
+                        // No consumer leader for a moment (a cluster node
+                        // lost), a missed heartbeat: pull afresh, shortly.
+                        tracing::debug!(%error, "pulling deliveries failed");
+                        tokio::time::sleep(FETCH_RETRY).await;
+                        continue 'pull;
                     }
-                    match messages.next().now_or_never() {
-                        Some(more) => next = more,
-                        None => break,
-                    }
+                    None => continue 'pull,
                 }
-                self.queue(pulled).await;
             }
         }
         // Ends the queue once the workers have taken what was pulled.
@@ -271,8 +349,9 @@ impl Fetcher {
         tracing::debug!("stopped fetching deliveries");
     }
 
-    /// Reads a delivery; one that is not an event is ended (`Term`).
-    fn read(&self, message: async_nats::jetstream::Message) -> Option<Pull> {
+    /// Reads a chunk into a queue item once there is room for its events
+    /// (a permit); one that is not a chunk is ended (`Term`).
+    async fn read(&self, message: async_nats::jetstream::Message) -> Option<QueuedEvents> {
         let (sequence, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered),
             Err(error) => {
@@ -284,59 +363,59 @@ impl Fetcher {
             self.redeliveries.increment(1);
         }
         let (message, acker) = message.split();
-        let headers = message.headers.as_ref();
-        match codec::decode_record(sequence, headers, &message.payload) {
-            Ok(record) => Some(Pull {
-                record,
-                attempt: Attempt {
-                    redelivered: delivered > 1,
-                    retryable: delivered < self.max_deliver,
-                },
-                acker,
-                retry_after: retry_delay(delivered, self.ack_wait),
-                parent: codec::traceparent(headers).and_then(telemetry::parent_from_traceparent),
-            }),
-            Err(error) => {
-                tracing::error!(%error, "ending a delivery that is not an event");
-                tokio::spawn(async move {
-                    let _ = acker.ack_with(AckKind::Term).await;
-                });
-                None
+        let queued = match codec::decode_chunk(sequence, &message.payload) {
+            Ok(queued) if !queued.is_empty() => queued,
+            Ok(_) => {
+                let _ = acker.ack().await;
+                return None;
             }
+            Err(error) => {
+                tracing::error!(%error, "ending a delivery that is not a chunk of events");
+                let _ = acker.ack_with(AckKind::Term).await;
+                return None;
+            }
+        };
+        let (key, acker) = self.held.hold(acker);
+        let span =
+            match codec::chunk_traceparent(&queued).and_then(telemetry::parent_from_traceparent) {
+                Some(parent) => {
+                    let span = tracing::debug_span!(
+                        telemetry::DELIVERY_SPAN,
+                        otel.kind = "consumer",
+                        messaging.system = "nats",
+                    );
+                    telemetry::set_parent_context(&span, parent);
+                    span
+                }
+                None => tracing::Span::none(),
+            };
+        let mut records = Vec::with_capacity(queued.len());
+        let mut attempts = Vec::with_capacity(queued.len());
+        let mut bytes = 0;
+        for queued in queued {
+            bytes += event_footprint(&queued.record.event);
+            attempts.push(Attempt {
+                redelivered: delivered > 1 || queued.requeued,
+                retryable: delivered < self.max_deliver,
+            });
+            records.push(Arc::new(queued.record));
         }
-    }
-
-    /// Hands pulled deliveries to the workers as one item, once there is
-    /// room for them (a permit).
-    async fn queue(&self, pulled: Pulled) {
-        let Pulled {
-            records,
-            attempts,
-            ackers,
-            bytes,
-            span,
-        } = pulled;
-        let events = records.len();
-        if events == 0 {
-            return;
-        }
-        let permit = self.backpressure.acquire(events, bytes).await;
-        self.waiting.fetch_add(events, Ordering::Relaxed);
-        let item = QueuedEvents {
+        let permit = self.backpressure.acquire(records.len(), bytes).await;
+        Some(QueuedEvents {
             records,
             delivery: Delivery {
                 attempts,
-                acknowledge: Some(Box::new(Acks(ackers))),
+                acknowledge: Some(Box::new(Acks {
+                    acker,
+                    key,
+                    held: Arc::clone(&self.held),
+                    retry_after: retry_delay(delivered),
+                })),
             },
             permit,
             enqueued_at: Instant::now(),
-            span: span.unwrap_or_else(tracing::Span::none),
-        };
-        if self.sender.send(item).await.is_err() {
-            // No workers (shutdown): another replica gets these after
-            // `ack_wait`.
-            self.waiting.fetch_sub(events, Ordering::Relaxed);
-        }
+            span,
+        })
     }
 }
 
@@ -365,23 +444,17 @@ async fn hand_back(messages: &mut pull::Stream) {
     }
 }
 
-/// The delay before the next delivery of an event that could not be
+/// Longest wait before a chunk that could not be published is delivered again.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The delay before the next delivery of a chunk that could not be
 /// published on its `delivered`th delivery: 1 s, doubling, at most
-/// `ack_wait`. A sink or JetStream that fails for a moment (a cluster
+/// [`RETRY_MAX`]. A sink or JetStream that fails for a moment (a cluster
 /// electing a leader) is waited out rather than used up in a burst of
 /// redeliveries.
-fn retry_delay(delivered: i64, ack_wait: Duration) -> Duration {
+fn retry_delay(delivered: i64) -> Duration {
     let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
-    Duration::from_secs(1u64 << doublings).min(ack_wait)
-}
-
-impl Pulled {
-    fn add(&mut self, pull: Pull) {
-        self.bytes += event_footprint(&pull.record.event);
-        self.records.push(Arc::new(pull.record));
-        self.attempts.push(pull.attempt);
-        self.ackers.push((pull.acker, pull.retry_after));
-    }
+    Duration::from_secs(1u64 << doublings).min(RETRY_MAX)
 }
 
 #[cfg(test)]
@@ -389,12 +462,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retries_back_off_up_to_the_ack_wait() {
-        let ack_wait = Duration::from_secs(30);
-        let delays: Vec<u64> = (1..=7)
-            .map(|n| retry_delay(n, ack_wait).as_secs())
-            .collect();
+    fn retries_back_off_up_to_half_a_minute() {
+        let delays: Vec<u64> = (1..=7).map(|n| retry_delay(n).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
-        assert_eq!(retry_delay(i64::MAX, ack_wait), ack_wait);
+        assert_eq!(retry_delay(i64::MAX), RETRY_MAX);
     }
 }

@@ -1,73 +1,72 @@
-//! The JetStream store: the events stream is both the idempotency record
-//! and the queue.
+//! The JetStream store: the ids stream holds each accepted event's record;
+//! its outcome is its message on the published or the failed stream.
 //!
-//! Accepting an event is one write: a publish to `<prefix>.events.<key>`
-//! that the stream takes only if that subject holds nothing yet
+//! Accepting an event is one write: a publish to `<prefix>.ids.<key>` that
+//! the stream takes only if that subject holds nothing yet
 //! (`Nats-Expected-Last-Subject-Sequence: 0`), so the first writer wins
 //! atomically whichever replica it reached; the stream sequence is the
-//! arrival sequence. The outcome of a published event is its message on
-//! the published stream (written by the feed); a failed one's is a message
-//! on the failed stream. Reads ask JetStream (direct gets), so every
+//! arrival sequence. The queue's write (the backlog chunk) follows; a
+//! crash between the two leaves a record with no chunk, which the
+//! client's retry heals: a retry of a record with no outcome is queued
+//! again ([`Insert::Requeue`]), and publication is fenced per event, so
+//! the event is published once either way.
+//!
+//! Reads ask JetStream on the reader connection (direct gets), so every
 //! replica answers the same.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
-use async_nats::Client;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
-use async_nats::jetstream::{self};
 use async_trait::async_trait;
-use bytes::Bytes;
+use futures_util::StreamExt;
 
-use super::codec::{self, Subjects};
+use super::Nats;
+use super::codec;
 use crate::event::{Event, EventId};
 use crate::store::{CompleteWith, Insert, Outcome, Page, PageQuery, Record, Store, StoreError};
-use crate::telemetry;
+use crate::telemetry::metrics::{Metrics, names};
 use crate::time::UnixNanos;
 use crate::trace_id::TraceId;
 
-/// Most stream messages one page request reads (a status filter may skip
-/// many): the page then ends early with a cursor to go on from.
-const PAGE_SCAN_MAX: usize = 10_000;
+/// Reads a page request has in flight at once.
+const READS_IN_FLIGHT: usize = 64;
+/// Most id records one page request reads while it looks for a status.
+const SCAN_MAX: u64 = 100_000;
 
 /// Accepted events, their outcomes and the reads of them, in JetStream.
 #[derive(Debug)]
 pub struct NatsStore {
-    pub(super) client: Client,
-    pub(super) js: jetstream::Context,
-    pub(super) events: Stream,
-    pub(super) published: Stream,
-    pub(super) failed: Stream,
-    pub(super) subjects: Subjects,
-    /// Messages in the events stream, as last read by the upkeep task.
-    pub(super) held: Arc<AtomicU64>,
+    nats: Arc<Nats>,
     /// `eventflow_nats_publish_ack_seconds`.
-    pub(super) ack_latency: metrics::Histogram,
+    ack_latency: metrics::Histogram,
 }
 
 impl NatsStore {
-    /// What an ack error means for the event.
-    fn refusal(error: &jetstream::context::PublishError) -> StoreError {
-        let text = error.to_string();
-        // JetStream's answer when a `discard: new` stream is at a limit.
-        if text.contains("maximum") {
-            StoreError::Full
-        } else {
-            StoreError::Unavailable(text)
+    pub(super) fn new(nats: Arc<Nats>, metrics: &Metrics) -> Self {
+        Self {
+            nats,
+            ack_latency: metrics.histogram(names::NATS_PUBLISH_ACK),
         }
     }
 
-    /// The stored event whose id is `id`, if the events stream holds it.
+    fn unavailable(error: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(error.to_string())
+    }
+
+    /// The record of `id`, if the ids stream holds one.
     async fn stored(&self, id: &EventId) -> Result<Option<Record>, StoreError> {
+        let subject = self.nats.subjects.id(id);
         match self
-            .events
-            .direct_get_last_for_subject(self.subjects.event(id))
+            .nats
+            .ids_read
+            .direct_get_last_for_subject(subject)
             .await
         {
-            Ok(message) => Ok(codec::decode_record(
+            Ok(message) => Ok(codec::decode_id_record(
                 message.sequence,
                 Some(&message.headers),
                 &message.payload,
@@ -75,58 +74,154 @@ impl NatsStore {
             .map_err(|error| tracing::warn!(%error, "skipping a message"))
             .ok()),
             Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(error) => Err(StoreError::Unavailable(error.to_string())),
+            Err(error) => Err(Self::unavailable(error)),
         }
     }
 
-    /// An accepted event's outcome as JetStream holds it.
-    async fn lookup_outcome(&self, id: &EventId) -> Option<Outcome> {
-        if let Ok(message) = self
-            .published
-            .direct_get_last_for_subject(self.subjects.published_event(id))
-            .await
-        {
-            return codec::processed_outcome(Some(&message.headers));
+    /// The outcome of the acceptance with arrival sequence `sequence`:
+    /// its publication, or its failure, or none yet.
+    async fn lookup_outcome(
+        &self,
+        published: &Stream<()>,
+        failed: &Stream<()>,
+        sequence: u64,
+    ) -> Result<Option<Outcome>, StoreError> {
+        let subjects = &self.nats.subjects;
+        let (publication, failure) = tokio::join!(
+            published.direct_get_last_for_subject(subjects.published_event(sequence)),
+            failed.direct_get_last_for_subject(subjects.failed_event(sequence)),
+        );
+        match publication {
+            Ok(message) => return Ok(codec::processed_outcome(Some(&message.headers))),
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => {}
+            Err(error) => return Err(Self::unavailable(error)),
         }
-        let message = self
-            .failed
-            .direct_get_last_for_subject(self.subjects.failed_event(id))
-            .await
-            .ok()?;
-        Some(Outcome::Failed {
-            error: String::from_utf8_lossy(&message.payload).into(),
-        })
+        match failure {
+            Ok(message) => Ok(Some(codec::failed_outcome(Some(&message.headers)))),
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(Self::unavailable(error)),
+        }
     }
 
-    /// An accepted event as a reader sees it: with its outcome.
-    async fn with_outcome(&self, record: Record) -> Arc<Record> {
-        match self.lookup_outcome(&record.event.id).await {
-            Some(outcome) => Arc::new(Record::with_outcome(
+    /// A record with its outcome, as readers see it.
+    async fn with_outcome(&self, record: Record) -> Result<Arc<Record>, StoreError> {
+        let outcome = self
+            .lookup_outcome(
+                &self.nats.published_read,
+                &self.nats.failed_read,
+                record.sequence,
+            )
+            .await?;
+        Ok(Arc::new(match outcome {
+            Some(outcome) => Record::with_outcome(
                 record.event,
                 record.sequence,
                 record.received_at,
                 record.trace_id,
                 Some(outcome),
-            )),
-            None => Arc::new(record),
-        }
+            ),
+            None => record,
+        }))
     }
 
-    /// A retry: the same content, or a conflict.
+    /// A retry: the same content (queued again when it has no outcome), or
+    /// a conflict.
     async fn existing(&self, event: &Event) -> Result<Insert, StoreError> {
         let Some(stored) = self.stored(&event.id).await? else {
-            // Held a moment ago and gone now (aged out): let the client retry.
+            // Held a moment ago and gone now (forgotten): let the client retry.
             return Err(StoreError::Unavailable(format!(
-                "event `{}` was being replaced; retry",
+                "event `{}` was being forgotten; retry",
                 event.id
             )));
         };
-        let stored = self.with_outcome(stored).await;
-        Ok(if stored.same_content(event) {
-            Insert::Duplicate(stored)
-        } else {
+        let stored = self.with_outcome(stored).await?;
+        Ok(if !stored.same_content(event) {
             Insert::Conflict(stored)
+        } else if stored.outcome().is_none() {
+            Insert::Requeue(stored)
+        } else {
+            Insert::Duplicate(stored)
         })
+    }
+
+    /// What an ack error means for the event.
+    fn refusal(error: &async_nats::jetstream::context::PublishError) -> StoreError {
+        match error.kind() {
+            PublishErrorKind::MaxPayloadExceeded => StoreError::TooLarge(format!(
+                "the event's record is larger than the NATS server takes (max_payload): {error}"
+            )),
+            _ => Self::unavailable(error),
+        }
+    }
+
+    /// Reads the id records after `after`, in arrival order, `READS_IN_FLIGHT`
+    /// at a time, each with its outcome, until `limit` match `status`, the
+    /// stream ends, or the budget runs out.
+    async fn scan(&self, query: PageQuery) -> Result<Page, StoreError> {
+        let info = self
+            .nats
+            .ids_read
+            .get_info()
+            .await
+            .map_err(Self::unavailable)?;
+        let last = info.state.last_sequence;
+        let mut next = query.after.saturating_add(1).max(info.state.first_sequence);
+        let budget = Instant::now() + self.nats.deadline / 2;
+        let mut scanned = 0u64;
+        let mut records = Vec::with_capacity(query.limit.min(1024));
+        let mut incomplete = false;
+        while next <= last && records.len() < query.limit {
+            if query.status.is_some() && (scanned >= SCAN_MAX || Instant::now() >= budget) {
+                incomplete = true;
+                break;
+            }
+            // Unfiltered, a window of `limit` is all a page needs.
+            let want = if query.status.is_some() {
+                READS_IN_FLIGHT as u64 * 4
+            } else {
+                (query.limit - records.len()) as u64
+            };
+            let end = last.min(next.saturating_add(want - 1));
+            let window: Vec<Result<Option<Arc<Record>>, StoreError>> =
+                futures_util::stream::iter(next..=end)
+                    .map(|sequence| self.read_sequence(sequence))
+                    .buffered(READS_IN_FLIGHT)
+                    .collect()
+                    .await;
+            scanned += end - next + 1;
+            for (sequence, read) in (next..=end).zip(window) {
+                next = sequence + 1;
+                let Some(record) = read? else { continue };
+                if query.status.is_none_or(|status| record.status() == status) {
+                    records.push(record);
+                    if records.len() == query.limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let more = next <= last;
+        Ok(Page {
+            next: (more || incomplete).then(|| next - 1),
+            records,
+            incomplete,
+        })
+    }
+
+    /// The record with arrival sequence `sequence`, with its outcome.
+    async fn read_sequence(&self, sequence: u64) -> Result<Option<Arc<Record>>, StoreError> {
+        let message = match self.nats.ids_read.direct_get(sequence).await {
+            Ok(message) => message,
+            // Forgotten, or taken back after a failed queue write.
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(Self::unavailable(error)),
+        };
+        let Ok(record) =
+            codec::decode_id_record(message.sequence, Some(&message.headers), &message.payload)
+        else {
+            return Ok(None);
+        };
+        self.with_outcome(record).await.map(Some)
     }
 }
 
@@ -150,36 +245,59 @@ impl Store for NatsStore {
         received_at: SystemTime,
         trace_id: TraceId,
     ) -> Vec<Result<Insert, StoreError>> {
-        if let Some(why) = crate::nats::unreachable(&self.client) {
+        if let Some(why) = self.nats.unavailable() {
             return events
                 .iter()
                 .map(|_| Err(StoreError::Unavailable(why.clone())))
                 .collect();
         }
         let received = UnixNanos::from(received_at);
-        let traceparent = telemetry::traceparent_of(&tracing::Span::current());
         let started = Instant::now();
+        let max_body = self.nats.max_body();
         // Every publish is sent before any ack is awaited: one round trip
         // for the batch, not one per event.
         let mut sent = Vec::with_capacity(events.len());
         for event in &events {
-            let (headers, body) =
-                codec::event_message(event, received, trace_id, traceparent.as_deref());
+            let (headers, body) = codec::id_record(event, received, trace_id);
+            if body.len() > max_body {
+                sent.push(Err(StoreError::TooLarge(format!(
+                    "the event's record of {} bytes is larger than the NATS server takes \
+                     ({max_body} bytes and headers: its max_payload)",
+                    body.len()
+                ))));
+                continue;
+            }
             let publish = PublishMessage::build()
                 .payload(body)
                 .headers(headers)
                 .expected_last_subject_sequence(0);
             sent.push(
-                self.js
-                    .send_publish(self.subjects.event(&event.id), publish)
-                    .await,
+                self.nats
+                    .js
+                    .send_publish(self.nats.subjects.id(&event.id), publish)
+                    .await
+                    .map_err(|e| Self::refusal(&e)),
             );
         }
+        // One deadline for all the acks (each also has its own, the same).
+        let until = tokio::time::Instant::now() + self.nats.deadline;
         let mut results = Vec::with_capacity(events.len());
         for (event, sent) in events.into_iter().zip(sent) {
             let acked = match sent {
-                Ok(ack) => ack.await,
-                Err(error) => Err(error),
+                Ok(ack) => match tokio::time::timeout_at(until, ack).await {
+                    Ok(acked) => acked,
+                    Err(_) => {
+                        results.push(Err(StoreError::Unavailable(format!(
+                            "NATS did not acknowledge within {:?}",
+                            self.nats.deadline
+                        ))));
+                        continue;
+                    }
+                },
+                Err(error) => {
+                    results.push(Err(error));
+                    continue;
+                }
             };
             results.push(match acked {
                 Ok(ack) => Ok(Insert::Inserted(Arc::new(Record::new(
@@ -198,33 +316,50 @@ impl Store for NatsStore {
         results
     }
 
-    async fn get(&self, id: &EventId) -> Option<Arc<Record>> {
-        let record = self.stored(id).await.ok()??;
-        Some(self.with_outcome(record).await)
+    async fn get(&self, id: &EventId) -> Result<Option<Arc<Record>>, StoreError> {
+        if let Some(why) = self.nats.unavailable() {
+            return Err(StoreError::Unavailable(why));
+        }
+        match self.stored(id).await? {
+            Some(record) => self.with_outcome(record).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn outcome(&self, record: &Record) -> Option<Outcome> {
         if let Some(outcome) = record.outcome() {
             return Some(outcome.clone());
         }
-        self.lookup_outcome(&record.event.id).await
+        // The workers ask on the ingest connection: it is theirs.
+        self.lookup_outcome(&self.nats.published, &self.nats.failed, record.sequence)
+            .await
+            .ok()
+            .flatten()
     }
 
     fn unavailable(&self) -> Option<String> {
-        crate::nats::unreachable(&self.client)
+        self.nats.unavailable()
+    }
+
+    fn pending_is_queued(&self) -> bool {
+        false
     }
 
     async fn get_by_sequence(&self, sequence: u64) -> Option<Arc<Record>> {
-        let message = self.events.direct_get(sequence).await.ok()?;
-        let record =
-            codec::decode_record(message.sequence, Some(&message.headers), &message.payload)
-                .ok()?;
-        Some(self.with_outcome(record).await)
+        self.read_sequence(sequence).await.ok().flatten()
     }
 
-    async fn remove(&self, _record: &Record) {
-        // Never needed: the events stream is the queue, so an event it
-        // stored is queued.
+    async fn remove(&self, record: &Record) {
+        // Not queued after all: forget the id, so that a retry is new. (If
+        // this fails, the retry finds the record and queues it again.)
+        let removed = tokio::time::timeout(
+            self.nats.deadline,
+            self.nats.ids.delete_message(record.sequence),
+        )
+        .await;
+        if !matches!(removed, Ok(Ok(_))) {
+            tracing::debug!(event.id = %record.event.id, "could not take back an id record");
+        }
     }
 
     async fn complete(&self, record: &Record, outcome: CompleteWith) -> bool {
@@ -232,65 +367,42 @@ impl Store for NatsStore {
             // Its message on the published stream (the feed) is the record.
             CompleteWith::Processed(_) => true,
             CompleteWith::Failed(error) => {
-                let subject = self.subjects.failed_event(&record.event.id);
-                let published = match self.js.publish(subject, Bytes::from(error)).await {
+                let (headers, body) = codec::failed_message(record, &error);
+                let publish = PublishMessage::build()
+                    .payload(body)
+                    .headers(headers)
+                    // Once per acceptance, like a publication.
+                    .expected_last_subject_sequence(0);
+                let subject = self.nats.subjects.failed_event(record.sequence);
+                let written = match self.nats.js.send_publish(subject, publish).await {
                     Ok(ack) => ack.await.map(drop),
                     Err(error) => Err(error),
                 };
-                if let Err(error) = published {
-                    tracing::error!(event.id = %record.event.id, %error, "could not record a failed event");
+                match written {
+                    Ok(()) => true,
+                    Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => false,
+                    Err(error) => {
+                        tracing::error!(event.id = %record.event.id, %error, "could not record a failed event");
+                        true
+                    }
                 }
-                true
             }
         }
     }
 
-    async fn page(&self, query: PageQuery) -> Page {
-        let mut records = Vec::new();
-        let mut next_sequence = query.after.saturating_add(1);
-        let mut scanned = 0;
-        let filter = self.subjects.events();
-        let mut exhausted = false;
-        while records.len() < query.limit && scanned < PAGE_SCAN_MAX {
-            let message = match self
-                .events
-                .direct_get_next_for_subject(filter.as_str(), Some(next_sequence))
-                .await
-            {
-                Ok(message) => message,
-                Err(error) => {
-                    if error.kind() != DirectGetErrorKind::NotFound {
-                        tracing::warn!(%error, "reading a page of events failed");
-                    }
-                    exhausted = true;
-                    break;
-                }
-            };
-            scanned += 1;
-            next_sequence = message.sequence + 1;
-            let Ok(record) =
-                codec::decode_record(message.sequence, Some(&message.headers), &message.payload)
-            else {
-                continue;
-            };
-            let record = self.with_outcome(record).await;
-            if query.status.is_none_or(|status| record.status() == status) {
-                records.push(record);
-            }
+    async fn page(&self, query: PageQuery) -> Result<Page, StoreError> {
+        if let Some(why) = self.nats.unavailable() {
+            return Err(StoreError::Unavailable(why));
         }
-        Page {
-            next: (!exhausted).then(|| next_sequence - 1),
-            records,
-        }
+        self.scan(query).await
     }
 
     fn len(&self) -> usize {
-        usize::try_from(self.held.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+        usize::try_from(self.nats.ids_held.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
     }
 
     fn evictions(&self) -> u64 {
-        // JetStream ages events out by `backend.nats.max_age`; it does not
-        // evict to make room (a full stream refuses new events).
+        // JetStream forgets ids by age and bytes; the backlog never evicts.
         0
     }
 }

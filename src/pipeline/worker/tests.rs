@@ -120,6 +120,7 @@ fn pipeline_with_metrics(
             queue: MemoryQueue::new(capacity),
             sinks,
             chain: Some(chain),
+            write_deadline: None,
             metrics,
         },
     )
@@ -136,7 +137,7 @@ fn event(id: &str, payload: &str) -> Event {
 async fn wait_for(pipeline: &Pipeline, id: &str, status: Status) {
     let id = EventId::parse(id).unwrap();
     for _ in 0..500 {
-        if pipeline.store().get(&id).await.map(|r| r.status()) == Some(status) {
+        if pipeline.store().get(&id).await.unwrap().map(|r| r.status()) == Some(status) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -186,6 +187,7 @@ async fn permits_are_released_only_after_publication() {
             .store()
             .get(&EventId::parse("c").unwrap())
             .await
+            .unwrap()
             .is_none(),
         "nothing stored on 503"
     );
@@ -345,7 +347,12 @@ async fn events_a_sink_did_not_write_fail_and_the_rest_are_published() {
         outcomes.push(outcome.is_ok());
     }
     assert_eq!(outcomes, [true, true, false, false, false]);
-    let failed = pipeline.store().get(&records[4].event.id).await.unwrap();
+    let failed = pipeline
+        .store()
+        .get(&records[4].event.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(failed.status(), Status::Failed);
     assert!(
         matches!(failed.outcome(), Some(crate::store::Outcome::Failed { error }) if error.contains("sink `partial` is closed")),

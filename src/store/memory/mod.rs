@@ -320,8 +320,8 @@ impl Store for MemoryStore {
             .collect()
     }
 
-    async fn get(&self, id: &EventId) -> Option<Arc<Record>> {
-        self.by_id.get(id.as_str())
+    async fn get(&self, id: &EventId) -> Result<Option<Arc<Record>>, StoreError> {
+        Ok(self.by_id.get(id.as_str()))
     }
 
     async fn get_by_sequence(&self, sequence: u64) -> Option<Arc<Record>> {
@@ -359,7 +359,7 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn page(&self, query: PageQuery) -> Page {
+    async fn page(&self, query: PageQuery) -> Result<Page, StoreError> {
         let mut records = Vec::with_capacity(query.limit.min(1024));
         let mut next = None;
         let matches = |record: &Record| query.status.is_none_or(|status| record.status() == status);
@@ -384,7 +384,11 @@ impl Store for MemoryStore {
                 Scan::Stopped | Scan::End => break,
             }
         }
-        Page { records, next }
+        Ok(Page {
+            records,
+            next,
+            incomplete: false,
+        })
     }
 
     fn len(&self) -> usize {

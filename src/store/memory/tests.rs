@@ -107,6 +107,7 @@ async fn duplicate_race_has_exactly_one_winner() {
                 Insert::Inserted(_) => winners += 1,
                 Insert::Duplicate(_) => {}
                 Insert::Conflict(r) => panic!("conflict for identical content: {r:?}"),
+                Insert::Requeue(r) => panic!("requeued in memory: {r:?}"),
             }
         }
         assert_eq!(winners, 1);
@@ -126,14 +127,14 @@ async fn evicts_oldest_processed_first_and_never_pending() {
     process(&store, &b).await;
     let _e = inserted(&store, "e").await;
     assert!(
-        store.get(&a.event.id).await.is_some(),
+        store.get(&a.event.id).await.unwrap().is_some(),
         "pending is never evicted"
     );
     assert!(
-        store.get(&b.event.id).await.is_none(),
+        store.get(&b.event.id).await.unwrap().is_none(),
         "oldest processed goes first"
     );
-    assert!(store.get(&c.event.id).await.is_some());
+    assert!(store.get(&c.event.id).await.unwrap().is_some());
     assert_eq!(store.len(), 4);
     assert_eq!(store.evictions(), 1);
     // Evicted ids may be accepted again: the idempotency window is the store.
@@ -158,11 +159,14 @@ async fn a_large_eviction_pass_removes_exactly_the_oldest_from_every_shard() {
     assert_eq!(store.len(), MAX - evicted + 1);
     for i in [0, evicted / 2, evicted - 1] {
         let id = EventId::parse(&format!("id-{i}")).unwrap();
-        assert!(store.get(&id).await.is_none(), "id-{i} was evicted");
+        assert!(
+            store.get(&id).await.unwrap().is_none(),
+            "id-{i} was evicted"
+        );
     }
     for i in [evicted, MAX / 2, MAX - 1] {
         let id = EventId::parse(&format!("id-{i}")).unwrap();
-        assert!(store.get(&id).await.is_some(), "id-{i} is kept");
+        assert!(store.get(&id).await.unwrap().is_some(), "id-{i} is kept");
     }
     // The ids can be taken again, so the index let go of every one.
     for i in 0..evicted {
@@ -210,6 +214,7 @@ fn summary(results: &[Result<Insert, StoreError>]) -> Vec<(&'static str, u64)> {
             Ok(Insert::Inserted(r)) => ("inserted", r.sequence),
             Ok(Insert::Duplicate(r)) => ("duplicate", r.sequence),
             Ok(Insert::Conflict(r)) => ("conflict", r.sequence),
+            Ok(Insert::Requeue(r)) => ("requeue", r.sequence),
             Err(_) => ("error", 0),
         })
         .collect()
@@ -249,7 +254,7 @@ async fn a_large_batch_inserted_under_one_hold_of_each_lock_answers_like_inserts
     assert_eq!(batched.len(), one_by_one.len());
     assert_eq!(batched.bytes(), one_by_one.bytes());
     let e0 = EventId::parse("e0").unwrap();
-    assert_eq!(batched.get(&e0).await.map(|r| r.sequence), Some(2));
+    assert_eq!(batched.get(&e0).await.unwrap().map(|r| r.sequence), Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -272,6 +277,7 @@ async fn racing_batches_with_the_same_ids_insert_each_id_once() {
                         Insert::Inserted(r) => inserted.push(r.sequence),
                         Insert::Duplicate(_) => {}
                         Insert::Conflict(r) => panic!("conflict on {}", r.event.id),
+                        Insert::Requeue(r) => panic!("requeued in memory: {}", r.event.id),
                     }
                 }
             }
@@ -290,7 +296,7 @@ async fn racing_batches_with_the_same_ids_insert_each_id_once() {
     for round in 0..20 {
         for i in 0..100 {
             let id = EventId::parse(&format!("{round}-{i}")).unwrap();
-            held_bytes += store.get(&id).await.unwrap().footprint();
+            held_bytes += store.get(&id).await.unwrap().unwrap().footprint();
         }
     }
     assert_eq!(store.bytes(), held_bytes);
@@ -353,7 +359,7 @@ async fn byte_bound_evicts_large_processed_records() {
         );
     }
     assert!(store.len() < 5);
-    assert!(store.get(&held[19].event.id).await.is_some());
+    assert!(store.get(&held[19].event.id).await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -372,7 +378,8 @@ async fn pagination_cursor_and_status_filter() {
             limit: 4,
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     let seqs: Vec<u64> = page.records.iter().map(|r| r.sequence).collect();
     assert_eq!(seqs, [1, 2, 3, 4]);
     assert_eq!(page.next, Some(4));
@@ -382,7 +389,8 @@ async fn pagination_cursor_and_status_filter() {
             limit: 4,
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(
         page.records.iter().map(|r| r.sequence).collect::<Vec<_>>(),
         [5, 6, 7, 8]
@@ -393,7 +401,8 @@ async fn pagination_cursor_and_status_filter() {
             limit: 4,
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(last.records.len(), 2);
     assert_eq!(last.next, None, "no cursor past the end");
     let exact = store
@@ -402,7 +411,8 @@ async fn pagination_cursor_and_status_filter() {
             limit: 4,
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(exact.records.len(), 4);
     assert_eq!(exact.next, None, "an exactly full last page has no cursor");
     let pending = store
@@ -411,7 +421,8 @@ async fn pagination_cursor_and_status_filter() {
             limit: 100,
             status: Some(Status::Pending),
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(
         pending
             .records
@@ -505,7 +516,7 @@ async fn remove_rolls_back_an_insert() {
     let store = MemoryStore::new(&settings(100, 1 << 20));
     let a = inserted(&store, "a").await;
     store.remove(&a).await;
-    assert!(store.get(&a.event.id).await.is_none());
+    assert!(store.get(&a.event.id).await.unwrap().is_none());
     assert_eq!(store.len(), 0);
     assert_eq!(store.bytes(), 0);
 }

@@ -616,17 +616,17 @@ async fn in_memory_mode_the_nats_sink_publishes_each_event_to_its_subject() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_events_stream_refuses_new_events_with_503_and_drops_none() {
+async fn a_full_backlog_refuses_new_events_with_503_and_drops_none() {
     let Some(nats) = server::single().await else {
         return;
     };
     // Room for a few dozen events; the workers are held back by a closed
-    // gate so that the stream fills.
+    // gate so that the backlog fills.
     let gate = crate::helpers::Gate::closed();
     let app = spawn_app_with(
         |settings| {
             nats_mode(settings, &nats.url());
-            settings.backend.nats.max_bytes = 16 * 1024;
+            settings.backend.nats.backlog_max_bytes = 16 * 1024;
         },
         vec![std::sync::Arc::new(gate.clone())],
     )
@@ -647,7 +647,7 @@ async fn a_full_events_stream_refuses_new_events_with_503_and_drops_none() {
             other => panic!("{id}: {other}"),
         }
     }
-    let problem = refused.expect("a full stream answers 503");
+    let problem = refused.expect("a full backlog answers 503");
     assert_eq!(problem["status"], 503, "{problem}");
     assert!(!accepted.is_empty() && accepted.len() < 1000);
     // Nothing accepted was dropped to make room: once the sinks write
@@ -702,20 +702,43 @@ async fn a_stream_that_exists_with_other_settings_stops_the_start_naming_the_key
     let Some(nats) = server::single().await else {
         return;
     };
-    // The events stream made elsewhere, in memory; eventflow is told `file`.
+    // The ids stream made elsewhere (by this layout), in memory; eventflow
+    // is told `file`.
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     js.create_stream(async_nats::jetstream::stream::Config {
-        name: "EVENTFLOW_EVENTS".into(),
-        subjects: vec!["eventflow.events.>".into()],
+        name: "EVENTFLOW_IDS".into(),
+        subjects: vec!["eventflow.ids.>".into()],
         storage: async_nats::jetstream::stream::StorageType::Memory,
+        metadata: [("eventflow_layout".to_owned(), "2".to_owned())].into(),
         ..Default::default()
     })
     .await
     .unwrap();
     let error = start_error(&nats.url()).await;
-    assert!(error.contains("backend.nats.events_stream"), "{error}");
+    assert!(error.contains("backend.nats.ids_stream"), "{error}");
     assert!(error.contains("storage"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_the_earlier_layout_stop_the_start_saying_how_to_move() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    // The published stream as the earlier version made it (no layout mark).
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "EVENTFLOW_PUBLISHED".into(),
+        subjects: vec!["eventflow.published.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let error = start_error(&nats.url()).await;
+    assert!(error.contains("earlier eventflow"), "{error}");
+    assert!(error.contains("nats stream rm"), "{error}");
+    assert!(error.contains("backend.nats.subject_prefix"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -727,7 +750,7 @@ async fn a_server_without_room_for_the_streams_stops_the_start_naming_the_settin
     };
     let error = start_error(&nats.url()).await;
     assert!(error.contains("insufficient storage"), "{error}");
-    assert!(error.contains("backend.nats.max_bytes"), "{error}");
+    assert!(error.contains("backend.nats.backlog_max_bytes"), "{error}");
     assert!(error.contains("max_file_store"), "{error}");
 }
 
