@@ -96,6 +96,10 @@ impl App {
             settings.pipeline.queue_max_bytes,
         );
         // The one place the backend is chosen.
+        tracing::info!(
+            backend = settings.backend.kind.name(),
+            "starting the backend"
+        );
         let backend = match settings.backend.kind {
             BackendKind::Memory => Backend::memory(&settings),
             BackendKind::Nats => Backend::nats(&settings, &backpressure, &metrics).await?,

@@ -2,6 +2,8 @@
 //! pipeline, exactly-once publication, reads and SSE across replicas, and
 //! faults (a replica killed, NATS stopped, a cluster node lost).
 
+mod bounds;
+mod faults;
 pub(crate) mod server;
 
 use std::collections::{HashMap, HashSet};

@@ -36,7 +36,7 @@ fn binary_or_skip() -> Option<PathBuf> {
     found
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
@@ -125,6 +125,38 @@ impl NatsNode {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the process (SIGSTOP): its sockets stay open, nothing answers.
+    pub(crate) fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub(crate) fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid"));
+            nix::sys::signal::kill(pid, signal).expect("the signal is sent");
+        }
+    }
+
+    /// A number from the monitoring endpoint's `/varz` (`slow_consumers`,
+    /// `in_msgs`, ...).
+    pub(crate) async fn varz(&self, field: &str) -> u64 {
+        let url = format!("http://127.0.0.1:{}/varz", self.monitor);
+        let varz: serde_json::Value = reqwest::get(&url)
+            .await
+            .expect("the monitoring endpoint answers")
+            .json()
+            .await
+            .expect("/varz is JSON");
+        varz[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("/varz has no {field}"))
+    }
+
     /// Waits until the node's JetStream answers its health check.
     pub(crate) async fn wait_healthy(&self) {
         let client = reqwest::Client::new();
@@ -171,6 +203,25 @@ pub(crate) async fn single_with_storage(max_file_store: &str) -> Option<NatsNode
     );
     node.wait_healthy().await;
     Some(node)
+}
+
+/// A single node on `port` (one a service was pointed at before NATS ran).
+pub(crate) async fn single_at(port: u16) -> Option<NatsNode> {
+    let node = NatsNode::new(
+        binary_or_skip()?,
+        Vec::new(),
+        port,
+        "single",
+        TEST_FILE_STORE,
+    );
+    node.wait_healthy().await;
+    Some(node)
+}
+
+/// Whether the nats-server binary is here (a test that starts one later
+/// than the service checks first).
+pub(crate) fn available() -> bool {
+    binary_or_skip().is_some()
 }
 
 /// Three clustered nodes, ready (a JetStream meta leader elected).
