@@ -24,16 +24,9 @@ use crate::store::{Outcome, Record};
 use crate::time::UnixNanos;
 use crate::trace_id::TraceId;
 
-/// When the event was accepted (Unix nanoseconds).
-pub(super) const RECEIVED_AT: &str = "Eventflow-Received-At";
-/// The trace id the event's metadata carries (32 hex digits).
-pub(super) const TRACE_ID: &str = "Eventflow-Trace-Id";
-/// Arrival sequence of a published or failed event.
-pub(super) const SEQUENCE: &str = "Eventflow-Sequence";
-/// Worker that processed a published event.
-pub(super) const WORKER: &str = "Eventflow-Worker";
-/// When a published event was processed (Unix nanoseconds).
-pub(super) const PROCESSED_AT: &str = "Eventflow-Processed-At";
+/// How a published event was processed: its worker and when (Unix
+/// nanoseconds), space-separated.
+pub(super) const PROCESSED: &str = "Eventflow-Processed";
 /// Why a failed event failed.
 pub(super) const ERROR: &str = "Eventflow-Error";
 /// Events in a backlog chunk.
@@ -110,41 +103,41 @@ struct StoredEvent<'a> {
     payload: &'a str,
 }
 
-fn event_json(event: &Event) -> Vec<u8> {
+/// A record's body: when the event was accepted and its trace id on a
+/// first line (`<Unix nanoseconds> <32 hex digits>`), then its JSON. No
+/// headers of its own: the one the write needs
+/// (`Nats-Expected-Last-Subject-Sequence`) is all a record message carries.
+fn record_body(event: &Event, received_at: UnixNanos, trace_id: TraceId) -> Bytes {
+    let mut body = Vec::with_capacity(64 + event.id.as_str().len() + event.payload.len());
+    body.extend_from_slice(
+        itoa::Buffer::new()
+            .format(received_at.as_nanos())
+            .as_bytes(),
+    );
+    body.push(b' ');
+    let mut hex = String::with_capacity(32);
+    trace_id.push_hex(&mut hex);
+    body.extend_from_slice(hex.as_bytes());
+    body.push(b'\n');
     // Serializing strings and an integer cannot fail.
-    serde_json::to_vec(&StoredEvent {
-        id: event.id.as_str(),
-        timestamp: event.timestamp,
-        payload: &event.payload,
-    })
-    .unwrap_or_default()
+    let _ = serde_json::to_writer(
+        &mut body,
+        &StoredEvent {
+            id: event.id.as_str(),
+            timestamp: event.timestamp,
+            payload: &event.payload,
+        },
+    );
+    Bytes::from(body)
 }
 
-/// An id's record: the event's JSON, when it was accepted and its trace id.
-pub(super) fn id_record(
-    event: &Event,
-    received_at: UnixNanos,
-    trace_id: TraceId,
-) -> (HeaderMap, Bytes) {
-    let mut headers = HeaderMap::new();
-    headers.insert(RECEIVED_AT, received_at.as_nanos().to_string().as_str());
-    headers.insert(TRACE_ID, trace_id.to_hex().as_str());
-    (headers, Bytes::from(event_json(event)))
+/// An id's record: the event, when it was accepted and its trace id.
+pub(super) fn id_record(event: &Event, received_at: UnixNanos, trace_id: TraceId) -> Bytes {
+    record_body(event, received_at, trace_id)
 }
 
 fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|value| value.as_str())
-}
-
-fn number(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
-    header(headers, name)?.parse().ok()
-}
-
-fn trace_id(headers: Option<&HeaderMap>) -> TraceId {
-    header(headers, TRACE_ID)
-        .and_then(|hex| u128::from_str_radix(hex, 16).ok())
-        .and_then(|id| TraceId::from_bytes(id.to_be_bytes()))
-        .unwrap_or_else(TraceId::random)
 }
 
 /// A message that is not one eventflow wrote.
@@ -155,24 +148,38 @@ pub(super) struct Undecodable {
     reason: String,
 }
 
-/// The record of an id (its message's stream sequence is the arrival
-/// sequence), without an outcome (that is on the other streams).
-pub(super) fn decode_id_record(
-    sequence: u64,
-    headers: Option<&HeaderMap>,
-    payload: &[u8],
-) -> Result<Record, Undecodable> {
-    let undecodable = |reason: String| Undecodable { sequence, reason };
-    // Validated when accepted; no payload limit applies on the way back.
-    let event = decode_event(payload, usize::MAX).map_err(|e| undecodable(format!("{e:?}")))?;
-    let received_at = number(headers, RECEIVED_AT)
+/// The record in a record body (an id's record, or a failed event's
+/// message), with arrival sequence `sequence` and no outcome (that is on
+/// the other streams).
+pub(super) fn decode_record(sequence: u64, payload: &[u8]) -> Result<Record, Undecodable> {
+    let undecodable = |reason: &str| Undecodable {
+        sequence,
+        reason: reason.to_owned(),
+    };
+    let newline = payload
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| undecodable("no first line"))?;
+    let (first, json) = payload.split_at(newline);
+    let first = std::str::from_utf8(first).map_err(|_| undecodable("a first line not UTF-8"))?;
+    let (received_at, trace) = first
+        .split_once(' ')
+        .ok_or_else(|| undecodable("a first line without a trace id"))?;
+    let received_at = received_at
+        .parse()
         .map(UnixNanos::from_nanos)
-        .ok_or_else(|| undecodable(format!("no {RECEIVED_AT} header")))?;
+        .map_err(|_| undecodable("no time of receipt"))?;
+    let trace_id = u128::from_str_radix(trace, 16)
+        .ok()
+        .and_then(|id| TraceId::from_bytes(id.to_be_bytes()))
+        .unwrap_or_else(TraceId::random);
+    // Validated when accepted; no payload limit applies on the way back.
+    let event = decode_event(&json[1..], usize::MAX).map_err(|e| undecodable(&format!("{e:?}")))?;
     Ok(Record::with_outcome(
         event,
         sequence,
         received_at,
-        trace_id(headers),
+        trace_id,
         None,
     ))
 }
@@ -301,36 +308,33 @@ pub(super) fn decode_chunk(sequence: u64, payload: &[u8]) -> Result<Vec<Queued>,
         .collect()
 }
 
-/// Headers of a published event's message.
-pub(super) fn published_headers(sequence: u64, worker: u32, processed_at: UnixNanos) -> HeaderMap {
+/// Headers of a published event's message: how it was processed. (Its
+/// arrival sequence is its subject's last token.)
+pub(super) fn published_headers(worker: u32, processed_at: UnixNanos) -> HeaderMap {
+    let mut value = String::with_capacity(32);
+    value.push_str(itoa::Buffer::new().format(worker));
+    value.push(' ');
+    value.push_str(itoa::Buffer::new().format(processed_at.as_nanos()));
     let mut headers = HeaderMap::new();
-    headers.insert(SEQUENCE, sequence.to_string().as_str());
-    headers.insert(WORKER, worker.to_string().as_str());
-    headers.insert(PROCESSED_AT, processed_at.as_nanos().to_string().as_str());
+    headers.insert(PROCESSED, value.as_str());
     headers
 }
 
 /// The outcome a published event's message records.
 pub(super) fn processed_outcome(headers: Option<&HeaderMap>) -> Option<Outcome> {
+    let (worker, processed_at) = header(headers, PROCESSED)?.split_once(' ')?;
     Some(Outcome::Processed {
-        worker: u32::try_from(number(headers, WORKER)?).ok()?,
-        processed_at: UnixNanos::from_nanos(number(headers, PROCESSED_AT)?),
+        worker: worker.parse().ok()?,
+        processed_at: UnixNanos::from_nanos(processed_at.parse().ok()?),
     })
 }
 
 /// Longest error text a failed event's message keeps.
 const ERROR_MAX: usize = 1024;
 
-/// A failed event's message: its content (so that it can be read and
-/// retried), when and why it failed.
+/// A failed event's message: its record (so that it can be read and
+/// retried) and why it failed.
 pub(super) fn failed_message(record: &Record, error: &str) -> (HeaderMap, Bytes) {
-    let mut headers = HeaderMap::new();
-    headers.insert(SEQUENCE, record.sequence.to_string().as_str());
-    headers.insert(
-        RECEIVED_AT,
-        record.received_at.as_nanos().to_string().as_str(),
-    );
-    headers.insert(TRACE_ID, record.trace_id.to_hex().as_str());
     // A header value is one line of text.
     let mut text: String = error
         .chars()
@@ -343,8 +347,12 @@ pub(super) fn failed_message(record: &Record, error: &str) -> (HeaderMap, Bytes)
         }
         text.truncate(end);
     }
+    let mut headers = HeaderMap::new();
     headers.insert(ERROR, text.as_str());
-    (headers, Bytes::from(event_json(&record.event)))
+    (
+        headers,
+        record_body(&record.event, record.received_at, record.trace_id),
+    )
 }
 
 /// The outcome a failed event's message records.
@@ -382,8 +390,8 @@ mod tests {
         let event = event("order 1.*>/é", "straße \"q\"\n");
         let trace_id = TraceId::random();
         let received_at = UnixNanos::from_nanos(1_700_000_000_123_456_789);
-        let (headers, body) = id_record(&event, received_at, trace_id);
-        let record = decode_id_record(7, Some(&headers), &body).unwrap();
+        let body = id_record(&event, received_at, trace_id);
+        let record = decode_record(7, &body).unwrap();
         assert_eq!(record.event, event);
         assert_eq!(record.sequence, 7);
         assert_eq!(record.received_at, received_at);
@@ -446,6 +454,22 @@ mod tests {
     }
 
     #[test]
+    fn a_publication_says_how_it_was_processed_in_one_header() {
+        let headers = published_headers(3, UnixNanos::from_nanos(1_700_000_000_000_000_001));
+        match processed_outcome(Some(&headers)) {
+            Some(Outcome::Processed {
+                worker,
+                processed_at,
+            }) => {
+                assert_eq!(worker, 3);
+                assert_eq!(processed_at.as_nanos(), 1_700_000_000_000_000_001);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(processed_outcome(None).is_none());
+    }
+
+    #[test]
     fn a_failed_message_keeps_the_content_and_one_line_of_error() {
         let record = Record::with_outcome(
             event("f-1", "p"),
@@ -455,7 +479,7 @@ mod tests {
             None,
         );
         let (headers, body) = failed_message(&record, "disk\nfull");
-        let back = decode_id_record(9, Some(&headers), &body).unwrap();
+        let back = decode_record(9, &body).unwrap();
         assert_eq!(back.event, record.event);
         match failed_outcome(Some(&headers)) {
             Outcome::Failed { error } => assert_eq!(&*error, "disk full"),
@@ -478,10 +502,9 @@ mod tests {
 
     #[test]
     fn a_foreign_message_is_reported_not_trusted() {
-        assert!(
-            decode_id_record(1, None, b"{\"id\":\"a\",\"timestamp\":1,\"payload\":\"p\"}").is_err()
-        );
-        assert!(decode_id_record(1, None, b"garbage").is_err());
+        assert!(decode_record(1, b"{\"id\":\"a\",\"timestamp\":1,\"payload\":\"p\"}").is_err());
+        assert!(decode_record(1, b"garbage\n{}").is_err());
+        assert!(decode_record(1, b"1 ab\n{\"id\":\"a\"}").is_err());
         assert!(decode_chunk(1, b"[{\"s\":1}]").is_err());
     }
 }

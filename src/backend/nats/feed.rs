@@ -163,7 +163,6 @@ impl Feed for NatsFeed {
             let publish = PublishMessage::build()
                 .payload(Bytes::copy_from_slice(event.line.as_bytes()))
                 .headers(codec::published_headers(
-                    event.sequence,
                     event.processing.worker,
                     event.processing.processed_at,
                 ))
@@ -175,30 +174,36 @@ impl Feed for NatsFeed {
                     .await,
             );
         }
-        let until = tokio::time::Instant::now() + nats.deadline;
-        let mut failure = None;
-        let mut head = 0;
-        for sent in sent {
-            let acked = match sent {
-                Ok(ack) => match tokio::time::timeout_at(until, ack).await {
-                    Ok(acked) => acked,
-                    Err(_) => {
-                        failure = Some(format!(
-                            "NATS did not acknowledge within {:?}",
-                            nats.deadline
-                        ));
-                        continue;
-                    }
-                },
-                Err(error) => Err(error),
-            };
-            match acked {
-                Ok(ack) => head = head.max(ack.sequence),
-                // Published before (a chunk delivered again).
-                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {}
-                Err(error) => failure = Some(error.to_string()),
+        // One deadline for all the acks (each one's own would start only
+        // when it is awaited).
+        let acks = async {
+            let mut failure = None;
+            let mut head = 0;
+            for sent in sent {
+                let acked = match sent {
+                    Ok(ack) => ack.await,
+                    Err(error) => Err(error),
+                };
+                match acked {
+                    Ok(ack) => head = head.max(ack.sequence),
+                    // Published before (a chunk delivered again).
+                    Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {}
+                    Err(error) => failure = Some(error.to_string()),
+                }
             }
-        }
+            (head, failure)
+        };
+        let (head, failure) = tokio::time::timeout(nats.deadline, acks)
+            .await
+            .unwrap_or_else(|_| {
+                (
+                    0,
+                    Some(format!(
+                        "NATS did not acknowledge within {:?}",
+                        nats.deadline
+                    )),
+                )
+            });
         self.shared.seen(head);
         match failure {
             None => Ok(()),

@@ -73,7 +73,9 @@ impl NatsQueue {
         max_deliver: i64,
         redeliveries: metrics::Counter,
     ) -> Arc<Self> {
-        let (sender, receiver) = async_channel::bounded(workers.max(1) * 4);
+        // Room for each worker to take a full pass of chunks: in nats mode a
+        // pass waits on JetStream's acks, so passes must be large to keep up.
+        let (sender, receiver) = async_channel::bounded(workers.max(1) * 16);
         Arc::new(Self {
             nats,
             sender,
@@ -132,27 +134,34 @@ impl NatsQueue {
             let publish = PublishMessage::build().payload(body).headers(headers);
             sent.push(self.nats.js.send_publish(subject.clone(), publish).await);
         }
-        let until = tokio::time::Instant::now() + self.nats.deadline;
-        for sent in sent {
-            let acked = match sent {
-                Ok(ack) => tokio::time::timeout_at(until, ack).await.map_err(|_| {
-                    QueueError::Unavailable(format!(
-                        "NATS did not acknowledge within {:?}",
-                        self.nats.deadline
-                    ))
-                })?,
-                Err(error) => Err(error),
-            };
-            if let Err(error) = acked {
-                // JetStream's answer when a `discard: new` stream is at a limit.
-                let text = error.to_string();
-                return Err(if text.contains("maximum") {
-                    QueueError::Full
-                } else {
-                    QueueError::Unavailable(text)
-                });
+        // One deadline for all the acks (each one's own would start only
+        // when it is awaited).
+        let acks = async {
+            for sent in sent {
+                let acked = match sent {
+                    Ok(ack) => ack.await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = acked {
+                    // JetStream's answer when a `discard: new` stream is at a limit.
+                    let text = error.to_string();
+                    return Err(if text.contains("maximum") {
+                        QueueError::Full
+                    } else {
+                        QueueError::Unavailable(text)
+                    });
+                }
             }
-        }
+            Ok(())
+        };
+        tokio::time::timeout(self.nats.deadline, acks)
+            .await
+            .map_err(|_| {
+                QueueError::Unavailable(format!(
+                    "NATS did not acknowledge within {:?}",
+                    self.nats.deadline
+                ))
+            })??;
         Ok(())
     }
 }

@@ -66,13 +66,9 @@ impl NatsStore {
             .direct_get_last_for_subject(subject)
             .await
         {
-            Ok(message) => Ok(codec::decode_id_record(
-                message.sequence,
-                Some(&message.headers),
-                &message.payload,
-            )
-            .map_err(|error| tracing::warn!(%error, "skipping a message"))
-            .ok()),
+            Ok(message) => Ok(codec::decode_record(message.sequence, &message.payload)
+                .map_err(|error| tracing::warn!(%error, "skipping a message"))
+                .ok()),
             Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(error) => Err(Self::unavailable(error)),
         }
@@ -216,9 +212,7 @@ impl NatsStore {
             Err(error) if error.kind() == DirectGetErrorKind::NotFound => return Ok(None),
             Err(error) => return Err(Self::unavailable(error)),
         };
-        let Ok(record) =
-            codec::decode_id_record(message.sequence, Some(&message.headers), &message.payload)
-        else {
+        let Ok(record) = codec::decode_record(message.sequence, &message.payload) else {
             return Ok(None);
         };
         self.with_outcome(record).await.map(Some)
@@ -258,7 +252,7 @@ impl Store for NatsStore {
         // for the batch, not one per event.
         let mut sent = Vec::with_capacity(events.len());
         for event in &events {
-            let (headers, body) = codec::id_record(event, received, trace_id);
+            let body = codec::id_record(event, received, trace_id);
             if body.len() > max_body {
                 sent.push(Err(StoreError::TooLarge(format!(
                     "the event's record of {} bytes is larger than the NATS server takes \
@@ -269,7 +263,6 @@ impl Store for NatsStore {
             }
             let publish = PublishMessage::build()
                 .payload(body)
-                .headers(headers)
                 .expected_last_subject_sequence(0);
             sent.push(
                 self.nats
@@ -279,37 +272,43 @@ impl Store for NatsStore {
                     .map_err(|e| Self::refusal(&e)),
             );
         }
-        // One deadline for all the acks (each also has its own, the same).
-        let until = tokio::time::Instant::now() + self.nats.deadline;
+        // One deadline for all the acks (each one's own would start only
+        // when it is awaited): past it, the request is unavailable as a whole.
+        let acks = async {
+            let mut acked = Vec::with_capacity(sent.len());
+            for sent in sent {
+                acked.push(match sent {
+                    Ok(ack) => match ack.await {
+                        Ok(ack) => Ok(ack.sequence),
+                        Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                            Err(None)
+                        }
+                        Err(error) => Err(Some(Self::refusal(&error))),
+                    },
+                    Err(error) => Err(Some(error)),
+                });
+            }
+            acked
+        };
+        let Ok(acked) = tokio::time::timeout(self.nats.deadline, acks).await else {
+            let why = format!("NATS did not acknowledge within {:?}", self.nats.deadline);
+            return events
+                .iter()
+                .map(|_| Err(StoreError::Unavailable(why.clone())))
+                .collect();
+        };
         let mut results = Vec::with_capacity(events.len());
-        for (event, sent) in events.into_iter().zip(sent) {
-            let acked = match sent {
-                Ok(ack) => match tokio::time::timeout_at(until, ack).await {
-                    Ok(acked) => acked,
-                    Err(_) => {
-                        results.push(Err(StoreError::Unavailable(format!(
-                            "NATS did not acknowledge within {:?}",
-                            self.nats.deadline
-                        ))));
-                        continue;
-                    }
-                },
-                Err(error) => {
-                    results.push(Err(error));
-                    continue;
-                }
-            };
+        for (event, acked) in events.into_iter().zip(acked) {
             results.push(match acked {
-                Ok(ack) => Ok(Insert::Inserted(Arc::new(Record::new(
+                Ok(sequence) => Ok(Insert::Inserted(Arc::new(Record::new(
                     event,
-                    ack.sequence,
+                    sequence,
                     received_at,
                     trace_id,
                 )))),
-                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
-                    self.existing(&event).await
-                }
-                Err(error) => Err(Self::refusal(&error)),
+                // The id is taken: a retry, or a conflict.
+                Err(None) => self.existing(&event).await,
+                Err(Some(error)) => Err(error),
             });
         }
         self.ack_latency.record(started.elapsed().as_secs_f64());

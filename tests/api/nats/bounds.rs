@@ -107,12 +107,13 @@ async fn a_crash_between_the_id_record_and_the_backlog_heals_on_the_clients_retr
     let js = async_nats::jetstream::new(client);
     let id = "crashed-1";
     let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id);
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Eventflow-Received-At", "1700000000000000000");
-    headers.insert("Eventflow-Trace-Id", "0af7651916cd43dd8448eb211c80319c");
-    let body = event(id, "healed").to_string();
+    // A record: when it was received and its trace id, then the event.
+    let body = format!(
+        "1700000000000000000 0af7651916cd43dd8448eb211c80319c\n{}",
+        event(id, "healed")
+    );
     let ack = js
-        .publish_with_headers(format!("eventflow.ids.{key}"), headers, body.into())
+        .publish(format!("eventflow.ids.{key}"), body.into())
         .await
         .unwrap()
         .await
