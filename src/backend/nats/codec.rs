@@ -217,24 +217,28 @@ pub(super) struct Queued {
     pub(super) requeued: bool,
 }
 
-/// Writes backlog chunks: the events of one queue item, split so that no
-/// message's body passes `limit` bytes (a message holds one event at least).
-pub(super) struct ChunkWriter {
-    limit: usize,
-    chunks: Vec<(usize, Vec<u8>)>,
+/// A queue item's events as chunk entries: JSON objects, comma-separated,
+/// ready to be joined with other items' into one chunk.
+#[derive(Debug, Default)]
+pub(super) struct Entries {
+    /// How many events.
+    pub(super) events: usize,
+    /// Their entries, comma-separated.
+    pub(super) body: Vec<u8>,
 }
 
-impl ChunkWriter {
-    pub(super) fn new(limit: usize) -> Self {
-        Self {
-            limit,
-            chunks: Vec::new(),
-        }
-    }
-
-    /// Adds one event.
-    pub(super) fn push(&mut self, record: &Record, traceparent: Option<&str>, requeued: bool) {
-        let trace = record.trace_id.to_hex();
+/// Encodes events as chunk entries, in pieces of at most `limit` bytes (a
+/// piece holds one event at least).
+pub(super) fn entries<'a>(
+    events: impl Iterator<Item = (&'a Record, bool)>,
+    traceparent: Option<&str>,
+    limit: usize,
+) -> Vec<Entries> {
+    let mut pieces: Vec<Entries> = Vec::new();
+    let mut trace = String::with_capacity(32);
+    for (record, requeued) in events {
+        trace.clear();
+        record.trace_id.push_hex(&mut trace);
         let entry = ChunkEntry {
             s: record.sequence,
             r: record.received_at.as_nanos(),
@@ -246,33 +250,37 @@ impl ChunkWriter {
             payload: (&*record.event.payload).into(),
         };
         let Ok(line) = serde_json::to_vec(&entry) else {
-            return;
+            continue;
         };
-        let fits = self
-            .chunks
+        let fits = pieces
             .last()
-            // A separator and the closing bracket.
-            .is_some_and(|(_, body)| body.len() + line.len() + 2 <= self.limit);
+            // A separator, and the chunk's brackets.
+            .is_some_and(|piece| piece.body.len() + line.len() + 3 <= limit);
         if !fits {
-            self.chunks.push((0, Vec::with_capacity(line.len() + 2)));
+            pieces.push(Entries::default());
         }
-        if let Some((events, body)) = self.chunks.last_mut() {
-            body.push(if *events == 0 { b'[' } else { b',' });
-            body.extend_from_slice(&line);
-            *events += 1;
+        if let Some(piece) = pieces.last_mut() {
+            if piece.events > 0 {
+                piece.body.push(b',');
+            }
+            piece.body.extend_from_slice(&line);
+            piece.events += 1;
         }
     }
+    pieces
+}
 
-    /// The chunks: each one's event count and JSON array.
-    pub(super) fn finish(self) -> Vec<(usize, Bytes)> {
-        self.chunks
-            .into_iter()
-            .map(|(events, mut body)| {
-                body.push(b']');
-                (events, Bytes::from(body))
-            })
-            .collect()
+/// A chunk message's body: the entries of one or more items, as one array.
+pub(super) fn chunk<'a>(pieces: impl Iterator<Item = &'a Entries>) -> Bytes {
+    let mut body = vec![b'['];
+    for piece in pieces {
+        if body.len() > 1 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&piece.body);
     }
+    body.push(b']');
+    Bytes::from(body)
 }
 
 /// The events of a backlog chunk.
@@ -400,7 +408,6 @@ mod tests {
 
     #[test]
     fn events_survive_their_chunks_which_keep_under_the_limit() {
-        let mut writer = ChunkWriter::new(400);
         let records: Vec<Record> = (0..10)
             .map(|i| {
                 Record::with_outcome(
@@ -412,26 +419,33 @@ mod tests {
                 )
             })
             .collect();
-        for (i, record) in records.iter().enumerate() {
-            writer.push(record, (i == 3).then_some("00-trace"), i == 4);
-        }
-        let chunks = writer.finish();
-        assert!(chunks.len() > 1, "split into several");
+        let pieces = entries(
+            records.iter().enumerate().map(|(i, r)| (r, i == 4)),
+            Some("00-trace"),
+            400,
+        );
+        assert!(pieces.len() > 1, "split into several");
         let mut decoded = Vec::new();
-        for (events, body) in &chunks {
-            assert!(body.len() <= 400 || *events == 1, "{}", body.len());
-            let queued = decode_chunk(1, body).unwrap();
-            assert_eq!(queued.len(), *events);
+        for piece in &pieces {
+            let body = chunk(std::iter::once(piece));
+            assert!(body.len() <= 400 || piece.events == 1, "{}", body.len());
+            let queued = decode_chunk(1, &body).unwrap();
+            assert_eq!(queued.len(), piece.events);
             decoded.extend(queued);
         }
+        // Pieces joined into one chunk read back the same.
+        assert_eq!(
+            decode_chunk(1, &chunk(pieces.iter())).unwrap().len(),
+            records.len()
+        );
         assert_eq!(decoded.len(), records.len());
         for (queued, record) in decoded.iter().zip(&records) {
             assert_eq!(queued.record.event, record.event);
             assert_eq!(queued.record.sequence, record.sequence);
             assert_eq!(queued.record.received_at, record.received_at);
             assert_eq!(queued.record.trace_id, record.trace_id);
+            assert_eq!(queued.traceparent.as_deref(), Some("00-trace"));
         }
-        assert_eq!(decoded[3].traceparent.as_deref(), Some("00-trace"));
         assert!(decoded[4].requeued && !decoded[3].requeued);
         assert_eq!(chunk_traceparent(&decoded), Some("00-trace"));
     }
@@ -447,9 +461,12 @@ mod tests {
             TraceId::random(),
             None,
         );
-        let mut writer = ChunkWriter::new(usize::MAX);
-        writer.push(&record, Some(&"0".repeat(55)), true);
-        let (_, body) = writer.finish().remove(0);
+        let pieces = entries(
+            std::iter::once((&record, true)),
+            Some(&"0".repeat(55)),
+            usize::MAX,
+        );
+        let body = chunk(pieces.iter());
         assert!(body.len() <= largest_message(1000), "{}", body.len());
     }
 

@@ -169,7 +169,7 @@ impl Feed for NatsFeed {
                 // Once per acceptance, whoever delivers it.
                 .expected_last_subject_sequence(0);
             sent.push(
-                nats.js
+                nats.work
                     .send_publish(nats.subjects.published_event(event.sequence), publish)
                     .await,
             );

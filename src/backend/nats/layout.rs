@@ -11,8 +11,8 @@ use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self};
 
-use super::BackendError;
 use super::codec::{self, Subjects};
+use super::{BackendError, Nats};
 use crate::config::{NatsSettings, NatsStorage, Settings};
 
 /// The metadata key every stream of this layout carries.
@@ -142,12 +142,8 @@ fn refused(key: &'static str, what: String, reason: impl ToString) -> BackendErr
 /// server's `max_payload` against the settings. An error that NATS not
 /// answering explains is [`BackendError::Unreachable`] (worth retrying);
 /// any other stops the start.
-pub(super) async fn set_up(
-    js: &jetstream::Context,
-    client: &async_nats::Client,
-    settings: &Settings,
-    subjects: &Subjects,
-) -> Result<Ready, BackendError> {
+pub(super) async fn set_up(handles: &Nats, settings: &Settings) -> Result<Ready, BackendError> {
+    let (js, client, subjects) = (&handles.js, &handles.client, &handles.subjects);
     let nats = &settings.backend.nats;
     if client.connection_state() != async_nats::connection::State::Connected {
         return Err(BackendError::Unreachable(format!(
@@ -156,20 +152,16 @@ pub(super) async fn set_up(
         )));
     }
     check_max_payload(client.server_info().max_payload, settings)?;
-    let mut backlog = None;
     let mut published_head = 0;
     for (key, wanted) in streams(nats, subjects) {
         let name = wanted.name.clone();
         let stream = ensure_stream(js, key, wanted).await?;
-        if name == nats.backlog_stream {
-            backlog = Some(stream);
-        } else if name == nats.published_stream {
+        if name == nats.published_stream {
             published_head = stream.cached_info().state.last_sequence;
         }
     }
-    let backlog = backlog
-        .ok_or_else(|| BackendError::Unreachable("the backlog stream was not set up".to_owned()))?;
-    let consumer = ensure_consumer(&backlog, nats).await?;
+    // On the workers' connection: its deliveries and acks travel there.
+    let consumer = ensure_consumer(&handles.backlog_work, nats).await?;
     Ok(Ready {
         consumer,
         published_head,
@@ -305,7 +297,7 @@ async fn create_stream(
 
 /// The durable pull consumer every replica's workers share.
 async fn ensure_consumer(
-    backlog: &stream::Stream,
+    backlog: &stream::Stream<()>,
     nats: &NatsSettings,
 ) -> Result<Consumer<pull::Config>, BackendError> {
     use async_nats::jetstream::context::ConsumerInfoErrorKind;

@@ -148,17 +148,24 @@ impl BackendError {
 }
 
 /// The connections and stream handles the store, queue and feed share.
+/// Three connections, so that no one kind of traffic queues behind
+/// another's in one socket: ingest (id records, backlog chunks), the
+/// workers (deliveries, acks, publications), and readers.
 #[derive(Debug)]
 struct Nats {
-    /// Ingest and the workers.
+    /// Ingest.
     client: async_nats::Client,
     /// On `client`, its acks bounded by the request deadline.
     js: jetstream::Context,
+    /// On the workers' connection.
+    work: jetstream::Context,
     subjects: Subjects,
     ids: Stream<()>,
     backlog: Stream<()>,
-    published: Stream<()>,
-    failed: Stream<()>,
+    /// The streams the workers write, on their connection.
+    backlog_work: Stream<()>,
+    published_work: Stream<()>,
+    failed_work: Stream<()>,
     /// The same streams on the reader connection (reads, SSE subscribers
     /// and the follower have a connection of their own).
     ids_read: Stream<()>,
@@ -196,6 +203,7 @@ pub async fn open(
     // The `async-nats` default for subscriptions on the ingest connection
     // (only the workers' pull subscribes there).
     let client = crate::nats::connect_in_background(urls, "eventflow", 65_536).await?;
+    let worker = crate::nats::connect_in_background(urls, "eventflow-workers", 65_536).await?;
     let reader =
         crate::nats::connect_in_background(urls, "eventflow-reader", READER_CAPACITY).await?;
     // An ack that does not come within half the request timeout is an
@@ -206,6 +214,11 @@ pub async fn open(
         .max_ack_inflight(ACKS_IN_FLIGHT)
         .backpressure_on_inflight(true)
         .build(client.clone());
+    let work = jetstream::ContextBuilder::new()
+        .timeout(deadline)
+        .max_ack_inflight(ACKS_IN_FLIGHT)
+        .backpressure_on_inflight(true)
+        .build(worker.clone());
     let read = jetstream::ContextBuilder::new()
         .timeout(deadline)
         .build(reader.clone());
@@ -219,13 +232,24 @@ pub async fn open(
             "backend.nats.backlog_stream",
         )
         .await?,
-        published: named(
-            &js,
+        backlog_work: named(
+            &work,
+            &configured.backlog_stream,
+            "backend.nats.backlog_stream",
+        )
+        .await?,
+        published_work: named(
+            &work,
             &configured.published_stream,
             "backend.nats.published_stream",
         )
         .await?,
-        failed: named(&js, &configured.failed_stream, "backend.nats.failed_stream").await?,
+        failed_work: named(
+            &work,
+            &configured.failed_stream,
+            "backend.nats.failed_stream",
+        )
+        .await?,
         ids_read: named(&read, &configured.ids_stream, "backend.nats.ids_stream").await?,
         published_read: named(
             &read,
@@ -241,6 +265,7 @@ pub async fn open(
         .await?,
         client: client.clone(),
         js: js.clone(),
+        work,
         subjects: subjects.clone(),
         health: Arc::clone(&health),
         deadline,
@@ -316,13 +341,7 @@ struct Starter {
 
 impl Starter {
     async fn try_once(&self) -> Result<layout::Ready, BackendError> {
-        layout::set_up(
-            &self.nats.js,
-            &self.nats.client,
-            &self.settings,
-            &self.nats.subjects,
-        )
-        .await
+        layout::set_up(&self.nats, &self.settings).await
     }
 
     /// Tries until NATS answers; a refusal then ends the service (through

@@ -33,8 +33,15 @@ use crate::pipeline::{
 use crate::store::event_footprint;
 use crate::telemetry;
 
-/// Most chunks one pull request asks for.
-const FETCH_MAX: usize = 16;
+/// Most chunks one pull request asks for: many small ones (single events
+/// joined under load) flow without a round trip each...
+const FETCH_MAX: usize = 256;
+/// ...and few large ones (a chunk holds up to 256 events), by bytes.
+const FETCH_MAX_BYTES: usize = 1024 * 1024;
+/// Events a replica holds pulled and not yet taken by a worker, per
+/// worker: a full pass waiting for each, and no more, so that a backlog is
+/// shared among the replicas rather than held by the first to pull.
+const WAITING_PER_WORKER: usize = 2048;
 /// How long one pull waits for deliveries before asking again.
 const FETCH_EXPIRES: Duration = Duration::from_secs(1);
 /// How long past its expiry a pull is waited for.
@@ -50,10 +57,12 @@ const CHUNK_BODY_MAX: usize = 512 * 1024;
 #[derive(Debug)]
 pub struct NatsQueue {
     nats: Arc<Nats>,
+    /// To the backlog writer (group commit of pushes into chunks).
+    writes: tokio::sync::mpsc::Sender<Write>,
     sender: async_channel::Sender<QueuedEvents>,
     receiver: async_channel::Receiver<QueuedEvents>,
     /// Events pulled and not yet taken by a worker.
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
     /// Stops the fetcher: shutdown stops pulling, and the workers finish
     /// what was pulled.
     stop: CancellationToken,
@@ -73,14 +82,20 @@ impl NatsQueue {
         max_deliver: i64,
         redeliveries: metrics::Counter,
     ) -> Arc<Self> {
-        // Room for each worker to take a full pass of chunks: in nats mode a
-        // pass waits on JetStream's acks, so passes must be large to keep up.
-        let (sender, receiver) = async_channel::bounded(workers.max(1) * 16);
+        // Room for each worker to take a full pass (four chunks of up to 256
+        // events): in nats mode a pass waits on JetStream's acks, so passes
+        // must be large to keep up; what is held here is not another
+        // replica's to take.
+        // Bounded by the events it holds (`Waiting`), not by chunks.
+        let (sender, receiver) = async_channel::bounded(workers.max(1) * WAITING_PER_WORKER);
+        let (writes, written) = tokio::sync::mpsc::channel(WRITES_WAITING);
+        tokio::spawn(write_backlog(Arc::clone(&nats), written));
         Arc::new(Self {
             nats,
+            writes,
             sender,
             receiver,
-            waiting: Arc::new(AtomicUsize::new(0)),
+            waiting: Arc::new(Waiting::new(workers.max(1) * WAITING_PER_WORKER)),
             stop: CancellationToken::new(),
             backpressure,
             max_deliver,
@@ -110,59 +125,192 @@ impl NatsQueue {
     }
 
     fn taken(&self, item: QueuedEvents) -> QueuedEvents {
-        self.waiting
-            .fetch_sub(item.records.len(), Ordering::Relaxed);
+        self.waiting.taken(item.records.len());
         item
     }
 
-    /// Writes `item`'s events to the backlog as chunks.
+    /// Writes `item`'s events to the backlog: joined with whatever other
+    /// pushes wait meanwhile into one chunk (see [`write_backlog`]).
     async fn write(&self, item: &QueuedEvents) -> Result<(), QueueError> {
         if let Some(why) = self.nats.unavailable() {
             return Err(QueueError::Unavailable(why));
         }
         let traceparent = telemetry::traceparent_of(&item.span);
-        let mut writer = codec::ChunkWriter::new(self.nats.max_body().min(CHUNK_BODY_MAX));
-        for (index, record) in item.records.iter().enumerate() {
-            let requeued = item.delivery.attempt(index).redelivered;
-            writer.push(record, traceparent.as_deref(), requeued);
+        let limit = self.nats.max_body().min(CHUNK_BODY_MAX);
+        let events = item
+            .records
+            .iter()
+            .enumerate()
+            .map(|(index, record)| (&**record, item.delivery.attempt(index).redelivered));
+        let pieces = codec::entries(events, traceparent.as_deref(), limit);
+        let (done, written) = tokio::sync::oneshot::channel();
+        let write = Write {
+            pieces,
+            alone: traceparent.is_some(),
+            done: Arc::new(Pending::new(done)),
+        };
+        let closed = || QueueError::Unavailable("the backlog writer stopped".to_owned());
+        self.writes.send(write).await.map_err(|_| closed())?;
+        written.await.unwrap_or_else(|_| Err(closed()))
+    }
+}
+
+/// Pushes waiting for the backlog writer at most.
+const WRITES_WAITING: usize = 4096;
+/// Chunks written and not yet acknowledged at once: the pushes that come
+/// while they are in flight join the next one.
+const CHUNKS_IN_FLIGHT: usize = 2;
+/// Most events one chunk joins from several pushes.
+const CHUNK_EVENTS_MAX: usize = 256;
+
+/// One push for the backlog writer: its events as chunk entries.
+struct Write {
+    pieces: Vec<codec::Entries>,
+    /// A traced request's events travel alone, so that the delivery's span
+    /// continues that request's trace.
+    alone: bool,
+    done: Arc<Pending>,
+}
+
+/// A push's chunks not yet acknowledged, and its answer once they all are.
+struct Pending {
+    chunks: AtomicUsize,
+    error: Mutex<Option<QueueError>>,
+    done: Mutex<Option<tokio::sync::oneshot::Sender<Result<(), QueueError>>>>,
+}
+
+impl Pending {
+    fn new(done: tokio::sync::oneshot::Sender<Result<(), QueueError>>) -> Self {
+        Self {
+            chunks: AtomicUsize::new(0),
+            error: Mutex::new(None),
+            done: Mutex::new(Some(done)),
         }
-        let subject = self.nats.subjects.backlog();
-        let mut sent = Vec::new();
-        for (events, body) in writer.finish() {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(codec::EVENTS, events.to_string().as_str());
-            let publish = PublishMessage::build().payload(body).headers(headers);
-            sent.push(self.nats.js.send_publish(subject.clone(), publish).await);
+    }
+
+    /// One of its chunks was written (or not).
+    fn settle(&self, result: &Result<(), QueueError>) {
+        if let Err(error) = result {
+            self.error.lock().get_or_insert_with(|| error.clone());
         }
-        // One deadline for all the acks (each one's own would start only
-        // when it is awaited).
-        let acks = async {
-            for sent in sent {
-                let acked = match sent {
-                    Ok(ack) => ack.await,
-                    Err(error) => Err(error),
-                };
-                if let Err(error) = acked {
-                    // JetStream's answer when a `discard: new` stream is at a limit.
-                    let text = error.to_string();
-                    return Err(if text.contains("maximum") {
-                        QueueError::Full
-                    } else {
-                        QueueError::Unavailable(text)
+        if self.chunks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let answer = self.error.lock().take().map_or(Ok(()), Err);
+            if let Some(done) = self.done.lock().take() {
+                let _ = done.send(answer);
+            }
+        }
+    }
+}
+
+/// A chunk being put together: its pieces and the pushes they came from.
+#[derive(Default)]
+struct Joining<'a> {
+    pieces: Vec<&'a codec::Entries>,
+    events: usize,
+    bytes: usize,
+    pushes: Vec<Arc<Pending>>,
+}
+
+/// Writes pushes to the backlog, joining those that wait meanwhile into one
+/// chunk (a group commit): under load, single-event requests share a chunk
+/// and its write, delivery and ack instead of paying for one each; alone,
+/// a push is written at once. Acks are awaited apart, so the next chunk is
+/// put together while the last one is written.
+async fn write_backlog(nats: Arc<Nats>, mut writes: tokio::sync::mpsc::Receiver<Write>) {
+    let subject = async_nats::Subject::from(nats.subjects.backlog());
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(CHUNKS_IN_FLIGHT));
+    while let Some(first) = writes.recv().await {
+        // Room first: while the chunks in flight are written, the pushes
+        // that arrive meanwhile wait to join this one.
+        let Ok(room) = Arc::clone(&in_flight).acquire_owned().await else {
+            return;
+        };
+        let mut room = Some(room);
+        let limit = nats.max_body().min(CHUNK_BODY_MAX);
+        let mut batch = vec![first];
+        let mut bytes: usize = batch[0].pieces.iter().map(|p| p.body.len()).sum();
+        while bytes < limit {
+            let Ok(more) = writes.try_recv() else { break };
+            bytes += more.pieces.iter().map(|p| p.body.len()).sum::<usize>();
+            batch.push(more);
+        }
+        let mut chunks: Vec<Joining<'_>> = Vec::new();
+        for write in &batch {
+            for (index, piece) in write.pieces.iter().enumerate() {
+                // A traced request's first piece starts a chunk of its own.
+                let fits = !(write.alone && index == 0)
+                    && chunks.last().is_some_and(|chunk| {
+                        chunk.events + piece.events <= CHUNK_EVENTS_MAX
+                            && chunk.bytes + piece.body.len() + 3 <= limit
                     });
+                if !fits {
+                    chunks.push(Joining::default());
+                }
+                let Some(chunk) = chunks.last_mut() else {
+                    continue;
+                };
+                chunk.pieces.push(piece);
+                chunk.events += piece.events;
+                chunk.bytes += piece.body.len() + 1;
+                if !chunk.pushes.iter().any(|p| Arc::ptr_eq(p, &write.done)) {
+                    write.done.chunks.fetch_add(1, Ordering::AcqRel);
+                    chunk.pushes.push(Arc::clone(&write.done));
                 }
             }
-            Ok(())
-        };
-        tokio::time::timeout(self.nats.deadline, acks)
-            .await
-            .map_err(|_| {
-                QueueError::Unavailable(format!(
-                    "NATS did not acknowledge within {:?}",
-                    self.nats.deadline
-                ))
-            })??;
-        Ok(())
+            if write.pieces.is_empty() {
+                // Nothing to write (no event encoded): done at once.
+                write.done.chunks.fetch_add(1, Ordering::AcqRel);
+                write.done.settle(&Ok(()));
+            }
+            if write.alone {
+                // Nothing else joins a traced request's chunk.
+                chunks.push(Joining::default());
+            }
+        }
+        for chunk in chunks.into_iter().filter(|chunk| chunk.events > 0) {
+            let held = match room.take() {
+                Some(held) => held,
+                None => match Arc::clone(&in_flight).acquire_owned().await {
+                    Ok(held) => held,
+                    Err(_) => return,
+                },
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(codec::EVENTS, chunk.events.to_string().as_str());
+            let publish = PublishMessage::build()
+                .payload(codec::chunk(chunk.pieces.iter().copied()))
+                .headers(headers);
+            let sent = nats.js.send_publish(subject.clone(), publish).await;
+            let pushes = chunk.pushes;
+            let deadline = nats.deadline;
+            tokio::spawn(async move {
+                let result = match sent {
+                    Ok(ack) => match tokio::time::timeout(deadline, ack).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(error)) => Err(refusal(&error)),
+                        Err(_) => Err(QueueError::Unavailable(format!(
+                            "NATS did not acknowledge within {deadline:?}"
+                        ))),
+                    },
+                    Err(error) => Err(refusal(&error)),
+                };
+                drop(held);
+                for push in pushes {
+                    push.settle(&result);
+                }
+            });
+        }
+    }
+}
+
+/// What a refused backlog write means.
+fn refusal(error: &async_nats::jetstream::context::PublishError) -> QueueError {
+    // JetStream's answer when a `discard: new` stream is at a limit.
+    let text = error.to_string();
+    if text.contains("maximum") {
+        QueueError::Full
+    } else {
+        QueueError::Unavailable(text)
     }
 }
 
@@ -196,7 +344,40 @@ impl Queue for NatsQueue {
     }
 
     fn len(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        self.waiting.events.load(Ordering::Relaxed)
+    }
+}
+
+/// Events pulled and not yet taken by a worker, and room for more.
+#[derive(Debug)]
+struct Waiting {
+    events: AtomicUsize,
+    room: tokio::sync::Semaphore,
+}
+
+impl Waiting {
+    fn new(room: usize) -> Self {
+        Self {
+            events: AtomicUsize::new(0),
+            room: tokio::sync::Semaphore::new(room),
+        }
+    }
+
+    /// Waits for room for `events` more (a chunk larger than the room gets
+    /// all of it), and counts them.
+    async fn hold(&self, events: usize) {
+        let wanted = u32::try_from(events).unwrap_or(u32::MAX).max(1);
+        if let Ok(permit) = self.room.acquire_many(wanted).await {
+            permit.forget();
+        }
+        self.events.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// `events` were taken by a worker (or dropped).
+    fn taken(&self, events: usize) {
+        self.events.fetch_sub(events, Ordering::Relaxed);
+        self.room
+            .add_permits(u32::try_from(events).unwrap_or(u32::MAX).max(1) as usize);
     }
 }
 
@@ -286,7 +467,7 @@ struct Fetcher {
     backpressure: Backpressure,
     max_deliver: i64,
     sender: async_channel::Sender<QueuedEvents>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
     /// `eventflow_nats_redeliveries_total`.
     redeliveries: metrics::Counter,
     held: Arc<Held>,
@@ -303,6 +484,7 @@ impl Fetcher {
                 .consumer
                 .stream()
                 .max_messages_per_batch(FETCH_MAX)
+                .max_bytes_per_batch(FETCH_MAX_BYTES)
                 .expires(FETCH_EXPIRES)
                 .heartbeat(FETCH_EXPIRES / 2)
                 .messages();
@@ -334,11 +516,11 @@ impl Fetcher {
                     Some(Ok(message)) => {
                         if let Some(item) = self.read(message).await {
                             let events = item.records.len();
-                            self.waiting.fetch_add(events, Ordering::Relaxed);
+                            self.waiting.hold(events).await;
                             if self.sender.send(item).await.is_err() {
                                 // No workers (shutdown): another replica gets
                                 // it after `ack_wait`.
-                                self.waiting.fetch_sub(events, Ordering::Relaxed);
+                                self.waiting.taken(events);
                             }
                         }
                     }

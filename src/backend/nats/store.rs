@@ -330,10 +330,14 @@ impl Store for NatsStore {
             return Some(outcome.clone());
         }
         // The workers ask on the ingest connection: it is theirs.
-        self.lookup_outcome(&self.nats.published, &self.nats.failed, record.sequence)
-            .await
-            .ok()
-            .flatten()
+        self.lookup_outcome(
+            &self.nats.published_work,
+            &self.nats.failed_work,
+            record.sequence,
+        )
+        .await
+        .ok()
+        .flatten()
     }
 
     fn unavailable(&self) -> Option<String> {
@@ -373,7 +377,7 @@ impl Store for NatsStore {
                     // Once per acceptance, like a publication.
                     .expected_last_subject_sequence(0);
                 let subject = self.nats.subjects.failed_event(record.sequence);
-                let written = match self.nats.js.send_publish(subject, publish).await {
+                let written = match self.nats.work.send_publish(subject, publish).await {
                     Ok(ack) => ack.await.map(drop),
                     Err(error) => Err(error),
                 };

@@ -676,7 +676,7 @@ async fn a_stopping_replica_leaves_the_backlog_in_jetstream_for_the_others() {
         vec![std::sync::Arc::new(gate.clone())],
     )
     .await;
-    let ids: Vec<String> = (0..5000).map(|i| format!("backlog-{i}")).collect();
+    let ids: Vec<String> = (0..20_000).map(|i| format!("backlog-{i}")).collect();
     for chunk in ids.chunks(1000) {
         let batch = chunk.iter().map(|id| event(id, "x")).collect();
         assert_eq!(a.post_batch(batch).await.status(), 202);
