@@ -13,7 +13,7 @@
 //!   that each acceptance is published at most once
 //!   (`Nats-Expected-Last-Subject-Sequence: 0`) and found again by it.
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
@@ -79,21 +79,32 @@ impl Subjects {
         format!("{}.failed.>", self.prefix)
     }
 
-    pub(super) fn id(&self, id: &EventId) -> String {
-        format!("{}.ids.{}", self.prefix, key(id))
+    /// An id's subject. (Written without `format!`: one a record, on the
+    /// hot path.)
+    pub(super) fn id(&self, id: &EventId) -> Subject {
+        let mut subject =
+            String::with_capacity(self.prefix.len() + 5 + id.as_str().len() * 4 / 3 + 4);
+        subject.push_str(&self.prefix);
+        subject.push_str(".ids.");
+        URL_SAFE_NO_PAD.encode_string(id.as_str(), &mut subject);
+        Subject::from(subject)
     }
 
-    pub(super) fn published_event(&self, sequence: u64) -> String {
-        format!("{}.published.{sequence}", self.prefix)
+    pub(super) fn published_event(&self, sequence: u64) -> Subject {
+        self.of_sequence(".published.", sequence)
     }
 
-    pub(super) fn failed_event(&self, sequence: u64) -> String {
-        format!("{}.failed.{sequence}", self.prefix)
+    pub(super) fn failed_event(&self, sequence: u64) -> Subject {
+        self.of_sequence(".failed.", sequence)
     }
-}
 
-fn key(id: &EventId) -> String {
-    URL_SAFE_NO_PAD.encode(id.as_str())
+    fn of_sequence(&self, kind: &str, sequence: u64) -> Subject {
+        let mut subject = String::with_capacity(self.prefix.len() + kind.len() + 20);
+        subject.push_str(&self.prefix);
+        subject.push_str(kind);
+        subject.push_str(itoa::Buffer::new().format(sequence));
+        Subject::from(subject)
+    }
 }
 
 #[derive(Serialize)]
@@ -316,16 +327,14 @@ pub(super) fn decode_chunk(sequence: u64, payload: &[u8]) -> Result<Vec<Queued>,
         .collect()
 }
 
-/// Headers of a published event's message: how it was processed. (Its
-/// arrival sequence is its subject's last token.)
-pub(super) fn published_headers(worker: u32, processed_at: UnixNanos) -> HeaderMap {
+/// Adds to a published event's headers how it was processed. (Its arrival
+/// sequence is its subject's last token.)
+pub(super) fn add_processed(headers: &mut HeaderMap, worker: u32, processed_at: UnixNanos) {
     let mut value = String::with_capacity(32);
     value.push_str(itoa::Buffer::new().format(worker));
     value.push(' ');
     value.push_str(itoa::Buffer::new().format(processed_at.as_nanos()));
-    let mut headers = HeaderMap::new();
     headers.insert(PROCESSED, value.as_str());
-    headers
 }
 
 /// The outcome a published event's message records.
@@ -472,7 +481,12 @@ mod tests {
 
     #[test]
     fn a_publication_says_how_it_was_processed_in_one_header() {
-        let headers = published_headers(3, UnixNanos::from_nanos(1_700_000_000_000_000_001));
+        let mut headers = HeaderMap::new();
+        add_processed(
+            &mut headers,
+            3,
+            UnixNanos::from_nanos(1_700_000_000_000_000_001),
+        );
         match processed_outcome(Some(&headers)) {
             Some(Outcome::Processed {
                 worker,
@@ -508,7 +522,7 @@ mod tests {
     fn any_id_makes_a_valid_subject_token() {
         let subjects = Subjects::new("eventflow");
         let subject = subjects.id(&EventId::parse("a b.c*>").unwrap());
-        let token = subject.strip_prefix("eventflow.ids.").unwrap();
+        let token = subject.as_str().strip_prefix("eventflow.ids.").unwrap();
         assert!(
             token
                 .chars()

@@ -18,8 +18,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::{self};
 use async_trait::async_trait;
@@ -30,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Nats;
 use super::codec;
+use super::publisher::{Ack, Outgoing};
 use crate::feed::{Feed, FeedError, FeedItem, FeedLine, Published, Subscription};
 
 /// Most items a subscriber takes at once.
@@ -158,52 +157,39 @@ async fn follow(published: Stream<()>, shared: Arc<Shared>, stop: CancellationTo
 impl Feed for NatsFeed {
     async fn append(&self, events: &[Published<'_>]) -> Result<(), FeedError> {
         let nats = &self.nats;
-        let mut sent = Vec::with_capacity(events.len());
-        for event in events {
-            let publish = PublishMessage::build()
-                .payload(Bytes::copy_from_slice(event.line.as_bytes()))
-                .headers(codec::published_headers(
+        let outgoing = events
+            .iter()
+            .map(|event| {
+                let mut headers = nats.expect_new.clone();
+                // Once per acceptance, whoever delivers it: the subject is
+                // the arrival sequence and must hold nothing yet.
+                codec::add_processed(
+                    &mut headers,
                     event.processing.worker,
                     event.processing.processed_at,
-                ))
-                // Once per acceptance, whoever delivers it.
-                .expected_last_subject_sequence(0);
-            sent.push(
-                nats.work
-                    .send_publish(nats.subjects.published_event(event.sequence), publish)
-                    .await,
-            );
-        }
-        // One deadline for all the acks (each one's own would start only
-        // when it is awaited).
-        let acks = async {
-            let mut failure = None;
-            let mut head = 0;
-            for sent in sent {
-                let acked = match sent {
-                    Ok(ack) => ack.await,
-                    Err(error) => Err(error),
-                };
-                match acked {
-                    Ok(ack) => head = head.max(ack.sequence),
-                    // Published before (a chunk delivered again).
-                    Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {}
-                    Err(error) => failure = Some(error.to_string()),
+                );
+                Outgoing {
+                    subject: nats.subjects.published_event(event.sequence),
+                    headers,
+                    payload: Bytes::copy_from_slice(event.line.as_bytes()),
                 }
-            }
-            (head, failure)
-        };
-        let (head, failure) = tokio::time::timeout(nats.deadline, acks)
+            })
+            .collect();
+        let acks = nats
+            .publish
+            .publish(outgoing, nats.deadline)
             .await
-            .unwrap_or_else(|_| {
-                (
-                    0,
-                    Some(format!(
-                        "NATS did not acknowledge within {:?}",
-                        nats.deadline
-                    )),
-                )
-            });
+            .map_err(|error| FeedError(error.to_string()))?;
+        let mut failure = None;
+        let mut head = 0;
+        for ack in acks {
+            match ack {
+                Ack::Stored(sequence) => head = head.max(sequence),
+                // Published before (a chunk delivered again).
+                Ack::Taken => {}
+                Ack::Refused(why) => failure = Some(why),
+            }
+        }
         self.shared.seen(head);
         match failure {
             None => Ok(()),

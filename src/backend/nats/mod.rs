@@ -30,6 +30,7 @@ mod codec;
 mod feed;
 mod health;
 mod layout;
+mod publisher;
 mod queue;
 mod store;
 
@@ -159,6 +160,13 @@ struct Nats {
     js: jetstream::Context,
     /// On the workers' connection.
     work: jetstream::Context,
+    /// Ingest's publishes (id records, backlog chunks), their acks awaited
+    /// a set at a time.
+    ingest: publisher::Publisher,
+    /// The workers' publishes (publications).
+    publish: publisher::Publisher,
+    /// `Nats-Expected-Last-Subject-Sequence: 0`: the subject holds nothing yet.
+    expect_new: async_nats::HeaderMap,
     subjects: Subjects,
     ids: Stream<()>,
     backlog: Stream<()>,
@@ -263,6 +271,13 @@ pub async fn open(
             "backend.nats.failed_stream",
         )
         .await?,
+        ingest: publisher::Publisher::new(client.clone()),
+        publish: publisher::Publisher::new(worker.clone()),
+        expect_new: {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+            headers
+        },
         client: client.clone(),
         js: js.clone(),
         work,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{Consumer, pull};
-use async_nats::jetstream::message::{Acker, PublishMessage};
+use async_nats::jetstream::message::Acker;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Nats;
 use super::codec;
+use super::publisher::{Ack, Outgoing};
 use crate::pipeline::{
     Acknowledge, Attempt, Backpressure, Delivery, Queue, QueueError, QueuedEvents, Verdict,
 };
@@ -159,7 +160,7 @@ impl NatsQueue {
 const WRITES_WAITING: usize = 4096;
 /// Chunks written and not yet acknowledged at once: the pushes that come
 /// while they are in flight join the next one.
-const CHUNKS_IN_FLIGHT: usize = 2;
+const CHUNKS_IN_FLIGHT: usize = 4;
 /// Most events one chunk joins from several pushes.
 const CHUNK_EVENTS_MAX: usize = 256;
 
@@ -276,23 +277,24 @@ async fn write_backlog(nats: Arc<Nats>, mut writes: tokio::sync::mpsc::Receiver<
                 },
             };
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(codec::EVENTS, chunk.events.to_string().as_str());
-            let publish = PublishMessage::build()
-                .payload(codec::chunk(chunk.pieces.iter().copied()))
-                .headers(headers);
-            let sent = nats.js.send_publish(subject.clone(), publish).await;
+            headers.insert(codec::EVENTS, itoa::Buffer::new().format(chunk.events));
+            let outgoing = Outgoing {
+                subject: subject.clone(),
+                headers,
+                payload: codec::chunk(chunk.pieces.iter().copied()),
+            };
             let pushes = chunk.pushes;
-            let deadline = nats.deadline;
+            let nats = Arc::clone(&nats);
             tokio::spawn(async move {
-                let result = match sent {
-                    Ok(ack) => match tokio::time::timeout(deadline, ack).await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(error)) => Err(refusal(&error)),
-                        Err(_) => Err(QueueError::Unavailable(format!(
-                            "NATS did not acknowledge within {deadline:?}"
-                        ))),
+                let result = match nats.ingest.publish(vec![outgoing], nats.deadline).await {
+                    Ok(acks) => match acks.into_iter().next() {
+                        Some(Ack::Stored(_)) => Ok(()),
+                        Some(Ack::Refused(why)) => Err(refusal(why)),
+                        Some(Ack::Taken) | None => {
+                            Err(QueueError::Unavailable("no answer".to_owned()))
+                        }
                     },
-                    Err(error) => Err(refusal(&error)),
+                    Err(error) => Err(QueueError::Unavailable(error.to_string())),
                 };
                 drop(held);
                 for push in pushes {
@@ -304,13 +306,12 @@ async fn write_backlog(nats: Arc<Nats>, mut writes: tokio::sync::mpsc::Receiver<
 }
 
 /// What a refused backlog write means.
-fn refusal(error: &async_nats::jetstream::context::PublishError) -> QueueError {
+fn refusal(why: String) -> QueueError {
     // JetStream's answer when a `discard: new` stream is at a limit.
-    let text = error.to_string();
-    if text.contains("maximum") {
+    if why.contains("maximum") {
         QueueError::Full
     } else {
-        QueueError::Unavailable(text)
+        QueueError::Unavailable(why)
     }
 }
 

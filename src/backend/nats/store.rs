@@ -26,6 +26,7 @@ use futures_util::StreamExt;
 
 use super::Nats;
 use super::codec;
+use super::publisher::{Ack, Outgoing};
 use crate::event::{Event, EventId};
 use crate::store::{CompleteWith, Insert, Outcome, Page, PageQuery, Record, Store, StoreError};
 use crate::telemetry::metrics::{Metrics, names};
@@ -63,7 +64,7 @@ impl NatsStore {
         match self
             .nats
             .ids_read
-            .direct_get_last_for_subject(subject)
+            .direct_get_last_for_subject(subject.as_str())
             .await
         {
             Ok(message) => Ok(codec::decode_record(message.sequence, &message.payload)
@@ -84,8 +85,8 @@ impl NatsStore {
     ) -> Result<Option<Outcome>, StoreError> {
         let subjects = &self.nats.subjects;
         let (publication, failure) = tokio::join!(
-            published.direct_get_last_for_subject(subjects.published_event(sequence)),
-            failed.direct_get_last_for_subject(subjects.failed_event(sequence)),
+            published.direct_get_last_for_subject(subjects.published_event(sequence).to_string()),
+            failed.direct_get_last_for_subject(subjects.failed_event(sequence).to_string()),
         );
         match publication {
             Ok(message) => return Ok(codec::processed_outcome(Some(&message.headers))),
@@ -138,16 +139,6 @@ impl NatsStore {
         } else {
             Insert::Duplicate(stored)
         })
-    }
-
-    /// What an ack error means for the event.
-    fn refusal(error: &async_nats::jetstream::context::PublishError) -> StoreError {
-        match error.kind() {
-            PublishErrorKind::MaxPayloadExceeded => StoreError::TooLarge(format!(
-                "the event's record is larger than the NATS server takes (max_payload): {error}"
-            )),
-            _ => Self::unavailable(error),
-        }
     }
 
     /// Reads the id records after `after`, in arrival order, `READS_IN_FLIGHT`
@@ -248,67 +239,55 @@ impl Store for NatsStore {
         let received = UnixNanos::from(received_at);
         let started = Instant::now();
         let max_body = self.nats.max_body();
-        // Every publish is sent before any ack is awaited: one round trip
-        // for the batch, not one per event.
-        let mut sent = Vec::with_capacity(events.len());
-        for event in &events {
+        // Every record is sent before any ack is awaited: one round trip for
+        // the batch, not one per event, and one deadline for all of it.
+        let mut outgoing = Vec::with_capacity(events.len());
+        let mut too_large = Vec::new();
+        for (index, event) in events.iter().enumerate() {
             let body = codec::id_record(event, received, trace_id);
             if body.len() > max_body {
-                sent.push(Err(StoreError::TooLarge(format!(
-                    "the event's record of {} bytes is larger than the NATS server takes \
-                     ({max_body} bytes and headers: its max_payload)",
-                    body.len()
+                too_large.push((index, body.len()));
+                continue;
+            }
+            outgoing.push(Outgoing {
+                subject: self.nats.subjects.id(&event.id),
+                headers: self.nats.expect_new.clone(),
+                payload: body,
+            });
+        }
+        let acks = match self.nats.ingest.publish(outgoing, self.nats.deadline).await {
+            Ok(acks) => acks,
+            Err(error) => {
+                return events
+                    .iter()
+                    .map(|_| Err(StoreError::Unavailable(error.to_string())))
+                    .collect();
+            }
+        };
+        let mut acks = acks.into_iter();
+        let mut too_large = too_large.into_iter().peekable();
+        let mut results = Vec::with_capacity(events.len());
+        for (index, event) in events.into_iter().enumerate() {
+            if let Some((_, bytes)) = too_large.next_if(|(at, _)| *at == index) {
+                results.push(Err(StoreError::TooLarge(format!(
+                    "the event's record of {bytes} bytes is larger than the NATS server \
+                     takes ({max_body} bytes and headers: its max_payload)"
                 ))));
                 continue;
             }
-            let publish = PublishMessage::build()
-                .payload(body)
-                .expected_last_subject_sequence(0);
-            sent.push(
-                self.nats
-                    .js
-                    .send_publish(self.nats.subjects.id(&event.id), publish)
-                    .await
-                    .map_err(|e| Self::refusal(&e)),
-            );
-        }
-        // One deadline for all the acks (each one's own would start only
-        // when it is awaited): past it, the request is unavailable as a whole.
-        let acks = async {
-            let mut acked = Vec::with_capacity(sent.len());
-            for sent in sent {
-                acked.push(match sent {
-                    Ok(ack) => match ack.await {
-                        Ok(ack) => Ok(ack.sequence),
-                        Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
-                            Err(None)
-                        }
-                        Err(error) => Err(Some(Self::refusal(&error))),
-                    },
-                    Err(error) => Err(Some(error)),
-                });
-            }
-            acked
-        };
-        let Ok(acked) = tokio::time::timeout(self.nats.deadline, acks).await else {
-            let why = format!("NATS did not acknowledge within {:?}", self.nats.deadline);
-            return events
-                .iter()
-                .map(|_| Err(StoreError::Unavailable(why.clone())))
-                .collect();
-        };
-        let mut results = Vec::with_capacity(events.len());
-        for (event, acked) in events.into_iter().zip(acked) {
-            results.push(match acked {
-                Ok(sequence) => Ok(Insert::Inserted(Arc::new(Record::new(
+            results.push(match acks.next() {
+                Some(Ack::Stored(sequence)) => Ok(Insert::Inserted(Arc::new(Record::new(
                     event,
                     sequence,
                     received_at,
                     trace_id,
                 )))),
                 // The id is taken: a retry, or a conflict.
-                Err(None) => self.existing(&event).await,
-                Err(Some(error)) => Err(error),
+                Some(Ack::Taken) => self.existing(&event).await,
+                Some(Ack::Refused(why)) => Err(StoreError::Unavailable(format!(
+                    "NATS did not store the event's record: {why}"
+                ))),
+                None => Err(StoreError::Unavailable("no answer".into())),
             });
         }
         self.ack_latency.record(started.elapsed().as_secs_f64());
