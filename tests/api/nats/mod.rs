@@ -3,6 +3,7 @@
 //! faults (a replica killed, NATS stopped, a cluster node lost).
 
 mod bounds;
+mod fault_table;
 mod faults;
 pub(crate) mod server;
 

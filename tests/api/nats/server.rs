@@ -125,6 +125,11 @@ impl NatsNode {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Whether the process runs (it was not killed).
+    pub(crate) fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Freezes the process (SIGSTOP): its sockets stay open, nothing answers.
     pub(crate) fn freeze(&self) {
         self.signal(nix::sys::signal::Signal::SIGSTOP);
