@@ -556,7 +556,7 @@ fn describe(recorder: &PrometheusRecorder) {
         ),
         (
             names::NATS_PENDING,
-            "nats backend: backlog chunks (up to 64 events each) not yet handed to any replica (the lag)",
+            "nats backend: backlog chunks (up to 256 events each) not yet handed to any replica (the lag)",
             None,
         ),
         (

@@ -8,18 +8,20 @@
 //!   whichever replica it reached); its sequence is the arrival sequence.
 //!   Bounded by `idempotency_window` and `idempotency_max_bytes`, oldest
 //!   forgotten first: it never refuses ingest;
-//! - **backlog**: a work-queue stream of chunks (one message for up to 64
-//!   events of a request) that leave once processed; `discard: new` at
+//! - **backlog**: a work-queue stream of chunks (one message for up to 256
+//!   events: a batch request's, or single events joined under load) that
+//!   leave once processed; `discard: new` at
 //!   `backlog_max_bytes` is the one thing that refuses ingest (503);
 //! - **history**: the published stream (one message per event, its
 //!   sequence the gap-free publication sequence) and the failed stream,
 //!   by `history_max_bytes` and `history_max_age`, oldest dropped first.
 //!
-//! Per accepted event of a batch: one id record and its ack, one
-//! publication and its ack, and a share of one chunk's four messages.
-//! Ingest and the workers use one connection; reads, SSE subscribers and
-//! the follower of the published stream another ([`Nats::read`]), so that a
-//! reader can never make the server drop the connection ingest needs.
+//! Per accepted event: one id record and its ack, one publication and its
+//! ack, and a share of one chunk's four messages. Ingest, the workers and
+//! the readers (lookups, pages, SSE subscribers, the follower of the
+//! published stream) each have a connection of their own, so that no kind
+//! of traffic queues behind another's, and a reader can never make the
+//! server drop the connection ingest needs.
 //!
 //! A replica that starts before its NATS keeps trying (`/readyz` 503
 //! meanwhile); NATS that stops answering turns `/readyz` 503 within two

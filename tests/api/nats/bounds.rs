@@ -43,17 +43,18 @@ async fn twenty_times_every_bound_goes_through_without_a_refusal_each_published_
     let Some(nats) = server::single().await else {
         return;
     };
-    const BOUND: i64 = 256 * 1024;
+    // 256 KiB in CI; EVENTFLOW_FAULT_SCALE=32 makes it 8 MiB.
+    let bound = 256 * 1024 * super::scale() as i64;
     let app = replica(&nats.url(), |settings| {
         let nats = &mut settings.backend.nats;
-        nats.backlog_max_bytes = BOUND;
-        nats.history_max_bytes = BOUND;
-        nats.idempotency_max_bytes = BOUND;
+        nats.backlog_max_bytes = bound;
+        nats.history_max_bytes = bound;
+        nats.idempotency_max_bytes = bound;
     })
     .await;
-    // 20 x 256 KiB of id records: about 360 bytes each.
+    // 20 x the bound of id records: about 360 bytes each.
     let payload = "p".repeat(200);
-    let total = 20 * BOUND as usize / 360;
+    let total = 20 * bound as usize / 360;
     let mut accepted = 0;
     for (round, first) in (0..total).step_by(100).enumerate() {
         let batch = (first..total.min(first + 100))
@@ -66,6 +67,7 @@ async fn twenty_times_every_bound_goes_through_without_a_refusal_each_published_
         accepted += body["accepted"].as_u64().unwrap();
     }
     assert_eq!(accepted, total as u64);
+    eprintln!("bounds of {bound} bytes: {accepted} events accepted, none refused");
     // Every accepted event published, each once: the published stream took
     // exactly as many publications (its oldest are long dropped).
     wait_for_metric(
@@ -276,4 +278,58 @@ async fn a_replica_that_starts_before_its_nats_answers_503_until_nats_comes() {
     assert_eq!(app.post_event(&event("early-1", "x")).await.status(), 202);
     app.wait_for_status("early-1", "processed").await;
     assert_eq!(publications(&nats.url()).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_nats_can_never_carry_is_413_and_settings_that_allow_one_never_start() {
+    let Some(mut nats) = server::single().await else {
+        return;
+    };
+    // Settings whose largest event (every character escaped) passes the
+    // server's 1 MB: the start stops naming both limits.
+    let mut settings = crate::helpers::test_settings();
+    nats_mode(&mut settings, &nats.url());
+    settings.pipeline.max_payload_bytes = 256 * 1024;
+    let error = match eventflow::app::App::build(settings).await {
+        Ok(_) => panic!("the service started"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("pipeline.max_payload_bytes"), "{error}");
+    assert!(error.contains("max_payload"), "{error}");
+
+    // A server restarted with a smaller max_payload: what it can never
+    // carry is refused for good (413), not "retry later".
+    let app = replica(&nats.url(), |_| {}).await;
+    nats.kill();
+    nats.set_max_payload(64 * 1024);
+    nats.start();
+    nats.wait_healthy().await;
+    // Reconnected (and told the new limit) once a small event is taken.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.post_event(&event("after-restart", "x")).await.status() != 202 {
+        assert!(Instant::now() < deadline, "ingest again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let escaped = "\u{1}".repeat(20 * 1024);
+    let response = app.post_event(&event("huge-1", &escaped)).await;
+    assert_eq!(response.status(), 413);
+    let problem: Value = response.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("max_payload"),
+        "{problem}"
+    );
+    let batch: Value = app
+        .post_batch(vec![event("huge-2", &escaped), event("fits-1", "x")])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(batch["accepted"], 1, "{batch}");
+    assert_eq!(batch["rejected"][0]["id"], "huge-2", "{batch}");
+    assert!(
+        app.metric("eventflow_events_rejected_total{reason=\"too_large\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 2.0
+    );
 }

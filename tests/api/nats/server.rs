@@ -66,6 +66,7 @@ impl NatsNode {
         // space, and every stream reserves its `max_bytes` (3 GiB by default)
         // against it: on a machine with little free disk the streams were
         // refused. The tests write megabytes; the limit is only a reservation.
+        // (4 GiB in all by default now.)
         let config = dir.path().join("jetstream.conf");
         std::fs::write(
             &config,
@@ -123,6 +124,14 @@ impl NatsNode {
 
     pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Sets the server's `max_payload` (bytes) for its next start.
+    pub(crate) fn set_max_payload(&self, bytes: usize) {
+        let config = self._dir.path().join("jetstream.conf");
+        let mut text = std::fs::read_to_string(&config).expect("the configuration reads");
+        text.push_str(&format!("max_payload: {bytes}\n"));
+        std::fs::write(&config, text).expect("the configuration is written");
     }
 
     /// Whether the process runs (it was not killed).
