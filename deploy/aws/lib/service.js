@@ -197,8 +197,8 @@ class Service extends Construct {
     });
     this.securityGroup.connections.allowFrom(props.loadBalancer, ec2.Port.tcp(ADMIN_PORT), 'health checks on the admin port');
 
-    // Scaling: out on the JetStream backlog (a custom metric, the shared
-    // consumer's pending events, written by the collectors) in steps; in and
+    // Scaling: out on the JetStream backlog (a custom metric, the bytes of
+    // accepted, unpublished events, written by the collectors) in steps; in and
     // out on CPU, which is the floor. Every task reports the same backlog:
     // Maximum is the figure. The backlog policy only adds tasks: a scale-in
     // step would fire whenever the backlog is small and fight CPU's policy.
@@ -211,7 +211,7 @@ class Service extends Construct {
     /** The backlog metric the service scales on. */
     this.backlog = new cloudwatch.Metric({
       namespace: METRICS_NAMESPACE,
-      metricName: 'eventflow_nats_consumer_pending',
+      metricName: 'eventflow_nats_backlog_bytes',
       dimensionsMap: { Service: 'eventflow' },
       statistic: 'Maximum',
       period: Duration.minutes(1),
@@ -219,9 +219,10 @@ class Service extends Construct {
     scaling.scaleOnMetric('Backlog', {
       metric: this.backlog,
       adjustmentType: appscaling.AdjustmentType.CHANGE_IN_CAPACITY,
+      // About 50,000 and 200,000 events waiting (some 330 bytes each).
       scalingSteps: [
-        { lower: 5000, change: +1 },
-        { lower: 20000, change: +3 },
+        { lower: 16 * 1024 * 1024, change: +1 },
+        { lower: 64 * 1024 * 1024, change: +3 },
       ],
       cooldown: Duration.minutes(2),
       evaluationPeriods: 3,
@@ -272,7 +273,7 @@ function collectorConfig(observability) {
         dimension_rollup_option: 'NoDimensionRollup',
         metric_declarations: [{
           dimensions: [['Service']],
-          metric_name_selectors: ['^eventflow_nats_consumer_pending$', '^eventflow_queue_depth$', '^eventflow_queue_capacity$'],
+          metric_name_selectors: ['^eventflow_nats_backlog_bytes$', '^eventflow_nats_consumer_pending$', '^eventflow_queue_depth$', '^eventflow_queue_capacity$'],
         }],
       },
     },

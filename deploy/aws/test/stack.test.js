@@ -54,7 +54,7 @@ test('the service scales on the JetStream backlog and on CPU, from 3 to 12 tasks
   template.hasResourceProperties('AWS::ApplicationAutoScaling::ScalableTarget', { MinCapacity: 3, MaxCapacity: 12 });
   template.hasResourceProperties('AWS::CloudWatch::Alarm', {
     Namespace: 'Eventflow',
-    MetricName: 'eventflow_nats_consumer_pending',
+    MetricName: 'eventflow_nats_backlog_bytes',
     Dimensions: [{ Name: 'Service', Value: 'eventflow' }],
     Statistic: 'Maximum',
   });
@@ -77,7 +77,7 @@ test('the collector writes the scaling metric with the dimension the alarm reads
   const text = config['Fn::Join'][1].filter((part) => typeof part === 'string').join('');
   assert.ok(text.includes('"metric_relabel_configs":[{"action":"replace","target_label":"Service","replacement":"eventflow"}]'), text);
   assert.ok(text.includes('"dimensions":[["Service"]]'), text);
-  assert.ok(text.includes('"^eventflow_nats_consumer_pending$"'), text);
+  assert.ok(text.includes('"^eventflow_nats_backlog_bytes$"'), text);
 });
 
 test('NATS runs on three nodes, each with an encrypted data volume of its own that outlives it', () => {
