@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures in docs/performance.md.
 #
-#   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|all]
+#   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|jetstream|all]
 #   BASE=path/to/another/eventflow scripts/bench.sh ab   (this build against that one;
 #   KINDS="single wait batch" chooses the comparisons)
 #
@@ -441,14 +441,16 @@ varz() {
 # behind cannot slow it) for NATS_DURATION; then a wait (bounded) until
 # every accepted event is published. Prints one JSON line.
 nats_e2e() {
-  local backend="$1" kind="$2" args env=() pid before_in before_out after_in after_out
+  local backend="$1" kind="$2" args env=() pid before_in before_out after_in after_out server=eventflow
   local server0 server1 nats0=0 nats1=0 published_end published caught_up_ms file
-  if [[ "$backend" == nats ]]; then
+  # `nats-base`: the nats backend of the build named by BASE.
+  [[ "$backend" == nats-base ]] && server=base
+  if [[ "$backend" == nats* ]]; then
     start_nats
     env=(EVENTFLOW__BACKEND__KIND=nats EVENTFLOW__BACKEND__NATS_URL="$NATS_URL")
     read -r before_in before_out <<<"$(varz)"
   fi
-  start_server eventflow "${env[@]}"
+  start_server "$server" "${env[@]}"
   if [[ "$kind" == batch ]]; then
     args=(-b 1000 -c 8 --rate "$BATCH_RATE")
   else
@@ -456,7 +458,7 @@ nats_e2e() {
   fi
   file="$OUT/nats-$backend-$kind-$RANDOM.json"
   server0="$(cpu_ticks)"
-  [[ "$backend" == nats ]] && nats0="$(awk '{print $14 + $15}' "/proc/$NATS_PID/stat")"
+  [[ "$backend" == nats* ]] && nats0="$(awk '{print $14 + $15}' "/proc/$NATS_PID/stat")"
   loadgen --mode open "${args[@]}" -d "${NATS_DURATION}s" --timeout 10s --json >"$file" || true
   published_end="$(metric 'eventflow_events_processed_total{outcome="ok"}')"
   published_end="${published_end:-0}"
@@ -471,14 +473,14 @@ nats_e2e() {
   done
   caught_up_ms=$(( ($(date +%s%N) - started) / 1000000 ))
   server1="$(cpu_ticks)"
-  if [[ "$backend" == nats ]]; then
+  if [[ "$backend" == nats* ]]; then
     nats1="$(awk '{print $14 + $15}' "/proc/$NATS_PID/stat")"
     read -r after_in after_out <<<"$(varz)"
   else
     before_in=0 before_out=0 after_in=0 after_out=0
   fi
   stop_server
-  [[ "$backend" == nats ]] && stop_nats
+  [[ "$backend" == nats* ]] && stop_nats
   python3 - "$file" "$backend" "$kind" "$published_end" "$published" "$caught_up_ms" \
     "$server0" "$server1" "$nats0" "$nats1" "$before_in" "$before_out" "$after_in" "$after_out" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
@@ -497,7 +499,7 @@ row = {
     "status": r["status"],
     "eventflow_us_per_event": round(us(s0, s1), 2),
 }
-if backend == "nats":
+if backend.startswith("nats"):
     row["nats_us_per_event"] = round(us(n0, n1), 2)
     row["nats_msgs_per_event"] = round((int(in1) - int(in0) + int(out1) - int(out0)) / accepted, 2)
 print(json.dumps(row))
@@ -506,17 +508,37 @@ PY
 
 # nats: memory vs nats backend end to end, batches of 1,000 at BATCH_RATE
 # requests/s and single events at SINGLE_RATE requests/s, RUNS times each,
-# interleaved; the issue's layout: the service on core 1, nats-server and
-# the load generator on core 0.
+# interleaved; the service on core 1, nats-server and the load generator on
+# core 0. With BASE=path/to/another/eventflow, that build's nats backend
+# runs beside them (`nats-base`).
 bench_nats() {
   echo "== end to end, memory vs nats: ${NATS_DURATION}s x $RUNS each at $BATCH_RATE batches/s of 1,000 and $SINGLE_RATE single events/s; service on core $SERVER_CPU, nats-server on core $NATS_CPU, load on core $LOAD_CPU"
   local kind run backend
   for kind in batch single; do
     for run in $(seq "$RUNS"); do
-      for backend in $(in_turn "$run" memory nats); do
+      local backends=(memory nats)
+      [[ -n "${BASE:-}" ]] && backends+=(nats-base)
+      for backend in $(in_turn "$run" "${backends[@]}"); do
         nats_e2e "$backend" "$kind" | tee -a "$OUT/nats-e2e.jsonl"
       done
     done
+  done
+}
+
+# jetstream: what each JetStream mechanism costs nats-server per event
+# (examples/jetstream_costs.rs), each scenario against a fresh server on
+# NATS_CPU, the client on SERVER_CPU: the measurements behind the nats
+# backend's layout.
+bench_jetstream() {
+  echo "== JetStream mechanisms: nats-server CPU and messages per event; nats-server on core $NATS_CPU, client on core $SERVER_CPU"
+  local spec
+  for spec in "earlier 50000 1000" "ids 200000 1000" "ids-atomic 200000 1000" "ids-atomic 200000 64" \
+      "published 200000 1000" "published-plain 200000 1000" "published-msgid 200000 1000" \
+      "chunks 200000 64" "chunks 200000 256"; do
+    start_nats
+    # shellcheck disable=SC2086 # the spec is three words on purpose
+    taskset -c "$SERVER_CPU" "$BIN/examples/jetstream_costs" $spec --url "$NATS_URL" --monitor "$NATS_MON" --pid "$NATS_PID"
+    stop_nats
   done
 }
 
@@ -563,6 +585,7 @@ case "${1:-all}" in
   sweep) machine; bench_sweep ;;
   ab) machine; bench_ab ;;
   nats) machine; bench_nats ;;
+  jetstream) machine; bench_jetstream ;;
   all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_overload_sink; bench_tracing; bench_shutdown; bench_sweep ;;
-  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|all|ab]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|jetstream|all|ab]" >&2; exit 2 ;;
 esac

@@ -15,18 +15,19 @@ const GIB = 1024 ** 3;
 /**
  * What each scale tier buys (docs/aws.md, "Cost", shows the arithmetic).
  * Three bounds, each reserved in full on every node (stream replicas 3),
- * together within the volume's max_file_store (90 % of it):
- * - ids: the idempotency horizon, 24 h of ids at about 400 bytes stored
- *   each (rate x 86,400 s x 400 bytes, rounded up);
- * - backlog: 30 minutes of outage at the tier's rate, about 300 bytes an
- *   event in chunks, before ingest is refused;
- * - history: 1 h of published events (the SSE resume window) at about 600
- *   bytes, reserved twice (the failed stream has the same bound).
+ * together within the volume's max_file_store (90 % of it), sized from
+ * the bytes docs/performance.md measured (342 per id record, 528 per
+ * publication, ~290 per event in chunks), rounded up to 350, 530 and 300:
+ * - ids: the idempotency horizon, 24 h (rate x 86,400 s x 350 bytes);
+ * - backlog: 30 minutes of the workers stopped at the tier's rate
+ *   (rate x 1,800 s x 300 bytes) before ingest is refused;
+ * - history: 1 h of publications, the SSE resume window (rate x 3,600 s x
+ *   530 bytes), reserved twice (the failed stream has the same bound).
  */
 const SIZING = {
-  '1k': tier('m7g.large', 50, { idsGiB: 33, backlogGiB: 1, historyGiB: 3 }),
-  '10k': tier('m7g.large', 450, { idsGiB: 330, backlogGiB: 6, historyGiB: 22 }),
-  '100k': tier('m7g.2xlarge', 4300, { idsGiB: 3300, backlogGiB: 55, historyGiB: 220 }),
+  '1k': tier('m7g.large', 40, { idsGiB: 29, backlogGiB: 1, historyGiB: 2 }),
+  '10k': tier('m7g.large', 370, { idsGiB: 282, backlogGiB: 6, historyGiB: 18 }),
+  '100k': tier('m7g.2xlarge', 3600, { idsGiB: 2816, backlogGiB: 51, historyGiB: 178 }),
 };
 
 function tier(natsInstanceType, natsVolumeGiB, { idsGiB, backlogGiB, historyGiB }) {
