@@ -40,8 +40,10 @@ use crate::telemetry::metrics::{Metrics, names};
 /// SSE subscribers that render stored events again at once: one, so that a
 /// storm of clients resuming from 0 keeps to one core.
 const REPLAYS_AT_ONCE: usize = 1;
-/// Time allowed to flush sinks after the drain deadline has passed.
-const LATE_FLUSH: Duration = Duration::from_secs(2);
+/// Most of the grace kept back, at its end, for a drain that runs out of
+/// time: to flush what was published and finish stdout's line in progress
+/// before exiting, all within `server.shutdown_grace`.
+const FORCED_EXIT_RESERVE: Duration = Duration::from_secs(2);
 /// How often histogram buffers are drained between scrapes.
 /// (The exporter buffers histogram samples until then: a short interval
 /// bounds that buffer at high event rates.)
@@ -254,13 +256,17 @@ impl App {
         let deadline = started
             .checked_add(shutdown_grace)
             .unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
+        // A drain that runs out of time leaves this much of the grace to
+        // flush and finish stdout's line: the exit stays within the grace.
+        let reserve = (shutdown_grace / 4).min(FORCED_EXIT_RESERVE);
+        let drain_deadline = deadline - reserve;
         let drain = async {
             pipeline.ingest_idle().await;
             pipeline.close_queue();
             workers.stopped().await;
             pipeline.flush_sinks().await;
         };
-        match tokio::time::timeout_at(deadline, drain).await {
+        match tokio::time::timeout_at(drain_deadline, drain).await {
             Ok(()) => {
                 stream_stop.cancel();
                 // Every accepted event is published or failed; what is left
@@ -307,8 +313,14 @@ impl App {
                     sink_failed = report.sink_failed,
                     "shutdown deadline passed before the drain finished"
                 );
-                // Still make what was published visible.
-                let _ = tokio::time::timeout(LATE_FLUSH, pipeline.flush_sinks()).await;
+                // Still make what was published visible, and end stdout on a
+                // whole line, within what is left of the grace.
+                let flushed = tokio::time::Instant::now() + reserve / 2;
+                let _ = tokio::time::timeout_at(flushed, pipeline.flush_sinks()).await;
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                tokio::task::spawn_blocking(move || crate::sink::finish_line(left))
+                    .await
+                    .ok();
                 stream_stop.cancel();
                 Err(report)
             }

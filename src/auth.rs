@@ -1,19 +1,21 @@
 //! Bearer tokens: which ones the API accepts (`auth.tokens`,
 //! `auth.tokens_file`), re-read from the file on SIGHUP, and checking one.
 //!
-//! A presented token is compared with the known ones by SHA-256 digest, in
-//! constant time (`subtle`), against every known token: how long a check
-//! takes says nothing about how much of a guess was right, nor which token
-//! it resembled, nor how long the real ones are. Tokens never reach a log,
-//! a span or a metric label; errors name a token by its position only.
+//! A presented token is known by its SHA-256 digest, looked up in a set of
+//! the known tokens' digests: a check costs the same however many tokens
+//! there are (a wrong token is one digest and one lookup), and how long it
+//! takes depends on the digest of what was presented, which says nothing
+//! about the real tokens (a digest cannot be turned back into a token, nor
+//! a near miss of one into a near guess). Tokens never reach a log, a span
+//! or a metric label; errors name a token by its position only.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::config::AuthSettings;
 
@@ -119,8 +121,8 @@ struct Inner {
     enabled: bool,
     inline: Vec<TokenDigest>,
     file: Option<PathBuf>,
-    /// Inline tokens followed by the file's, as last loaded.
-    current: RwLock<Arc<[TokenDigest]>>,
+    /// Inline tokens and the file's, as last loaded.
+    current: RwLock<Arc<HashSet<TokenDigest>>>,
 }
 
 impl Tokens {
@@ -137,7 +139,7 @@ impl Tokens {
             inline.push(TokenDigest::of(token));
         }
         let file = settings.tokens_file.as_ref().map(PathBuf::from);
-        let mut current = inline.clone();
+        let mut current: HashSet<TokenDigest> = inline.iter().copied().collect();
         if let Some(path) = &file {
             current.extend(read_file(path)?);
         }
@@ -146,7 +148,7 @@ impl Tokens {
             enabled: settings.enabled(),
             inline,
             file,
-            current: RwLock::new(current.into()),
+            current: RwLock::new(Arc::new(current)),
         })))
     }
 
@@ -157,7 +159,7 @@ impl Tokens {
             enabled: false,
             inline: Vec::new(),
             file: None,
-            current: RwLock::new(Arc::from([])),
+            current: RwLock::new(Arc::new(HashSet::new())),
         }))
     }
 
@@ -178,10 +180,10 @@ impl Tokens {
         let Some(path) = &self.0.file else {
             return Ok(self.0.current.read().len());
         };
-        let mut next = self.0.inline.clone();
+        let mut next: HashSet<TokenDigest> = self.0.inline.iter().copied().collect();
         next.extend(read_file(path)?);
         let count = next.len();
-        *self.0.current.write() = next.into();
+        *self.0.current.write() = Arc::new(next);
         self.0.reloads.send_modify(|generation| *generation += 1);
         Ok(count)
     }
@@ -189,12 +191,7 @@ impl Tokens {
     /// Whether `caller`'s token is still accepted (it may have been taken
     /// out of the file since).
     pub fn accepts(&self, caller: &TokenDigest) -> bool {
-        let known = Arc::clone(&self.0.current.read());
-        let mut found = subtle::Choice::from(0);
-        for digest in known.iter() {
-            found |= digest.0.ct_eq(&caller.0);
-        }
-        bool::from(found)
+        self.0.current.read().contains(caller)
     }
 
     /// Resolves once `caller`'s token is no longer accepted (after a
@@ -226,7 +223,6 @@ impl Tokens {
             return Err(Refusal::Invalid);
         }
         let presented = TokenDigest::of(token);
-        // Every known token is compared, whatever matched first.
         if self.accepts(&presented) {
             Ok(Some(presented))
         } else {

@@ -452,7 +452,7 @@ impl Settings {
                 });
             }
         }
-        let settings: Settings = built.try_deserialize()?;
+        let settings: Settings = built.try_deserialize().map_err(redact_secrets)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -600,20 +600,8 @@ impl Settings {
             ));
         }
         self.validate_backend()?;
-        if self
-            .telemetry
-            .log_level
-            .parse::<tracing_subscriber::filter::EnvFilter>()
-            .is_err()
-        {
-            return Err(invalid(
-                "telemetry.log_level",
-                format!(
-                    "`{}` is not a valid level directive",
-                    self.telemetry.log_level
-                ),
-            ));
-        }
+        check_log_level(&self.telemetry.log_level)
+            .map_err(|message| invalid("telemetry.log_level", message))?;
         Ok(())
     }
 }
@@ -731,6 +719,50 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// A deserialization error about `auth.*` may quote a token (a string
+/// given where a list belongs): say what is wrong without the value.
+fn redact_secrets(error: config::ConfigError) -> ConfigError {
+    let text = error.to_string();
+    if text.contains("auth.tokens") && !text.contains("auth.tokens_file") {
+        return ConfigError::Invalid {
+            key: "auth.tokens",
+            message: "must be a list of tokens (in the environment, comma-separated); \
+                      the value given is not shown"
+                .to_owned(),
+        };
+    }
+    ConfigError::Source(error)
+}
+
+/// Level names a directive may end in.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Whether `filter` is a level (`info`) or directives that each name one
+/// (`info,eventflow=debug`). A bare word that is not a level would parse as
+/// a target shown at every level, and every other log line would be off:
+/// `verbose` or `infoo` started the service with no logs at all.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{directive}` names no level: use one of {} (say `info`), or directives \
+                 like `info,eventflow=debug`",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    if filter
+        .parse::<tracing_subscriber::filter::EnvFilter>()
+        .is_err()
+    {
+        return Err(format!("`{filter}` is not a valid level directive"));
+    }
+    Ok(())
 }
 
 /// Durations are strings with a unit (`"30s"`, `"250ms"`, `"1m 30s"`), read
@@ -1217,5 +1249,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("backend.nats.backlog_max_bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_log_level_that_names_no_level_is_refused() {
+        for bad in ["verbose", "infoo", "info,eventflow", "eventflow=loud"] {
+            let error = load(&[("EVENTFLOW__TELEMETRY__LOG_LEVEL", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("telemetry.log_level"), "{bad}: {error}");
+            assert!(error.contains("names no level"), "{bad}: {error}");
+        }
+        for good in [
+            "info",
+            "WARN",
+            "info,eventflow=debug",
+            "eventflow::api=trace,off",
+        ] {
+            assert!(
+                load(&[("EVENTFLOW__TELEMETRY__LOG_LEVEL", good)]).is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_given_where_a_list_belongs_is_not_shown_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eventflow.toml");
+        let secret = "s3cret-token-value-0123456789";
+        std::fs::write(&path, format!("[auth]\ntokens = \"{secret}\"\n")).unwrap();
+        let error = Settings::load_from(Some(&path), std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("auth.tokens"), "{error}");
+        assert!(!error.contains(secret), "the token leaked: {error}");
     }
 }

@@ -103,7 +103,16 @@ async fn run(settings: Settings) -> ExitCode {
         Ok(app) => app,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "cannot start");
-            return ExitCode::from(EXIT_FAILURE);
+            // Tokens that do not load are configuration, like any other key.
+            let configuration = error.downcast_ref::<eventflow::auth::AuthError>().is_some()
+                || error
+                    .downcast_ref::<eventflow::config::ConfigError>()
+                    .is_some();
+            return ExitCode::from(if configuration {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILURE
+            });
         }
     };
     let stop = async move {
@@ -120,8 +129,11 @@ async fn run(settings: Settings) -> ExitCode {
         });
     };
     let outcome = app.run_until_stopped(stop).await;
-    if outcome.is_err() {
-        // The drain deadline may have left the writer mid-line.
+    if let Err(report) = &outcome
+        && !report.deadline_passed
+    {
+        // A sink failure (a missed deadline finished its line itself,
+        // within the grace).
         eventflow::sink::finish_line(FINISH_LINE);
     }
     telemetry.shutdown().await;

@@ -117,9 +117,20 @@ pub(crate) fn accepted_numbers(
             }
             #[derive(serde::Deserialize)]
             struct BatchAnswer {
+                #[serde(default)]
+                accepted: u64,
                 rejected: Vec<Rejected>,
+                /// Every rejection; the service lists only the first 100.
+                #[serde(default)]
+                rejected_total: Option<u64>,
             }
             let answer = serde_json::from_slice::<BatchAnswer>(body).ok()?;
+            let listed = answer.rejected.len() as u64;
+            if answer.rejected_total.is_some_and(|total| total > listed) {
+                // Which events beyond the listed rejections were taken is
+                // not in the answer: unknown, unless none was.
+                return (answer.accepted == 0).then(Vec::new);
+            }
             let mut holes: Vec<u64> = answer.rejected.iter().map(|r| r.index).collect();
             holes.sort_unstable();
             let mut ranges = Vec::new();
@@ -364,5 +375,11 @@ mod tests {
         assert_eq!(numbers(payload(0, 3), 202, none), just(0..3));
         assert_eq!(numbers(payload(0, 3), 503, b""), Some(vec![]));
         assert_eq!(numbers(payload(0, 3), 202, b"<html>"), None, "unreadable");
+        // More rejections than the answer lists: which were taken is unknown.
+        let cut = br#"{"accepted":5,"duplicates":0,"rejected":[{"index":0}],"rejected_total":195}"#;
+        assert_eq!(numbers(payload(0, 200), 202, cut), None);
+        let none_taken =
+            br#"{"accepted":0,"duplicates":5,"rejected":[{"index":0}],"rejected_total":195}"#;
+        assert_eq!(numbers(payload(0, 200), 202, none_taken), Some(vec![]));
     }
 }

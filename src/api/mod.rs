@@ -148,7 +148,12 @@ pub fn routers(state: AppState) -> Routers {
         openapi.merge(open_doc);
         api = api.merge(open);
     }
-    let openapi = document(&openapi, state.pipeline.settings(), state.tokens.enabled());
+    let openapi = document(
+        &openapi,
+        state.pipeline.settings(),
+        state.tokens.enabled(),
+        state.rate_limit.is_some(),
+    );
     let api = api.route(
         "/openapi.json",
         get(move || {
@@ -197,11 +202,17 @@ fn layered(router: Router, state: &AppState) -> Router {
 /// The OpenAPI document as served: the derived one, with the limits that
 /// come from configuration (payload size, batch length) filled in, so that
 /// it states what this instance enforces. Rendered once, at start.
-fn document(openapi: &utoipa::openapi::OpenApi, settings: &PipelineSettings, auth: bool) -> Bytes {
+fn document(
+    openapi: &utoipa::openapi::OpenApi,
+    settings: &PipelineSettings,
+    auth: bool,
+    rate_limited: bool,
+) -> Bytes {
     let mut document = serde_json::to_value(openapi).unwrap_or_default();
     if auth {
         require_bearer(&mut document);
     }
+    common_answers(&mut document, rate_limited);
     let schemas = &mut document["components"]["schemas"];
     if let Some(payload) = schemas["EventInput"]["properties"].get_mut("payload") {
         payload["maxLength"] = settings.max_payload_bytes.into();
@@ -214,6 +225,45 @@ fn document(openapi: &utoipa::openapi::OpenApi, settings: &PipelineSettings, aut
         batch["schema"]["minItems"] = 1.into();
     }
     Bytes::from(serde_json::to_vec(&document).unwrap_or_default())
+}
+
+/// The answers any operation may give that no handler states: 405 for a
+/// method the route does not take, 408 for a request that took longer than
+/// `server.request_timeout` (a body that stopped arriving), and, with a
+/// rate limit on, 429 on the event routes.
+fn common_answers(document: &mut serde_json::Value, rate_limited: bool) {
+    use serde_json::json;
+    let problem = json!({ "application/problem+json": {
+        "schema": { "$ref": "#/components/schemas/Problem" }
+    } });
+    let Some(paths) = document["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let guarded = path == "/events" || path.starts_with("/events/");
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            let responses = &mut operation["responses"];
+            responses["405"] = json!({
+                "description": "This route does not take the method; `Allow` lists those it takes",
+                "headers": { "Allow": { "schema": { "type": "string" } } },
+                "content": problem.clone()
+            });
+            responses["408"] = json!({
+                "description": "The request did not complete within server.request_timeout (a body that stopped arriving)",
+                "content": problem.clone()
+            });
+            if rate_limited && guarded {
+                responses["429"] = json!({
+                    "description": "This client's rate (server.rate_limit_per_second) is spent; retry after `Retry-After` seconds",
+                    "headers": { "Retry-After": { "schema": { "type": "integer" } } },
+                    "content": problem.clone()
+                });
+            }
+        }
+    }
 }
 
 /// With auth on: the bearer scheme, asked for by every event operation,

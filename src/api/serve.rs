@@ -12,6 +12,10 @@
 //! - `hyper-util`'s `GracefulShutdown` closes idle connections at shutdown
 //!   and lets busy ones finish their answer.
 //!
+//! At shutdown a connection with no request in progress (idle, or still
+//! receiving a head it may never finish) does not hold the exit: once
+//! every answer under way is sent, the rest are closed at once.
+//!
 //! (A body that arrives too slowly is the body reader's business, with
 //! `server.request_timeout` per chunk in `api::body`, and the backstop
 //! timeout's in `api::layered`.)
@@ -76,6 +80,7 @@ pub async fn serve(
         // two (docs/performance.md).
         .writev(false);
     let graceful = GracefulShutdown::new();
+    let answering = Answering::default();
     // Dropping the set aborts every connection task.
     let mut connections = JoinSet::new();
     loop {
@@ -102,11 +107,23 @@ pub async fn serve(
         let io = TokioIo::new(Box::pin(stream));
         let router = router.clone();
         let peer_address = limits.peer_address;
+        let answering = answering.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             if peer_address {
                 request.extensions_mut().insert(ConnectInfo(peer));
             }
-            router.clone().oneshot(request.map(axum::body::Body::new))
+            // Counted from the head's arrival until the answer's last byte.
+            let answer = answering.begin();
+            let response = router.clone().oneshot(request.map(axum::body::Body::new));
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    axum::body::Body::new(Counted {
+                        body,
+                        _answer: answer,
+                    })
+                }))
+            }
         });
         let connection = graceful.watch(http.serve_connection(io, service));
         connections.spawn(async move {
@@ -118,8 +135,79 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
-    while connections.join_next().await.is_some() {}
+    // Connections finish their answers; what no answer holds (an idle
+    // connection, a head that may never finish) is dropped once the last
+    // answer is sent.
+    let finished = async {
+        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
+    };
+    tokio::select! {
+        () = finished => {}
+        () = answering.none() => {}
+    }
+}
+
+/// Requests whose answers are under way, on every connection.
+#[derive(Debug, Clone, Default)]
+struct Answering(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+
+impl Answering {
+    fn begin(&self) -> AnswerGuard {
+        self.0.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        AnswerGuard(self.clone())
+    }
+
+    /// Resolves once no answer is under way.
+    async fn none(&self) {
+        loop {
+            let changed = self.0.1.notified();
+            if self.0.0.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// One answer under way, until dropped.
+#[derive(Debug)]
+struct AnswerGuard(Answering);
+
+impl Drop for AnswerGuard {
+    fn drop(&mut self) {
+        if self.0.0.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.0.0.1.notify_waiters();
+        }
+    }
+}
+
+/// A response body that keeps its request counted until its last byte is
+/// taken (or the connection drops it).
+struct Counted {
+    body: axum::body::Body,
+    /// Dropped with the body.
+    _answer: AnswerGuard,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// After a failed `accept`: a connection that failed before it was

@@ -144,6 +144,30 @@ async fn the_document_names_the_bearer_scheme_when_auth_is_on() {
 }
 
 #[tokio::test]
+async fn the_document_names_405_408_and_with_a_rate_limit_429() {
+    let open = spawn_app_with(|_| {}, Vec::new()).await;
+    let document: Value = open.get("/openapi.json").await.json().await.unwrap();
+    for (path, method) in [
+        ("/events", "post"),
+        ("/events/{id}", "get"),
+        ("/healthz", "get"),
+    ] {
+        let responses = &document["paths"][path][method]["responses"];
+        assert!(responses["405"]["headers"]["Allow"].is_object(), "{path}");
+        assert!(responses["408"].is_object(), "{path}");
+        assert!(responses["429"].is_null(), "{path}: no rate limit, no 429");
+    }
+    let limited = spawn_app_with(|s| s.server.rate_limit_per_second = 10, Vec::new()).await;
+    let document: Value = limited.get("/openapi.json").await.json().await.unwrap();
+    let post = &document["paths"]["/events/batch"]["post"]["responses"];
+    assert!(post["429"]["headers"]["Retry-After"].is_object(), "{post}");
+    assert!(
+        document["paths"]["/healthz"]["get"]["responses"]["429"].is_null(),
+        "health is never rate limited"
+    );
+}
+
+#[tokio::test]
 async fn health_and_metrics_move_to_the_admin_listener_when_it_is_set() {
     let app = spawn_app_with(
         |s| {

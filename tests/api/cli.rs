@@ -148,3 +148,32 @@ async fn an_unreachable_trace_collector_is_reported_in_the_log() {
     assert_eq!(reported.len(), 1, "reported once: {logs:#?}");
     assert!(reported[0].contains(&endpoint), "{}", reported[0]);
 }
+
+#[test]
+fn every_configuration_error_exits_2_a_tokens_file_that_does_not_read_included() {
+    let missing = tempfile::tempdir().unwrap().path().join("no-such-tokens");
+    let missing = missing.display().to_string();
+    for (key, value) in [
+        ("EVENTFLOW__PIPELINE__WORKERS", "0"),
+        ("EVENTFLOW__AUTH__TOKENS_FILE", missing.as_str()),
+        ("EVENTFLOW__AUTH__TOKENS", "short"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_eventflow"))
+            .env("EVENTFLOW__SERVER__ADDR", "127.0.0.1:0")
+            .env(key, value)
+            .env_remove("EVENTFLOW_CONFIG")
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{key}={value}: {stderr}");
+        assert!(
+            stderr.contains(
+                &key.to_lowercase()
+                    .replace("__", ".")
+                    .replace("eventflow.", "")
+            ),
+            "{key}: {stderr}"
+        );
+    }
+}
