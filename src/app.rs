@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::serve::{ConnectionLimits, serve};
-use crate::api::{self, AppState, BodyBudget, RateLimit, SharedState};
+use crate::api::{self, AnswerBudget, AppState, BodyBudget, RateLimit, SharedState};
 use crate::auth::Tokens;
 use crate::backend::{Backend, BackendFailure};
 use crate::config::{BackendKind, Settings};
@@ -132,6 +132,7 @@ impl App {
             sampling: TraceSampling::from_settings(&settings.telemetry),
             bodies: BodyBudget::new(settings.server.max_inflight_body_bytes)
                 .with_stall_timeout(settings.server.request_timeout),
+            answers: AnswerBudget::new(settings.server.max_inflight_answer_bytes),
             tokens,
             auth_failures,
             rate_limit,
@@ -187,6 +188,12 @@ impl App {
         } = self;
         let limits = ConnectionLimits {
             max_connections: state.server.max_connections,
+            per_client: state.server.max_connections_per_client,
+            trusted: state.server.trusted_proxies.clone().into(),
+            refused: state
+                .pipeline
+                .metrics()
+                .counter(names::CONNECTIONS_REFUSED, &[]),
             idle_timeout: state.server.idle_timeout,
             peer_address: state.rate_limit.is_some(),
         };
@@ -204,7 +211,7 @@ impl App {
             (Some(listener), Some(router)) => Some(tokio::spawn(serve(
                 listener,
                 router,
-                limits,
+                limits.clone(),
                 stream_stop.clone(),
             ))),
             _ => None,

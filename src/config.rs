@@ -68,6 +68,10 @@ pub struct ServerSettings {
     pub max_batch_body_bytes: usize,
     /// Connections open at once; past it new ones wait to be accepted.
     pub max_connections: usize,
+    /// Connections one client address may hold (IPv6 by /64; trusted
+    /// proxies exempt); past it its new ones are refused at accept. A value
+    /// over `max_connections` leaves one client the whole cap.
+    pub max_connections_per_client: usize,
     /// SSE subscribers at once (fewer than `max_connections`, so that
     /// subscribers can never take every slot from requests); past it 503.
     pub max_subscribers: usize,
@@ -79,6 +83,12 @@ pub struct ServerSettings {
     /// Bytes of request bodies (as received and inflated) held in memory
     /// at once across all requests; past it requests get 503.
     pub max_inflight_body_bytes: usize,
+    /// Bytes of answers (pages, lookups, SSE replays) held in memory at
+    /// once, apart from the bodies' budget; past it readers get 503.
+    pub max_inflight_answer_bytes: usize,
+    /// Events one SSE subscriber may hold fetched and unsent, in bytes,
+    /// beyond the line being sent.
+    pub subscriber_buffer_bytes: usize,
     /// Upper bound for one request, including `?wait=published`.
     #[serde(deserialize_with = "duration::deserialize")]
     pub request_timeout: Duration,
@@ -474,6 +484,18 @@ impl Settings {
             ),
             ("server.max_connections", self.server.max_connections),
             ("server.max_subscribers", self.server.max_subscribers),
+            (
+                "server.max_connections_per_client",
+                self.server.max_connections_per_client,
+            ),
+            (
+                "server.max_inflight_answer_bytes",
+                self.server.max_inflight_answer_bytes,
+            ),
+            (
+                "server.subscriber_buffer_bytes",
+                self.server.subscriber_buffer_bytes,
+            ),
             ("pipeline.workers", self.pipeline.workers),
             ("pipeline.queue_capacity", self.pipeline.queue_capacity),
             (
@@ -505,6 +527,19 @@ impl Settings {
                      and server.max_body_bytes, {largest_body}), got {}",
                     largest_body.saturating_mul(3),
                     self.server.max_inflight_body_bytes
+                ),
+            ));
+        }
+        // The largest lookup (an event and its result, every byte escaped)
+        // must fit the answers' budget, or it could never be answered.
+        let largest_answer = largest_record_answer(self.pipeline.max_payload_bytes);
+        if self.server.max_inflight_answer_bytes < largest_answer {
+            return Err(invalid(
+                "server.max_inflight_answer_bytes",
+                format!(
+                    "must be at least {largest_answer} (the largest answer an event of \
+                     pipeline.max_payload_bytes = {} can make), got {}",
+                    self.pipeline.max_payload_bytes, self.server.max_inflight_answer_bytes
                 ),
             ));
         }
@@ -825,6 +860,15 @@ impl ServerSettings {
     }
 }
 
+/// The largest answer one event can make (`GET /events/{id}`: the event and
+/// its published result, every byte of id and payload escaped as `\u00XX`,
+/// which also covers uppercase's growth, plus their metadata).
+pub fn largest_record_answer(max_payload_bytes: usize) -> usize {
+    12usize
+        .saturating_mul(max_payload_bytes.saturating_add(crate::event::MAX_ID_BYTES))
+        .saturating_add(4096)
+}
+
 fn default_workers() -> i64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as i64)
 }
@@ -839,6 +883,9 @@ fn defaults(
         .set_default("server.max_inflight_body_bytes", 134_217_728)?
         .set_default("server.max_connections", 10_000)?
         .set_default("server.max_subscribers", 1_000)?
+        .set_default("server.max_connections_per_client", 512)?
+        .set_default("server.max_inflight_answer_bytes", 67_108_864)?
+        .set_default("server.subscriber_buffer_bytes", 1_048_576)?
         .set_default("server.idle_timeout", "60s")?
         .set_default("server.request_timeout", "10s")?
         .set_default("server.shutdown_grace", "30s")?
@@ -907,6 +954,9 @@ mod tests {
         assert_eq!(s.server.admin_addr, None);
         assert_eq!(s.server.rate_limit_per_second, 0);
         assert_eq!(s.server.max_subscribers, 1_000);
+        assert_eq!(s.server.max_connections_per_client, 512);
+        assert_eq!(s.server.max_inflight_answer_bytes, 64 << 20);
+        assert_eq!(s.server.subscriber_buffer_bytes, 1 << 20);
         assert!(s.server.trusted_proxies.is_empty());
         assert!(s.auth.tokens.is_empty());
         assert_eq!(s.auth.tokens_file, None);
@@ -987,7 +1037,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str, &str); 18] = [
+        let cases: [(&str, &str, &str); 22] = [
             ("EVENTFLOW__PIPELINE__WORKERS", "lots", "pipeline.workers"),
             (
                 "EVENTFLOW__PIPELINE__QUEUE_CAPACITY",
@@ -1061,6 +1111,26 @@ mod tests {
                 "EVENTFLOW__SERVER__MAX_INFLIGHT_BODY_BYTES",
                 "1000",
                 "server.max_inflight_body_bytes",
+            ),
+            (
+                "EVENTFLOW__SERVER__MAX_INFLIGHT_ANSWER_BYTES",
+                "0",
+                "server.max_inflight_answer_bytes",
+            ),
+            (
+                "EVENTFLOW__SERVER__MAX_INFLIGHT_ANSWER_BYTES",
+                "100000",
+                "server.max_inflight_answer_bytes",
+            ),
+            (
+                "EVENTFLOW__SERVER__SUBSCRIBER_BUFFER_BYTES",
+                "0",
+                "server.subscriber_buffer_bytes",
+            ),
+            (
+                "EVENTFLOW__SERVER__MAX_CONNECTIONS_PER_CLIENT",
+                "0",
+                "server.max_connections_per_client",
             ),
         ];
         for (var, value, key) in cases {

@@ -9,14 +9,13 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
 
-/// Bytes of request bodies and large answers held in memory at once,
-/// across all requests (`server.max_inflight_body_bytes`). The per-request limits alone do not
+/// Bytes of request bodies held in memory at once, across all requests (`server.max_inflight_body_bytes`). The per-request limits alone do not
 /// bound memory when many large requests arrive together; past this budget
 /// a request is refused with 503 and `Retry-After`, like a full pipeline.
 ///
@@ -59,29 +58,6 @@ impl BodyBudget {
             None => *held = Some(permit),
         }
         Ok(())
-    }
-
-    /// An answer of `bytes` as a response body that holds its share of
-    /// the budget until it is sent (or the connection drops it): a client
-    /// that does not read its answers cannot make the service hold more
-    /// than the budget. 503 when the budget cannot take it now.
-    ///
-    /// The answer goes out in chunks of [`ANSWER_CHUNK`]: hyper takes a
-    /// chunk into its own (bounded) write buffer as soon as it is offered,
-    /// so one large chunk would leave the budget at once while still in
-    /// memory; in chunks, the rest stays here, counted, until sent.
-    pub(crate) fn answer(&self, bytes: Vec<u8>) -> Result<Body, ApiError> {
-        let mut held = None;
-        self.take(&mut held, bytes.capacity())?;
-        let bytes = Bytes::from(bytes);
-        let chunks = (0..bytes.len())
-            .step_by(ANSWER_CHUNK)
-            .map(move |start| bytes.slice(start..(start + ANSWER_CHUNK).min(bytes.len())));
-        let stream = futures_util::stream::iter(chunks).map(move |chunk| {
-            let _held = &held;
-            Ok::<_, std::convert::Infallible>(chunk)
-        });
-        Ok(Body::from_stream(stream))
     }
 
     /// Bytes no request holds now.
@@ -332,9 +308,6 @@ async fn collect_within(
         None => Bytes::from(joined),
     })
 }
-
-/// Bytes of a large answer handed to hyper at a time.
-const ANSWER_CHUNK: usize = 64 * 1024;
 
 /// Inflated bytes taken from the budget at a time.
 const INFLATE_STEP: usize = 64 * 1024;

@@ -104,9 +104,23 @@ pub enum ApiError {
     ProcessingFailed(String),
     /// Request bodies in memory are at `server.max_inflight_body_bytes` (503).
     #[error(
-        "request bodies and answers in memory are at their limit (server.max_inflight_body_bytes); retry later"
+        "request bodies in memory are at their limit (server.max_inflight_body_bytes); retry later"
     )]
     BodiesOverBudget,
+    /// Answers in memory are at `server.max_inflight_answer_bytes` (503):
+    /// readers wait their turn, writers never do.
+    #[error(
+        "answers in memory are at their limit (server.max_inflight_answer_bytes): readers are \
+         taking them more slowly than they ask; retry later"
+    )]
+    AnswersOverBudget,
+    /// The client's address holds `server.max_connections_per_client`
+    /// connections already (503, written at accept).
+    #[error(
+        "this client address holds server.max_connections_per_client connections already; \
+         reuse one (keep-alive) or close one, then retry"
+    )]
+    TooManyConnections,
     /// The request did not complete in time, its body arriving too slowly
     /// say (408).
     #[error("the request did not complete within {0:?}")]
@@ -170,6 +184,8 @@ impl ApiError {
             | Self::RequestTimeout(_)
             | Self::SlowBody
             | Self::TooManySubscribers(_)
+            | Self::AnswersOverBudget
+            | Self::TooManyConnections
             | Self::RateLimited(_)
             | Self::Internal => None,
         }
@@ -191,6 +207,8 @@ impl ApiError {
             | Self::SinkBroken(_)
             | Self::Unavailable(_)
             | Self::BodiesOverBudget
+            | Self::AnswersOverBudget
+            | Self::TooManyConnections
             | Self::TooManySubscribers(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotPublished(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ProcessingFailed(_) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -218,7 +236,8 @@ impl ApiError {
             Self::Unavailable(_) => ("unavailable", "Backend unavailable"),
             Self::NotPublished(_) => ("not-published", "Not published in time"),
             Self::ProcessingFailed(_) => ("processing-failed", "Processing failed"),
-            Self::BodiesOverBudget => ("overloaded", "Overloaded"),
+            Self::BodiesOverBudget | Self::AnswersOverBudget => ("overloaded", "Overloaded"),
+            Self::TooManyConnections => ("too-many-connections", "Too many connections"),
             Self::RequestTimeout(_) | Self::SlowBody => ("request-timeout", "Request timeout"),
             Self::Internal => ("internal", "Internal error"),
             Self::Unauthorized(_) => ("unauthorized", "Unauthorized"),
@@ -335,7 +354,10 @@ impl IntoResponse for ApiError {
         }
         let retry_after = match self {
             Self::RateLimited(secs) => Some(secs),
-            Self::Overloaded | Self::BodiesOverBudget => Some(RETRY_AFTER_OVERLOADED_SECS),
+            Self::Overloaded
+            | Self::BodiesOverBudget
+            | Self::AnswersOverBudget
+            | Self::TooManyConnections => Some(RETRY_AFTER_OVERLOADED_SECS),
             Self::ShuttingDown
             | Self::SinkBroken(_)
             | Self::Unavailable(_)

@@ -9,12 +9,15 @@
 //! The buckets are `governor`'s (GCRA); idle ones are forgotten every few
 //! seconds so that many addresses cannot grow memory for good.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
+use std::time::Instant;
 
 use axum::http::HeaderMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
+use parking_lot::Mutex;
 
 use crate::auth::TokenDigest;
 use crate::config::ServerSettings;
@@ -32,6 +35,10 @@ pub(crate) enum Client {
 #[derive(Debug)]
 pub struct RateLimit {
     buckets: DefaultKeyedRateLimiter<Client>,
+    /// Addresses whose bucket refused a request, with when they may try
+    /// again: until then their requests are refused before any token is
+    /// looked at, so guessing tokens costs next to nothing.
+    spent: Mutex<HashMap<IpAddr, Instant>>,
     trusted: Vec<IpNet>,
     limited: metrics::Counter,
 }
@@ -43,6 +50,7 @@ impl RateLimit {
         let burst = NonZeroU32::new(server.rate_limit_burst).unwrap_or(rate);
         Some(Self {
             buckets: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            spent: Mutex::new(HashMap::new()),
             trusted: server.trusted_proxies.clone(),
             limited,
         })
@@ -56,8 +64,24 @@ impl RateLimit {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
             ));
+            if let Client::Address(address) = client {
+                self.spent.lock().insert(*address, Instant::now() + wait);
+            }
             u32::try_from(wait.as_secs().saturating_add(1)).unwrap_or(u32::MAX)
         })
+    }
+
+    /// When `address`'s rate is spent (its bucket refused a request that
+    /// long ago that it may not try again yet), in how many seconds it may:
+    /// the request is refused (and counted) without looking at its token.
+    pub(crate) fn spent(&self, address: &Client) -> Option<u32> {
+        let Client::Address(address) = address else {
+            return None;
+        };
+        let until = *self.spent.lock().get(address)?;
+        let wait = until.checked_duration_since(Instant::now())?;
+        self.limited.increment(1);
+        Some(u32::try_from(wait.as_secs().saturating_add(1)).unwrap_or(u32::MAX))
     }
 
     /// The client's address: `peer`, unless `peer` is a trusted proxy; then
@@ -95,20 +119,27 @@ impl RateLimit {
     }
 
     fn trusts(&self, address: IpAddr) -> bool {
-        self.trusted
-            .iter()
-            .any(|network| network.contains(&address))
+        trusted(&self.trusted, address)
     }
 
     /// Forgets buckets that are full again (their clients idle).
     pub fn forget_idle(&self) {
         self.buckets.retain_recent();
         self.buckets.shrink_to_fit();
+        let now = Instant::now();
+        let mut spent = self.spent.lock();
+        spent.retain(|_, until| *until > now);
+        spent.shrink_to_fit();
     }
 }
 
+/// Whether `address` is in one of the `trusted` networks.
+pub(crate) fn trusted(trusted: &[IpNet], address: IpAddr) -> bool {
+    trusted.iter().any(|network| network.contains(&address))
+}
+
 /// An IPv6 address cut to its /64; IPv4 (and IPv4-mapped) as it is.
-fn per_host(address: IpAddr) -> IpAddr {
+pub(crate) fn per_host(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
@@ -163,6 +194,18 @@ mod tests {
         }
         assert_eq!(limit.check(&a), Err(1), "the fourth within a second");
         assert_eq!(limit.check(&address("192.0.2.2")), Ok(()));
+    }
+
+    #[test]
+    fn an_address_whose_rate_is_spent_is_refused_before_its_token_is_looked_at() {
+        let limit = limit(1, &[]);
+        let a = address("192.0.2.1");
+        assert_eq!(limit.spent(&a), None, "nothing spent yet");
+        assert_eq!(limit.check(&a), Ok(()));
+        assert_eq!(limit.spent(&a), None, "spent, not refused yet");
+        assert_eq!(limit.check(&a), Err(1));
+        assert_eq!(limit.spent(&a), Some(1));
+        assert_eq!(limit.spent(&address("192.0.2.2")), None);
     }
 
     #[test]

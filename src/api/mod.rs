@@ -4,6 +4,7 @@
 //! `GET /openapi.json` is generated from the same handlers and types that
 //! serve requests.
 
+mod answer;
 mod auth;
 mod body;
 pub mod error;
@@ -38,6 +39,7 @@ use crate::pipeline::Pipeline;
 use crate::shutdown::Readiness;
 use crate::telemetry::TraceSampling;
 
+pub use answer::AnswerBudget;
 pub use body::BodyBudget;
 pub use error::{ApiError, Problem};
 pub use limit::RateLimit;
@@ -77,6 +79,8 @@ pub struct SharedState {
     pub sampling: TraceSampling,
     /// Request bodies held in memory at once (`server.max_inflight_body_bytes`).
     pub bodies: BodyBudget,
+    /// Answers held in memory at once (`server.max_inflight_answer_bytes`).
+    pub answers: AnswerBudget,
     /// The bearer tokens the event routes ask for (none: no auth).
     pub tokens: Tokens,
     /// `eventflow_auth_failures_total`.

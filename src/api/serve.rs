@@ -20,10 +20,19 @@
 //! `server.request_timeout` per chunk in `api::body`, and the backstop
 //! timeout's in `api::layered`.)
 //!
-//! What is ours: the cap (`server.max_connections`). At the cap the
-//! listener stops accepting and new connections wait in the kernel's
-//! backlog until one closes; without it a flood of connections grows
-//! memory up to the file descriptor limit.
+//! What is ours: the caps. At `server.max_connections` the listener stops
+//! accepting and new connections wait in the kernel's backlog until one
+//! closes; without it a flood of connections grows memory up to the file
+//! descriptor limit. A client address that holds
+//! `server.max_connections_per_client` already has its next connection
+//! closed as soon as it is accepted (a 503 written if the socket takes it
+//! at once), so that one client cannot take the cap from the others;
+//! trusted proxies, which speak for many clients, are exempt.
+//!
+//! hyper's write buffer is `CONNECTION_BUFFER` (its read buffer too, and so
+//! the longest request head), rather than its default ~400 KiB: answers
+//! held in memory are the answers' budget's business (`api::answer`), and
+//! what every connection may hold on top is kept small.
 //!
 //! HTTP/1.1 only: hyper-util's protocol-sniffing connection runs no timer
 //! until it has picked HTTP/1 or 2, so a client that sends nothing would
@@ -45,10 +54,17 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 /// How connections are limited.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     /// Connections open at once (`server.max_connections`).
     pub max_connections: usize,
+    /// Connections one client address holds at once
+    /// (`server.max_connections_per_client`).
+    pub per_client: usize,
+    /// Addresses exempt from `per_client` (`server.trusted_proxies`).
+    pub trusted: Arc<[ipnet::IpNet]>,
+    /// Counts connections refused for `per_client`.
+    pub refused: metrics::Counter,
     /// Wait for a request head, or for the client to take a write
     /// (`server.idle_timeout`).
     pub idle_timeout: Duration,
@@ -71,8 +87,10 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(
         limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
     ));
+    let clients = Arc::new(Clients::default());
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
+        .max_buf_size(CONNECTION_BUFFER)
         .header_read_timeout(idle_timeout)
         .keep_alive(true)
         // A small answer's head and body go out as one buffer in one
@@ -99,6 +117,12 @@ pub async fn serve(
                 }
             },
             () = stop.cancelled() => break,
+        };
+        let Some(client_slot) = clients.admit(peer.ip(), &limits) else {
+            limits.refused.increment(1);
+            refuse(&stream);
+            drop(slot);
+            continue;
         };
         // Answers are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
@@ -132,6 +156,7 @@ pub async fn serve(
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
             drop(slot);
+            drop(client_slot);
         });
     }
     drop(listener);
@@ -146,6 +171,69 @@ pub async fn serve(
         () = finished => {}
         () = answering.none() => {}
     }
+}
+
+/// hyper's buffer size for each connection (read and write).
+const CONNECTION_BUFFER: usize = 64 * 1024;
+
+/// Connections each client address holds now.
+#[derive(Debug, Default)]
+struct Clients(parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl Clients {
+    /// A place for one more connection from `peer`, unless it holds
+    /// `limits.per_client` already (trusted proxies always get one).
+    fn admit(
+        self: &Arc<Self>,
+        peer: std::net::IpAddr,
+        limits: &ConnectionLimits,
+    ) -> Option<ClientSlot> {
+        let peer = peer.to_canonical();
+        if super::limit::trusted(&limits.trusted, peer) {
+            return Some(ClientSlot(None));
+        }
+        let client = super::limit::per_host(peer);
+        let mut counts = self.0.lock();
+        let held = counts.entry(client).or_insert(0);
+        if *held >= limits.per_client {
+            return None;
+        }
+        *held += 1;
+        Some(ClientSlot(Some((Arc::clone(self), client))))
+    }
+}
+
+/// One connection counted against its client address, until dropped.
+struct ClientSlot(Option<(Arc<Clients>, std::net::IpAddr)>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Some((clients, client)) = self.0.take() {
+            let mut counts = clients.0.lock();
+            if let Some(held) = counts.get_mut(&client) {
+                *held -= 1;
+                if *held == 0 {
+                    counts.remove(&client);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a 503 to a refused connection if its socket takes it at once
+/// (never waiting on a client that floods us), then closes it.
+fn refuse(stream: &tokio::net::TcpStream) {
+    static REFUSAL: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let problem = super::ApiError::TooManyConnections.problem();
+        let body = serde_json::to_string(&problem).unwrap_or_default();
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
+             retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    });
+    let _ = stream.try_write(&REFUSAL);
 }
 
 /// Requests whose answers are under way, on every connection.
@@ -262,6 +350,9 @@ mod tests {
         let stop = CancellationToken::new();
         let limits = ConnectionLimits {
             max_connections: max,
+            per_client: max,
+            trusted: Arc::new([]),
+            refused: metrics::Counter::noop(),
             idle_timeout,
             peer_address: true,
         };

@@ -9,6 +9,7 @@
 //! range first; its `id:` is the range's end, so that a client resuming
 //! from it does not ask for the range again.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 
 use super::AppState;
+use super::answer::{AnswerBudget, Held};
 use super::error::{ApiError, clip};
 use crate::feed::{FeedItem, FeedLine};
 use crate::pipeline::Pipeline;
@@ -63,42 +65,28 @@ pub(crate) async fn stream_events(
         .try_acquire_owned()
         .map_err(|_| ApiError::TooManySubscribers(state.server.max_subscribers))?;
     let pipeline = state.pipeline.clone();
-    let subscription = pipeline.feed().subscribe(resume_after);
+    let subscription = pipeline
+        .feed()
+        .subscribe(resume_after, state.server.subscriber_buffer_bytes);
     tracing::debug!(
         ?resume_after,
         head = pipeline.feed().head(),
         subscribers = pipeline.feed().subscribers(),
         "SSE subscriber connected"
     );
-    let replays = Arc::clone(&state.replays);
-    let events = stream::unfold(
-        (subscription, pipeline, replays, slot),
-        |(mut subscription, pipeline, replays, slot)| async move {
-            let items = subscription.next().await?;
-            // Events older than the feed's window are rendered again from
-            // the store: one subscriber at a time does that, so that many
-            // resuming from 0 cannot take every core from ingest. The
-            // permit is held while this batch renders.
-            let replaying = if items.iter().any(is_stored) {
-                Arc::clone(&replays).acquire_owned().await.ok()
-            } else {
-                None
-            };
-            let rendered: Vec<Result<Event, Infallible>> = items
-                .into_iter()
-                .map(|item| Ok(message(&pipeline, item)))
-                .collect();
-            if replaying.is_some() {
-                drop(replaying);
-                tokio::task::yield_now().await;
-            }
-            Some((
-                stream::iter(rendered),
-                (subscription, pipeline, replays, slot),
-            ))
-        },
-    )
-    .flatten()
+    let subscriber = Subscriber {
+        subscription,
+        pending: VecDeque::new(),
+        held: Held::default(),
+        answers: state.answers.clone(),
+        pipeline,
+        replays: Arc::clone(&state.replays),
+        _slot: slot,
+    };
+    let events = stream::unfold(subscriber, |mut subscriber| async move {
+        let event = subscriber.next().await?;
+        Some((Ok(event), subscriber))
+    })
     .take_until(state.stream_stop.clone().cancelled_owned());
     // A stream lasts for good: it ends when a reload revokes its token.
     let tokens = state.tokens.clone();
@@ -110,6 +98,54 @@ pub(crate) async fn stream_events(
     };
     let events = events.take_until(revoked);
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// One subscriber's place: what it fetched and has not sent yet (at most
+/// `server.subscriber_buffer_bytes`, held against the answers' budget),
+/// rendered one message at a time as its client takes them, so that a
+/// client that stops reading holds that and hyper's write buffer, however
+/// large its events.
+struct Subscriber {
+    subscription: Box<dyn crate::feed::Subscription>,
+    pending: VecDeque<FeedItem>,
+    /// The answers' budget `pending` holds.
+    held: Held,
+    answers: AnswerBudget,
+    pipeline: Pipeline,
+    replays: Arc<tokio::sync::Semaphore>,
+    /// The subscriber's place under `server.max_subscribers`.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Subscriber {
+    /// The next message; `None` once the feed is gone.
+    async fn next(&mut self) -> Option<Event> {
+        if self.pending.is_empty() {
+            self.held.keep(0);
+            let items = self.subscription.next().await?;
+            let bytes = items.iter().map(FeedItem::held_bytes).sum::<usize>();
+            // Taken once fetched (an idle subscriber holds none of it); when
+            // the budget is full, the subscriber waits its turn.
+            self.held = self.answers.take(bytes).await;
+            self.pending = items.into();
+        }
+        let item = self.pending.pop_front()?;
+        let sent = item.held_bytes();
+        // Events older than the feed's window are rendered again from the
+        // store: one subscriber at a time does that, so that many resuming
+        // from 0 cannot take every core from ingest.
+        let message = if is_stored(&item) {
+            let replaying = Arc::clone(&self.replays).acquire_owned().await.ok();
+            let message = message(&self.pipeline, item);
+            drop(replaying);
+            tokio::task::yield_now().await;
+            message
+        } else {
+            message(&self.pipeline, item)
+        };
+        self.held.keep(self.held.bytes().saturating_sub(sent));
+        Some(message)
+    }
 }
 
 /// Whether `item` must be rendered from the store.

@@ -75,6 +75,15 @@ enum Read {
     Lagged(u64, u64),
 }
 
+impl Read {
+    /// The first publication sequence it covers.
+    fn first(&self) -> u64 {
+        match self {
+            Self::Line(first, _) | Self::Lookup(first, _) | Self::Lagged(first, _) => *first,
+        }
+    }
+}
+
 impl MemoryFeed {
     /// An empty feed indexing up to `capacity` publications, reading older
     /// lines from `store`.
@@ -135,7 +144,7 @@ impl Feed for MemoryFeed {
         self.shared.state.lock().head()
     }
 
-    fn subscribe(&self, after: Option<u64>) -> Box<dyn Subscription> {
+    fn subscribe(&self, after: Option<u64>, max_bytes: usize) -> Box<dyn Subscription> {
         // Counted first, so that appends from here on keep their lines.
         self.shared.subscribers.fetch_add(1, Ordering::Relaxed);
         let changes = self.shared.changes.subscribe();
@@ -153,6 +162,7 @@ impl Feed for MemoryFeed {
             shared: Arc::clone(&self.shared),
             cursor,
             changes,
+            max_bytes,
         })
     }
 
@@ -172,6 +182,8 @@ struct MemorySubscription {
     /// The last publication sequence read.
     cursor: u64,
     changes: watch::Receiver<u64>,
+    /// Most bytes one read holds.
+    max_bytes: usize,
 }
 
 impl Drop for MemorySubscription {
@@ -220,7 +232,9 @@ impl Subscription for MemorySubscription {
             let reads = self.read();
             if !reads.is_empty() {
                 let mut items: Vec<FeedItem> = Vec::with_capacity(reads.len());
+                let mut held = 0usize;
                 for read in reads {
+                    let first = read.first();
                     let item = match read {
                         Read::Line(publish_seq, line) => FeedItem::Event {
                             publish_seq,
@@ -241,6 +255,12 @@ impl Subscription for MemorySubscription {
                         }
                         Read::Lagged(from, to) => FeedItem::Lagged { from, to },
                     };
+                    held = held.saturating_add(item.held_bytes());
+                    if held > self.max_bytes && !items.is_empty() {
+                        // The rest is read again next time.
+                        self.cursor = first - 1;
+                        break;
+                    }
                     // Neighbouring gaps are one notice.
                     if let (
                         FeedItem::Lagged { to, .. },

@@ -68,11 +68,30 @@ pub enum FeedItem {
     },
 }
 
+impl FeedItem {
+    /// Memory this item holds for its reader, in bytes.
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            Self::Event {
+                line: FeedLine::Json(line),
+                ..
+            } => line.len(),
+            Self::Event {
+                line: FeedLine::Stored(record),
+                ..
+            } => record.footprint(),
+            Self::Lagged { .. } => 0,
+        }
+    }
+}
+
 /// A reader's place in the feed.
 #[async_trait]
 pub trait Subscription: Send + fmt::Debug {
-    /// The next items in publication order (at least one), waiting until
-    /// there are some; `None` once the feed is gone.
+    /// The next items in publication order, waiting until there are some;
+    /// `None` once the feed is gone. They hold at most the subscription's
+    /// `max_bytes` ([`FeedItem::held_bytes`]) between them, unless one
+    /// alone holds more: then that one.
     async fn next(&mut self) -> Option<Vec<FeedItem>>;
 }
 
@@ -97,8 +116,9 @@ pub trait Feed: Send + Sync + fmt::Debug {
     fn head(&self) -> u64;
     /// A subscription to the events published after publication sequence
     /// `after` (replayed from what is still held), then to new ones;
-    /// `None`: new ones only.
-    fn subscribe(&self, after: Option<u64>) -> Box<dyn Subscription>;
+    /// `None`: new ones only. Each read holds at most `max_bytes` (and
+    /// what the subscription fetches ahead stays within it too).
+    fn subscribe(&self, after: Option<u64>, max_bytes: usize) -> Box<dyn Subscription>;
     /// Changes each time events were appended or outcomes changed (what
     /// `?wait=published` waits on).
     fn changes(&self) -> watch::Receiver<u64>;

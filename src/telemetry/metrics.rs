@@ -77,6 +77,9 @@ pub mod names {
     pub const NATS_BACKLOG_LIMIT: &str = "eventflow_nats_backlog_limit_bytes";
     /// Requests refused with 401 (no or wrong bearer token).
     pub const AUTH_FAILURES: &str = "eventflow_auth_failures_total";
+    /// Connections closed at accept: their client address held
+    /// `server.max_connections_per_client` already.
+    pub const CONNECTIONS_REFUSED: &str = "eventflow_connections_refused_total";
     /// Requests refused with 429 by the per-client rate limit.
     pub const RATE_LIMITED: &str = "eventflow_rate_limited_total";
 }
@@ -592,6 +595,11 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             names::RATE_LIMITED,
             "Requests refused with 429 by the per-client rate limit",
+            None,
+        ),
+        (
+            names::CONNECTIONS_REFUSED,
+            "Connections closed at accept: their client address held server.max_connections_per_client already",
             None,
         ),
     ];

@@ -73,10 +73,19 @@ impl Drop for Service {
 impl Service {
     /// The service's peak resident memory so far (`VmHWM`), in bytes.
     pub(crate) fn peak_rss(&self) -> u64 {
+        self.memory("VmHWM:")
+    }
+
+    /// The service's resident memory now (`VmRSS`), in bytes.
+    pub(crate) fn rss(&self) -> u64 {
+        self.memory("VmRSS:")
+    }
+
+    fn memory(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
             .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .find_map(|line| line.strip_prefix(field))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap()

@@ -95,10 +95,8 @@ async fn an_event_with_a_huge_unknown_key_is_answered_in_a_few_hundred_bytes() {
 async fn a_page_is_bounded_in_bytes_and_next_goes_on_from_where_it_stopped() {
     let app = spawn_app_with(
         |s| {
-            // A budget of 3 MiB: a page holds at most a quarter of it.
-            s.server.max_body_bytes = 1 << 20;
-            s.server.max_batch_body_bytes = 1 << 20;
-            s.server.max_inflight_body_bytes = 3 << 20;
+            // An answers' budget of 3 MiB: a page holds at most a quarter of it.
+            s.server.max_inflight_answer_bytes = 3 << 20;
         },
         Vec::new(),
     )

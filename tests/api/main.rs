@@ -18,6 +18,7 @@ mod metrics;
 mod nats;
 mod prometheus;
 mod publication;
+mod readers;
 mod shutdown;
 mod stream;
 mod tracing;

@@ -308,7 +308,7 @@ pub(crate) async fn post_batch(
         (status = 200, description = "A page of events", body = EventPage),
         (status = 400, description = "A malformed query string (an unknown or repeated parameter)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A limit, cursor or status out of range", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The backend cannot be reached", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The backend cannot be reached, or answers in memory are at `server.max_inflight_answer_bytes` (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_events(
@@ -376,41 +376,40 @@ pub(crate) async fn list_events(
         .await
         .map_err(|error| ApiError::Unavailable(error.to_string()))?;
     // Rendered record by record, so that the page stops at MAX_PAGE_BYTES
-    // (always holding at least one record), or at a quarter of the memory
+    // (always holding at least one record), or at a quarter of the answers'
     // budget it is held against, so that one page never exhausts it.
-    let page_bytes = MAX_PAGE_BYTES.min(state.server.max_inflight_body_bytes / 4);
-    let mut events = Vec::with_capacity(64 * 1024);
-    events.extend_from_slice(b"{\"events\":[");
+    let page_bytes = MAX_PAGE_BYTES.min(state.answers.total() / 4);
+    let mut events = state.answers.buffer();
+    events.extend(b"{\"events\":[")?;
     let mut next = page.next;
     for (index, record) in page.records.iter().enumerate() {
         let start = events.len();
         if index > 0 {
-            events.push(b',');
+            events.extend(b",")?;
         }
-        serde_json::to_writer(&mut events, &RecordView::of(record, &state.pipeline))
-            .map_err(|_| ApiError::Internal)?;
+        events.json(&RecordView::of(record, &state.pipeline))?;
         if index > 0 && events.len() > page_bytes {
             events.truncate(start);
             next = Some(page.records[index - 1].sequence);
             break;
         }
     }
-    events.extend_from_slice(b"],\"next\":");
+    events.extend(b"],\"next\":")?;
     match next {
         Some(next) => {
-            events.push(b'"');
-            events.extend_from_slice(itoa::Buffer::new().format(next).as_bytes());
-            events.push(b'"');
+            events.extend(b"\"")?;
+            events.extend(itoa::Buffer::new().format(next).as_bytes())?;
+            events.extend(b"\"")?;
         }
-        None => events.extend_from_slice(b"null"),
+        None => events.extend(b"null")?,
     }
     if page.incomplete {
         // Say why a filtered page may hold fewer than `limit`: the scan
         // stopped at its budget, and more may follow `next`.
-        events.extend_from_slice(b",\"incomplete\":true");
+        events.extend(b",\"incomplete\":true")?;
     }
-    events.push(b'}');
-    let body = state.bodies.answer(events)?;
+    events.extend(b"}")?;
+    let body = events.into_body();
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -423,13 +422,13 @@ pub(crate) async fn list_events(
     responses(
         (status = 200, description = "The event, its status and (once processed) its result", body = RecordView),
         (status = 404, description = "No such event (never received, or evicted)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The backend cannot be reached, so whether the event exists is unknown", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The backend cannot be reached, so whether the event exists is unknown; or answers in memory are at `server.max_inflight_answer_bytes` (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_event(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<RecordView>, ApiError> {
+) -> Result<Response, ApiError> {
     let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
     let not_found = || ApiError::NotFound(format!("no event with id `{}`", clip(&raw)));
     let id = EventId::parse(&raw).map_err(|_| not_found())?;
@@ -443,7 +442,15 @@ pub(crate) async fn get_event(
     else {
         return Err(not_found());
     };
-    Ok(Json(RecordView::of(&record, &state.pipeline)))
+    // Held against the answers' budget until sent: a reader that asks for
+    // large events and never reads holds no more than the budget.
+    let mut answer = state.answers.buffer();
+    answer.json(&RecordView::of(&record, &state.pipeline))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.into_body(),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

@@ -33,8 +33,7 @@ use crate::feed::{Feed, FeedError, FeedItem, FeedLine, Published, Subscription};
 
 /// Most items a subscriber takes at once.
 const READ_BATCH: usize = 256;
-/// Messages one subscriber's pull asks for: what a subscriber that does
-/// not read can hold.
+/// Messages one subscriber's pull asks for at most.
 const SUBSCRIBER_PULL: i64 = 32;
 /// Pause before following the stream again after an error.
 const RETRY: Duration = Duration::from_secs(1);
@@ -205,9 +204,18 @@ impl Feed for NatsFeed {
         *self.shared.changes.borrow()
     }
 
-    fn subscribe(&self, after: Option<u64>) -> Box<dyn Subscription> {
+    fn subscribe(&self, after: Option<u64>, max_bytes: usize) -> Box<dyn Subscription> {
         self.shared.subscribers.fetch_add(1, Ordering::Relaxed);
+        // What the client fetches ahead, besides what a read holds: async-nats
+        // asks for another pull when half of one is left, so up to one and a
+        // half pulls. A pull must take the longest message, or it would be
+        // refused for good.
+        let read_bytes = max_bytes / 2;
+        let pull_bytes = (max_bytes / 4).max(self.nats.largest_message);
         Box::new(NatsSubscription {
+            read_bytes,
+            pull_bytes,
+            held: None,
             published: self.nats.published_read.clone(),
             shared: Arc::clone(&self.shared),
             // New ones only: from what this replica knows is the head now
@@ -231,6 +239,12 @@ impl Feed for NatsFeed {
 /// A reader of the published stream.
 struct NatsSubscription {
     published: Stream<()>,
+    /// Most bytes one read holds.
+    read_bytes: usize,
+    /// Most bytes one pull asks for.
+    pull_bytes: usize,
+    /// A message taken that did not fit the last read: the next one's first.
+    held: Option<jetstream::Message>,
     shared: Arc<Shared>,
     /// The publication sequence expected next.
     next: u64,
@@ -253,12 +267,17 @@ impl Drop for NatsSubscription {
 
 /// An ordered consumer of `published` from publication sequence `next` on,
 /// pulling a few messages at a time.
-async fn open(published: Stream<()>, next: u64) -> Result<pull::Ordered, String> {
+async fn open(
+    published: Stream<()>,
+    next: u64,
+    pull_bytes: usize,
+) -> Result<pull::Ordered, String> {
     let config = pull::OrderedConfig {
         deliver_policy: DeliverPolicy::ByStartSequence {
             start_sequence: next,
         },
         max_batch: SUBSCRIBER_PULL,
+        max_bytes: i64::try_from(pull_bytes).unwrap_or(i64::MAX),
         ..Default::default()
     };
     let consumer = published
@@ -294,8 +313,12 @@ impl Subscription for NatsSubscription {
         loop {
             let mut messages = match self.messages.take() {
                 Some(messages) => messages,
-                None => match open(self.published.clone(), self.next).await {
-                    Ok(messages) => messages,
+                None => match open(self.published.clone(), self.next, self.pull_bytes).await {
+                    // It starts at `next`: a message held back comes again.
+                    Ok(messages) => {
+                        self.held = None;
+                        messages
+                    }
                     Err(error) => {
                         tracing::debug!(%error, "subscribing to the published stream failed");
                         tokio::time::sleep(RETRY).await;
@@ -303,19 +326,31 @@ impl Subscription for NatsSubscription {
                     }
                 },
             };
+            let first = match self.held.take() {
+                Some(message) => message,
+                None => match messages.next().await {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "reading the published stream failed");
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                    None => continue,
+                },
+            };
             let mut items = Vec::new();
-            match messages.next().await {
-                Some(Ok(message)) => self.items(&message, &mut items),
-                Some(Err(error)) => {
-                    tracing::debug!(%error, "reading the published stream failed");
-                    tokio::time::sleep(RETRY).await;
-                    continue;
-                }
-                None => continue,
-            }
+            let mut held = first.payload.len();
+            self.items(&first, &mut items);
             while items.len() < READ_BATCH {
                 match messages.next().now_or_never() {
-                    Some(Some(Ok(message))) => self.items(&message, &mut items),
+                    Some(Some(Ok(message))) => {
+                        held = held.saturating_add(message.payload.len());
+                        if held > self.read_bytes {
+                            self.held = Some(message);
+                            break;
+                        }
+                        self.items(&message, &mut items);
+                    }
                     _ => break,
                 }
             }

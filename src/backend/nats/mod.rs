@@ -186,6 +186,8 @@ struct Nats {
     deadline: Duration,
     /// Id records held, as last read by the upkeep task.
     ids_held: AtomicU64,
+    /// The longest message an event may make (`codec::largest_message`).
+    largest_message: usize,
 }
 
 impl Nats {
@@ -287,6 +289,7 @@ pub async fn open(
         health: Arc::clone(&health),
         deadline,
         ids_held: AtomicU64::new(0),
+        largest_message: codec::largest_message(settings.pipeline.max_payload_bytes),
     });
     let store = Arc::new(NatsStore::new(Arc::clone(&nats), metrics));
     let queue = NatsQueue::new(

@@ -88,11 +88,11 @@ async fn read_all(subscription: &mut Box<dyn Subscription>) -> Vec<(u64, String)
 async fn a_resume_after_any_sequence_replays_exactly_what_followed_then_goes_live() {
     let (store, _) = store_with(6).await;
     let feed = MemoryFeed::new(store, 100);
-    let mut early = feed.subscribe(None);
+    let mut early = feed.subscribe(None, usize::MAX);
     // Published out of arrival order, as parallel workers do.
     publish(&feed, &[2, 1, 4]).await;
     assert_eq!(feed.head(), 3);
-    let mut resumed = feed.subscribe(Some(1));
+    let mut resumed = feed.subscribe(Some(1), usize::MAX);
     publish(&feed, &[3, 6, 5]).await;
     assert_eq!(
         read_all(&mut resumed).await,
@@ -107,7 +107,7 @@ async fn a_resume_after_any_sequence_replays_exactly_what_followed_then_goes_liv
     );
     let first_six: Vec<u64> = read_all(&mut early).await.iter().map(|r| r.0).collect();
     assert_eq!(first_six, [1, 2, 3, 4, 5, 6]);
-    let mut live = feed.subscribe(None);
+    let mut live = feed.subscribe(None, usize::MAX);
     publish(&feed, &[]).await;
     assert!(
         read_all(&mut live).await.is_empty(),
@@ -120,7 +120,7 @@ async fn lines_published_without_subscribers_are_rendered_from_the_store() {
     let (store, _) = store_with(3).await;
     let feed = MemoryFeed::new(store, 100);
     publish(&feed, &[3, 1]).await;
-    let mut replay = feed.subscribe(Some(0));
+    let mut replay = feed.subscribe(Some(0), usize::MAX);
     publish(&feed, &[2]).await;
     assert_eq!(
         read_all(&mut replay).await,
@@ -140,7 +140,7 @@ async fn what_is_no_longer_held_is_one_lagged_range() {
     publish(&feed, &[1, 2, 3, 4, 5, 6]).await;
     // Evicted from the store meanwhile: publication 4 (arrival 4).
     store.remove(&records[3]).await;
-    let mut from_start = feed.subscribe(Some(0));
+    let mut from_start = feed.subscribe(Some(0), usize::MAX);
     assert_eq!(
         read_all(&mut from_start).await,
         [
@@ -153,7 +153,7 @@ async fn what_is_no_longer_held_is_one_lagged_range() {
     );
     // Publications 1-4 are all gone for this reader: one notice.
     store.remove(&records[2]).await;
-    let mut again = feed.subscribe(Some(0));
+    let mut again = feed.subscribe(Some(0), usize::MAX);
     let read = read_all(&mut again).await;
     assert_eq!(read[0], (0, "lagged 1-4".to_owned()), "{read:?}");
 }
@@ -164,7 +164,7 @@ async fn an_id_past_the_head_replays_everything_held() {
     let feed = MemoryFeed::new(store, 100);
     publish(&feed, &[1, 2]).await;
     // A Last-Event-ID from before a restart.
-    let mut stale = feed.subscribe(Some(5000));
+    let mut stale = feed.subscribe(Some(5000), usize::MAX);
     let read: Vec<u64> = read_all(&mut stale).await.iter().map(|r| r.0).collect();
     assert_eq!(read, [1, 2]);
 }
@@ -173,7 +173,7 @@ async fn an_id_past_the_head_replays_everything_held() {
 async fn a_waiting_reader_and_a_waiter_wake_on_append_and_outcome_changes() {
     let (store, _) = store_with(1).await;
     let feed = MemoryFeed::new(store, 100);
-    let mut subscription = feed.subscribe(None);
+    let mut subscription = feed.subscribe(None, usize::MAX);
     let mut changes = feed.changes();
     changes.borrow_and_update();
     let reader = tokio::spawn(async move { subscription.next().await });
@@ -198,10 +198,40 @@ async fn a_waiting_reader_and_a_waiter_wake_on_append_and_outcome_changes() {
 async fn subscribers_are_counted_while_open() {
     let (store, _) = store_with(0).await;
     let feed = MemoryFeed::new(store, 100);
-    let a = feed.subscribe(None);
-    let b = feed.subscribe(Some(0));
+    let a = feed.subscribe(None, usize::MAX);
+    let b = feed.subscribe(Some(0), usize::MAX);
     assert_eq!(feed.subscribers(), 2);
     drop(a);
     drop(b);
     assert_eq!(feed.subscribers(), 0);
+}
+
+#[tokio::test]
+async fn a_read_holds_at_most_its_bytes_and_the_next_goes_on_without_a_gap() {
+    let (store, _) = store_with(6).await;
+    let feed = MemoryFeed::new(store, 100);
+    let mut subscription = feed.subscribe(Some(0), 13);
+    publish(&feed, &[1, 2, 3, 4, 5]).await;
+    let mut batches = Vec::new();
+    while batches.iter().map(Vec::len).sum::<usize>() < 5 {
+        // Lines of 6 bytes: two fit in 13.
+        let items = subscription.next().await.unwrap();
+        assert!(items.iter().map(FeedItem::held_bytes).sum::<usize>() <= 13);
+        batches.push(
+            items
+                .iter()
+                .map(|item| match item {
+                    FeedItem::Event { publish_seq, .. } => *publish_seq,
+                    other => panic!("{other:?}"),
+                })
+                .collect::<Vec<u64>>(),
+        );
+    }
+    assert_eq!(batches, [vec![1, 2], vec![3, 4], vec![5]]);
+    // A line larger than the bound still comes, alone.
+    let mut small = feed.subscribe(Some(3), 1);
+    let items = small.next().await.unwrap();
+    assert_eq!(items.len(), 1);
+    let items = small.next().await.unwrap();
+    assert_eq!(items.len(), 1);
 }

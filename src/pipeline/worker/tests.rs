@@ -338,7 +338,7 @@ async fn events_a_sink_did_not_write_fail_and_the_rest_are_published() {
             other => panic!("{other:?}"),
         }
     }
-    let mut subscription = pipeline.feed().subscribe(Some(0));
+    let mut subscription = pipeline.feed().subscribe(Some(0), usize::MAX);
     let workers = pipeline.start_workers();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut outcomes = Vec::new();
