@@ -10,6 +10,7 @@ server CPU a wrong-token request costs.
 
     scripts/hostile.py target/release/eventflow            # every case
     scripts/hostile.py --case 2 target/release/eventflow   # one case
+    HOSTILE_TOKENS=1 scripts/hostile.py --case 5 target/release/eventflow
     scripts/hostile.py --old /tmp/old/eventflow            # a build without
         # the reader bounds: the settings it does not know are left out
 
@@ -31,6 +32,9 @@ WRITER = "127.0.0.2"
 HOSTILE = "127.0.0.3"
 PAGE = 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Tokens the service knows in case 5 (HOSTILE_TOKENS=1 shows a request's
+# cost without them).
+TOKENS = int(os.environ.get("HOSTILE_TOKENS", "100000"))
 
 
 def free_port():
@@ -124,10 +128,11 @@ def writer(service, n, token=None, spacing=0.0):
 
 
 def ingest(service, count, payload, headers=None):
-    """`count` events of `payload`, in batches of 100."""
-    for start in range(0, count, 100):
+    """`count` events of `payload`, in batches of up to 8 MiB."""
+    size = max(1, min(100, (8 << 20) // len(json.dumps(payload))))
+    for start in range(0, count, size):
         batch = [{"id": f"e{i:05}", "timestamp": 1_700_000_000, "payload": payload}
-                 for i in range(start, min(start + 100, count))]
+                 for i in range(start, min(start + size, count))]
         status, body = service.request("POST", "/events/batch", json.dumps(batch),
                                        {"content-type": "application/json", **(headers or {})},
                                        timeout=60)
@@ -136,7 +141,7 @@ def ingest(service, count, payload, headers=None):
     last = f"e{count - 1:05}"
     for _ in range(600):
         status, body = service.request("GET", f"/events/{last}", headers=headers)
-        if status == 200 and json.loads(body).get("status") == "published":
+        if status == 200 and json.loads(body).get("status") == "processed":
             return
         time.sleep(0.1)
     sys.exit("the events were never published")
@@ -253,7 +258,7 @@ def case_connections(binary, old):
 def case_tokens(binary, old):
     """5. 100,000 tokens, rate 1/s: 500 wrong-token requests; CPU each."""
     with tempfile.NamedTemporaryFile("w", suffix=".tokens", delete=False) as f:
-        for i in range(100_000):
+        for i in range(100_000 - TOKENS, 100_000):
             f.write(f"token-{i:06}-{'k' * 40}\n")
         tokens = f.name
     good = f"token-{99_999:06}-{'k' * 40}"
