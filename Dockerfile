@@ -6,8 +6,8 @@
 # The service image carries only `eventflow`.
 
 # ---- builder ---------------------------------------------------------------
-# 1.88 is the workspace's declared rust-version (Cargo.toml), so this also keeps the MSRV honest.
-FROM rust:1.88-bookworm AS builder
+# 1.89 is the workspace's declared rust-version (Cargo.toml), so this also keeps the MSRV honest.
+FROM rust:1.89-bookworm AS builder
 WORKDIR /build
 
 # Dependencies first: build them against stub targets so this layer is reused

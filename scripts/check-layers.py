@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Lists which top-level modules of src/ use which (`crate::x` in code;
+"""Lists which top-level modules of src/ use which (`crate::x` and
+`crate::{x, y}` groups in code;
 comments and doc links do not count, nor test modules), and fails on an
 import cycle among them. Run by scripts/check-stack.sh."""
 import os
@@ -8,6 +9,34 @@ import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 REFERENCE = re.compile(r"\bcrate::([a-z_]+)")
+GROUP = re.compile(r"\bcrate::\{")
+
+
+def references(text):
+    """The top-level modules a text names: `crate::x` and every first
+    name in a `crate::{a, b::c, {d}}` group, across lines."""
+    used = set(REFERENCE.findall(text))
+    for match in GROUP.finditer(text):
+        depth, start = 1, match.end()
+        at = start
+        while depth and at < len(text):
+            depth += {"{": 1, "}": -1}.get(text[at], 0)
+            at += 1
+        inner, depth, item = text[start:at - 1], 0, ""
+        items = []
+        for ch in inner:
+            if ch == "," and depth == 0:
+                items.append(item)
+                item = ""
+                continue
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            item += ch
+        items.append(item)
+        for entry in items:
+            name = re.match(r"\s*([a-z_]+)", entry)
+            if name and name.group(1) not in ("self", "super", "crate"):
+                used.add(name.group(1))
+    return used
 
 
 def top_module(path):
@@ -37,7 +66,7 @@ for directory, _, files in os.walk(ROOT):
         if module in ("lib", "main"):
             continue
         text = code_of(open(path, encoding="utf-8").read())
-        for used in REFERENCE.findall(text):
+        for used in references(text):
             if used != module:
                 graph.setdefault(module, set()).add(used)
         graph.setdefault(module, set())

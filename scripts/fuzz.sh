@@ -21,8 +21,13 @@ CASES="${CASES:-10000}"
 if cargo +nightly fuzz --version >/dev/null 2>&1; then
   for target in decode_event decode_array; do
     echo "== cargo fuzz: $target for ${SECONDS_PER_TARGET}s"
-    cargo +nightly fuzz run "$target" -- -max_total_time="$SECONDS_PER_TARGET" 2>&1 \
-      | grep -E '^(Done|#[0-9]+ +DONE)|SUMMARY|panicked|ERROR' || true
+    # The whole output goes to a log; a crash fails the script (pipefail
+    # keeps cargo's status through the filter, which itself may match
+    # nothing).
+    log="fuzz/$target.log"
+    cargo +nightly fuzz run "$target" -- -max_total_time="$SECONDS_PER_TARGET" >"$log" 2>&1 \
+      || { tail -40 "$log"; echo "fuzz: $target failed (log: $log)" >&2; exit 1; }
+    grep -E '^(Done|#[0-9]+ +DONE)|SUMMARY' "$log" || true
   done
 else
   echo "fuzz: cargo-fuzz on a nightly toolchain is not available; skipping part 1" >&2
@@ -30,6 +35,7 @@ fi
 
 echo "== property tests, $CASES cases each"
 started=$(date +%s)
-PROPTEST_CASES="$CASES" cargo test -q -p eventflow --lib properties 2>&1 | grep -E 'test result|panicked|minimal' || true
-PROPTEST_CASES="$CASES" cargo test -q -p eventflow --test api fuzz:: 2>&1 | grep -E 'test result|panicked|minimal' || true
+# A failing property fails the script, showing its minimal case.
+PROPTEST_CASES="$CASES" cargo test -q -p eventflow --lib properties
+PROPTEST_CASES="$CASES" cargo test -q -p eventflow --test api fuzz::
 echo "property tests: $(( $(date +%s) - started ))s"

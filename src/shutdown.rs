@@ -165,14 +165,4 @@ mod tests {
         };
         assert!(both.to_string().contains("; 4 accepted events"));
     }
-
-    #[test]
-    fn readiness_moves_through_phases() {
-        let r = Readiness::default();
-        assert_eq!(r.phase(), Phase::Starting);
-        r.set(Phase::Ready);
-        assert_eq!(r.clone().phase(), Phase::Ready);
-        r.set(Phase::Draining);
-        assert_eq!(r.phase(), Phase::Draining);
-    }
 }

@@ -71,6 +71,24 @@ impl Drop for Service {
 }
 
 impl Service {
+    /// Log lines up to and including the first that contains `needle`
+    /// (bounded by `limit`), so that a caller can go on from there.
+    pub(crate) fn wait_for_log(&self, needle: &str, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        loop {
+            let line = self
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} in {seen:#?}"));
+            let found = line.contains(needle);
+            seen.push(line);
+            if found {
+                return seen;
+            }
+        }
+    }
+
     /// The service's peak resident memory so far (`VmHWM`), in bytes.
     pub(crate) fn peak_rss(&self) -> u64 {
         self.memory("VmHWM:")

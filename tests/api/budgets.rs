@@ -285,9 +285,12 @@ async fn a_storm_of_replays_from_zero_does_not_stall_ingest() {
     }
     let during = ingest_median(&app, "storm").await;
     eprintln!("ingest median: {baseline:?} before, {during:?} during 40 replays of 10,000 events");
+    // Against this machine's own pace: a stall (ingest waiting behind the
+    // replays) is many times the baseline; the slack absorbs a busy
+    // machine's noise on a sub-millisecond median.
     assert!(
-        during < std::time::Duration::from_millis(50),
-        "ingest median {during:?} during the replays"
+        during <= baseline * 10 + std::time::Duration::from_millis(20),
+        "ingest median {during:?} during the replays, {baseline:?} before"
     );
     for task in storm {
         task.abort();

@@ -22,7 +22,8 @@ impl Transform for Enrich {
             processed_at: ctx.processed_at,
             worker: ctx.worker,
             sequence: ctx.sequence,
-            queue_wait_ms: ctx.queue_wait.as_secs_f64() * 1000.0,
+            // Whole microseconds: `0.067`, not `0.06707500000000001`.
+            queue_wait_ms: ctx.queue_wait.as_micros() as f64 / 1000.0,
             trace_id: ctx.trace_id,
         });
         Ok(())
@@ -46,5 +47,17 @@ mod tests {
         assert!((m.queue_wait_ms - 1.5).abs() < 1e-9);
         assert_eq!(m.trace_id.to_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(e.payload, "payload", "enrich leaves the payload alone");
+    }
+
+    #[test]
+    fn the_queue_wait_is_printed_in_whole_microseconds() {
+        let mut e = event("payload");
+        let ctx = TransformContext {
+            queue_wait: std::time::Duration::from_nanos(67_075_123),
+            ..ctx()
+        };
+        Enrich.apply(&mut e, &ctx).unwrap();
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["metadata"]["queue_wait_ms"].to_string(), "67.075");
     }
 }

@@ -94,13 +94,19 @@ async fn short_writes_keep_every_pass_whole_and_in_order() {
 }
 
 /// Takes nothing until the test opens it: a reader that stopped reading.
+/// `entered` is set once a write waits.
 #[derive(Clone, Default)]
-struct Blocked(Arc<(Mutex<bool>, std::sync::Condvar)>, Shared);
+struct Blocked(
+    Arc<(Mutex<bool>, std::sync::Condvar)>,
+    Shared,
+    Arc<std::sync::atomic::AtomicBool>,
+);
 
 impl Write for Blocked {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let (open, opened) = &*self.0;
         let mut open = open.lock().unwrap();
+        self.2.store(true, std::sync::atomic::Ordering::SeqCst);
         while !*open {
             open = opened.wait(open).unwrap();
         }
@@ -119,8 +125,20 @@ async fn a_pass_is_not_published_while_its_write_waits() {
         let sink = Arc::clone(&sink);
         tokio::spawn(async move { publish(&sink, &event(), &[r#"{"n":1}"#]).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!publishing.is_finished(), "answered before it was written");
+    // Once the writer waits in its write, the pass must wait too: given
+    // time to (wrongly) finish, it does not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !out.2.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "never written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut publishing = publishing;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut publishing)
+            .await
+            .is_err(),
+        "answered before it was written"
+    );
     *out.0.0.lock().unwrap() = true;
     out.0.1.notify_all();
     tokio::time::timeout(Duration::from_secs(5), publishing)
@@ -290,8 +308,13 @@ async fn a_forced_stop_finishes_the_line_in_progress_and_starts_no_other() {
             publish(&sink, &event, &refs).await
         })
     };
-    // Mid-way through, not at a line's end (700 does not divide 1,001).
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    // Mid-way through, once something is written (700 does not divide
+    // 1,001, so the stop is rarely at a line's end).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while out.0.0.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "nothing written");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let shared = Arc::clone(&sink.shared);
     tokio::task::spawn_blocking(move || shared.stop_at_line_end(Duration::from_secs(5)))
         .await
