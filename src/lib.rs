@@ -24,7 +24,7 @@
 //! - [`api`]: the axum routers, one module per resource, the problem+json
 //!   error type, and the serve loop ([`api::serve`]: hyper connections,
 //!   their timeouts and cap).
-//! - [`auth`]: the bearer tokens the API accepts (constant-time check,
+//! - [`auth`]: the bearer tokens the API accepts (one hash-set lookup,
 //!   re-read on SIGHUP).
 //! - [`event`]: the incoming event parsed into valid types, and the
 //!   published event.

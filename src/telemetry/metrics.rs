@@ -1,4 +1,5 @@
-//! Prometheus metrics: every name in one place, handles registered once.
+//! Prometheus metrics: handles registered once, each metric as the
+//! [catalogue](super::catalogue) describes it.
 //!
 //! Each [`App`](crate::app::App) owns its own recorder (no global), so
 //! several services in one process — as in the tests — count separately.
@@ -15,74 +16,10 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use super::catalogue::{CATALOGUE, Kind};
 use super::histogram::LatencyHistogram;
 
-/// Metric names: the contract dashboards, alerts and users rely on.
-pub mod names {
-    /// HTTP requests by `method`, `route`, `status`.
-    pub const HTTP_REQUESTS: &str = "eventflow_http_requests_total";
-    /// HTTP request duration by `method`, `route`.
-    pub const HTTP_DURATION: &str = "eventflow_http_request_duration_seconds";
-    /// Events read from requests.
-    pub const RECEIVED: &str = "eventflow_events_received_total";
-    /// Events newly accepted.
-    pub const ACCEPTED: &str = "eventflow_events_accepted_total";
-    /// Retries of stored events.
-    pub const DUPLICATE: &str = "eventflow_events_duplicate_total";
-    /// Refused events by `reason`.
-    pub const REJECTED: &str = "eventflow_events_rejected_total";
-    /// Processed events by `outcome`.
-    pub const PROCESSED: &str = "eventflow_events_processed_total";
-    /// Events a sink wrote, by `sink`.
-    pub const PUBLISHED: &str = "eventflow_events_published_total";
-    /// Sink failures by `sink`.
-    pub const PUBLISH_ERRORS: &str = "eventflow_publish_errors_total";
-    /// Events waiting for a worker.
-    pub const QUEUE_DEPTH: &str = "eventflow_queue_depth";
-    /// Queue capacity (`pipeline.queue_capacity`).
-    pub const QUEUE_CAPACITY: &str = "eventflow_queue_capacity";
-    /// Backpressure permits in use.
-    pub const INFLIGHT: &str = "eventflow_inflight_events";
-    /// Time from enqueue to a worker taking the event.
-    pub const QUEUE_WAIT: &str = "eventflow_queue_wait_seconds";
-    /// Transform + publish time.
-    pub const PROCESSING: &str = "eventflow_processing_duration_seconds";
-    /// Received → published.
-    pub const END_TO_END: &str = "eventflow_end_to_end_latency_seconds";
-    /// Records held by the store.
-    pub const STORE_EVENTS: &str = "eventflow_store_events";
-    /// Records evicted from the store.
-    pub const STORE_EVICTIONS: &str = "eventflow_store_evictions_total";
-    /// Connected SSE subscribers.
-    pub const SSE_SUBSCRIBERS: &str = "eventflow_sse_subscribers";
-    /// Times an SSE subscriber fell behind.
-    pub const SSE_LAGGED: &str = "eventflow_sse_lagged_total";
-    /// Worker tasks.
-    pub const WORKERS: &str = "eventflow_workers";
-    /// Always 1, labelled with the `version`.
-    pub const BUILD_INFO: &str = "eventflow_build_info";
-    /// 1 while a sink can write, 0 once it is broken, by `sink`.
-    pub const SINK_UP: &str = "eventflow_sink_up";
-    /// Gauge (nats backend): accepted events no replica has been handed yet.
-    pub const NATS_PENDING: &str = "eventflow_nats_consumer_pending";
-    /// Gauge (nats backend): deliveries handed out and not yet acknowledged.
-    pub const NATS_ACK_PENDING: &str = "eventflow_nats_ack_pending";
-    /// Counter (nats backend): deliveries this replica got that had been delivered before.
-    pub const NATS_REDELIVERIES: &str = "eventflow_nats_redeliveries_total";
-    /// Histogram (nats backend): time for JetStream to acknowledge an ingest request's events.
-    pub const NATS_PUBLISH_ACK: &str = "eventflow_nats_publish_ack_seconds";
-    /// Gauge (nats backend): bytes of accepted, unpublished events in the backlog stream.
-    pub const NATS_BACKLOG_BYTES: &str = "eventflow_nats_backlog_bytes";
-    /// Gauge (nats backend): the backlog's bound (`backend.nats.backlog_max_bytes`).
-    pub const NATS_BACKLOG_LIMIT: &str = "eventflow_nats_backlog_limit_bytes";
-    /// Requests refused with 401 (no or wrong bearer token).
-    pub const AUTH_FAILURES: &str = "eventflow_auth_failures_total";
-    /// Connections closed at accept: their client address held
-    /// `server.max_connections_per_client` already.
-    pub const CONNECTIONS_REFUSED: &str = "eventflow_connections_refused_total";
-    /// Requests refused with 429 by the per-client rate limit.
-    pub const RATE_LIMITED: &str = "eventflow_rate_limited_total";
-}
+pub use super::catalogue::names;
 
 /// Histogram buckets in seconds: 50 µs to 10 s, about three per decade.
 pub const LATENCY_BUCKETS: [f64; 17] = [
@@ -137,14 +74,14 @@ struct PipelineHistograms {
 
 impl PipelineHistograms {
     fn new() -> Self {
-        let histogram = |name, help| LatencyHistogram::new(name, help, &LATENCY_BUCKETS);
+        let histogram = |name| {
+            let help = super::catalogue::find(name).map_or("", |metric| metric.help);
+            LatencyHistogram::new(name, help, &LATENCY_BUCKETS)
+        };
         Self {
-            queue_wait: histogram(names::QUEUE_WAIT, "Time events wait in the queue"),
-            processing: histogram(
-                names::PROCESSING,
-                "Transform and publish time per event (events published together in a worker pass share it)",
-            ),
-            end_to_end: histogram(names::END_TO_END, "Time from receipt to publication"),
+            queue_wait: histogram(names::QUEUE_WAIT),
+            processing: histogram(names::PROCESSING),
+            end_to_end: histogram(names::END_TO_END),
         }
     }
 
@@ -483,135 +420,15 @@ impl Metrics {
     }
 }
 
+/// Gives every catalogued metric its help and unit, by its kind.
 fn describe(recorder: &PrometheusRecorder) {
-    use metrics::Unit;
-    let help = [
-        (
-            names::HTTP_REQUESTS,
-            "HTTP requests by method, route template and status",
-            None,
-        ),
-        (
-            names::HTTP_DURATION,
-            "HTTP request duration by method and route template",
-            Some(Unit::Seconds),
-        ),
-        (names::RECEIVED, "Events read from ingest requests", None),
-        (
-            names::ACCEPTED,
-            "Events newly accepted into the pipeline",
-            None,
-        ),
-        (
-            names::DUPLICATE,
-            "Events that repeated a stored event (not processed again)",
-            None,
-        ),
-        (names::REJECTED, "Events refused, by reason", None),
-        (
-            names::PROCESSED,
-            "Events processed by workers, by outcome",
-            None,
-        ),
-        (
-            names::PUBLISHED,
-            "Events a sink wrote (sse: appended to the published-events feed), by sink",
-            None,
-        ),
-        (
-            names::PUBLISH_ERRORS,
-            "Events a sink failed to write (they are not published), by sink",
-            None,
-        ),
-        (names::QUEUE_DEPTH, "Events waiting for a worker", None),
-        (
-            names::QUEUE_CAPACITY,
-            "Maximum accepted-but-unpublished events",
-            None,
-        ),
-        (
-            names::INFLIGHT,
-            "Backpressure permits in use (accepted, not yet published)",
-            None,
-        ),
-        (names::STORE_EVENTS, "Records held by the store", None),
-        (
-            names::STORE_EVICTIONS,
-            "Records evicted from the store",
-            None,
-        ),
-        (
-            names::SSE_SUBSCRIBERS,
-            "Connected Server-Sent-Events subscribers",
-            None,
-        ),
-        (
-            names::SSE_LAGGED,
-            "Times an SSE subscriber fell behind and skipped events",
-            None,
-        ),
-        (names::WORKERS, "Worker tasks running", None),
-        (names::BUILD_INFO, "Build information; always 1", None),
-        (
-            names::SINK_UP,
-            "1 while a sink can write, 0 once a write failed and it is broken",
-            None,
-        ),
-        (
-            names::NATS_PENDING,
-            "nats backend: backlog chunks (up to 256 events each) not yet handed to any replica (the lag)",
-            None,
-        ),
-        (
-            names::NATS_BACKLOG_BYTES,
-            "nats backend: bytes of accepted, unpublished events in the backlog stream",
-            Some(Unit::Bytes),
-        ),
-        (
-            names::NATS_BACKLOG_LIMIT,
-            "nats backend: the backlog's bound in bytes (backend.nats.backlog_max_bytes); ingest is refused at it",
-            Some(Unit::Bytes),
-        ),
-        (
-            names::NATS_ACK_PENDING,
-            "nats backend: deliveries (backlog chunks) handed out and not yet acknowledged",
-            None,
-        ),
-        (
-            names::NATS_REDELIVERIES,
-            "nats backend: deliveries this replica received that had been delivered before",
-            None,
-        ),
-        (
-            names::NATS_PUBLISH_ACK,
-            "nats backend: time for JetStream to acknowledge an ingest request's events",
-            Some(Unit::Seconds),
-        ),
-        (
-            names::AUTH_FAILURES,
-            "Requests refused with 401: no bearer token, or not a known one",
-            None,
-        ),
-        (
-            names::RATE_LIMITED,
-            "Requests refused with 429 by the per-client rate limit",
-            None,
-        ),
-        (
-            names::CONNECTIONS_REFUSED,
-            "Connections closed at accept: their client address held server.max_connections_per_client already",
-            None,
-        ),
-    ];
-    for (name, text, unit) in help {
-        let key = metrics::KeyName::from_const_str(name);
-        let text = metrics::SharedString::const_str(text);
-        if name.ends_with("_total") {
-            recorder.describe_counter(key, unit, text);
-        } else if unit == Some(Unit::Seconds) {
-            recorder.describe_histogram(key, unit, text);
-        } else {
-            recorder.describe_gauge(key, unit, text);
+    for metric in CATALOGUE {
+        let key = metrics::KeyName::from_const_str(metric.name);
+        let text = metrics::SharedString::const_str(metric.help);
+        match metric.kind {
+            Kind::Counter => recorder.describe_counter(key, metric.unit, text),
+            Kind::Gauge => recorder.describe_gauge(key, metric.unit, text),
+            Kind::Histogram => recorder.describe_histogram(key, metric.unit, text),
         }
     }
 }
@@ -620,39 +437,28 @@ fn describe(recorder: &PrometheusRecorder) {
 /// `metrics` crate's integer counters cannot express).
 fn render_process(text: &mut String) {
     let process = metrics_process::collector::collect();
-    if let Some(cpu) = process.cpu_seconds_total {
+    let samples = [
+        (names::PROCESS_CPU, process.cpu_seconds_total),
+        (
+            names::PROCESS_RSS,
+            process.resident_memory_bytes.map(|v| v as f64),
+        ),
+        (names::PROCESS_OPEN_FDS, process.open_fds.map(|v| v as f64)),
+        (names::PROCESS_MAX_FDS, process.max_fds.map(|v| v as f64)),
+        (
+            names::PROCESS_START,
+            process.start_time_seconds.map(|v| v as f64),
+        ),
+    ];
+    for (name, value) in samples {
+        let (Some(value), Some(metric)) = (value, super::catalogue::find(name)) else {
+            continue;
+        };
         let _ = write!(
             text,
-            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
-             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n"
-        );
-    }
-    if let Some(rss) = process.resident_memory_bytes {
-        let _ = write!(
-            text,
-            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
-             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n"
-        );
-    }
-    if let Some(fds) = process.open_fds {
-        let _ = write!(
-            text,
-            "# HELP process_open_fds Number of open file descriptors.\n\
-             # TYPE process_open_fds gauge\nprocess_open_fds {fds}\n"
-        );
-    }
-    if let Some(max) = process.max_fds {
-        let _ = write!(
-            text,
-            "# HELP process_max_fds Maximum number of open file descriptors.\n\
-             # TYPE process_max_fds gauge\nprocess_max_fds {max}\n"
-        );
-    }
-    if let Some(start) = process.start_time_seconds {
-        let _ = write!(
-            text,
-            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n\
-             # TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {start}\n"
+            "# HELP {name} {}\n# TYPE {name} {}\n{name} {value}\n",
+            metric.help,
+            metric.kind.as_str()
         );
     }
 }
@@ -700,6 +506,27 @@ mod tests {
         assert!(bucket.ends_with(" 1"), "{bucket}");
         assert!(text.contains("# TYPE process_cpu_seconds_total counter"));
         assert!(line(&text, "process_resident_memory_bytes ").is_some());
+    }
+
+    /// What a scrape declares is what the catalogue says (that every
+    /// catalogued metric is registered is `tests/api/metrics.rs`'s, with
+    /// the whole service).
+    #[test]
+    fn a_scrape_declares_its_metrics_as_catalogued() {
+        let m = Metrics::new(&["stdout"]);
+        m.http_request("GET", "/healthz", 200, Duration::from_micros(10));
+        let text = m.render(PipelineSnapshot::default());
+        let mut declared = 0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                let metric = crate::telemetry::catalogue::find(name)
+                    .unwrap_or_else(|| panic!("{name} is not in the catalogue"));
+                assert_eq!(kind, metric.kind.as_str(), "{name}");
+                declared += 1;
+            }
+        }
+        assert!(declared > 10, "{text}");
     }
 
     #[test]

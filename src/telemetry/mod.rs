@@ -13,6 +13,7 @@
 //!   path cheap; with an endpoint the trace layer enables them.
 //! - Metrics live in [`metrics`].
 
+pub mod catalogue;
 mod export;
 mod histogram;
 pub mod metrics;

@@ -26,6 +26,37 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// The whole service's scrape declares every catalogued metric (the nats
+/// backend's aside: `nats::` tests scrape those), each with its kind and
+/// help, and nothing the catalogue does not list.
+#[tokio::test]
+async fn a_scrape_declares_every_catalogued_metric_and_no_other() {
+    use eventflow::telemetry::catalogue::{CATALOGUE, find};
+    let app = crate::helpers::spawn_app().await;
+    // The HTTP series exist once a request was answered: this first scrape.
+    scrape(&app).await;
+    let text = scrape(&app).await;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            let metric = find(name).unwrap_or_else(|| panic!("{name} is not in the catalogue"));
+            assert_eq!(kind, metric.kind.as_str(), "{name}");
+        }
+    }
+    for metric in CATALOGUE
+        .iter()
+        .filter(|m| !m.name.starts_with("eventflow_nats_"))
+    {
+        let declared = format!("# TYPE {} {}\n", metric.name, metric.kind.as_str());
+        assert!(text.contains(&declared), "{} is not declared", metric.name);
+        assert!(
+            text.contains(&format!("# HELP {} {}", metric.name, metric.help)),
+            "{}'s help",
+            metric.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_known_traffic_exactly() {
     let gate = Gate::closed();
