@@ -18,16 +18,16 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, field};
+use tracing::field;
 
 use super::Pipeline;
 use super::queue::{Attempt, QueuedEvents, Verdict};
-use crate::event::{JsonWriter, line_size_hint};
-use crate::feed::Published;
-use crate::sink::{Publication, Publications};
-use crate::store::{CompleteWith, Processing, Record};
+use crate::store::Record;
 use crate::telemetry;
-use crate::time::UnixNanos;
+
+mod pass;
+
+use pass::{PANICKED, Pass, fail};
 
 /// Handle on the running workers.
 #[derive(Debug, Clone)]
@@ -230,12 +230,10 @@ async fn process_guarded(
     }
 }
 
-const PANICKED: &str = "processing panicked";
-
-/// Transforms `records` (in arrival order), hands those that passed to
-/// every sink in one call each, and records their outcome: published (in
-/// the store, then on the feed) where every sink wrote them, failed where
-/// one did not.
+/// Processes `records` in one pass (see [`pass`]): transforms them in
+/// arrival order, hands those that passed to every sink in one call each,
+/// and records their outcome: published (in the store, then on the feed)
+/// where every sink wrote them, failed where one did not.
 async fn process(
     pipeline: &Pipeline,
     worker: u32,
@@ -244,11 +242,9 @@ async fn process(
     ingest_span: &tracing::Span,
     started: Instant,
 ) -> Vec<Verdict> {
-    let mut verdicts = vec![Verdict::Done; records.len()];
     let Some(first) = records.first() else {
-        return verdicts;
+        return Vec::new();
     };
-    let attempt = |index: usize| attempts.get(index).copied().unwrap_or_default();
     // A child of the ingest span: an untraced request's events have none.
     // (A traced request's events come here one at a time.)
     let span = telemetry::child_span(ingest_span, || {
@@ -260,239 +256,9 @@ async fn process(
             outcome = field::Empty,
         )
     });
-    async {
-        let inner = &pipeline.inner;
-        let metrics = &inner.metrics;
-        // One clock read each for the whole pass: its events are published
-        // together.
-        let processing = Processing {
-            worker,
-            processed_at: UnixNanos::now(),
-        };
-        let mut rendered = Vec::with_capacity(records.len());
-        // The pass's JSON lines, one after another; `rendered` keeps where
-        // each one is.
-        let mut lines = String::with_capacity(
-            records
-                .iter()
-                .map(|r| line_size_hint(&r.event.payload, r.event.id.as_str()) + 1)
-                .sum(),
-        );
-        let mut writer = JsonWriter::default();
-        let mut failed = 0;
-        for (index, record) in records.iter().enumerate() {
-            // A redelivered event may have been published before its
-            // acknowledgement was lost: publish it at most once.
-            if attempt(index).redelivered
-                && inner.store.outcome(record).await.is_some()
-            {
-                tracing::debug!(event.id = %record.event.id, "redelivered event already processed");
-                continue;
-            }
-            let transformed = telemetry::child_span(&span, || tracing::debug_span!("transform"))
-                .in_scope(|| {
-                    std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        pipeline.render(record, &processing)
-                    }))
-                });
-            let error = match transformed {
-                Ok(Ok(event)) => {
-                    let start = lines.len();
-                    writer.append(&event, &mut lines);
-                    rendered.push((index, record, event, start..lines.len()));
-                    lines.push('\n');
-                    continue;
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(event.id = %record.event.id, %error, "event failed processing");
-                    error.to_string()
-                }
-                Err(_) => {
-                    tracing::error!(worker, event.id = %record.event.id, "processing panicked; event marked failed");
-                    PANICKED.into()
-                }
-            };
-            span.record("outcome", "error");
-            fail(pipeline, record, error, started.elapsed()).await;
-            failed += 1;
-        }
-        if failed > 0 {
-            // Their waiters need not wait for the sinks to write the rest.
-            inner.feed.outcomes_changed();
-        }
-        if rendered.is_empty() {
-            return;
-        }
-        let retryable = |index: usize| attempt(index).retryable;
-        // Moved, not copied: sinks may keep the lines while they write them.
-        let lines = Arc::new(lines);
-        let publications: Vec<Publication<'_>> = rendered
-            .iter()
-            .map(|(_, record, event, line)| Publication {
-                event,
-                sequence: record.sequence,
-                json: &lines[line.clone()],
-            })
-            .collect();
-        // Published: the events every sink wrote, from the pass's first. A
-        // later sink is offered only what the earlier ones wrote: an event
-        // one sink could not write is failed, and no other sink should
-        // report it published.
-        let mut offered: &[Publication<'_>] = &publications;
-        let mut offered_lines = Arc::clone(&lines);
-        let mut sink_error = None;
-        for sink in &inner.sinks {
-            if offered.is_empty() {
-                metrics.sink_result(sink.name(), false, publications.len());
-                continue;
-            }
-            let published = sink
-                .publish(Publications::new(offered, &offered_lines))
-                .instrument(telemetry::child_span(&span, || {
-                    tracing::debug_span!("publish", sink = sink.name())
-                }))
-                .await;
-            let by_this_sink = match published {
-                Ok(()) => offered.len(),
-                Err(error) => {
-                    sink_error.get_or_insert_with(|| error.error.to_string());
-                    error.written.min(offered.len())
-                }
-            };
-            metrics.sink_result(sink.name(), true, by_this_sink);
-            metrics.sink_result(sink.name(), false, publications.len() - by_this_sink);
-            if by_this_sink < offered.len() {
-                offered = &offered[..by_this_sink];
-                // The written events' lines, newlines included (rare: a copy).
-                let end = by_this_sink
-                    .checked_sub(1)
-                    .map_or(0, |last| rendered[last].3.end + 1);
-                offered_lines = Arc::new(lines[..end].to_owned());
-            }
-        }
-        let written = offered.len();
-        drop(publications);
-        let processing_time = started.elapsed();
-        let (published, unpublished) = rendered.split_at(written);
-        if let Some(error) = sink_error.filter(|_| !unpublished.is_empty()) {
-            tracing::error!(
-                events = unpublished.len(),
-                %error,
-                "events not published: a sink could not write them"
-            );
-            span.record("outcome", "error");
-            let error = format!("not published: {error}");
-            failed += give_up_or_retry(
-                pipeline,
-                unpublished.iter().map(|(index, record, _, _)| (*index, &***record)),
-                &retryable,
-                &error,
-                processing_time,
-                &mut verdicts,
-            )
-            .await;
-        }
-        if !published.is_empty() {
-            metrics.events_processed(true, processing_time, published.len());
-            let completed: Vec<&Record> = published
-                .iter()
-                .map(|(_, record, _, _)| &***record)
-                .collect();
-            let set = inner.store.complete_processed(&completed, processing).await;
-            drop(completed);
-            // The events of one request were received together: one latency.
-            // (Received → processing start is known without another clock read.)
-            for received_together in published.chunk_by(|a, b| a.1.received_at == b.1.received_at) {
-                let received_at = received_together[0].1.received_at;
-                metrics.end_to_end(
-                    processing.processed_at.since(received_at) + processing_time,
-                    received_together.len(),
-                );
-            }
-            // On the feed only once the store shows them processed: a
-            // subscriber may render them from there.
-            let to_feed: Vec<(usize, &Record, Published<'_>)> = published
-                .iter()
-                .zip(set)
-                .filter(|(_, set)| *set)
-                .map(|((index, record, _, line), _)| {
-                    let published = Published {
-                        sequence: record.sequence,
-                        id: &record.event.id,
-                        processing,
-                        line: &lines[line.clone()],
-                    };
-                    (*index, &***record, published)
-                })
-                .collect();
-            let feed: Vec<Published<'_>> = to_feed.iter().map(|(_, _, p)| *p).collect();
-            match inner.feed.append(&feed).await {
-                Ok(()) => metrics.sink_result("sse", true, feed.len()),
-                Err(error) => {
-                    metrics.sink_result("sse", false, feed.len());
-                    tracing::error!(events = feed.len(), %error, "events not published");
-                    span.record("outcome", "error");
-                    failed += give_up_or_retry(
-                        pipeline,
-                        to_feed.iter().map(|(index, record, _)| (*index, *record)),
-                        &retryable,
-                        &format!("not published: {error}"),
-                        processing_time,
-                        &mut verdicts,
-                    )
-                    .await;
-                }
-            }
-        }
-        if failed > 0 {
-            inner.feed.outcomes_changed();
-        } else {
-            span.record("outcome", "ok");
-        }
-    }
-    .instrument(span.clone())
-    .await;
-    verdicts
-}
-
-/// Events that were not published: each is delivered again where its
-/// attempt allows (its verdict says so), and fails for good otherwise.
-/// Returns how many failed.
-async fn give_up_or_retry<'r>(
-    pipeline: &Pipeline,
-    unpublished: impl Iterator<Item = (usize, &'r Record)>,
-    retryable: &impl Fn(usize) -> bool,
-    error: &str,
-    processing: Duration,
-    verdicts: &mut [Verdict],
-) -> usize {
-    let mut failed = 0;
-    for (index, record) in unpublished {
-        if retryable(index) {
-            if let Some(verdict) = verdicts.get_mut(index) {
-                *verdict = Verdict::Retry;
-            }
-        } else {
-            fail(pipeline, record, error.to_owned(), processing).await;
-            failed += 1;
-        }
-    }
-    pipeline
-        .inner
-        .sink_failures
-        .fetch_add(failed as u64, Ordering::Relaxed);
-    failed
-}
-
-/// Marks `record` failed (whoever waits for it is woken by the caller,
-/// through the feed, once the pass's outcomes are all set).
-async fn fail(pipeline: &Pipeline, record: &Record, error: String, processing: Duration) {
-    let inner = &pipeline.inner;
-    inner.metrics.events_processed(false, processing, 1);
-    inner
-        .store
-        .complete(record, CompleteWith::Failed(error))
-        .await;
+    Pass::new(pipeline, worker, records, attempts, span, started)
+        .run()
+        .await
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use crate::pipeline::transform::{Transform, TransformChain, TransformContext, Tr
 
 use crate::feed::MemoryFeed;
 use crate::pipeline::{Ingested, MemoryQueue, PipelineParts};
-use crate::sink::{PublishError, Sink, SinkError};
+use crate::sink::{PublishError, Publications, Sink, SinkError};
 use crate::store::{MemoryStore, Status};
 use crate::telemetry::metrics::Metrics;
 use crate::trace_id::TraceId;
