@@ -46,9 +46,11 @@ def top_module(path):
 
 
 def code_of(text):
-    # Test modules may use anything; only the shipped code is layered.
-    at = text.find("#[cfg(test)]")
-    text = text if at < 0 else text[:at]
+    # Test modules may use anything; only the shipped code is layered. An
+    # inline test module runs to the file's end; `#[cfg(test)] mod tests;`
+    # (a declaration) cuts nothing.
+    inline = re.search(r"#\[cfg\(test\)\]\s*mod \w+ \{", text)
+    text = text if inline is None else text[:inline.start()]
     return "\n".join(
         line for line in text.splitlines() if not line.lstrip().startswith("//")
     )

@@ -31,7 +31,8 @@ use crate::api::{self, AnswerBudget, AppState, BodyBudget, RateLimit, SharedStat
 use crate::auth::Tokens;
 use crate::backend::{Backend, BackendFailure};
 use crate::config::{BackendKind, Settings};
-use crate::pipeline::{Backpressure, Pipeline, PipelineParts, WorkerPool};
+use crate::pipeline::{Pipeline, PipelineParts, WorkerPool};
+use crate::queue::Backpressure;
 use crate::shutdown::{Phase, Readiness, Unpublished};
 use crate::sink::{Sink, build_sinks};
 use crate::telemetry::TraceSampling;

@@ -30,21 +30,25 @@
 //!   published event.
 //! - [`feed`]: the published-events feed (publication sequence, replay then
 //!   live) behind `GET /events/stream` and `?wait=published`.
+//! - [`queue`]: the seam between ingest and the workers: the `Queue`
+//!   trait, its in-memory implementation, and the backpressure permits
+//!   every queued event holds.
 //! - [`pipeline`]: admission (permits, counting), batch admission, the
-//!   queue, the worker pool and the transform chain.
+//!   worker pool (a pass as named steps) and the transform chain.
 //! - [`store`]: the `Store` trait and its bounded in-memory implementation.
 //! - [`sink`]: the `Sink` trait (a sink answers once it has written), the
 //!   stdout, log and nats sinks.
 //! - [`telemetry`]: logs (JSON, with trace ids), OpenTelemetry traces over
-//!   OTLP, and the Prometheus metrics (names defined once, in
-//!   [`telemetry::metrics`]).
+//!   OTLP, and the Prometheus metrics (each described once, in
+//!   [`telemetry::catalogue`]).
 //! - [`time`]: fast RFC 3339 timestamps for published events.
 //! - [`trace_id`]: the W3C trace id an event carries (depends on nothing of ours).
 //! - [`healthcheck`]: the `eventflow healthcheck` probe used by containers.
 //! - [`shutdown`]: signals, readiness, and the report of what a shutdown
 //!   left unpublished.
 //!
-//! `config`, `shutdown`, `time` and `trace_id` depend on nothing of ours;
+//! `shutdown`, `time` and `trace_id` depend on nothing of ours, `config`
+//! only on `event`'s limits;
 //! `scripts/check-layers.py` (run in CI) fails on any import cycle between
 //! the modules.
 
@@ -58,6 +62,7 @@ pub mod feed;
 pub mod healthcheck;
 pub mod nats;
 pub mod pipeline;
+pub mod queue;
 pub mod shutdown;
 pub mod sink;
 pub mod store;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::feed::{Feed, MemoryFeed};
-use crate::pipeline::{Backpressure, MemoryQueue, Queue};
+use crate::queue::{Backpressure, MemoryQueue, Queue};
 use crate::store::{MemoryStore, Store};
 use crate::telemetry::metrics::Metrics;
 

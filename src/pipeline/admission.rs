@@ -14,10 +14,9 @@ use std::time::{Instant, SystemTime};
 use metrics::Counter;
 use tracing::Instrument;
 
-use super::backpressure::Overloaded;
-use super::queue::{Attempt, Delivery, QueueError, QueuedEvents};
-use super::{Permit, Pipeline};
+use super::Pipeline;
 use crate::event::Event;
+use crate::queue::{Attempt, Delivery, Overloaded, Permit, QueueError, QueuedEvents};
 use crate::store::{Insert, Record, StoreError, event_footprint};
 use crate::telemetry;
 use crate::telemetry::metrics::{Metrics, names};

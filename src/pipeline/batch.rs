@@ -9,11 +9,10 @@ use std::time::{Instant, SystemTime};
 
 use tracing::Instrument;
 
+use super::Pipeline;
 use super::admission::{IngestError, REQUEUED, RejectReason};
-use super::backpressure::Overloaded;
-use super::queue::{Attempt, CHUNK_BYTES, CHUNK_EVENTS};
-use super::{Permit, Pipeline};
 use crate::event::{Event, EventId};
+use crate::queue::{Attempt, CHUNK_BYTES, CHUNK_EVENTS, Overloaded, Permit};
 use crate::store::{Insert, Record, StoreError, event_footprint};
 use crate::telemetry;
 use crate::trace_id::TraceId;

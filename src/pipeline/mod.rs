@@ -14,9 +14,7 @@
 //! closing the queue.
 
 pub mod admission;
-pub mod backpressure;
 mod batch;
-pub mod queue;
 pub mod transform;
 mod worker;
 
@@ -28,17 +26,13 @@ use tokio_util::task::TaskTracker;
 use crate::config::PipelineSettings;
 use crate::event::PublishedEvent;
 use crate::feed::Feed;
+use crate::queue::{Backpressure, Queue};
 use crate::sink::Sink;
 use crate::store::{Outcome, Processing, Record, Store};
 use crate::telemetry::metrics::Metrics;
 
 pub use admission::{Admission, IngestError, Ingested, RejectReason};
-pub use backpressure::{Backpressure, Overloaded, Permit};
 pub use batch::{BatchOutcome, BatchRejection};
-pub use queue::{
-    Acknowledge, Attempt, CHUNK_BYTES, CHUNK_EVENTS, Delivery, MemoryQueue, Queue, QueueError,
-    QueuedEvents, Verdict,
-};
 pub use transform::{TransformChain, TransformContext, TransformError};
 pub use worker::WorkerPool;
 

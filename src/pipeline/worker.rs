@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::field;
 
 use super::Pipeline;
-use super::queue::{Attempt, QueuedEvents, Verdict};
+use crate::queue::{Attempt, QueuedEvents, Verdict};
 use crate::store::Record;
 use crate::telemetry;
 

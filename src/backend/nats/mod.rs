@@ -47,7 +47,7 @@ use tokio::sync::watch;
 
 use super::{Backend, BackendFailure};
 use crate::config::Settings;
-use crate::pipeline::Backpressure;
+use crate::queue::Backpressure;
 use crate::telemetry::metrics::{Metrics, names};
 
 pub use feed::NatsFeed;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::Nats;
 use super::codec;
 use super::publisher::{Ack, Outgoing};
-use crate::pipeline::{
+use crate::queue::{
     Acknowledge, Attempt, Backpressure, Delivery, Queue, QueueError, QueuedEvents, Verdict,
 };
 use crate::store::event_footprint;

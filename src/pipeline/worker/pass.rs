@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use super::super::Pipeline;
-use super::super::queue::{Attempt, Verdict};
 use crate::event::{JsonWriter, PublishedEvent, line_size_hint};
 use crate::feed::Published;
+use crate::queue::{Attempt, Verdict};
 use crate::sink::{Publication, Publications};
 use crate::store::{CompleteWith, Processing, Record};
 use crate::telemetry;

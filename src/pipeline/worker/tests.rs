@@ -8,8 +8,9 @@ use crate::event::{Event, EventId, PublishedEvent};
 use crate::pipeline::transform::{Transform, TransformChain, TransformContext, TransformError};
 
 use crate::feed::MemoryFeed;
-use crate::pipeline::{Ingested, MemoryQueue, PipelineParts};
-use crate::sink::{PublishError, Publications, Sink, SinkError};
+use crate::pipeline::{Ingested, PipelineParts};
+use crate::queue::MemoryQueue;
+use crate::sink::{Publications, PublishError, Sink, SinkError};
 use crate::store::{MemoryStore, Status};
 use crate::telemetry::metrics::Metrics;
 use crate::trace_id::TraceId;

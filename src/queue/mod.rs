@@ -1,4 +1,6 @@
-//! The queue between ingest and the workers.
+//! The queue between ingest and the workers, and the permits that bound
+//! it: the seam both backends implement ([`MemoryQueue`] here, the
+//! JetStream queue in [`crate::backend`]) and the pipeline uses.
 //!
 //! Bounded by the backpressure permits each item carries, so a push never
 //! has to wait. Closing the queue is how shutdown drains: workers keep
@@ -23,8 +25,10 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::backpressure::Permit;
+mod backpressure;
+
 use crate::store::Record;
+pub use backpressure::{Backpressure, Overloaded, Permit};
 
 /// Most events a batch request puts in one queue item. Small enough that
 /// the workers share a big batch, large enough that per-item costs vanish.
