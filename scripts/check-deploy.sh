@@ -14,12 +14,9 @@
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-for tool in kubectl kubernetes-validate checkov cfn-lint promtool nats-server shellcheck python3 node npx; do
-  if ! command -v "$tool" >/dev/null 2>&1; then
-    echo "check-deploy: required tool '$tool' not found on PATH (see this script's header)" >&2
-    exit 1
-  fi
-done
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+require check-deploy kubectl kubernetes-validate checkov cfn-lint promtool nats-server shellcheck python3 node npx
 python3 -c 'import yaml' 2>/dev/null || {
   echo "check-deploy: python3 needs PyYAML (pip install PyYAML)" >&2
   exit 1

@@ -10,58 +10,78 @@ import os
 import re
 import sys
 
-root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-files = [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
-def slug(h):
-    h = h.strip().lower()
-    h = re.sub(r'<[^>]+>', '', h)
-    # drop markdown emphasis/code markers and link syntax
-    h = re.sub(r'\[([^\]]*)\]\([^)]*\)', r'\1', h)
-    h = h.replace('`','')
-    h = re.sub(r'[^\w\- ]', '', h, flags=re.UNICODE)
-    h = h.replace(' ', '-')
-    return h
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+FENCE = re.compile(r"^\s*(```|~~~)")
+LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def slug(heading):
+    """GitHub's anchor of a heading: lowercase, markup and punctuation
+    dropped (hyphens kept), spaces as hyphens."""
+    text = heading.strip().lower()
+    text = re.sub(r"<[^>]+>", "", text)
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
+    text = text.replace("`", "")
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def prose_lines(path):
+    """(line number, line) outside fenced code blocks."""
+    fenced = False
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if FENCE.match(line):
+                fenced = not fenced
+                continue
+            if not fenced:
+                yield number, line
+
 
 def anchors(path):
-    out=set(); counts={}
-    infence=False
-    for line in open(path,encoding='utf-8'):
-        if re.match(r'^\s*(```|~~~)', line):
-            infence = not infence; continue
-        if infence: continue
-        m=re.match(r'^(#{1,6})\s+(.*?)\s*#*\s*$', line)
-        if m:
-            s=slug(m.group(2))
-            n=counts.get(s,0)
-            out.add(s if n==0 else f'{s}-{n}')
-            counts[s]=n+1
-    return out
+    found, seen = set(), {}
+    for _, line in prose_lines(path):
+        heading = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            anchor = slug(heading.group(2))
+            count = seen.get(anchor, 0)
+            found.add(anchor if count == 0 else f"{anchor}-{count}")
+            seen[anchor] = count + 1
+    return found
 
-errors=0; checked=0; external=[]
-cache={}
-for f in files:
-    infence=False
-    for no,line in enumerate(open(f,encoding='utf-8'),1):
-        if re.match(r'^\s*(```|~~~)', line):
-            infence = not infence; continue
-        if infence: continue
-        # strip inline code spans
-        text=re.sub(r'`[^`]*`','',line)
-        for m in re.finditer(r'\[([^\]]*)\]\(([^)\s]+)\)', text):
-            target=m.group(2)
-            checked+=1
-            if re.match(r'^[a-z]+:', target):
-                external.append((f,no,target)); continue
-            path,_,anchor=target.partition('#')
-            full = f if path=='' else os.path.normpath(os.path.join(os.path.dirname(f), path))
-            if not os.path.exists(full):
-                print(f'{os.path.relpath(f,root)}:{no}: missing file {target}'); errors+=1; continue
-            if anchor:
-                if not full.endswith('.md'):
-                    print(f'{os.path.relpath(f,root)}:{no}: anchor on non-md {target}'); errors+=1; continue
-                if full not in cache: cache[full]=anchors(full)
-                if anchor not in cache[full]:
-                    print(f'{os.path.relpath(f,root)}:{no}: missing anchor {target}'); errors+=1
-print(f'{checked} links checked in {len(files)} files, {errors} broken, {len(external)} external (not fetched)')
-for e in external: print('  external:', os.path.relpath(e[0],root), e[1], e[2])
-sys.exit(1 if errors else 0)
+
+def main():
+    files = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    cache, errors, checked, external = {}, [], 0, []
+    for path in files:
+        where = os.path.relpath(path, ROOT)
+        for number, line in prose_lines(path):
+            for link in LINK.finditer(re.sub(r"`[^`]*`", "", line)):
+                target = link.group(2)
+                checked += 1
+                if re.match(r"^[a-z]+:", target):
+                    external.append(f"{where}:{number}: {target}")
+                    continue
+                file_part, _, anchor = target.partition("#")
+                full = path if not file_part else os.path.normpath(
+                    os.path.join(os.path.dirname(path), file_part))
+                if not os.path.exists(full):
+                    errors.append(f"{where}:{number}: missing file {target}")
+                elif anchor and not full.endswith(".md"):
+                    errors.append(f"{where}:{number}: an anchor on a file that is not markdown: {target}")
+                elif anchor:
+                    if full not in cache:
+                        cache[full] = anchors(full)
+                    if anchor not in cache[full]:
+                        errors.append(f"{where}:{number}: missing anchor {target}")
+    for error in errors:
+        print(error)
+    print(f"{checked} links checked in {len(files)} files, {len(errors)} broken, "
+          f"{len(external)} external (not fetched)")
+    for link in external:
+        print("  external:", link)
+    sys.exit(1 if errors else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,11 +16,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MAX_EXAMPLES="${1:-1500}"
 BIN="${BIN:-target/debug/eventflow}"
 TOKEN="schemathesis-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+PORT="$(free_port)"
 REPORTS="${REPORTS:-target/schemathesis}"
 mkdir -p "$REPORTS"
 
-command -v st >/dev/null || { echo "schemathesis: pip install schemathesis" >&2; exit 1; }
+HINTS[st]="pip install schemathesis"
+require schemathesis st curl python3
 [[ -x "$BIN" ]] || { echo "schemathesis: no binary at $BIN (cargo build first)" >&2; exit 1; }
 
 EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" \
@@ -30,10 +33,7 @@ EVENTFLOW__TELEMETRY__LOG_LEVEL=warn \
   "$BIN" >/dev/null 2>"$REPORTS/server.log" &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_healthy schemathesis "$PORT" "$SERVER"
 
 started=$(date +%s)
 status=0

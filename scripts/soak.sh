@@ -20,17 +20,17 @@ OUT="${OUT:-target/soak}"
 mkdir -p "$OUT"
 cargo build --release --quiet --workspace --bins
 
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+require soak curl python3 taskset
+PORT="$(free_port)"
 EVENTFLOW__SERVER__ADDR="127.0.0.1:$PORT" \
 EVENTFLOW__STORE__MAX_EVENTS="$STORE_MAX" \
 EVENTFLOW__TELEMETRY__LOG_LEVEL=warn \
   taskset -c 1 target/release/eventflow >/dev/null 2>"$OUT/server.log" &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_healthy soak "$PORT" "$SERVER"
 
 taskset -c 0 target/release/eventflow-loadgen --url "http://127.0.0.1:$PORT" \
   --mode open --rate "$RATE" -b "$BATCH" -c 16 -d "${MINUTES}m" --no-progress --json \
