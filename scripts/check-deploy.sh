@@ -53,7 +53,7 @@ for overlay in "${overlays[@]}"; do
 done
 
 # The NATS cluster's configuration parses (the pod's $POD_NAME stands in).
-check env POD_NAME=nats-0 nats-server -c deploy/kubernetes/overlays/production/nats/nats.conf -t
+check env POD_NAME=nats-0 nats-server -c deploy/kubernetes/components/nats/nats.conf -t
 
 check checkov -f Dockerfile --framework dockerfile --compact --quiet --skip-download
 
