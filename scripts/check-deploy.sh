@@ -61,7 +61,13 @@ check checkov -f Dockerfile --framework dockerfile --compact --quiet --skip-down
 # no lookups. The CLI is told not to phone home (notices, telemetry).
 export CDK_DISABLE_CLI_TELEMETRY=true CDK_DISABLE_VERSION_CHECK=true
 check npm --prefix deploy/aws test --silent
-synth() { (cd deploy/aws && npx --no-install cdk synth -q --no-notices -o "$tmp/cdk.out"); }
+# The settings are context values; these stand for a real certificate and
+# AMI (the template is checked, never deployed).
+synth() {
+  (cd deploy/aws && npx --no-install cdk synth -q --no-notices -o "$tmp/cdk.out" \
+    -c certificateArn=arn:aws:acm:eu-west-1:123456789012:certificate/00000000-0000-0000-0000-000000000000 \
+    -c natsImageId=ami-0123456789abcdef0 -c scale=10k)
+}
 check synth
 template="$tmp/cdk.out/Eventflow.template.json"
 check cfn-lint "$template"

@@ -2,7 +2,7 @@
 // the service, wired together. See docs/aws.md for the design.
 'use strict';
 
-const { CfnMapping, CfnOutput, CfnParameter, CfnResource, Fn, Stack, Token } = require('aws-cdk-lib');
+const { CfnOutput, CfnResource, Fn, Stack } = require('aws-cdk-lib');
 const { checkov } = require('./suppress');
 const { Network } = require('./network');
 const { Observability } = require('./observability');
@@ -49,48 +49,46 @@ function tier(natsInstanceType, natsVolumeGiB, { idsGiB, backlogGiB, historyGiB 
 class EventflowStack extends Stack {
   constructor(scope, id, props) {
     super(scope, id, props);
-    const image = new CfnParameter(this, 'ImageUri', {
-      description: 'eventflow image (linux/arm64), pinned by digest: ACCOUNT.dkr.ecr.REGION.amazonaws.com/eventflow@sha256:...',
-      type: 'String',
-      default: 'ghcr.io/eventflow/eventflow:0.1.0',
+    // Context values (`cdk synth -c key=value`, or cdk.json's "context"),
+    // read and checked at synth time: the template carries the values.
+    const image = contextValue(this, 'imageUri', {
+      fallback: 'ghcr.io/eventflow/eventflow:0.1.0',
+      what: 'the eventflow image (linux/arm64), pinned by digest: ACCOUNT.dkr.ecr.REGION.amazonaws.com/eventflow@sha256:...',
     });
-    const certificate = new CfnParameter(this, 'CertificateArn', {
-      description: 'ACM certificate of the API\'s host name, for the HTTPS listener',
-      type: 'String',
-      allowedPattern: '^arn:aws[a-z-]*:acm:[a-z0-9-]+:[0-9]{12}:certificate/[0-9a-f-]+$',
+    const certificateArn = contextValue(this, 'certificateArn', {
+      pattern: /^arn:aws[a-z-]*:acm:[a-z0-9-]+:[0-9]{12}:certificate\/[0-9a-f-]+$/,
+      what: 'the ACM certificate of the API\'s host name, for the HTTPS listener',
     });
-    const natsImage = new CfnParameter(this, 'NatsImageId', {
-      description: 'AMI of the NATS nodes, pinned (Amazon Linux 2023, arm64): aws ssm get-parameter --name /aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64 --query Parameter.Value',
-      type: 'AWS::EC2::Image::Id',
+    const natsImageId = contextValue(this, 'natsImageId', {
+      pattern: /^ami-[0-9a-f]{8,17}$/,
+      what: 'the AMI of the NATS nodes, pinned (Amazon Linux 2023, arm64): aws ssm get-parameter --name /aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64 --query Parameter.Value',
     });
-    const scale = new CfnParameter(this, 'Scale', {
-      description: 'Sustained events per second the stack is sized for (NATS nodes, volumes, stream limits): docs/aws.md, "Cost"',
-      type: 'String',
-      default: '10k',
-      allowedValues: Object.keys(SIZING),
+    const scale = contextValue(this, 'scale', {
+      fallback: '10k',
+      choices: Object.keys(SIZING),
+      what: 'the sustained events per second the stack is sized for (docs/aws.md, "Cost")',
     });
-    const sizing = new CfnMapping(this, 'Sizing', { mapping: SIZING });
-    const size = (key) => sizing.findInMap(scale.valueAsString, key);
+    const size = SIZING[scale];
 
     const observability = new Observability(this, 'Observability');
     const network = new Network(this, 'Network', { key: observability.key });
     const nats = new NatsCluster(this, 'Nats', {
       vpc: network.vpc,
-      imageId: natsImage.valueAsString,
-      instanceType: size('natsInstanceType'),
-      volumeGiB: Token.asNumber(size('natsVolumeGiB')),
-      maxFileStore: size('natsMaxFileStore'),
+      imageId: natsImageId,
+      instanceType: size.natsInstanceType,
+      volumeGiB: Number(size.natsVolumeGiB),
+      maxFileStore: size.natsMaxFileStore,
       logGroup: observability.natsLogs,
     });
-    const ingress = new Ingress(this, 'Ingress', { vpc: network.vpc, certificateArn: certificate.valueAsString });
+    const ingress = new Ingress(this, 'Ingress', { vpc: network.vpc, certificateArn });
     const service = new Service(this, 'Eventflow', {
       vpc: network.vpc,
-      image: image.valueAsString,
+      image,
       natsUrl: nats.url,
       streams: {
-        idsMaxBytes: size('idsMaxBytes'),
-        backlogMaxBytes: size('backlogMaxBytes'),
-        historyMaxBytes: size('historyMaxBytes'),
+        idsMaxBytes: size.idsMaxBytes,
+        backlogMaxBytes: size.backlogMaxBytes,
+        historyMaxBytes: size.historyMaxBytes,
       },
       observability,
       loadBalancer: ingress.loadBalancer,
@@ -130,6 +128,21 @@ function acceptCdkInternals(stack, service) {
     cfnLintIgnore(lambda, 'W3005');
   }
   cfnLintIgnore(service.service.node.defaultChild, 'W3005');
+}
+
+/**
+ * The context value `key`, or `fallback`; a missing required value, or one
+ * that does not match `pattern` or `choices`, stops the synth naming it.
+ */
+function contextValue(scope, key, { fallback, pattern, choices, what }) {
+  const value = scope.node.tryGetContext(key) ?? fallback;
+  if (value === undefined) {
+    throw new Error(`context value ${key} is required: ${what} (cdk synth -c ${key}=...)`);
+  }
+  if (typeof value !== 'string' || (pattern && !pattern.test(value)) || (choices && !choices.includes(value))) {
+    throw new Error(`context value ${key} = ${JSON.stringify(value)} is not ${choices ? `one of ${choices.join(', ')}` : what}`);
+  }
+  return value;
 }
 
 /** cfn-lint's per-resource ignore (a redundant DependsOn that CDK writes). */

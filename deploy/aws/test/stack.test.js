@@ -9,9 +9,14 @@ const { test } = require('node:test');
 const { App, Validations } = require('aws-cdk-lib');
 const { Match, Template } = require('aws-cdk-lib/assertions');
 const { AwsSolutionsChecks } = require('cdk-nag');
-const { EventflowStack } = require('../lib/eventflow-stack');
+const { EventflowStack, SIZING } = require('../lib/eventflow-stack');
 
-const app = new App();
+// What `cdk synth -c ...` would give (docs/aws.md).
+const CONTEXT = {
+  certificateArn: 'arn:aws:acm:eu-west-1:123456789012:certificate/00000000-0000-0000-0000-000000000000',
+  natsImageId: 'ami-0123456789abcdef0',
+};
+const app = new App({ context: CONTEXT });
 Validations.of(app).addPlugins(new AwsSolutionsChecks(app));
 const stack = new EventflowStack(app, 'Test');
 const template = Template.fromStack(stack);
@@ -92,11 +97,25 @@ test('NATS runs on three nodes, each with an encrypted data volume of its own th
   template.resourcePropertiesCountIs('AWS::EC2::VolumeAttachment', { Device: '/dev/sdf' }, 3);
   template.resourceCountIs('AWS::Route53::RecordSet', 3);
   // A pinned AMI: an AMI release does not replace the nodes.
-  template.hasParameter('NatsImageId', { Type: 'AWS::EC2::Image::Id' });
+  const images = Object.values(template.findResources('AWS::EC2::Instance'))
+    .map((instance) => instance.Properties.ImageId);
+  assert.ok(images.length > 0 && images.every((id) => id === CONTEXT.natsImageId), JSON.stringify(images));
+});
+
+test('the settings are context values, checked at synth: none missing, none malformed', () => {
+  const synth = (context) => new EventflowStack(new App({ context }), 'Check');
+  assert.throws(() => synth({ natsImageId: CONTEXT.natsImageId }), /context value certificateArn is required/);
+  assert.throws(() => synth({ ...CONTEXT, natsImageId: 'latest' }), /context value natsImageId = "latest"/);
+  assert.throws(() => synth({ ...CONTEXT, scale: '5k' }), /one of 1k, 10k, 100k/);
+  const big = Template.fromStack(synth({ ...CONTEXT, scale: '100k' }));
+  const env = Object.values(big.findResources('AWS::ECS::TaskDefinition'))[0].Properties.ContainerDefinitions
+    .find((c) => c.Name === 'eventflow').Environment;
+  const backlog = env.find((e) => e.Name === 'EVENTFLOW__BACKEND__NATS__BACKLOG_MAX_BYTES').Value;
+  assert.equal(backlog, SIZING['100k'].backlogMaxBytes);
+  assert.deepEqual(Object.keys(template.toJSON().Parameters ?? {}).filter((p) => !p.startsWith('BootstrapVersion')), []);
 });
 
 test('every scale tier fits its streams in the NATS store', () => {
-  const { SIZING } = require('../lib/eventflow-stack');
   for (const [tier, size] of Object.entries(SIZING)) {
     const store = Number.parseInt(size.natsMaxFileStore, 10) * 1024 ** 3;
     const reserved = Number(size.idsMaxBytes) + Number(size.backlogMaxBytes) + 2 * Number(size.historyMaxBytes);
