@@ -35,6 +35,19 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
 }
 
+/// What a client sees of an [`ApiError`] besides its detail.
+struct Kind {
+    status: StatusCode,
+    /// The problem type's last part: `urn:eventflow:problem:{slug}`.
+    slug: &'static str,
+    title: &'static str,
+    /// How it counts in `eventflow_events_rejected_total`, if it refuses
+    /// an event.
+    reject: Option<RejectReason>,
+    /// Seconds for `Retry-After`.
+    retry_after: Option<u32>,
+}
+
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -161,98 +174,64 @@ impl ApiError {
         }
     }
 
+    /// Everything a client sees of this error but its detail: one arm a
+    /// variant, so that adding one is one place (a table, kept as one).
+    #[rustfmt::skip]
+    fn kind(&self) -> Kind {
+        use RejectReason as R;
+        use StatusCode as S;
+        let (status, slug, title, reject, retry) = match self {
+            Self::MalformedJson(_) => (S::BAD_REQUEST, "malformed-json", "Malformed JSON", Some(R::Invalid), None),
+            Self::BadRequest(_) => (S::BAD_REQUEST, "bad-request", "Bad request", Some(R::Invalid), None),
+            Self::UnsupportedMediaType(_) => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type", Some(R::Invalid), None),
+            Self::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large", Some(R::TooLarge), None),
+            Self::Validation { .. } => (S::UNPROCESSABLE_ENTITY, "validation", "Invalid event", Some(R::Invalid), None),
+            Self::InvalidBody(_) => (S::UNPROCESSABLE_ENTITY, "invalid-body", "Invalid request body", Some(R::Invalid), None),
+            Self::InvalidQuery { .. } => (S::UNPROCESSABLE_ENTITY, "invalid-query", "Invalid query parameter", Some(R::Invalid), None),
+            Self::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", None, None),
+            Self::Conflict { .. } => (S::CONFLICT, "conflict", "Conflicting event", Some(R::Conflict), None),
+            Self::NotFound(_) => (S::NOT_FOUND, "not-found", "Not found", None, None),
+            Self::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(R::Overloaded), Some(RETRY_AFTER_OVERLOADED_SECS)),
+            Self::BodiesOverBudget => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(R::Overloaded), Some(RETRY_AFTER_OVERLOADED_SECS)),
+            Self::AnswersOverBudget => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", None, Some(RETRY_AFTER_OVERLOADED_SECS)),
+            Self::TooManyConnections => (S::SERVICE_UNAVAILABLE, "too-many-connections", "Too many connections", None, Some(RETRY_AFTER_OVERLOADED_SECS)),
+            Self::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting-down", "Shutting down", Some(R::ShuttingDown), Some(RETRY_AFTER_DRAINING_SECS)),
+            Self::SinkBroken(_) => (S::SERVICE_UNAVAILABLE, "sink-broken", "A sink is broken", Some(R::Unavailable), Some(RETRY_AFTER_DRAINING_SECS)),
+            Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "unavailable", "Backend unavailable", Some(R::Unavailable), Some(RETRY_AFTER_DRAINING_SECS)),
+            Self::TooManySubscribers(_) => (S::SERVICE_UNAVAILABLE, "too-many-subscribers", "Too many subscribers", None, Some(RETRY_AFTER_DRAINING_SECS)),
+            Self::NotPublished(_) => (S::GATEWAY_TIMEOUT, "not-published", "Not published in time", None, None),
+            Self::ProcessingFailed(_) => (S::INTERNAL_SERVER_ERROR, "processing-failed", "Processing failed", None, None),
+            Self::Internal => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error", None, None),
+            Self::RequestTimeout(_) | Self::SlowBody => (S::REQUEST_TIMEOUT, "request-timeout", "Request timeout", None, None),
+            Self::Unauthorized(_) => (S::UNAUTHORIZED, "unauthorized", "Unauthorized", Some(R::Unauthorized), None),
+            Self::RateLimited(secs) => (S::TOO_MANY_REQUESTS, "rate-limited", "Too many requests", None, Some(*secs)),
+        };
+        Kind {
+            status,
+            slug,
+            title,
+            reject,
+            retry_after: retry,
+        }
+    }
+
     /// How this error counts in `eventflow_events_rejected_total`, if it
     /// refuses an event.
     pub fn reject_reason(&self) -> Option<RejectReason> {
-        match self {
-            Self::MalformedJson(_)
-            | Self::BadRequest(_)
-            | Self::UnsupportedMediaType(_)
-            | Self::Validation { .. }
-            | Self::InvalidBody(_)
-            | Self::InvalidQuery { .. } => Some(RejectReason::Invalid),
-            Self::PayloadTooLarge(_) => Some(RejectReason::TooLarge),
-            Self::Unauthorized(_) => Some(RejectReason::Unauthorized),
-            Self::Conflict { .. } => Some(RejectReason::Conflict),
-            Self::Overloaded | Self::BodiesOverBudget => Some(RejectReason::Overloaded),
-            Self::ShuttingDown => Some(RejectReason::ShuttingDown),
-            Self::SinkBroken(_) | Self::Unavailable(_) => Some(RejectReason::Unavailable),
-            Self::MethodNotAllowed(_)
-            | Self::NotFound(_)
-            | Self::NotPublished(_)
-            | Self::ProcessingFailed(_)
-            | Self::RequestTimeout(_)
-            | Self::SlowBody
-            | Self::TooManySubscribers(_)
-            | Self::AnswersOverBudget
-            | Self::TooManyConnections
-            | Self::RateLimited(_)
-            | Self::Internal => None,
-        }
+        self.kind().reject
     }
 
     fn status(&self) -> StatusCode {
-        match self {
-            Self::MalformedJson(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Validation { .. } | Self::InvalidBody(_) | Self::InvalidQuery { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Conflict { .. } => StatusCode::CONFLICT,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Overloaded
-            | Self::ShuttingDown
-            | Self::SinkBroken(_)
-            | Self::Unavailable(_)
-            | Self::BodiesOverBudget
-            | Self::AnswersOverBudget
-            | Self::TooManyConnections
-            | Self::TooManySubscribers(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::NotPublished(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::ProcessingFailed(_) | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::RequestTimeout(_) | Self::SlowBody => StatusCode::REQUEST_TIMEOUT,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-        }
-    }
-
-    fn slug_and_title(&self) -> (&'static str, &'static str) {
-        match self {
-            Self::MalformedJson(_) => ("malformed-json", "Malformed JSON"),
-            Self::BadRequest(_) => ("bad-request", "Bad request"),
-            Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
-            Self::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
-            Self::Validation { .. } => ("validation", "Invalid event"),
-            Self::InvalidBody(_) => ("invalid-body", "Invalid request body"),
-            Self::InvalidQuery { .. } => ("invalid-query", "Invalid query parameter"),
-            Self::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
-            Self::Conflict { .. } => ("conflict", "Conflicting event"),
-            Self::NotFound(_) => ("not-found", "Not found"),
-            Self::Overloaded => ("overloaded", "Overloaded"),
-            Self::ShuttingDown => ("shutting-down", "Shutting down"),
-            Self::SinkBroken(_) => ("sink-broken", "A sink is broken"),
-            Self::Unavailable(_) => ("unavailable", "Backend unavailable"),
-            Self::NotPublished(_) => ("not-published", "Not published in time"),
-            Self::ProcessingFailed(_) => ("processing-failed", "Processing failed"),
-            Self::BodiesOverBudget | Self::AnswersOverBudget => ("overloaded", "Overloaded"),
-            Self::TooManyConnections => ("too-many-connections", "Too many connections"),
-            Self::RequestTimeout(_) | Self::SlowBody => ("request-timeout", "Request timeout"),
-            Self::Internal => ("internal", "Internal error"),
-            Self::Unauthorized(_) => ("unauthorized", "Unauthorized"),
-            Self::RateLimited(_) => ("rate-limited", "Too many requests"),
-            Self::TooManySubscribers(_) => ("too-many-subscribers", "Too many subscribers"),
-        }
+        self.kind().status
     }
 
     /// The problem document for this error.
     pub fn problem(&self) -> Problem {
-        let (slug, title) = self.slug_and_title();
+        let kind = self.kind();
         Problem {
-            kind: format!("urn:eventflow:problem:{slug}"),
-            title: title.to_owned(),
-            status: self.status().as_u16(),
+            kind: format!("urn:eventflow:problem:{}", kind.slug),
+            title: kind.title.to_owned(),
+            status: kind.status.as_u16(),
             detail: self.to_string(),
             errors: match self {
                 Self::Validation { errors, .. } => errors.clone(),
@@ -352,18 +331,7 @@ impl IntoResponse for ApiError {
                 }),
             );
         }
-        let retry_after = match self {
-            Self::RateLimited(secs) => Some(secs),
-            Self::Overloaded
-            | Self::BodiesOverBudget
-            | Self::AnswersOverBudget
-            | Self::TooManyConnections => Some(RETRY_AFTER_OVERLOADED_SECS),
-            Self::ShuttingDown
-            | Self::SinkBroken(_)
-            | Self::Unavailable(_)
-            | Self::TooManySubscribers(_) => Some(RETRY_AFTER_DRAINING_SECS),
-            _ => None,
-        };
+        let retry_after = self.kind().retry_after;
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
