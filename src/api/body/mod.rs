@@ -1,9 +1,9 @@
-//! Reading request bodies within limits: content type, size (checked while
-//! streaming, so an oversized body is never fully buffered), optional gzip,
-//! whose limit applies to the decompressed bytes, and a budget for the
-//! bodies of all requests together.
+//! Reading request bodies within limits: content type ([`media`]), size
+//! (checked while streaming, so an oversized body is never fully
+//! buffered), optional gzip ([`gzip`]), whose limit applies to the
+//! decompressed bytes, and a budget for the bodies of all requests
+//! together.
 
-use std::io::Read;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -14,6 +14,14 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
+
+mod gzip;
+mod media;
+
+#[cfg(test)]
+use gzip::INFLATE_STEP;
+use gzip::gunzip;
+pub(crate) use media::{MediaType, media_type};
 
 /// Bytes of request bodies held in memory at once, across all requests (`server.max_inflight_body_bytes`). The per-request limits alone do not
 /// bound memory when many large requests arrive together; past this budget
@@ -80,77 +88,6 @@ impl std::ops::Deref for HeldBody {
 
     fn deref(&self) -> &Bytes {
         &self.bytes
-    }
-}
-
-/// Media types an endpoint accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MediaType {
-    /// `application/json` (or `application/*+json`).
-    Json,
-    /// `application/x-ndjson` (also `application/jsonl`).
-    Ndjson,
-}
-
-/// The request's media type, if it is one of `accepted`.
-pub(crate) fn media_type(
-    headers: &HeaderMap,
-    accepted: &[MediaType],
-) -> Result<MediaType, ApiError> {
-    let raw = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    // Media types are case-insensitive; compared in place, not lowercased
-    // into a new string per request.
-    let essence = raw.split(';').next().unwrap_or("").trim();
-    let is = |name: &str| essence.eq_ignore_ascii_case(name);
-    let bytes = essence.as_bytes();
-    // `application/<something>+json` (RFC 6839 structured syntax suffix).
-    let structured_json = bytes.len() > "application/+json".len()
-        && bytes[..12].eq_ignore_ascii_case(b"application/")
-        && bytes[bytes.len() - 5..].eq_ignore_ascii_case(b"+json");
-    let found = if is("application/json") || structured_json {
-        Some(MediaType::Json)
-    } else if is("application/x-ndjson") || is("application/jsonl") || is("application/ndjson") {
-        Some(MediaType::Ndjson)
-    } else {
-        None
-    };
-    // JSON is UTF-8 (RFC 8259): a body declared in another charset would
-    // be read as something it is not.
-    for parameter in raw.split(';').skip(1) {
-        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
-        let value = value.trim().trim_matches('"');
-        if name.trim().eq_ignore_ascii_case("charset")
-            && !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("us-ascii"))
-        {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "charset `{}` is not supported: bodies are UTF-8 (charset=utf-8, or none)",
-                super::error::clip(value)
-            )));
-        }
-    }
-    match found {
-        Some(media) if accepted.contains(&media) => Ok(media),
-        _ => {
-            let names: Vec<&str> = accepted
-                .iter()
-                .map(|m| match m {
-                    MediaType::Json => "application/json",
-                    MediaType::Ndjson => "application/x-ndjson",
-                })
-                .collect();
-            let got = if raw.is_empty() {
-                "none".into()
-            } else {
-                super::error::clip(raw)
-            };
-            Err(ApiError::UnsupportedMediaType(format!(
-                "Content-Type must be {}; got {got}",
-                names.join(" or ")
-            )))
-        }
     }
 }
 
@@ -307,64 +244,6 @@ async fn collect_within(
         Some(first) => first,
         None => Bytes::from(joined),
     })
-}
-
-/// Inflated bytes taken from the budget at a time.
-const INFLATE_STEP: usize = 64 * 1024;
-
-/// Inflates `raw` up to `limit` bytes (413 past it), taking the budget as
-/// it goes. The output is inflated into chunks of [`INFLATE_STEP`] and
-/// joined once, at the end, into a buffer of exactly its size: growing one
-/// buffer step by step reallocates it hundreds of times, and the allocator
-/// kept those blocks (measured: 4 gzip bombs of 256 MiB left the process
-/// 110 MiB larger; in chunks, it stays flat).
-fn gunzip(
-    raw: &[u8],
-    limit: usize,
-    budget: &BodyBudget,
-    held: &mut Option<OwnedSemaphorePermit>,
-) -> Result<Bytes, ApiError> {
-    let mut chunks: Vec<Vec<u8>> = Vec::new();
-    let mut total = 0;
-    let mut chunk_shares = 0;
-    // Reading one byte past the limit tells "exactly at" from "over".
-    let most = limit.saturating_add(1);
-    let mut decoder = flate2::read::MultiGzDecoder::new(raw).take(most as u64);
-    loop {
-        let step = INFLATE_STEP.min(most - total);
-        budget.take(held, step)?;
-        chunk_shares += step;
-        let mut chunk = Vec::with_capacity(step);
-        let read = (&mut decoder)
-            .take(step as u64)
-            .read_to_end(&mut chunk)
-            .map_err(|err| ApiError::BadRequest(format!("invalid gzip body: {err}")))?;
-        total += read;
-        if total > limit {
-            return Err(too_large(limit));
-        }
-        chunks.push(chunk);
-        if read < step {
-            break;
-        }
-    }
-    // The compressed bytes are dropped on return: their share goes now.
-    if let Some(held) = held.as_mut() {
-        drop(held.split(raw.len()));
-    }
-    if chunks.len() == 1 {
-        return Ok(Bytes::from(chunks.swap_remove(0)));
-    }
-    budget.take(held, total)?;
-    let mut joined = Vec::with_capacity(total);
-    for chunk in chunks {
-        joined.extend_from_slice(&chunk);
-    }
-    // The chunks are gone; only the joined buffer stays.
-    if let Some(held) = held.as_mut() {
-        drop(held.split(chunk_shares));
-    }
-    Ok(Bytes::from(joined))
 }
 
 #[cfg(test)]
