@@ -218,22 +218,7 @@ impl App {
             _ => None,
         };
         let server = tokio::spawn(serve(listener, routers.api, limits, http_stop.clone()));
-        let metrics = pipeline.metrics().clone();
-        let upkeep_stop = http_stop.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(METRICS_UPKEEP);
-            for tick in 1u64.. {
-                tokio::select! {
-                    _ = every.tick() => metrics.run_upkeep(),
-                    () = upkeep_stop.cancelled() => break,
-                }
-                if tick % 10 == 0
-                    && let Some(limit) = &kept.rate_limit
-                {
-                    limit.forget_idle();
-                }
-            }
-        });
+        spawn_upkeep(kept, http_stop.clone());
         readiness.set(Phase::Ready);
         tracing::info!(
             addr = %local_addr,
@@ -250,89 +235,157 @@ impl App {
                 Some(why)
             }
         };
-        let started = tokio::time::Instant::now();
-        readiness.set(Phase::Draining);
-        if !shutdown_delay.is_zero() {
-            tracing::info!(delay = ?shutdown_delay, "shutting down: readiness is 503, still serving for the delay");
-            tokio::time::sleep(shutdown_delay).await;
+        Drain {
+            pipeline,
+            readiness,
+            workers,
+            server,
+            admin_server,
+            http_stop,
+            stream_stop,
+            shutdown_delay,
+            shutdown_grace,
+            backend_failed,
         }
-        tracing::info!(grace = ?shutdown_grace, "shutting down: draining accepted events");
-        pipeline.close_ingest();
-        http_stop.cancel();
+        .run()
+        .await
+    }
+}
 
+/// Runs the metrics' upkeep (and forgets idle rate-limit entries) until
+/// `stop`.
+fn spawn_upkeep(state: AppState, stop: CancellationToken) {
+    let metrics = state.pipeline.metrics().clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(METRICS_UPKEEP);
+        for tick in 1u64.. {
+            tokio::select! {
+                _ = every.tick() => metrics.run_upkeep(),
+                () = stop.cancelled() => break,
+            }
+            if tick % 10 == 0
+                && let Some(limit) = &state.rate_limit
+            {
+                limit.forget_idle();
+            }
+        }
+    });
+}
+
+/// What the drain after a signal (or a backend failure) works with.
+struct Drain {
+    pipeline: Pipeline,
+    readiness: Readiness,
+    workers: WorkerPool,
+    server: tokio::task::JoinHandle<()>,
+    admin_server: Option<tokio::task::JoinHandle<()>>,
+    http_stop: CancellationToken,
+    stream_stop: CancellationToken,
+    shutdown_delay: Duration,
+    shutdown_grace: Duration,
+    backend_failed: Option<String>,
+}
+
+impl Drain {
+    /// Readiness 503 for the delay, then the listener closed, the pipeline
+    /// drained within the grace, and the report of what it left.
+    async fn run(self) -> Result<(), Unpublished> {
+        let started = tokio::time::Instant::now();
+        self.readiness.set(Phase::Draining);
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(delay = ?self.shutdown_delay, "shutting down: readiness is 503, still serving for the delay");
+            tokio::time::sleep(self.shutdown_delay).await;
+        }
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down: draining accepted events");
+        self.pipeline.close_ingest();
+        self.http_stop.cancel();
         // A grace too large to add is as good as none.
         let deadline = started
-            .checked_add(shutdown_grace)
+            .checked_add(self.shutdown_grace)
             .unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
         // A drain that runs out of time leaves this much of the grace to
         // flush and finish stdout's line: the exit stays within the grace.
-        let reserve = (shutdown_grace / 4).min(FORCED_EXIT_RESERVE);
-        let drain_deadline = deadline - reserve;
+        let reserve = (self.shutdown_grace / 4).min(FORCED_EXIT_RESERVE);
+        let pipeline = &self.pipeline;
         let drain = async {
             pipeline.ingest_idle().await;
             pipeline.close_queue();
-            workers.stopped().await;
+            self.workers.stopped().await;
             pipeline.flush_sinks().await;
         };
-        match tokio::time::timeout_at(drain_deadline, drain).await {
-            Ok(()) => {
-                stream_stop.cancel();
-                // Every accepted event is published or failed; what is left
-                // is connections finishing their answers. One that stalls (a
-                // half-sent request, a client that stopped reading) is cut
-                // at the deadline rather than failing a complete drain.
-                let mut server = server;
-                if tokio::time::timeout_at(deadline, &mut server)
-                    .await
-                    .is_err()
-                {
-                    server.abort();
-                    tracing::warn!("connections still open at the shutdown deadline were closed");
-                }
-                if let Some(admin) = admin_server {
-                    admin.abort();
-                }
-                let sink_failed = pipeline.sink_failures();
-                if sink_failed > 0 || backend_failed.is_some() {
-                    return Err(Unpublished {
-                        grace: shutdown_grace,
-                        deadline_passed: false,
-                        queued: 0,
-                        in_flight: 0,
-                        sink_failed,
-                        backend_failed,
-                    });
-                }
-                tracing::info!(took = ?started.elapsed(), "shutdown complete: every accepted event was published");
-                Ok(())
-            }
-            Err(_) => {
-                let report = Unpublished {
-                    grace: shutdown_grace,
-                    deadline_passed: true,
-                    queued: pipeline.queue_depth(),
-                    in_flight: pipeline.backpressure().in_use(),
-                    sink_failed: pipeline.sink_failures(),
-                    backend_failed,
-                };
-                tracing::error!(
-                    queued = report.queued,
-                    in_flight = report.in_flight,
-                    sink_failed = report.sink_failed,
-                    "shutdown deadline passed before the drain finished"
-                );
-                // Still make what was published visible, and end stdout on a
-                // whole line, within what is left of the grace.
-                let flushed = tokio::time::Instant::now() + reserve / 2;
-                let _ = tokio::time::timeout_at(flushed, pipeline.flush_sinks()).await;
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                tokio::task::spawn_blocking(move || crate::sink::finish_line(left))
-                    .await
-                    .ok();
-                stream_stop.cancel();
-                Err(report)
-            }
+        match tokio::time::timeout_at(deadline - reserve, drain).await {
+            Ok(()) => self.finished(started, deadline).await,
+            Err(_) => self.ran_out_of_time(deadline, reserve).await,
         }
+    }
+
+    /// Every accepted event is published or failed; what is left is
+    /// connections finishing their answers. One that stalls (a half-sent
+    /// request, a client that stopped reading) is cut at the deadline
+    /// rather than failing a complete drain.
+    async fn finished(
+        self,
+        started: tokio::time::Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Unpublished> {
+        self.stream_stop.cancel();
+        let mut server = self.server;
+        if tokio::time::timeout_at(deadline, &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+            tracing::warn!("connections still open at the shutdown deadline were closed");
+        }
+        if let Some(admin) = self.admin_server {
+            admin.abort();
+        }
+        let sink_failed = self.pipeline.sink_failures();
+        if sink_failed > 0 || self.backend_failed.is_some() {
+            return Err(Unpublished {
+                grace: self.shutdown_grace,
+                deadline_passed: false,
+                queued: 0,
+                in_flight: 0,
+                sink_failed,
+                backend_failed: self.backend_failed,
+            });
+        }
+        tracing::info!(took = ?started.elapsed(), "shutdown complete: every accepted event was published");
+        Ok(())
+    }
+
+    /// The drain ran out of time: report what is left, still make what was
+    /// published visible, and end stdout on a whole line, within what is
+    /// left of the grace.
+    async fn ran_out_of_time(
+        self,
+        deadline: tokio::time::Instant,
+        reserve: Duration,
+    ) -> Result<(), Unpublished> {
+        let pipeline = &self.pipeline;
+        let report = Unpublished {
+            grace: self.shutdown_grace,
+            deadline_passed: true,
+            queued: pipeline.queue_depth(),
+            in_flight: pipeline.backpressure().in_use(),
+            sink_failed: pipeline.sink_failures(),
+            backend_failed: self.backend_failed,
+        };
+        tracing::error!(
+            queued = report.queued,
+            in_flight = report.in_flight,
+            sink_failed = report.sink_failed,
+            "shutdown deadline passed before the drain finished"
+        );
+        let flushed = tokio::time::Instant::now() + reserve / 2;
+        let _ = tokio::time::timeout_at(flushed, pipeline.flush_sinks()).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::task::spawn_blocking(move || crate::sink::finish_line(left))
+            .await
+            .ok();
+        self.stream_stop.cancel();
+        Err(report)
     }
 }
 
