@@ -21,6 +21,7 @@ use eventflow::queue::MemoryQueue;
 use eventflow::sink::StdoutSink;
 use eventflow::store::{CompleteWith, Insert, MemoryStore, Processing, Store};
 use eventflow::telemetry::metrics::Metrics;
+use eventflow::testkit;
 use eventflow::time::UnixNanos;
 use eventflow::trace_id::TraceId;
 use futures_util::FutureExt;
@@ -147,8 +148,8 @@ fn store_insert(c: &mut Criterion) {
         // One store at the default bound for all samples: once full it
         // evicts, as a long-running service's store does.
         let store = Arc::new(MemoryStore::new(&StoreSettings {
-            max_events: 1_000_000,
             max_bytes: 1 << 32,
+            ..testkit::store_settings()
         }));
         let next = Arc::new(AtomicU64::new(0));
         group.bench_with_input(
@@ -209,8 +210,8 @@ fn store_insert_batch(c: &mut Criterion) {
     let mut group = c.benchmark_group("store_insert_batch");
     group.throughput(Throughput::Elements(1000));
     let store = MemoryStore::new(&StoreSettings {
-        max_events: 1_000_000,
         max_bytes: 1 << 32,
+        ..testkit::store_settings()
     });
     let processing = Processing {
         worker: 0,
@@ -254,14 +255,12 @@ fn store_insert_batch(c: &mut Criterion) {
 }
 
 /// Settings for an in-process pipeline that never rejects in the benchmark.
+/// The default pipeline settings, with one worker and a 1 GiB queue.
 fn pipeline_settings() -> PipelineSettings {
     PipelineSettings {
         workers: 1,
-        queue_capacity: 1 << 16,
-        max_payload_bytes: 65_536,
-        max_batch: 10_000,
-        transforms: vec![TransformKind::Uppercase, TransformKind::Enrich],
         queue_max_bytes: 1 << 30,
+        ..testkit::test_settings().pipeline
     }
 }
 

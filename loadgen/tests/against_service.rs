@@ -4,85 +4,29 @@
 // Test code: a failed unwrap is a failed test, which is what we want.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eventflow::app::App;
-use eventflow::config::Settings;
-use eventflow::sink::{Publications, PublishError, Sink, SinkError, StdoutSink};
+use eventflow::sink::{Publications, PublishError, Sink, SinkError};
+use eventflow::testkit::RunningApp;
 use serde_json::Value;
-use tokio::sync::oneshot;
 
-/// What the service's stdout sink wrote.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+/// A running service on a free loopback port (the service's test kit);
+/// stops when dropped.
+type Service = RunningApp;
 
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A running service on a free loopback port; stops when dropped.
-struct Service {
-    addr: SocketAddr,
-    stdout: Captured,
-    _stop: oneshot::Sender<()>,
-}
-
-impl Service {
-    async fn start(configure: impl FnOnce(&mut Settings), extra_sinks: Vec<Arc<dyn Sink>>) -> Self {
-        let mut settings = Settings::load_from(None, std::iter::empty()).unwrap();
-        settings.server.addr = "127.0.0.1:0".into();
-        settings.pipeline.workers = 2;
-        configure(&mut settings);
-        let stdout = Captured::default();
-        let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(StdoutSink::with_writer(stdout.clone()))];
-        sinks.extend(extra_sinks);
-        let app = App::build_with_sinks(settings, sinks).await.unwrap();
-        let addr = app.local_addr();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(app.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            stdout,
-            _stop: stop,
+/// Lines on the service's stdout, once there are at least `n` (bounded
+/// wait).
+async fn stdout_lines(app: &Service, n: usize) -> usize {
+    for _ in 0..1000 {
+        if app.stdout.line_count() >= n {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Lines on stdout, once there are at least `n` (bounded wait).
-    async fn wait_for_stdout_lines(&self, n: usize) -> usize {
-        let lines = || {
-            self.stdout
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-        };
-        for _ in 0..1000 {
-            if lines() >= n {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        lines()
-    }
+    app.stdout.line_count()
 }
 
 async fn spawn_app() -> Service {
@@ -166,7 +110,7 @@ async fn single_events_closed_loop_are_all_verified() {
     assert!(s["service"]["samples"].as_u64().unwrap() >= 1);
     assert!(s["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
     // What the loadgen says it got accepted is what the service published.
-    assert_eq!(app.wait_for_stdout_lines(300).await, 300);
+    assert_eq!(stdout_lines(&app, 300).await, 300);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +190,7 @@ async fn warm_up_requests_are_verified_but_not_measured() {
     assert_eq!(s["verify"]["lost"], 0);
     assert_eq!(s["verify"]["duplicated"], 0);
     assert_eq!(
-        app.wait_for_stdout_lines(verified as usize).await,
+        stdout_lines(&app, verified as usize).await,
         verified as usize
     );
 }

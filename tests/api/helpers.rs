@@ -1,21 +1,20 @@
 //! `spawn_app` and friends: start the real service on a free loopback port
 //! and talk HTTP to it. A server stops when its `TestApp` is dropped.
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use eventflow::api::AppState;
-use eventflow::app::App;
 use eventflow::config::Settings;
 use eventflow::shutdown::Unpublished;
-use eventflow::sink::{Publications, PublishError, Sink, SinkError, StdoutSink};
+use eventflow::sink::{Publications, PublishError, Sink, SinkError};
+use eventflow::testkit::RunningApp;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::Semaphore;
 
 /// Set `TEST_LOG=1` to see the service's logs while tests run.
 static TRACING: LazyLock<()> = LazyLock::new(|| {
@@ -25,31 +24,7 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
     }
 });
 
-/// Everything the stdout sink wrote, shared with the test.
-#[derive(Clone, Default)]
-pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// The JSON lines written so far.
-    pub(crate) fn lines(&self) -> Vec<Value> {
-        let bytes = self.0.lock().unwrap().clone();
-        String::from_utf8(bytes)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
-            .collect()
-    }
-}
+pub(crate) use eventflow::testkit::Captured;
 
 /// A sink that lets events through only as the test releases permits:
 /// a stand-in for a slow downstream, to hold events in the pipeline.
@@ -86,7 +61,7 @@ impl Gate {
     }
 }
 
-/// A running service.
+/// A running service (the crate's test kit) and an HTTP client for it.
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
     /// The admin listener, when `server.admin_addr` is set.
@@ -94,17 +69,10 @@ pub(crate) struct TestApp {
     pub(crate) client: reqwest::Client,
     pub(crate) stdout: Captured,
     pub(crate) state: AppState,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<Result<(), Unpublished>>>,
+    app: RunningApp,
 }
 
-/// Default test settings: loopback port 0, small worker pool.
-pub(crate) fn test_settings() -> Settings {
-    let mut settings = Settings::load_from(None, std::iter::empty()).expect("default settings");
-    settings.server.addr = "127.0.0.1:0".into();
-    settings.pipeline.workers = 2;
-    settings
-}
+pub(crate) use eventflow::testkit::test_settings;
 
 /// Starts the service with default test settings and a captured stdout sink.
 pub(crate) async fn spawn_app() -> TestApp {
@@ -117,33 +85,17 @@ pub(crate) async fn spawn_app_with(
     extra_sinks: Vec<Arc<dyn Sink>>,
 ) -> TestApp {
     LazyLock::force(&TRACING);
-    let mut settings = test_settings();
-    configure(&mut settings);
-    settings.validate().expect("valid test settings");
-    let stdout = Captured::default();
-    let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(StdoutSink::with_writer(stdout.clone()))];
-    sinks.extend(extra_sinks);
-    let app = App::build_with_sinks(settings, sinks)
-        .await
-        .expect("app builds");
-    let addr = app.local_addr();
-    let admin = app.admin_addr();
-    let state = app.state().clone();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let app = RunningApp::start(configure, extra_sinks).await;
     TestApp {
-        addr,
-        admin,
+        addr: app.addr,
+        admin: app.admin,
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap(),
-        stdout,
-        state,
-        stop: Some(stop),
-        server: Some(server),
+        stdout: app.stdout.clone(),
+        state: app.state.clone(),
+        app,
     }
 }
 
@@ -250,25 +202,12 @@ impl TestApp {
 
     /// Sends the shutdown signal without waiting for the drain.
     pub(crate) fn begin_shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.app.begin_shutdown();
     }
 
-    /// Triggers shutdown and waits for the drain to finish.
-    pub(crate) async fn shutdown(mut self) -> Result<(), Unpublished> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.server.take().unwrap().await.expect("server task")
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    /// Stops the service and waits for its drain's report.
+    pub(crate) async fn shutdown(self) -> Result<(), Unpublished> {
+        self.app.shutdown().await
     }
 }
 
