@@ -351,7 +351,10 @@ impl Drain {
                 backend_failed: self.backend_failed,
             });
         }
-        tracing::info!(took = ?started.elapsed(), "shutdown complete: every accepted event was published");
+        // Rounded to milliseconds: "1s 234ms", not "1.234567891s".
+        let took =
+            Duration::from_millis(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        tracing::info!(took = %humantime::format_duration(took), "shutdown complete: every accepted event was published");
         Ok(())
     }
 

@@ -33,7 +33,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
     get,
     path = "/events/stream",
     tag = "events",
-    params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this publication sequence (the `id:` of the last message received)")),
+    params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this publication sequence: the `id:` of the last message received, never a POST's arrival `sequence` (in nats mode the two differ)")),
     responses(
         (status = 200, description = "An endless `text/event-stream`: one message per published event (`id:` = its publication sequence: 1, 2, 3 … in publication order, no gaps; `data:` = the published event as JSON); `event: lagged` with `{\"from\",\"to\",\"skipped\"}` for published events no longer held", content_type = "text/event-stream", body = String),
         (status = 400, description = "`Last-Event-ID` is not a publication sequence", body = super::error::Problem, content_type = "application/problem+json"),

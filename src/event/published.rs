@@ -21,7 +21,7 @@ pub struct Metadata {
     pub processed_at: SystemTime,
     /// Id of the worker that processed it.
     pub worker: u32,
-    /// Arrival order.
+    /// Arrival sequence: the order events were accepted (not the publication sequence of the SSE `id:`; in nats mode the two differ).
     pub sequence: u64,
     /// Time from acceptance until a worker took it, in milliseconds.
     pub queue_wait_ms: f64,

@@ -9,7 +9,6 @@
 //! their source of truth at scrape time, so they can never drift.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 
 use super::catalogue::{CATALOGUE, Kind};
 use super::histogram::LatencyHistogram;
+use super::http_series::{HttpCache, HttpHandles};
+use super::process::render_process;
 
 pub use super::catalogue::names;
 
@@ -89,55 +90,6 @@ impl PipelineHistograms {
         self.queue_wait.render(text);
         self.processing.render(text);
         self.end_to_end.render(text);
-    }
-}
-
-/// Handles of one (method, route, status) series.
-#[derive(Debug, Clone)]
-struct HttpHandles {
-    requests: Counter,
-    duration: Histogram,
-}
-
-/// One cached label set.
-type HttpEntry = (Box<str>, Box<str>, u16, HttpHandles);
-
-/// HTTP handles by label set, so that a request costs a hash lookup instead
-/// of building label strings and a registry key. Label sets are bounded by
-/// the routes, methods and statuses the router produces.
-#[derive(Debug, Default)]
-struct HttpCache {
-    entries: parking_lot::RwLock<HashMap<u64, Vec<HttpEntry>>>,
-}
-
-impl HttpCache {
-    fn hash(method: &str, route: &str, status: u16) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::hash::DefaultHasher::new();
-        (method, route, status).hash(&mut hasher);
-        hasher.finish()
-    }
-
-    fn get(&self, method: &str, route: &str, status: u16) -> Option<HttpHandles> {
-        let entries = self.entries.read();
-        entries
-            .get(&Self::hash(method, route, status))?
-            .iter()
-            .find(|(m, r, s, _)| &**m == method && &**r == route && *s == status)
-            .map(|(.., handles)| handles.clone())
-    }
-
-    fn insert(&self, method: &str, route: &str, status: u16, handles: HttpHandles) {
-        let mut entries = self.entries.write();
-        let bucket = entries
-            .entry(Self::hash(method, route, status))
-            .or_default();
-        if !bucket
-            .iter()
-            .any(|(m, r, s, _)| &**m == method && &**r == route && *s == status)
-        {
-            bucket.push((method.into(), route.into(), status, handles));
-        }
     }
 }
 
@@ -430,36 +382,6 @@ fn describe(recorder: &PrometheusRecorder) {
             Kind::Gauge => recorder.describe_gauge(key, metric.unit, text),
             Kind::Histogram => recorder.describe_histogram(key, metric.unit, text),
         }
-    }
-}
-
-/// Appends the standard process metrics (CPU as a float counter, which the
-/// `metrics` crate's integer counters cannot express).
-fn render_process(text: &mut String) {
-    let process = metrics_process::collector::collect();
-    let samples = [
-        (names::PROCESS_CPU, process.cpu_seconds_total),
-        (
-            names::PROCESS_RSS,
-            process.resident_memory_bytes.map(|v| v as f64),
-        ),
-        (names::PROCESS_OPEN_FDS, process.open_fds.map(|v| v as f64)),
-        (names::PROCESS_MAX_FDS, process.max_fds.map(|v| v as f64)),
-        (
-            names::PROCESS_START,
-            process.start_time_seconds.map(|v| v as f64),
-        ),
-    ];
-    for (name, value) in samples {
-        let (Some(value), Some(metric)) = (value, super::catalogue::find(name)) else {
-            continue;
-        };
-        let _ = write!(
-            text,
-            "# HELP {name} {}\n# TYPE {name} {}\n{name} {value}\n",
-            metric.help,
-            metric.kind.as_str()
-        );
     }
 }
 

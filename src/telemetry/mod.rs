@@ -16,7 +16,9 @@
 pub mod catalogue;
 mod export;
 mod histogram;
+mod http_series;
 pub mod metrics;
+mod process;
 
 use anyhow::Context as _;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};

@@ -22,7 +22,7 @@ pub(crate) enum IngestStatus {
 pub(crate) struct IngestResponse<'a> {
     pub(super) id: &'a str,
     pub(super) status: IngestStatus,
-    /// Arrival sequence.
+    /// Arrival sequence: the order events were accepted (not the publication sequence of the SSE `id:`; in nats mode the two differ).
     pub(super) sequence: u64,
 }
 
@@ -58,6 +58,8 @@ pub(crate) struct RecordView {
     /// The payload as received.
     pub(super) payload: String,
     pub(super) status: Status,
+    /// Arrival sequence: the order events were accepted (not the
+    /// publication sequence of the SSE `id:`).
     pub(super) sequence: u64,
     /// When it was accepted (RFC 3339, UTC).
     #[schema(format = DateTime)]
