@@ -126,6 +126,7 @@ impl App {
         let pipeline = Pipeline::new(settings.pipeline.clone(), parts);
         let workers = pipeline.start_workers();
         let state = AppState::new(SharedState {
+            reader: pipeline.reader(),
             pipeline,
             readiness: Readiness::default(),
             server: Arc::new(settings.server.clone()),

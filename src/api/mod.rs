@@ -35,7 +35,7 @@ use utoipa_axum::routes;
 
 use crate::auth::Tokens;
 use crate::config::{PipelineSettings, ServerSettings};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Reader};
 use crate::shutdown::Readiness;
 use crate::telemetry::TraceSampling;
 
@@ -67,8 +67,11 @@ impl std::ops::Deref for AppState {
 /// What [`AppState`] shares.
 #[derive(Debug)]
 pub struct SharedState {
-    /// The ingest pipeline (and through it the store).
+    /// The ingest pipeline: admission, ingest, waits for publication, health.
     pub pipeline: Pipeline,
+    /// Reads of stored and published events: the store, the feed, and the
+    /// published form of a processed record.
+    pub reader: Reader,
     /// Readiness flag.
     pub readiness: Readiness,
     /// Server settings (limits, timeouts).

@@ -23,7 +23,8 @@ use super::AppState;
 use super::answer::{AnswerBudget, Held};
 use super::error::{ApiError, clip};
 use crate::feed::{FeedItem, FeedLine};
-use crate::pipeline::Pipeline;
+use crate::pipeline::Reader;
+use crate::telemetry::metrics::Metrics;
 
 /// Interval of SSE comment keep-alives.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -64,14 +65,14 @@ pub(crate) async fn stream_events(
     let slot = Arc::clone(&state.subscribers)
         .try_acquire_owned()
         .map_err(|_| ApiError::TooManySubscribers(state.server.max_subscribers))?;
-    let pipeline = state.pipeline.clone();
-    let subscription = pipeline
+    let reader = state.reader.clone();
+    let subscription = reader
         .feed()
         .subscribe(resume_after, state.server.subscriber_buffer_bytes);
     tracing::debug!(
         ?resume_after,
-        head = pipeline.feed().head(),
-        subscribers = pipeline.feed().subscribers(),
+        head = reader.feed().head(),
+        subscribers = reader.feed().subscribers(),
         "SSE subscriber connected"
     );
     let subscriber = Subscriber {
@@ -79,7 +80,8 @@ pub(crate) async fn stream_events(
         pending: VecDeque::new(),
         held: Held::default(),
         answers: state.answers.clone(),
-        pipeline,
+        reader,
+        metrics: state.pipeline.metrics().clone(),
         replays: Arc::clone(&state.replays),
         _slot: slot,
     };
@@ -111,7 +113,8 @@ struct Subscriber {
     /// The answers' budget `pending` holds.
     held: Held,
     answers: AnswerBudget,
-    pipeline: Pipeline,
+    reader: Reader,
+    metrics: Metrics,
     replays: Arc<tokio::sync::Semaphore>,
     /// The subscriber's place under `server.max_subscribers`.
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -136,12 +139,12 @@ impl Subscriber {
         // from 0 cannot take every core from ingest.
         let message = if is_stored(&item) {
             let replaying = Arc::clone(&self.replays).acquire_owned().await.ok();
-            let message = message(&self.pipeline, item);
+            let message = message(&self.reader, &self.metrics, item);
             drop(replaying);
             tokio::task::yield_now().await;
             message
         } else {
-            message(&self.pipeline, item)
+            message(&self.reader, &self.metrics, item)
         };
         self.held.keep(self.held.bytes().saturating_sub(sent));
         Some(message)
@@ -160,7 +163,7 @@ fn is_stored(item: &FeedItem) -> bool {
 }
 
 /// The SSE message for one feed item.
-fn message(pipeline: &Pipeline, item: FeedItem) -> Event {
+fn message(reader: &Reader, metrics: &Metrics, item: FeedItem) -> Event {
     match item {
         FeedItem::Event {
             publish_seq,
@@ -169,20 +172,20 @@ fn message(pipeline: &Pipeline, item: FeedItem) -> Event {
         FeedItem::Event {
             publish_seq,
             line: FeedLine::Stored(record),
-        } => match pipeline.published(&record) {
+        } => match reader.published(&record) {
             Some(Ok(published)) => Event::default()
                 .id(publish_seq.to_string())
                 .data(published.to_json()),
             // Transforms are pure: what the worker published renders again.
             // Should it not, say so rather than drop the event unnoticed.
-            _ => lagged(pipeline, publish_seq, publish_seq),
+            _ => lagged(metrics, publish_seq, publish_seq),
         },
-        FeedItem::Lagged { from, to } => lagged(pipeline, from, to),
+        FeedItem::Lagged { from, to } => lagged(metrics, from, to),
     }
 }
 
-fn lagged(pipeline: &Pipeline, from: u64, to: u64) -> Event {
-    pipeline.metrics().sse_lagged();
+fn lagged(metrics: &Metrics, from: u64, to: u64) -> Event {
+    metrics.sse_lagged();
     tracing::debug!(from, to, "SSE subscriber skipped events no longer held");
     Event::default()
         .event("lagged")

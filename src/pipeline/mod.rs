@@ -58,7 +58,7 @@ struct Inner {
     feed: Arc<dyn Feed>,
     backpressure: Backpressure,
     admission: Admission,
-    chain: TransformChain,
+    chain: Arc<TransformChain>,
     sinks: Vec<Arc<dyn Sink>>,
     /// Closed at shutdown: new ingest requests are refused from then on.
     ingest_closed: AtomicBool,
@@ -113,7 +113,7 @@ impl Pipeline {
                 feed: parts.feed,
                 backpressure,
                 admission: Admission::new(&parts.metrics),
-                chain,
+                chain: Arc::new(chain),
                 sinks: parts.sinks,
                 ingest_closed: AtomicBool::new(false),
                 ingest_calls: TaskTracker::new(),
@@ -190,29 +190,16 @@ impl Pipeline {
         record: &Record,
         processing: &Processing,
     ) -> Result<PublishedEvent, TransformError> {
-        let ctx = TransformContext {
-            worker: processing.worker,
-            sequence: record.sequence,
-            received_at: record.received_at.into(),
-            processed_at: processing.processed_at.into(),
-            queue_wait: processing.processed_at.since(record.received_at),
-            trace_id: record.trace_id,
-        };
-        let mut event = PublishedEvent {
-            id: record.event.id.clone(),
-            timestamp: record.event.timestamp,
-            payload: record.event.payload.to_string(),
-            metadata: None,
-        };
-        self.inner.chain.apply(&mut event, &ctx)?;
-        Ok(event)
+        render(&self.inner.chain, record, processing)
     }
 
-    /// The published event of a processed record (`None` while pending or
-    /// when it failed).
-    pub fn published(&self, record: &Record) -> Option<Result<PublishedEvent, TransformError>> {
-        let processing = record.outcome()?.processing()?;
-        Some(self.render(record, &processing))
+    /// The narrow handle readers of stored and published events take.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            store: Arc::clone(&self.inner.store),
+            feed: Arc::clone(&self.inner.feed),
+            chain: Arc::clone(&self.inner.chain),
+        }
     }
 
     /// Worker tasks running now.
@@ -303,5 +290,58 @@ impl Pipeline {
             }
             Outcome::Failed { error } => Some(Err(error.to_string())),
         }
+    }
+}
+
+/// Runs `chain` over `record` with the facts of a processing run.
+fn render(
+    chain: &TransformChain,
+    record: &Record,
+    processing: &Processing,
+) -> Result<PublishedEvent, TransformError> {
+    let ctx = TransformContext {
+        worker: processing.worker,
+        sequence: record.sequence,
+        received_at: record.received_at.into(),
+        processed_at: processing.processed_at.into(),
+        queue_wait: processing.processed_at.since(record.received_at),
+        trace_id: record.trace_id,
+    };
+    let mut event = PublishedEvent {
+        id: record.event.id.clone(),
+        timestamp: record.event.timestamp,
+        payload: record.event.payload.to_string(),
+        metadata: None,
+    };
+    chain.apply(&mut event, &ctx)?;
+    Ok(event)
+}
+
+/// What readers of stored and published events need (lookups, pages, the
+/// SSE stream): the store, the feed, and the published form of a
+/// processed record. The API's read paths hold this, not the pipeline.
+#[derive(Debug, Clone)]
+pub struct Reader {
+    store: Arc<dyn Store>,
+    feed: Arc<dyn Feed>,
+    chain: Arc<TransformChain>,
+}
+
+impl Reader {
+    /// The store of accepted events.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The published-events feed.
+    pub fn feed(&self) -> &Arc<dyn Feed> {
+        &self.feed
+    }
+
+    /// The published event of a processed record (`None` while pending or
+    /// when it failed), rendered again from what the store keeps.
+    pub fn published(&self, record: &Record) -> Option<Result<PublishedEvent, TransformError>> {
+        let processing = record.outcome()?.processing()?;
+        Some(render(&self.chain, record, &processing))
     }
 }

@@ -37,7 +37,7 @@ pub enum Status {
 /// The facts of one processing run that the published event was derived
 /// from. Transforms are pure functions of the event and these facts, so the
 /// store keeps them instead of a copy of the published event, and readers
-/// re-derive it with [`crate::pipeline::Pipeline::render`].
+/// re-derive it with [`crate::pipeline::Reader::published`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Processing {
     /// The worker that ran the chain.

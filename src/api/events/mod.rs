@@ -365,7 +365,7 @@ pub(crate) async fn list_events(
             ));
         }
     };
-    let store = state.pipeline.store();
+    let store = state.reader.store();
     // A store it cannot ask is not "nothing there": 503, not an empty page.
     let page = store
         .page(PageQuery {
@@ -387,7 +387,7 @@ pub(crate) async fn list_events(
         if index > 0 {
             events.extend(b",")?;
         }
-        events.json(&RecordView::of(record, &state.pipeline))?;
+        events.json(&RecordView::of(record, &state.reader))?;
         if index > 0 && events.len() > page_bytes {
             events.truncate(start);
             next = Some(page.records[index - 1].sequence);
@@ -432,7 +432,7 @@ pub(crate) async fn get_event(
     let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
     let not_found = || ApiError::NotFound(format!("no event with id `{}`", clip(&raw)));
     let id = EventId::parse(&raw).map_err(|_| not_found())?;
-    let store = state.pipeline.store();
+    let store = state.reader.store();
     // A store it cannot ask does not know: not a 404 a client would take
     // for "never received".
     let Some(record) = store
@@ -445,7 +445,7 @@ pub(crate) async fn get_event(
     // Held against the answers' budget until sent: a reader that asks for
     // large events and never reads holds no more than the budget.
     let mut answer = state.answers.buffer();
-    answer.json(&RecordView::of(&record, &state.pipeline))?;
+    answer.json(&RecordView::of(&record, &state.reader))?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         answer.into_body(),

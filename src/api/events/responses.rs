@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::event::PublishedEvent;
-use crate::pipeline::Pipeline;
+use crate::pipeline::Reader;
 use crate::store::{Outcome, Record, Status};
 
 /// How an ingest request was taken.
@@ -74,9 +74,9 @@ pub(crate) struct RecordView {
 }
 
 impl RecordView {
-    pub(crate) fn of(record: &Record, pipeline: &Pipeline) -> Self {
+    pub(crate) fn of(record: &Record, reader: &Reader) -> Self {
         let (result, error) = match record.outcome() {
-            Some(Outcome::Processed { .. }) => match pipeline.published(record) {
+            Some(Outcome::Processed { .. }) => match reader.published(record) {
                 Some(Ok(published)) => (Some(published), None),
                 // Transforms are pure, so this re-derivation cannot fail where
                 // the worker's run succeeded; say so rather than hide it.
