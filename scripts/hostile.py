@@ -147,20 +147,27 @@ def ingest(service, count, payload, headers=None):
     sys.exit("the events were never published")
 
 
+def while_held(service, requests, settle, writes):
+    """Holds `requests` (source address, request) open unread, lets them
+    settle for `settle` seconds, then runs the writer: (RSS before, RSS
+    during, 2xx, writes, no CPU figure)."""
+    before = service.stat()[0]
+    held = [unread(service.port, request, source) for source, request in requests]
+    time.sleep(settle)
+    ok = writer(service, writes)
+    during = service.stat()[0]
+    for s in held:
+        s.close()
+    return before, during, ok, writes, None
+
+
 def case_pages(binary, old):
     """1. Twenty unread `GET /events?limit=1000` pages of ~4 MiB."""
     service = Service(binary, {}, old)
     try:
         ingest(service, 1000, "p" * 4000)
-        before = service.stat()[0]
-        held = [unread(service.port, "GET /events?limit=1000 HTTP/1.1\r\nhost: x\r\n\r\n")
-                for _ in range(20)]
-        time.sleep(2)
-        ok = writer(service, 50)
-        during = service.stat()[0]
-        for s in held:
-            s.close()
-        return before, during, ok, 50, None
+        page = "GET /events?limit=1000 HTTP/1.1\r\nhost: x\r\n\r\n"
+        return while_held(service, [(HOSTILE, page)] * 20, 2, 50)
     finally:
         service.stop()
 
@@ -170,16 +177,8 @@ def case_replays(binary, old):
     service = Service(binary, {}, old)
     try:
         ingest(service, 300, "\u0001" * 65536)
-        before = service.stat()[0]
-        held = [unread(service.port,
-                       "GET /events/stream HTTP/1.1\r\nhost: x\r\nlast-event-id: 0\r\n\r\n")
-                for _ in range(8)]
-        time.sleep(5)
-        ok = writer(service, 50)
-        during = service.stat()[0]
-        for s in held:
-            s.close()
-        return before, during, ok, 50, None
+        replay = "GET /events/stream HTTP/1.1\r\nhost: x\r\nlast-event-id: 0\r\n\r\n"
+        return while_held(service, [(HOSTILE, replay)] * 8, 5, 50)
     finally:
         service.stop()
 
@@ -189,17 +188,11 @@ def case_lookups(binary, old):
     service = Service(binary, {}, old)
     try:
         ingest(service, 1, "\u0001" * 65536)
-        before = service.stat()[0]
-        request = "GET /events/e00000 HTTP/1.1\r\nhost: x\r\n\r\n" * 2
+        lookups = "GET /events/e00000 HTTP/1.1\r\nhost: x\r\n\r\n" * 2
         # 250 from each of four addresses, under the per-client cap, so
         # that only the answers' budget stands in the way.
-        held = [unread(service.port, request, f"127.0.1.{i % 4 + 1}") for i in range(1000)]
-        time.sleep(5)
-        ok = writer(service, 50)
-        during = service.stat()[0]
-        for s in held:
-            s.close()
-        return before, during, ok, 50, None
+        requests = [(f"127.0.1.{i % 4 + 1}", lookups) for i in range(1000)]
+        return while_held(service, requests, 5, 50)
     finally:
         service.stop()
 

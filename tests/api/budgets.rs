@@ -102,13 +102,7 @@ async fn a_page_is_bounded_in_bytes_and_next_goes_on_from_where_it_stopped() {
     )
     .await;
     let payload = "ß".repeat(30_000); // 60 KB, 120 KB uppercased ("SS")
-    for i in 0..40 {
-        let response = app
-            .post_event(&event(&format!("big-{i:02}"), &payload))
-            .await;
-        assert_eq!(response.status(), 202);
-    }
-    app.wait_for_stdout_lines(40).await;
+    app.post_published(40, &payload).await;
     let mut seen = Vec::new();
     let mut after = String::new();
     let mut pages = 0;

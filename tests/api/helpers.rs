@@ -161,6 +161,18 @@ impl TestApp {
         panic!("event {id} never reached status {status}");
     }
 
+    /// Posts `n` single events `big-00`, `big-01`, … of `payload`, each
+    /// answered 202, and waits until all are on stdout.
+    pub(crate) async fn post_published(&self, n: usize, payload: &str) {
+        for i in 0..n {
+            let response = self
+                .post_event(&event(&format!("big-{i:02}"), payload))
+                .await;
+            assert_eq!(response.status(), 202);
+        }
+        self.wait_for_stdout_lines(n).await;
+    }
+
     /// Waits until stdout holds at least `n` lines (bounded).
     pub(crate) async fn wait_for_stdout_lines(&self, n: usize) -> Vec<Value> {
         for _ in 0..1000 {

@@ -78,13 +78,7 @@ async fn readers_that_never_read_take_only_the_answers_budget_never_a_writers_pl
     let app = spawn_app_with(|s| s.server.max_inflight_answer_bytes = 4 << 20, Vec::new()).await;
     // 40 events of 64 KiB of U+0001: answers of 384 KiB an event (`\u0001`).
     let payload = "\u{1}".repeat(64 * 1024);
-    for i in 0..40 {
-        let response = app
-            .post_event(&event(&format!("big-{i:02}"), &payload))
-            .await;
-        assert_eq!(response.status(), 202);
-    }
-    app.wait_for_stdout_lines(40).await;
+    app.post_published(40, &payload).await;
     // Readers ask for full pages, pipeline lookups, or replay the stream,
     // and never read past the head. What the kernel's socket buffers take
     // leaves the service; the rest is held against the answers' budget,

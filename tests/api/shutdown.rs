@@ -16,6 +16,21 @@ fn batch(prefix: &str, n: usize) -> String {
         .collect()
 }
 
+/// Two accepted batches of 6,000 events (`url` is the batch route): more
+/// than the stdout sink's buffer (1 MiB) and a pipe nobody reads hold.
+async fn fill_unread_stdout(client: &reqwest::Client, url: &str, prefix: &str) {
+    for round in 0..2 {
+        let response = client
+            .post(url)
+            .header("content-type", "application/x-ndjson")
+            .body(batch(&format!("{prefix}-{round}"), 6000))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_publishes_every_accepted_event_exactly_once() {
     let mut service = start(&[]);
@@ -137,17 +152,7 @@ async fn drain_past_the_deadline_reports_and_exits_non_zero_and_a_second_signal_
         let mut service = start(&[("EVENTFLOW__SERVER__SHUTDOWN_GRACE", grace)]);
         let client = reqwest::Client::new();
         let url = format!("http://{}/events/batch", service.addr);
-        // More than the stdout sink's buffer (1 MiB) and the pipe hold.
-        for round in 0..2 {
-            let response = client
-                .post(&url)
-                .header("content-type", "application/x-ndjson")
-                .body(batch(&format!("stuck-{round}"), 6000))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 202);
-        }
+        fill_unread_stdout(&client, &url, "stuck").await;
         let pid = Pid::from_raw(service.child.id() as i32);
         kill(pid, Signal::SIGTERM).unwrap();
         let (code, logs) = tokio::task::spawn_blocking(move || {
@@ -280,16 +285,7 @@ async fn a_drain_that_runs_out_of_time_exits_within_the_grace_its_line_end_inclu
     let mut service = start(&[("EVENTFLOW__SERVER__SHUTDOWN_GRACE", "3s")]);
     let client = reqwest::Client::new();
     let url = format!("http://{}/events/batch", service.addr);
-    for round in 0..2 {
-        let response = client
-            .post(&url)
-            .header("content-type", "application/x-ndjson")
-            .body(batch(&format!("grace-{round}"), 6000))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-    }
+    fill_unread_stdout(&client, &url, "grace").await;
     let pid = Pid::from_raw(service.child.id() as i32);
     let signalled = std::time::Instant::now();
     kill(pid, Signal::SIGTERM).unwrap();
