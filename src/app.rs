@@ -57,6 +57,8 @@ pub struct App {
     local_addr: SocketAddr,
     admin: Option<TcpListener>,
     state: AppState,
+    /// The whole pipeline, for the drain (the API holds narrow handles).
+    pipeline: Pipeline,
     workers: WorkerPool,
     shutdown_grace: Duration,
     /// Says why, should the backend fail for good after start-up.
@@ -127,7 +129,7 @@ impl App {
         let workers = pipeline.start_workers();
         let state = AppState::new(SharedState {
             reader: pipeline.reader(),
-            pipeline,
+            writer: pipeline.writer(),
             readiness: Readiness::default(),
             server: Arc::new(settings.server.clone()),
             stream_stop: CancellationToken::new(),
@@ -151,6 +153,7 @@ impl App {
             local_addr,
             admin,
             state,
+            pipeline,
             workers,
             shutdown_grace: settings.server.shutdown_grace,
             backend_failure,
@@ -169,9 +172,14 @@ impl App {
             .and_then(|admin| admin.local_addr().ok())
     }
 
-    /// The shared state (pipeline, readiness).
+    /// The shared state (the API's handles, budgets, readiness).
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// The whole pipeline (what the drain closes and waits for).
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
     }
 
     /// Serves until `shutdown` resolves, then drains (see the module docs).
@@ -184,6 +192,7 @@ impl App {
             local_addr,
             admin,
             state,
+            pipeline,
             workers,
             shutdown_grace,
             backend_failure,
@@ -193,14 +202,13 @@ impl App {
             per_client: state.server.max_connections_per_client,
             trusted: state.server.trusted_proxies.clone().into(),
             refused: state
-                .pipeline
+                .writer
                 .metrics()
                 .counter(names::CONNECTIONS_REFUSED, &[]),
             idle_timeout: state.server.idle_timeout,
             peer_address: state.rate_limit.is_some(),
         };
         let shutdown_delay = state.server.shutdown_delay;
-        let pipeline = state.pipeline.clone();
         let readiness = state.readiness.clone();
         let stream_stop = state.stream_stop.clone();
         let http_stop = CancellationToken::new();
@@ -256,7 +264,7 @@ impl App {
 /// Runs the metrics' upkeep (and forgets idle rate-limit entries) until
 /// `stop`.
 fn spawn_upkeep(state: AppState, stop: CancellationToken) {
-    let metrics = state.pipeline.metrics().clone();
+    let metrics = state.writer.metrics().clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(METRICS_UPKEEP);
         for tick in 1u64.. {

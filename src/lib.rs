@@ -67,7 +67,7 @@ pub mod shutdown;
 pub mod sink;
 pub mod store;
 pub mod telemetry;
-#[cfg(feature = "test-util")]
+#[cfg(any(test, feature = "test-util"))]
 pub mod testkit;
 pub mod time;
 pub mod trace_id;

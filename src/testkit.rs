@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use crate::api::AppState;
 use crate::app::App;
 use crate::config::{Settings, StoreSettings};
+use crate::pipeline::Pipeline;
 use crate::shutdown::Unpublished;
 use crate::sink::{Sink, StdoutSink};
 
@@ -83,8 +84,10 @@ pub struct RunningApp {
     pub admin: Option<SocketAddr>,
     /// What its stdout sink wrote.
     pub stdout: Captured,
-    /// Its shared state (budgets, pipeline, tokens).
+    /// Its shared state (budgets, handles, tokens).
     pub state: AppState,
+    /// Its whole pipeline (to close ingest or look at the backpressure).
+    pub pipeline: Pipeline,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), Unpublished>>>,
 }
@@ -110,6 +113,7 @@ impl RunningApp {
         let addr = app.local_addr();
         let admin = app.admin_addr();
         let state = app.state().clone();
+        let pipeline = app.pipeline().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
@@ -119,6 +123,7 @@ impl RunningApp {
             admin,
             stdout,
             state,
+            pipeline,
             stop: Some(stop),
             server: Some(server),
         }

@@ -70,7 +70,7 @@ pub(crate) async fn guard(
         Err(refusal) => {
             state.auth_failures.increment(1);
             if request.method() == Method::POST {
-                state.pipeline.admission().unauthorized();
+                state.writer.admission().unauthorized();
             }
             ApiError::Unauthorized(refusal).into_response()
         }

@@ -55,25 +55,15 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
     match state.readiness.phase() {
         Phase::Starting => (unavailable, HealthStatus::of("starting")),
         Phase::Draining => (unavailable, HealthStatus::of("draining")),
-        Phase::Ready => {
-            let not_ready = match state.pipeline.broken_sink() {
-                Some(detail) => Some(("sink_broken", detail)),
-                None => state
-                    .pipeline
-                    .store()
-                    .unavailable()
-                    .map(|detail| ("backend_unavailable", detail)),
-            };
-            match not_ready {
-                None => (StatusCode::OK, HealthStatus::of("ready")),
-                Some((status, detail)) => (
-                    unavailable,
-                    Json(HealthStatus {
-                        status,
-                        detail: Some(detail),
-                    }),
-                ),
-            }
-        }
+        Phase::Ready => match state.writer.unavailable() {
+            None => (StatusCode::OK, HealthStatus::of("ready")),
+            Some((status, detail)) => (
+                unavailable,
+                Json(HealthStatus {
+                    status,
+                    detail: Some(detail),
+                }),
+            ),
+        },
     }
 }

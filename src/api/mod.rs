@@ -35,7 +35,7 @@ use utoipa_axum::routes;
 
 use crate::auth::Tokens;
 use crate::config::{PipelineSettings, ServerSettings};
-use crate::pipeline::{Pipeline, Reader};
+use crate::pipeline::{Reader, Writer};
 use crate::shutdown::Readiness;
 use crate::telemetry::TraceSampling;
 
@@ -67,8 +67,9 @@ impl std::ops::Deref for AppState {
 /// What [`AppState`] shares.
 #[derive(Debug)]
 pub struct SharedState {
-    /// The ingest pipeline: admission, ingest, waits for publication, health.
-    pub pipeline: Pipeline,
+    /// The write paths' handle: admission, ingest, waits for publication,
+    /// readiness, the state `/metrics` samples.
+    pub writer: Writer,
     /// Reads of stored and published events: the store, the feed, and the
     /// published form of a processed record.
     pub reader: Reader,
@@ -157,7 +158,7 @@ pub fn routers(state: AppState) -> Routers {
     }
     let openapi = document(
         &openapi,
-        state.pipeline.settings(),
+        state.writer.settings(),
         state.tokens.enabled(),
         state.rate_limit.is_some(),
     );
@@ -185,7 +186,7 @@ fn layered(router: Router, state: &AppState) -> Router {
         .request_timeout
         .saturating_add(Duration::from_secs(1));
     let observe_state = Arc::new(observe::ObserveState {
-        metrics: state.pipeline.metrics().clone(),
+        metrics: state.writer.metrics().clone(),
         sampling: state.sampling,
     });
     router

@@ -81,7 +81,7 @@ pub(crate) async fn stream_events(
         held: Held::default(),
         answers: state.answers.clone(),
         reader,
-        metrics: state.pipeline.metrics().clone(),
+        metrics: state.writer.metrics().clone(),
         replays: Arc::clone(&state.replays),
         _slot: slot,
     };

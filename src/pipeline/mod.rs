@@ -15,6 +15,7 @@
 
 pub mod admission;
 mod batch;
+mod handles;
 pub mod transform;
 mod worker;
 
@@ -33,6 +34,7 @@ use crate::telemetry::metrics::Metrics;
 
 pub use admission::{Admission, IngestError, Ingested, RejectReason};
 pub use batch::{BatchOutcome, BatchRejection};
+pub use handles::{Reader, Writer};
 pub use transform::{TransformChain, TransformContext, TransformError};
 pub use worker::WorkerPool;
 
@@ -195,11 +197,16 @@ impl Pipeline {
 
     /// The narrow handle readers of stored and published events take.
     pub fn reader(&self) -> Reader {
-        Reader {
-            store: Arc::clone(&self.inner.store),
-            feed: Arc::clone(&self.inner.feed),
-            chain: Arc::clone(&self.inner.chain),
-        }
+        Reader::new(
+            Arc::clone(&self.inner.store),
+            Arc::clone(&self.inner.feed),
+            Arc::clone(&self.inner.chain),
+        )
+    }
+
+    /// The narrow handle the front end's write paths take.
+    pub fn writer(&self) -> Writer {
+        Writer::new(self.clone())
     }
 
     /// Worker tasks running now.
@@ -294,7 +301,7 @@ impl Pipeline {
 }
 
 /// Runs `chain` over `record` with the facts of a processing run.
-fn render(
+pub(super) fn render(
     chain: &TransformChain,
     record: &Record,
     processing: &Processing,
@@ -315,33 +322,4 @@ fn render(
     };
     chain.apply(&mut event, &ctx)?;
     Ok(event)
-}
-
-/// What readers of stored and published events need (lookups, pages, the
-/// SSE stream): the store, the feed, and the published form of a
-/// processed record. The API's read paths hold this, not the pipeline.
-#[derive(Debug, Clone)]
-pub struct Reader {
-    store: Arc<dyn Store>,
-    feed: Arc<dyn Feed>,
-    chain: Arc<TransformChain>,
-}
-
-impl Reader {
-    /// The store of accepted events.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
-    /// The published-events feed.
-    pub fn feed(&self) -> &Arc<dyn Feed> {
-        &self.feed
-    }
-
-    /// The published event of a processed record (`None` while pending or
-    /// when it failed), rendered again from what the store keeps.
-    pub fn published(&self, record: &Record) -> Option<Result<PublishedEvent, TransformError>> {
-        let processing = record.outcome()?.processing()?;
-        Some(render(&self.chain, record, &processing))
-    }
 }

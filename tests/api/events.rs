@@ -455,7 +455,7 @@ async fn queue_bytes_bound_large_payload_floods() {
     }
     assert_eq!(accepted, 3, "200 KiB holds three 60 KiB events");
     assert_eq!(overloaded, 17);
-    assert!(app.state.pipeline.backpressure().bytes_in_use() <= 200 * 1024);
+    assert!(app.pipeline.backpressure().bytes_in_use() <= 200 * 1024);
     gate.open_all();
 }
 
@@ -643,7 +643,7 @@ async fn while_draining_new_events_are_503_with_a_longer_retry_after() {
     let app = spawn_app().await;
     assert_eq!(app.post_event(&event("before", "x")).await.status(), 202);
     // What SIGTERM does first: no new events from here on.
-    app.state.pipeline.close_ingest();
+    app.pipeline.close_ingest();
     let response = app.post_event(&event("during", "x")).await;
     assert_eq!(response.headers()["retry-after"], "5");
     let p = problem(response, 503).await;

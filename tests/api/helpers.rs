@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eventflow::api::AppState;
 use eventflow::config::Settings;
+use eventflow::pipeline::Pipeline;
 use eventflow::shutdown::Unpublished;
 use eventflow::sink::{Publications, PublishError, Sink, SinkError};
 use eventflow::testkit::RunningApp;
@@ -69,6 +70,7 @@ pub(crate) struct TestApp {
     pub(crate) client: reqwest::Client,
     pub(crate) stdout: Captured,
     pub(crate) state: AppState,
+    pub(crate) pipeline: Pipeline,
     app: RunningApp,
 }
 
@@ -95,6 +97,7 @@ pub(crate) async fn spawn_app_with(
             .unwrap(),
         stdout: app.stdout.clone(),
         state: app.state.clone(),
+        pipeline: app.pipeline.clone(),
         app,
     }
 }

@@ -206,7 +206,7 @@ async fn in_process_drain_waits_for_slow_sinks_then_publishes_everything() {
         );
     }
     let stdout = app.stdout.clone();
-    let pipeline = app.state.pipeline.clone();
+    let pipeline = app.pipeline.clone();
     let readiness = app.state.readiness.clone();
     let drained = tokio::spawn(app.shutdown());
     for _ in 0..500 {

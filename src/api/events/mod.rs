@@ -16,7 +16,7 @@ use super::AppState;
 use super::body::{MediaType, media_type, read_body};
 use super::error::{ApiError, Problem, clip};
 use crate::event::{Event, EventId, decode_event};
-use crate::pipeline::{Ingested, WaitOutcome};
+use crate::pipeline::{Ingested, WaitOutcome, Writer};
 use crate::store::{PageQuery, Status};
 use crate::telemetry;
 use crate::trace_id::TraceId;
@@ -65,9 +65,9 @@ fn location(id: &EventId) -> Option<HeaderValue> {
 
 /// Counts a request refused before the pipeline saw its events (as one
 /// event refused) and passes its error on.
-fn refused(pipeline: &crate::pipeline::Pipeline, error: ApiError) -> ApiError {
+fn refused(writer: &Writer, error: ApiError) -> ApiError {
     if let Some(reason) = error.reject_reason() {
-        pipeline.admission().refused(reason);
+        writer.admission().refused(reason);
     }
     error
 }
@@ -107,18 +107,18 @@ pub(crate) async fn post_event(
     // The request taken whole: axum's `HeaderMap` extractor would clone
     // every header of every request.
     let (parts, body) = request.into_parts();
-    let pipeline = &state.pipeline;
+    let writer = &state.writer;
     // What the pipeline never sees is counted here, as one event refused;
     // the pipeline counts the rest.
     let (event, deadline) = read_event(&state, &parts, body)
         .await
-        .map_err(|error| refused(pipeline, error))?;
+        .map_err(|error| refused(writer, error))?;
     let id = event.id.clone();
-    let ingested = pipeline.ingest(event, trace_id(&parts.headers)).await?;
+    let ingested = writer.ingest(event, trace_id(&parts.headers)).await?;
     match (ingested, deadline) {
         // A retry after a 504 waits for the same event all the same.
         (Ingested::Accepted(record) | Ingested::Duplicate(record), Some(deadline)) => {
-            published_answer(pipeline.wait_published(&record, deadline).await, &state)
+            published_answer(writer.wait_published(&record, deadline).await, &state)
         }
         (Ingested::Duplicate(record), None) => Ok((
             StatusCode::OK,
@@ -173,7 +173,7 @@ async fn read_event(
     media_type(headers, &[MediaType::Json])?;
     let bytes = read_body(headers, body, state.server.max_body_bytes, &state.bodies).await?;
     // The body's share of the budget is given back (on return) before any wait.
-    let event = decode_event(&bytes, state.pipeline.settings().max_payload_bytes)?;
+    let event = decode_event(&bytes, state.writer.settings().max_payload_bytes)?;
     Ok((event, deadline))
 }
 
@@ -216,9 +216,9 @@ pub(crate) async fn post_batch(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
-    let pipeline = &state.pipeline;
-    let admission = pipeline.admission();
-    let refused = |error| refused(pipeline, error);
+    let writer = &state.writer;
+    let admission = writer.admission();
+    let refused = |error| refused(writer, error);
     let Query(params) = Query::<BatchParams>::try_from_uri(&parts.uri)
         .map_err(query_error)
         .map_err(refused)?;
@@ -238,7 +238,7 @@ pub(crate) async fn post_batch(
     )
     .await
     .map_err(refused)?;
-    let settings = pipeline.settings();
+    let settings = writer.settings();
     let DecodedBatch {
         received,
         valid,
@@ -278,7 +278,7 @@ pub(crate) async fn post_batch(
                 .collect(),
         });
     }
-    let mut outcome = pipeline.ingest_batch(valid, trace_id(&headers)).await?;
+    let mut outcome = writer.ingest_batch(valid, trace_id(&headers)).await?;
     rejected.append(&mut outcome.rejected);
     rejected.sort_by_key(|r| r.index);
     let body = BatchResponse {

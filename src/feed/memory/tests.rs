@@ -4,18 +4,15 @@
 use std::time::{Duration, SystemTime};
 
 use super::*;
-use crate::config::StoreSettings;
 use crate::event::{Event, EventId};
 use crate::store::{Insert, MemoryStore, Processing, Record};
+use crate::testkit;
 use crate::time::UnixNanos;
 use crate::trace_id::TraceId;
 
 /// A store holding `n` events `e1..=en` (arrival sequences 1..=n).
 async fn store_with(n: u64) -> (Arc<MemoryStore>, Vec<Arc<Record>>) {
-    let store = Arc::new(MemoryStore::new(&StoreSettings {
-        max_events: 1000,
-        max_bytes: 1 << 20,
-    }));
+    let store = Arc::new(MemoryStore::new(&testkit::store_settings()));
     let mut records = Vec::new();
     for i in 1..=n {
         let event = Event {

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use super::*;
-use crate::config::{PipelineSettings, StoreSettings, TransformKind};
+use crate::config::{PipelineSettings, TransformKind};
 use crate::event::{Event, EventId, PublishedEvent};
 use crate::pipeline::transform::{Transform, TransformChain, TransformContext, TransformError};
+use crate::testkit;
 
 use crate::feed::MemoryFeed;
 use crate::pipeline::{Ingested, PipelineParts};
@@ -103,15 +104,10 @@ fn pipeline_with_metrics(
     let settings = PipelineSettings {
         workers: 1,
         queue_capacity: capacity,
-        max_payload_bytes: 1024,
-        max_batch: 100,
         transforms: vec![TransformKind::Uppercase],
-        queue_max_bytes: 1 << 20,
+        ..testkit::test_settings().pipeline
     };
-    let store = Arc::new(MemoryStore::new(&StoreSettings {
-        max_events: 1000,
-        max_bytes: 1 << 24,
-    }));
+    let store = Arc::new(MemoryStore::new(&testkit::store_settings()));
     Pipeline::new(
         settings,
         PipelineParts {
