@@ -66,6 +66,7 @@ pub mod queue;
 pub mod shutdown;
 pub mod sink;
 pub mod store;
+pub mod subscription;
 pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testkit;

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use super::{Feed, FeedError, FeedItem, FeedLine, INLINE_LINE_MAX, Published, Subscription};
 use crate::store::Store;
+use crate::time::UnixNanos;
 
 /// Publications whose lines are kept for subscribers.
 pub const LINE_WINDOW: usize = 4096;
@@ -48,6 +49,9 @@ struct Shared {
 struct State {
     /// `index[i]` is the arrival sequence of publication `first + i`.
     index: VecDeque<u64>,
+    /// `published_at[i]`: when publication `first + i` was appended (what a
+    /// named subscription's `since` is compared with).
+    published_at: VecDeque<UnixNanos>,
     /// Publication sequence of `index[0]`.
     first: u64,
     /// Most publications `index` holds.
@@ -93,6 +97,7 @@ impl MemoryFeed {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     index: VecDeque::new(),
+                    published_at: VecDeque::new(),
                     first: 1,
                     capacity: capacity.max(1),
                     lines: VecDeque::new(),
@@ -103,6 +108,50 @@ impl MemoryFeed {
             }),
         }
     }
+
+    /// Where publication `publish_seq` stands.
+    pub fn locate(&self, publish_seq: u64) -> Located {
+        let state = self.shared.state.lock();
+        if publish_seq > state.head() {
+            return Located::NotYet;
+        }
+        let arrival = publish_seq
+            .checked_sub(state.first)
+            .and_then(|i| state.index.get(usize::try_from(i).ok()?));
+        match arrival {
+            Some(&arrival) => Located::Held { arrival },
+            None => Located::Dropped,
+        }
+    }
+
+    /// The first publication sequence still held, and the head.
+    pub fn bounds(&self) -> (u64, u64) {
+        let state = self.shared.state.lock();
+        (state.first, state.head())
+    }
+
+    /// The last publication sequence appended before `time` (0: none, or
+    /// only ones no longer held).
+    pub fn last_before(&self, time: UnixNanos) -> u64 {
+        let state = self.shared.state.lock();
+        let before = state.published_at.partition_point(|&at| at < time);
+        state.first + before as u64 - 1
+    }
+}
+
+/// Where a publication sequence stands in a [`MemoryFeed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Located {
+    /// Held: the arrival sequence of its record (the store has it while it
+    /// holds the record).
+    Held {
+        /// The record's arrival sequence.
+        arrival: u64,
+    },
+    /// Published, then dropped from the feed's index (its record is gone).
+    Dropped,
+    /// Not published yet.
+    NotYet,
 }
 
 #[async_trait]
@@ -119,12 +168,16 @@ impl Feed for MemoryFeed {
             .collect();
         let head = {
             let mut state = self.shared.state.lock();
+            // Read under the lock, so that times go up with the sequence.
+            let now = UnixNanos::now();
             for (event, line) in events.iter().zip(lines) {
                 if state.index.len() == state.capacity {
                     state.index.pop_front();
+                    state.published_at.pop_front();
                     state.first += 1;
                 }
                 state.index.push_back(event.sequence);
+                state.published_at.push_back(now);
                 if state.lines.len() == LINE_WINDOW {
                     state.lines.pop_front();
                 }

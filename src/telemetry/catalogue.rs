@@ -188,6 +188,26 @@ catalogue! {
     NATS_PUBLISH_ACK = "eventflow_nats_publish_ack_seconds", Histogram, Some(Unit::Seconds),
         labels "",
         "nats backend: time for JetStream to acknowledge an ingest request's events";
+    /// Events published after a subscription's cursor and not leased now.
+    SUBSCRIPTION_PENDING = "eventflow_subscription_pending", Gauge, None,
+        labels "`subscription` (names are operator-made: at most subscriptions.max_count)",
+        "Events published after a subscription's cursor and not leased now (never delivered, handed back or expired)";
+    /// A subscription's events leased now, lease live.
+    SUBSCRIPTION_IN_FLIGHT = "eventflow_subscription_in_flight", Gauge, None,
+        labels "`subscription`",
+        "A subscription's events leased to a consumer now, lease live";
+    /// Leases handed to a subscription's consumers.
+    SUBSCRIPTION_DELIVERED = "eventflow_subscription_delivered_total", Counter, None,
+        labels "`subscription`",
+        "Events handed to a subscription's consumers (each lease counts: redeliveries too)";
+    /// Leases a subscription's consumers acknowledged.
+    SUBSCRIPTION_ACKED = "eventflow_subscription_acked_total", Counter, None,
+        labels "`subscription`",
+        "Leases a subscription's consumers acknowledged";
+    /// Events dead-lettered for a subscription.
+    SUBSCRIPTION_DEAD_LETTERED = "eventflow_subscription_dead_lettered_total", Counter, None,
+        labels "`subscription`",
+        "Events dead-lettered for a subscription after max_deliver leases without an ack";
     /// The process's CPU time.
     PROCESS_CPU = "process_cpu_seconds_total", Counter, Some(Unit::Seconds),
         labels "",

@@ -256,6 +256,20 @@ impl Metrics {
         }
     }
 
+    /// A subscription's `pending` and `in_flight` gauges (set at scrape
+    /// time, and to 0 when it is deleted).
+    pub fn subscription_gauges(&self, subscription: &str, pending: u64, in_flight: u64) {
+        if let Some(recorder) = &self.recorder {
+            let label = [("subscription", subscription)];
+            recorder
+                .register_gauge(&key(names::SUBSCRIPTION_PENDING, &label), &METADATA)
+                .set(pending as f64);
+            recorder
+                .register_gauge(&key(names::SUBSCRIPTION_IN_FLIGHT, &label), &METADATA)
+                .set(in_flight as f64);
+        }
+    }
+
     /// Whether sink `sink` can write (set at scrape time).
     pub fn sink_up(&self, sink: &str, up: bool) {
         if let Some(counters) = self.sinks.get(sink) {
