@@ -106,13 +106,14 @@ impl App {
             "starting the backend"
         );
         let backend = match settings.backend.kind {
-            BackendKind::Memory => Backend::memory(&settings),
+            BackendKind::Memory => Backend::memory(&settings, &metrics),
             BackendKind::Nats => Backend::nats(&settings, &backpressure, &metrics).await?,
         };
         let auth_failures = metrics.counter(names::AUTH_FAILURES, &[]);
         let rate_limit =
             RateLimit::from_settings(&settings.server, metrics.counter(names::RATE_LIMITED, &[]));
         let backend_failure = backend.failure;
+        let backend_subscriptions = backend.subscriptions;
         let parts = PipelineParts {
             store: backend.store,
             queue: backend.queue,
@@ -130,6 +131,7 @@ impl App {
         let state = AppState::new(SharedState {
             reader: pipeline.reader(),
             writer: pipeline.writer(),
+            subscriptions: backend_subscriptions,
             readiness: Readiness::default(),
             server: Arc::new(settings.server.clone()),
             stream_stop: CancellationToken::new(),

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use crate::auth::Refusal;
 use crate::event::{DecodeError, FieldError};
 use crate::pipeline::{IngestError, RejectReason};
+use crate::subscription::SubscriptionError;
 
 /// Seconds a client should wait before retrying an overloaded request.
 const RETRY_AFTER_OVERLOADED_SECS: u32 = 1;
@@ -97,6 +98,13 @@ pub enum ApiError {
     /// No such resource (404).
     #[error("{0}")]
     NotFound(String),
+    /// A subscription exists with other settings, or there are as many as
+    /// `subscriptions.max_count` (409).
+    #[error("{0}")]
+    SubscriptionConflict(String),
+    /// A route this backend does not serve (501).
+    #[error("{0}")]
+    NotImplemented(String),
     /// The pipeline is full (503).
     #[error("the pipeline is at capacity; retry later")]
     Overloaded,
@@ -191,6 +199,8 @@ impl ApiError {
             Self::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", None, None),
             Self::Conflict { .. } => (S::CONFLICT, "conflict", "Conflicting event", Some(R::Conflict), None),
             Self::NotFound(_) => (S::NOT_FOUND, "not-found", "Not found", None, None),
+            Self::SubscriptionConflict(_) => (S::CONFLICT, "subscription-conflict", "Conflicting subscription", None, None),
+            Self::NotImplemented(_) => (S::NOT_IMPLEMENTED, "not-implemented", "Not implemented", None, None),
             Self::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(R::Overloaded), Some(RETRY_AFTER_OVERLOADED_SECS)),
             Self::BodiesOverBudget => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(R::Overloaded), Some(RETRY_AFTER_OVERLOADED_SECS)),
             Self::AnswersOverBudget => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", None, Some(RETRY_AFTER_OVERLOADED_SECS)),
@@ -291,6 +301,19 @@ impl From<IngestError> for ApiError {
                 id: record.event.id.to_string(),
                 sequence: record.sequence,
             },
+        }
+    }
+}
+
+impl From<SubscriptionError> for ApiError {
+    fn from(err: SubscriptionError) -> Self {
+        match err {
+            SubscriptionError::NotFound(_) => Self::NotFound(err.to_string()),
+            SubscriptionError::Different(_) | SubscriptionError::TooMany(_) => {
+                Self::SubscriptionConflict(err.to_string())
+            }
+            SubscriptionError::InvalidStart(message) => Self::invalid_body(message),
+            SubscriptionError::Unavailable(reason) => Self::Unavailable(reason),
         }
     }
 }

@@ -13,8 +13,10 @@ mod health;
 mod limit;
 mod metrics;
 mod observe;
+mod query;
 pub mod serve;
 mod stream;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +39,7 @@ use crate::auth::Tokens;
 use crate::config::{PipelineSettings, ServerSettings};
 use crate::pipeline::{Reader, Writer};
 use crate::shutdown::Readiness;
+use crate::subscription::Subscriptions;
 use crate::telemetry::TraceSampling;
 
 pub use answer::AnswerBudget;
@@ -73,6 +76,8 @@ pub struct SharedState {
     /// Reads of stored and published events: the store, the feed, and the
     /// published form of a processed record.
     pub reader: Reader,
+    /// Named subscriptions (`None`: the backend has none).
+    pub subscriptions: Option<Arc<dyn Subscriptions>>,
     /// Readiness flag.
     pub readiness: Readiness,
     /// Server settings (limits, timeouts).
@@ -105,6 +110,7 @@ pub struct SharedState {
     ),
     tags(
         (name = "events", description = "Ingest, query and stream events"),
+        (name = "subscriptions", description = "Named subscriptions: at-least-once consumers sharing a server-side cursor"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]
@@ -131,6 +137,16 @@ pub fn routers(state: AppState) -> Routers {
         .routes(routes!(events::post_batch))
         .routes(routes!(stream::stream_events))
         .routes(routes!(events::get_event))
+        .routes(routes!(subscriptions::list_subscriptions))
+        .routes(routes!(
+            subscriptions::put_subscription,
+            subscriptions::get_subscription,
+            subscriptions::delete_subscription
+        ))
+        .routes(routes!(subscriptions::poll))
+        .routes(routes!(subscriptions::ack))
+        .routes(routes!(subscriptions::dead_letters))
+        .routes(routes!(subscriptions::redeliver))
         .split_for_parts();
     // Layered only when there is something to guard: the middleware costs
     // a few per cent of a single-event request (docs/performance.md).

@@ -17,6 +17,7 @@ use crate::config::Settings;
 use crate::feed::{Feed, MemoryFeed};
 use crate::queue::{Backpressure, MemoryQueue, Queue};
 use crate::store::{MemoryStore, Store};
+use crate::subscription::{MemorySubscriptions, Subscriptions};
 use crate::telemetry::metrics::Metrics;
 
 /// A backend's three parts, and word of its failure.
@@ -28,6 +29,8 @@ pub struct Backend {
     pub queue: Arc<dyn Queue>,
     /// Published events in publication order.
     pub feed: Arc<dyn Feed>,
+    /// Named subscriptions over the feed (`None`: this backend has none yet).
+    pub subscriptions: Option<Arc<dyn Subscriptions>>,
     /// Says why, should the backend fail for good after start-up.
     pub failure: BackendFailure,
 }
@@ -66,11 +69,19 @@ impl BackendFailure {
 
 impl Backend {
     /// The one-process backend.
-    pub fn memory(settings: &Settings) -> Self {
+    pub fn memory(settings: &Settings, metrics: &Metrics) -> Self {
         let store = Arc::new(MemoryStore::new(&settings.store));
+        // The feed indexes as many publications as the store holds records.
+        let feed = MemoryFeed::new(store.clone(), settings.store.max_events);
+        let subscriptions = MemorySubscriptions::new(
+            feed.clone(),
+            store.clone(),
+            settings.subscriptions.max_count,
+            metrics.clone(),
+        );
         Self {
-            // The feed indexes as many publications as the store holds records.
-            feed: Arc::new(MemoryFeed::new(store.clone(), settings.store.max_events)),
+            feed: Arc::new(feed),
+            subscriptions: Some(Arc::new(subscriptions)),
             store,
             queue: MemoryQueue::new(settings.pipeline.queue_capacity),
             failure: BackendFailure::never(),

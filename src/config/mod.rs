@@ -60,6 +60,7 @@ mod pipeline;
 mod publish;
 mod server;
 mod store;
+mod subscriptions;
 mod telemetry;
 #[cfg(test)]
 mod tests;
@@ -70,6 +71,7 @@ pub use pipeline::{PipelineSettings, TransformKind};
 pub use publish::{NatsSinkSettings, PublishSettings, SinkKind};
 pub use server::ServerSettings;
 pub use store::StoreSettings;
+pub use subscriptions::SubscriptionSettings;
 pub use telemetry::{LogFormat, TelemetrySettings};
 
 /// The built-in defaults.
@@ -93,6 +95,8 @@ pub struct Settings {
     pub backend: BackendSettings,
     /// Bearer tokens.
     pub auth: AuthSettings,
+    /// Named subscriptions.
+    pub subscriptions: SubscriptionSettings,
 }
 
 /// Why settings could not be loaded.
@@ -186,6 +190,7 @@ impl Settings {
         self.publish.validate()?;
         self.backend.validate()?;
         self.telemetry.validate()?;
+        self.subscriptions.validate()?;
         // The largest lookup (an event and its result, every byte escaped)
         // must fit the answers' budget, or it could never be answered.
         let largest_answer = largest_record_answer(self.pipeline.max_payload_bytes);

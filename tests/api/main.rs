@@ -21,4 +21,5 @@ mod publication;
 mod readers;
 mod shutdown;
 mod stream;
+mod subscriptions;
 mod tracing;

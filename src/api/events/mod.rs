@@ -15,6 +15,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use super::AppState;
 use super::body::{MediaType, media_type, read_body};
 use super::error::{ApiError, Problem, clip};
+use super::query::{self, query_error};
 use crate::event::{Event, EventId, decode_event};
 use crate::pipeline::{Ingested, WaitOutcome, Writer};
 use crate::store::{PageQuery, Status};
@@ -70,13 +71,6 @@ fn refused(writer: &Writer, error: ApiError) -> ApiError {
         writer.admission().refused(reason);
     }
     error
-}
-
-fn query_error(rejection: QueryRejection) -> ApiError {
-    ApiError::BadRequest(format!(
-        "invalid query string: {}",
-        clip(&rejection.body_text())
-    ))
 }
 
 /// Ingest one event.
@@ -316,40 +310,8 @@ pub(crate) async fn list_events(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(query_error)?;
-    let limit = match params.limit.as_deref() {
-        None => DEFAULT_PAGE,
-        Some(raw) => match raw.parse::<u64>() {
-            Ok(0) => return Err(ApiError::invalid_query("limit", "must be at least 1")),
-            Ok(n) if n > MAX_PAGE as u64 => {
-                return Err(ApiError::invalid_query(
-                    "limit",
-                    format!("must be at most {MAX_PAGE}, got {n}"),
-                ));
-            }
-            Ok(n) => n as usize,
-            Err(_) => {
-                return Err(ApiError::invalid_query(
-                    "limit",
-                    format!("must be a positive integer, got `{}`", clip(raw)),
-                ));
-            }
-        },
-    };
-    let after = match params.after.as_deref() {
-        None | Some("") => 0,
-        // At most 19 digits (as the document says), so every cursor it
-        // allows is a u64.
-        Some(raw) => raw
-            .parse::<u64>()
-            .ok()
-            .filter(|_| raw.len() <= 19 && raw.bytes().all(|b| b.is_ascii_digit()))
-            .ok_or_else(|| {
-                ApiError::invalid_query(
-                    "after",
-                    format!("`{}` is not a cursor from `next`", clip(raw)),
-                )
-            })?,
-    };
+    let limit = query::count("limit", params.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)?;
+    let after = query::cursor("after", params.after.as_deref())?;
     let status = match params.status.as_deref() {
         None => None,
         Some("pending") => Some(Status::Pending),

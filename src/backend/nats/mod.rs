@@ -331,6 +331,7 @@ pub async fn open(
         store,
         queue,
         feed,
+        subscriptions: None,
         failure: BackendFailure::new(failed_rx),
     })
 }

@@ -282,6 +282,9 @@ async fn a_long_poll_wakes_for_a_publication_and_a_deleted_subscription_ends_it(
             subscriptions.poll(&name_of("s"), 10, deadline).await
         })
     };
+    // The poll runs until it waits (one thread: it runs now, to its wait).
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished());
     f.publish(1).await;
     let leases = waiting.await.unwrap().unwrap();
     assert_eq!(sequences(&leases), [1]);

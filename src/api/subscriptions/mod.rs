@@ -1,0 +1,389 @@
+//! `/subscriptions`: named subscriptions (at-least-once consumers over
+//! HTTP). The handlers are here, their bodies in [`bodies`]; the cursors,
+//! leases and dead letters live behind [`crate::subscription::Subscriptions`].
+
+mod bodies;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::body::{MediaType, media_type, read_body};
+use super::error::{ApiError, Problem, clip};
+use super::events::MAX_PAGE_BYTES;
+use super::query::{self, query_error};
+use crate::subscription::{AckId, Lease, Put, SubscriptionName, Subscriptions};
+use crate::time::rfc3339_micros;
+pub(crate) use bodies::{
+    AckAnswer, AckInput, DeadLetterPage, DeadLetterParams, DeadLetterView, PollAnswer, PollParams,
+    PolledEvent, RedeliverAnswer, RedeliverInput, SubscriptionInput, SubscriptionList,
+    SubscriptionView,
+};
+
+/// Default and most events a poll leases.
+const DEFAULT_POLL: usize = 100;
+const MAX_POLL: usize = 1000;
+/// Default and most dead letters on a page.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The subscriptions, or 501 where the backend has none.
+fn subscriptions(state: &AppState) -> Result<&Arc<dyn Subscriptions>, ApiError> {
+    state.subscriptions.as_ref().ok_or_else(|| {
+        ApiError::NotImplemented(
+            "named subscriptions are served in memory mode only in this version; \
+             in nats mode read the SSE stream or GET /events"
+                .into(),
+        )
+    })
+}
+
+/// The subscription name in the path, or 422.
+fn name(path: Result<Path<String>, PathRejection>) -> Result<SubscriptionName, ApiError> {
+    let Path(raw) = path.map_err(|err| ApiError::BadRequest(err.body_text()))?;
+    SubscriptionName::parse(&raw).map_err(|message| ApiError::Validation {
+        detail: format!("`{}` is not a subscription name: {message}", clip(&raw)),
+        errors: vec![crate::event::FieldError {
+            field: "name".into(),
+            message,
+        }],
+    })
+}
+
+/// A JSON body (empty: `T::default()`), within `server.max_body_bytes`.
+async fn json_body<T: DeserializeOwned + Default>(
+    state: &AppState,
+    request: Request,
+) -> Result<T, ApiError> {
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        state.server.max_body_bytes,
+        &state.bodies,
+    )
+    .await?;
+    if bytes.is_empty() {
+        return Ok(T::default());
+    }
+    media_type(&parts.headers, &[MediaType::Json])?;
+    serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
+        serde_json::error::Category::Data => ApiError::invalid_body(clip(&error.to_string())),
+        _ => ApiError::MalformedJson(format!("malformed JSON: {}", clip(&error.to_string()))),
+    })
+}
+
+/// Create a subscription, or find it with the same settings.
+#[utoipa::path(
+    put,
+    path = "/subscriptions/{name}",
+    tag = "subscriptions",
+    params(("name" = String, Path, description = "`[A-Za-z0-9_-]{1,64}`")),
+    request_body(content = SubscriptionInput, content_type = "application/json", description = "Every field optional; an empty body takes the defaults"),
+    responses(
+        (status = 201, description = "Created; `Location` names it", body = SubscriptionView),
+        (status = 200, description = "It exists with these settings", body = SubscriptionView),
+        (status = 409, description = "It exists with different settings, or `subscriptions.max_count` exist", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A name or field out of range, or a start past the last publication sequence", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn put_subscription(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let name = name(path)?;
+    let subscriptions = subscriptions(&state)?;
+    let spec = json_body::<SubscriptionInput>(&state, request)
+        .await?
+        .spec()?;
+    let (put, found) = subscriptions.put(&name, spec).await?;
+    let view = Json(SubscriptionView::from(found));
+    Ok(match put {
+        Put::Existing => (StatusCode::OK, view).into_response(),
+        Put::Created => {
+            let mut response = (StatusCode::CREATED, view).into_response();
+            // Names are plain ASCII: always a header value.
+            if let Ok(location) = HeaderValue::try_from(format!("/subscriptions/{name}")) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
+    })
+}
+
+/// A subscription's settings and where it stands.
+#[utoipa::path(
+    get,
+    path = "/subscriptions/{name}",
+    tag = "subscriptions",
+    params(("name" = String, Path, description = "The subscription's name")),
+    responses(
+        (status = 200, description = "Its state", body = SubscriptionView),
+        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_subscription(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    let name = name(path)?;
+    let found = subscriptions(&state)?.state(&name).await?;
+    Ok(Json(found.into()))
+}
+
+/// Every subscription.
+#[utoipa::path(
+    get,
+    path = "/subscriptions",
+    tag = "subscriptions",
+    responses((status = 200, description = "Every subscription's state, by name", body = SubscriptionList))
+)]
+pub(crate) async fn list_subscriptions(
+    State(state): State<AppState>,
+) -> Result<Json<SubscriptionList>, ApiError> {
+    let all = subscriptions(&state)?.list().await?;
+    Ok(Json(SubscriptionList {
+        subscriptions: all.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Delete a subscription (its leases and dead letters with it).
+#[utoipa::path(
+    delete,
+    path = "/subscriptions/{name}",
+    tag = "subscriptions",
+    params(("name" = String, Path, description = "The subscription's name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn delete_subscription(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let name = name(path)?;
+    subscriptions(&state)?.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Lease up to `max` events, waiting up to `wait` for the first.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{name}/poll",
+    tag = "subscriptions",
+    params(("name" = String, Path, description = "The subscription's name"), PollParams),
+    responses(
+        (status = 200, description = "The leased events, in publication order (possibly none)", body = PollAnswer),
+        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`max` or `wait` out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Answers in memory are at `server.max_inflight_answer_bytes` (`Retry-After`); the leases are handed back", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn poll(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    params: Result<Query<PollParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let name = name(path)?;
+    let Query(params) = params.map_err(query_error)?;
+    let max = query::count("max", params.max.as_deref(), DEFAULT_POLL, MAX_POLL)?;
+    let wait = bodies::poll_wait(params.wait.as_deref(), state.server.request_timeout)?;
+    let subscriptions = subscriptions(&state)?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let leases = subscriptions.poll(&name, max, deadline).await?;
+    match render_poll(&state, &leases) {
+        Ok((body, unsent)) => {
+            if !unsent.is_empty() {
+                subscriptions.release(&name, &unsent).await;
+            }
+            Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+        }
+        Err(error) => {
+            let all: Vec<AckId> = leases.iter().map(|lease| lease.ack_id).collect();
+            subscriptions.release(&name, &all).await;
+            Err(error)
+        }
+    }
+}
+
+/// The poll's answer, held against the answers' budget, and the leases
+/// that did not fit in one answer's bytes (handed back by the caller).
+fn render_poll(
+    state: &AppState,
+    leases: &[Lease],
+) -> Result<(axum::body::Body, Vec<AckId>), ApiError> {
+    let answer_bytes = MAX_PAGE_BYTES.min(state.answers.total() / 4);
+    let mut answer = state.answers.buffer();
+    answer.extend(b"{\"events\":[")?;
+    let mut unsent = Vec::new();
+    let mut written = 0;
+    for lease in leases {
+        let Some(Ok(event)) = state.reader.published(&lease.record) else {
+            // Transforms are pure: a published event renders again. Should
+            // it not, the lease goes back rather than out half made.
+            unsent.push(lease.ack_id);
+            continue;
+        };
+        let start = answer.len();
+        if written > 0 {
+            answer.extend(b",")?;
+        }
+        answer.json(&PolledEvent {
+            ack_id: lease.ack_id.to_string(),
+            sequence: lease.sequence,
+            delivery: lease.delivery,
+            event: &event,
+        })?;
+        if written > 0 && answer.len() > answer_bytes {
+            answer.truncate(start);
+            unsent.push(lease.ack_id);
+            continue;
+        }
+        written += 1;
+    }
+    answer.extend(b"]}")?;
+    Ok((answer.into_body(), unsent))
+}
+
+/// Acknowledge leases and hand others back.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{name}/ack",
+    tag = "subscriptions",
+    params(("name" = String, Path, description = "The subscription's name")),
+    request_body(content = AckInput, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What became of the ids; one that matches no live lease is counted `expired`", body = AckAnswer),
+        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "An id this service never issued (nothing is applied)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn ack(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Result<Json<AckAnswer>, ApiError> {
+    let name = name(path)?;
+    let subscriptions = subscriptions(&state)?;
+    let input = json_body::<AckInput>(&state, request).await?;
+    let parse = |field: &str, ids: &[String]| -> Result<Vec<AckId>, ApiError> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, raw)| {
+                AckId::parse(raw).map_err(|message| ApiError::Validation {
+                    detail: format!("{field}[{i}]: {message}"),
+                    errors: vec![crate::event::FieldError {
+                        field: format!("{field}[{i}]"),
+                        message,
+                    }],
+                })
+            })
+            .collect()
+    };
+    let acks = parse("ack_ids", &input.ack_ids)?;
+    let nacks = parse("nack_ids", &input.nack_ids)?;
+    let done = subscriptions.ack(&name, &acks, &nacks).await?;
+    Ok(Json(AckAnswer {
+        acked: done.acked,
+        nacked: done.nacked,
+        expired: done.expired,
+    }))
+}
+
+/// The events dead-lettered for a subscription.
+#[utoipa::path(
+    get,
+    path = "/subscriptions/{name}/dead-letters",
+    tag = "subscriptions",
+    params(("name" = String, Path, description = "The subscription's name"), DeadLetterParams),
+    responses(
+        (status = 200, description = "A page of dead letters, in publication order", body = DeadLetterPage),
+        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A limit or cursor out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Answers in memory are at `server.max_inflight_answer_bytes` (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn dead_letters(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    params: Result<Query<DeadLetterParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let name = name(path)?;
+    let Query(params) = params.map_err(query_error)?;
+    let limit = query::count("limit", params.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)?;
+    let after = query::cursor("after", params.after.as_deref())?;
+    let page = subscriptions(&state)?
+        .dead_letters(&name, after, limit)
+        .await?;
+    let answer_bytes = MAX_PAGE_BYTES.min(state.answers.total() / 4);
+    let mut answer = state.answers.buffer();
+    answer.extend(b"{\"events\":[")?;
+    let mut next = page.next;
+    let mut written = 0;
+    for (index, letter) in page.letters.iter().enumerate() {
+        let Some(Ok(event)) = state.reader.published(&letter.record) else {
+            continue;
+        };
+        let start = answer.len();
+        if written > 0 {
+            answer.extend(b",")?;
+        }
+        answer.json(&DeadLetterView {
+            sequence: letter.sequence,
+            delivery: letter.delivery,
+            dead_lettered_at: rfc3339_micros(letter.dead_lettered_at).as_str(),
+            event: &event,
+        })?;
+        if written > 0 && answer.len() > answer_bytes {
+            answer.truncate(start);
+            next = Some(page.letters[index - 1].sequence);
+            break;
+        }
+        written += 1;
+    }
+    answer.extend(b"],\"next\":")?;
+    match next {
+        Some(next) => answer.json(&next.to_string())?,
+        None => answer.extend(b"null")?,
+    }
+    answer.extend(b"}")?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.into_body(),
+    )
+        .into_response())
+}
+
+/// Hand dead letters out again, their delivery count starting over.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{name}/dead-letters/redeliver",
+    tag = "subscriptions",
+    params(("name" = String, Path, description = "The subscription's name")),
+    request_body(content = RedeliverInput, content_type = "application/json", description = "Absent or empty: all of them"),
+    responses(
+        (status = 202, description = "How many were handed out again", body = RedeliverAnswer),
+        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn redeliver(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let name = name(path)?;
+    let subscriptions = subscriptions(&state)?;
+    let input = json_body::<RedeliverInput>(&state, request).await?;
+    let redelivered = subscriptions
+        .redeliver(&name, input.sequences.as_deref())
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(RedeliverAnswer { redelivered })).into_response())
+}
