@@ -98,6 +98,9 @@ pub enum ApiError {
     /// No such resource (404).
     #[error("{0}")]
     NotFound(String),
+    /// The event is not failed, so there is nothing to retry (409).
+    #[error("{0}")]
+    NotRetryable(String),
     /// A subscription exists with other settings, or there are as many as
     /// `subscriptions.max_count` (409).
     #[error("{0}")]
@@ -199,6 +202,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", None, None),
             Self::Conflict { .. } => (S::CONFLICT, "conflict", "Conflicting event", Some(R::Conflict), None),
             Self::NotFound(_) => (S::NOT_FOUND, "not-found", "Not found", None, None),
+            Self::NotRetryable(_) => (S::CONFLICT, "not-failed", "Not a failed event", None, None),
             Self::SubscriptionConflict(_) => (S::CONFLICT, "subscription-conflict", "Conflicting subscription", None, None),
             Self::NotImplemented(_) => (S::NOT_IMPLEMENTED, "not-implemented", "Not implemented", None, None),
             Self::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(R::Overloaded), Some(RETRY_AFTER_OVERLOADED_SECS)),
@@ -294,6 +298,7 @@ impl From<IngestError> for ApiError {
             IngestError::SinkBroken(reason) => Self::SinkBroken(reason),
             IngestError::Unavailable(reason) => Self::Unavailable(reason),
             IngestError::TooLarge(reason) => Self::PayloadTooLarge(reason),
+            IngestError::Unsupported(what) => Self::NotImplemented(what.into()),
             never @ IngestError::NeverFits { .. } => {
                 Self::PayloadTooLarge(format!("{never}; send fewer at a time"))
             }

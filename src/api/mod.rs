@@ -35,12 +35,17 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use axum::extract::Request;
+use serde::de::DeserializeOwned;
+
 use crate::auth::Tokens;
 use crate::config::{PipelineSettings, ServerSettings};
 use crate::pipeline::{Reader, Writer};
 use crate::shutdown::Readiness;
 use crate::subscription::Subscriptions;
 use crate::telemetry::TraceSampling;
+use body::{MediaType, media_type, read_body};
+use error::clip;
 
 pub use answer::AnswerBudget;
 pub use body::BodyBudget;
@@ -137,6 +142,8 @@ pub fn routers(state: AppState) -> Routers {
         .routes(routes!(events::post_batch))
         .routes(routes!(stream::stream_events))
         .routes(routes!(events::get_event))
+        .routes(routes!(events::retry_event))
+        .routes(routes!(events::retry_events))
         .routes(routes!(subscriptions::list_subscriptions))
         .routes(routes!(
             subscriptions::put_subscription,
@@ -189,6 +196,29 @@ pub fn routers(state: AppState) -> Routers {
         api: layered(api.with_state(state.clone()), &state),
         admin,
     }
+}
+
+/// A JSON body (empty: `T::default()`), within `server.max_body_bytes`.
+pub(crate) async fn json_body<T: DeserializeOwned + Default>(
+    state: &AppState,
+    request: Request,
+) -> Result<T, ApiError> {
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        state.server.max_body_bytes,
+        &state.bodies,
+    )
+    .await?;
+    if bytes.is_empty() {
+        return Ok(T::default());
+    }
+    media_type(&parts.headers, &[MediaType::Json])?;
+    serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
+        serde_json::error::Category::Data => ApiError::invalid_body(clip(&error.to_string())),
+        _ => ApiError::MalformedJson(format!("malformed JSON: {}", clip(&error.to_string()))),
+    })
 }
 
 /// The layers every router gets: the 404 and 405 problems, the backstop

@@ -75,6 +75,7 @@ pub struct Admission {
     accepted: Counter,
     duplicate: Counter,
     rejected: [Counter; 7],
+    retried: Counter,
 }
 
 impl Admission {
@@ -84,6 +85,7 @@ impl Admission {
             received: metrics.counter(names::RECEIVED, &[]),
             accepted: metrics.counter(names::ACCEPTED, &[]),
             duplicate: metrics.counter(names::DUPLICATE, &[]),
+            retried: metrics.counter(names::RETRIED, &[]),
             rejected: RejectReason::ALL
                 .map(|reason| metrics.counter(names::REJECTED, &[("reason", reason.as_str())])),
         }
@@ -119,6 +121,10 @@ impl Admission {
         self.accepted.increment(n as u64);
     }
 
+    pub(super) fn retried(&self, n: usize) {
+        self.retried.increment(n as u64);
+    }
+
     pub(super) fn duplicate(&self, n: usize) {
         self.duplicate.increment(n as u64);
     }
@@ -145,6 +151,9 @@ pub enum IngestError {
     /// An event the backend can never store, whatever its load (413).
     #[error("{0}")]
     TooLarge(String),
+    /// Something this backend cannot do (yet) (501).
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// More than the pipeline holds even when empty (413): a retry would
     /// be refused forever.
     #[error(
@@ -169,7 +178,9 @@ impl IngestError {
         match self {
             Self::Overloaded => RejectReason::Overloaded,
             Self::ShuttingDown => RejectReason::ShuttingDown,
-            Self::SinkBroken(_) | Self::Unavailable(_) => RejectReason::Unavailable,
+            Self::SinkBroken(_) | Self::Unavailable(_) | Self::Unsupported(_) => {
+                RejectReason::Unavailable
+            }
             Self::Conflict(_) => RejectReason::Conflict,
             Self::NeverFits { .. } | Self::TooLarge(_) => RejectReason::TooLarge,
         }
@@ -188,6 +199,7 @@ impl From<StoreError> for IngestError {
             StoreError::Full => Self::Overloaded,
             StoreError::Unavailable(why) => Self::Unavailable(why),
             StoreError::TooLarge(why) => Self::TooLarge(why),
+            StoreError::Unsupported(what) => Self::Unsupported(what),
         }
     }
 }

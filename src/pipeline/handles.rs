@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use super::{
-    Admission, BatchOutcome, IngestError, Ingested, Pipeline, TransformChain, TransformError,
-    WaitOutcome,
+    Admission, BatchOutcome, IngestError, Ingested, Pipeline, Retried, RetriedPage, RetryError,
+    TransformChain, TransformError, WaitOutcome,
 };
 use crate::config::PipelineSettings;
-use crate::event::{Event, PublishedEvent};
+use crate::event::{Event, EventId, PublishedEvent};
 use crate::feed::Feed;
 use crate::store::{Record, Store};
 use crate::telemetry::metrics::{Metrics, PipelineSnapshot};
@@ -44,6 +44,11 @@ impl Reader {
         &self.feed
     }
 
+    /// Times `record`'s event was queued for processing.
+    pub fn attempts(&self, record: &Record) -> u32 {
+        self.store.attempts(record)
+    }
+
     /// The published event of a processed record (`None` while pending or
     /// when it failed), rendered again from what the store keeps.
     pub fn published(&self, record: &Record) -> Option<Result<PublishedEvent, TransformError>> {
@@ -76,6 +81,17 @@ impl Writer {
         trace_id: TraceId,
     ) -> Result<BatchOutcome, IngestError> {
         self.pipeline.ingest_batch(events, trace_id).await
+    }
+
+    /// Puts the failed event `id` back in the backlog.
+    pub async fn retry(&self, id: &EventId) -> Result<Retried, RetryError> {
+        self.pipeline.retry(id).await
+    }
+
+    /// Puts up to `limit` failed events after arrival sequence `after` back
+    /// in the backlog.
+    pub async fn retry_failed(&self, after: u64, limit: usize) -> Result<RetriedPage, IngestError> {
+        self.pipeline.retry_failed(after, limit).await
     }
 
     /// Waits until `record` is published or has failed; `None` when

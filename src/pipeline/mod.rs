@@ -16,6 +16,7 @@
 pub mod admission;
 mod batch;
 mod handles;
+mod retry;
 pub mod transform;
 mod worker;
 
@@ -35,6 +36,7 @@ use crate::telemetry::metrics::Metrics;
 pub use admission::{Admission, IngestError, Ingested, RejectReason};
 pub use batch::{BatchOutcome, BatchRejection};
 pub use handles::{Reader, Writer};
+pub use retry::{Retried, RetriedPage, RetryError};
 pub use transform::{TransformChain, TransformContext, TransformError};
 pub use worker::WorkerPool;
 

@@ -83,6 +83,10 @@ catalogue! {
     DUPLICATE = "eventflow_events_duplicate_total", Counter, None,
         labels "",
         "Events that repeated a stored event (not processed again)";
+    /// Failed events queued again by a retry.
+    RETRIED = "eventflow_events_retried_total", Counter, None,
+        labels "",
+        "Failed events queued again for processing by POST /events/{id}/retry or POST /events/retry";
     /// Refused events by `reason`.
     REJECTED = "eventflow_events_rejected_total", Counter, None,
         labels "`reason` = `invalid`, `conflict`, `too_large`, `overloaded` (no room: the permits, or in nats mode the backlog), `unavailable` (the backend unreachable or a sink broken), `shutting_down`, `unauthorized` (an ingest request refused with 401 counts once: its body is never read)",

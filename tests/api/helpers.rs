@@ -151,7 +151,8 @@ impl TestApp {
 
     /// Polls `GET /events/{id}` until its status is `status` (bounded).
     pub(crate) async fn wait_for_status(&self, id: &str, status: &str) -> Value {
-        for _ in 0..500 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
             let response = self.get(&format!("/events/{id}")).await;
             if response.status() == 200 {
                 let body: Value = response.json().await.unwrap();

@@ -19,6 +19,7 @@ mod nats;
 mod prometheus;
 mod publication;
 mod readers;
+mod retry;
 mod shutdown;
 mod stream;
 mod subscriptions;

@@ -4,6 +4,10 @@
 
 mod batch;
 mod responses;
+mod retry;
+
+pub(crate) use retry::{__path_retry_event, __path_retry_events};
+pub(crate) use retry::{retry_event, retry_events};
 
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};

@@ -61,6 +61,8 @@ pub(crate) struct RecordView {
     /// Arrival sequence: the order events were accepted (not the
     /// publication sequence of the SSE `id:`).
     pub(super) sequence: u64,
+    /// Processing attempts so far: 1, and one more for each retry.
+    pub(super) attempts: u32,
     /// When it was accepted (RFC 3339, UTC).
     #[schema(format = DateTime)]
     pub(super) received_at: String,
@@ -92,6 +94,7 @@ impl RecordView {
             payload: record.event.payload.to_string(),
             status: record.status(),
             sequence: record.sequence,
+            attempts: reader.attempts(record),
             received_at: crate::time::rfc3339_micros(record.received_at.into())
                 .as_str()
                 .to_owned(),

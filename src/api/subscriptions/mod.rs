@@ -11,13 +11,11 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::de::DeserializeOwned;
 
-use super::AppState;
-use super::body::{MediaType, media_type, read_body};
 use super::error::{ApiError, Problem, clip};
 use super::events::MAX_PAGE_BYTES;
 use super::query::{self, query_error};
+use super::{AppState, json_body};
 use crate::subscription::{AckId, Lease, Put, SubscriptionName, Subscriptions};
 use crate::time::rfc3339_micros;
 pub(crate) use bodies::{
@@ -53,29 +51,6 @@ fn name(path: Result<Path<String>, PathRejection>) -> Result<SubscriptionName, A
             field: "name".into(),
             message,
         }],
-    })
-}
-
-/// A JSON body (empty: `T::default()`), within `server.max_body_bytes`.
-async fn json_body<T: DeserializeOwned + Default>(
-    state: &AppState,
-    request: Request,
-) -> Result<T, ApiError> {
-    let (parts, body) = request.into_parts();
-    let bytes = read_body(
-        &parts.headers,
-        body,
-        state.server.max_body_bytes,
-        &state.bodies,
-    )
-    .await?;
-    if bytes.is_empty() {
-        return Ok(T::default());
-    }
-    media_type(&parts.headers, &[MediaType::Json])?;
-    serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
-        serde_json::error::Category::Data => ApiError::invalid_body(clip(&error.to_string())),
-        _ => ApiError::MalformedJson(format!("malformed JSON: {}", clip(&error.to_string()))),
     })
 }
 

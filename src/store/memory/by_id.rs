@@ -211,6 +211,20 @@ impl IdIndex {
         }
     }
 
+    /// Puts `fresh` where `record` itself is held (not a newer record with
+    /// the same id); whether it was.
+    pub(super) fn replace(&self, record: &Record, fresh: Arc<Record>) -> bool {
+        let hash = self.hash(record.event.id.as_str());
+        let mut table = self.shard(hash).write();
+        match table.find_mut(hash, |held| std::ptr::eq(&**held, record)) {
+            Some(held) => {
+                *held = fresh;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Removes `record` itself (not a newer record with the same id).
     pub(super) fn remove(&self, record: &Record) -> bool {
         let hash = self.hash(record.event.id.as_str());

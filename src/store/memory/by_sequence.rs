@@ -68,6 +68,25 @@ impl SequenceIndex {
         usize::try_from(sequence.checked_sub(self.first)?).ok()
     }
 
+    /// Puts `fresh` in the slot of `record` itself (the same sequence);
+    /// whether it was held there.
+    pub(super) fn replace(&mut self, record: &Record, fresh: Arc<Record>) -> bool {
+        let Some(slot) = self
+            .position(record.sequence)
+            .and_then(|i| self.slots.get_mut(i))
+        else {
+            return false;
+        };
+        if !slot
+            .as_ref()
+            .is_some_and(|held| std::ptr::eq(&**held, record))
+        {
+            return false;
+        }
+        *slot = Some(fresh);
+        true
+    }
+
     /// Takes `record` out, if it is held.
     pub(super) fn remove(&mut self, record: &Record) -> bool {
         let Some(slot) = self

@@ -16,6 +16,7 @@
 mod by_id;
 mod by_sequence;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
@@ -62,6 +63,10 @@ pub struct MemoryStore {
     max_bytes: usize,
     /// Serialises eviction passes; the insert fast path never takes it.
     evicting: Mutex<()>,
+    /// Retries so far of the events retried at least once, by arrival
+    /// sequence (a record has no room for the count: see its size bound);
+    /// an entry leaves with its record.
+    retries: Mutex<HashMap<u64, u32>>,
     evictions: AtomicU64,
 }
 
@@ -83,6 +88,7 @@ impl MemoryStore {
             max_bytes: settings.max_bytes,
             evicting: Mutex::new(()),
             evictions: AtomicU64::new(0),
+            retries: Mutex::new(HashMap::new()),
         }
     }
 
@@ -214,6 +220,16 @@ impl MemoryStore {
         Ok(())
     }
 
+    /// Drops the retry counts of records that left.
+    fn forget_retries(&self, gone: &[Arc<Record>]) {
+        let mut retries = self.retries.lock();
+        if !retries.is_empty() {
+            for record in gone {
+                retries.remove(&record.sequence);
+            }
+        }
+    }
+
     /// Evicts the oldest finished records until both bounds have slack.
     fn evict(&self) -> EvictionPass {
         let _guard = self.evicting.lock();
@@ -247,6 +263,7 @@ impl MemoryStore {
         self.len.fetch_sub(freed_records, Ordering::Relaxed);
         self.bytes.fetch_sub(freed_bytes, Ordering::Relaxed);
         self.by_id.remove_all(&evicted);
+        self.forget_retries(&evicted);
         self.evictions
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
         if reached {
@@ -332,7 +349,45 @@ impl Store for MemoryStore {
         if self.by_id.remove(record) {
             self.by_sequence.lock().remove(record);
             self.release(1, record.footprint());
+            self.retries.lock().remove(&record.sequence);
         }
+    }
+
+    async fn retry(&self, record: &Record) -> Result<Option<Arc<Record>>, StoreError> {
+        if record.status() != Status::Failed {
+            return Ok(None);
+        }
+        let fresh = Arc::new(Record::with_outcome(
+            record.event.clone(),
+            record.sequence,
+            record.received_at,
+            record.trace_id,
+            None,
+        ));
+        // The id index decides (under its shard lock) which of two racing
+        // retries replaces the failed record; the loser finds it gone.
+        if !self.by_id.replace(record, Arc::clone(&fresh)) {
+            return Ok(None);
+        }
+        if !self.by_sequence.lock().replace(record, Arc::clone(&fresh)) {
+            // Evicted from the order index meanwhile: take it out whole.
+            self.by_id.remove(&fresh);
+            return Ok(None);
+        }
+        // The error text leaves with the failed record.
+        self.bytes
+            .fetch_sub(record.footprint() - fresh.footprint(), Ordering::Relaxed);
+        *self.retries.lock().entry(record.sequence).or_default() += 1;
+        Ok(Some(fresh))
+    }
+
+    fn attempts(&self, record: &Record) -> u32 {
+        1 + self
+            .retries
+            .lock()
+            .get(&record.sequence)
+            .copied()
+            .unwrap_or(0)
     }
 
     async fn complete(&self, record: &Record, with: CompleteWith) -> bool {

@@ -520,3 +520,34 @@ async fn remove_rolls_back_an_insert() {
     assert_eq!(store.len(), 0);
     assert_eq!(store.bytes(), 0);
 }
+
+#[tokio::test]
+async fn a_failed_record_is_replaced_by_a_pending_one_once_however_many_retry() {
+    let store = MemoryStore::new(&settings(10, 1 << 20));
+    let failed = inserted(&store, "f").await;
+    assert!(store.retry(&failed).await.unwrap().is_none(), "pending");
+    let before = store.bytes();
+    store
+        .complete(&failed, CompleteWith::Failed("it broke".into()))
+        .await;
+    assert_eq!(store.bytes(), before + "it broke".len());
+    assert_eq!(store.attempts(&failed), 1);
+
+    let fresh = store.retry(&failed).await.unwrap().expect("retried");
+    assert_eq!(fresh.sequence, failed.sequence);
+    assert_eq!(fresh.status(), Status::Pending);
+    assert_eq!(store.bytes(), before, "the error text left with it");
+    assert_eq!(store.attempts(&fresh), 2);
+    // The second of two racing retries finds it replaced.
+    assert!(store.retry(&failed).await.unwrap().is_none());
+    let held = store.get(&failed.event.id).await.unwrap().unwrap();
+    assert!(Arc::ptr_eq(&held, &fresh));
+    assert!(Arc::ptr_eq(
+        &store.get_by_sequence(failed.sequence).await.unwrap(),
+        &fresh
+    ));
+    assert_eq!(store.len(), 1);
+    // Its count leaves with it.
+    store.remove(&fresh).await;
+    assert_eq!(store.attempts(&fresh), 1);
+}
