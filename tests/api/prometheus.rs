@@ -153,6 +153,35 @@ async fn traffic(app: &crate::helpers::TestApp, round: usize) {
     app.get(&format!("/events/p{round}-1")).await;
     app.get("/events?limit=5").await;
     app.get("/healthz").await;
+    // A consumer of a named subscription (memory mode serves them).
+    let subscription = app.url("/subscriptions/scrape");
+    app.client
+        .put(&subscription)
+        .json(&serde_json::json!({"start": "earliest"}))
+        .send()
+        .await
+        .unwrap();
+    let polled = app
+        .client
+        .post(format!("{subscription}/poll?max=5"))
+        .send()
+        .await
+        .unwrap();
+    if polled.status() == 200 {
+        let polled: Value = polled.json().await.unwrap();
+        let ids: Vec<Value> = polled["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["ack_id"].clone())
+            .collect();
+        app.client
+            .post(format!("{subscription}/ack"))
+            .json(&serde_json::json!({ "ack_ids": ids }))
+            .send()
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
