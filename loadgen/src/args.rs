@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::consume::ConsumePlan;
+
 /// Load generator for eventflow: closed- or open-loop HTTP load, HDR latency
 /// percentiles, and a check that every accepted event was published.
 #[derive(Debug, Clone, Parser)]
@@ -75,6 +77,30 @@ pub(crate) struct Args {
     /// No progress bar.
     #[arg(long)]
     pub(crate) no_progress: bool,
+    /// Consumers polling one named subscription during the run (0: none):
+    /// it is created before the load (`start: latest`), every lease is
+    /// acknowledged, and the report says how fast; with --verify, that
+    /// every accepted event was acknowledged exactly once.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) consumers: usize,
+    /// The subscription's name (default `lg-{run}`; deleted after the run
+    /// if the run made it).
+    #[arg(long, requires = "consumers")]
+    pub(crate) subscription: Option<String>,
+    /// Events one poll leases (1..=1000).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) poll_max: usize,
+    /// How long a poll waits for its first event (at most 10s).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) poll_wait: Duration,
+    /// The subscription's ack_timeout (when the run makes it).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) ack_timeout: Duration,
+    /// After this long, one consumer dies holding its last leases
+    /// (never acknowledged): they come back to the others after
+    /// --ack-timeout.
+    #[arg(long, value_parser = humantime::parse_duration, requires = "consumers")]
+    pub(crate) kill_consumer_after: Option<Duration>,
 }
 
 /// How requests are paced.
@@ -118,6 +144,8 @@ pub(crate) struct Plan {
     pub(crate) id_suffix: String,
     pub(crate) timeout: Duration,
     pub(crate) metrics_url: Option<String>,
+    /// Consumers of a named subscription during the run, if any.
+    pub(crate) consume: Option<ConsumePlan>,
 }
 
 /// Default run length when neither --duration nor --requests is given.
@@ -211,6 +239,7 @@ impl Args {
                 m.clone()
             }
         });
+        let consume = self.consume_plan(run_id)?;
         Ok(Plan {
             host,
             port,
@@ -228,7 +257,50 @@ impl Args {
             id_suffix,
             timeout: self.timeout,
             metrics_url,
+            consume,
         })
+    }
+
+    /// The consumers' plan, when `--consumers` is set.
+    fn consume_plan(&self, run_id: &str) -> Result<Option<ConsumePlan>, String> {
+        if self.consumers == 0 {
+            return Ok(None);
+        }
+        if !(1..=1000).contains(&self.poll_max) {
+            return Err("--poll-max must be 1..=1000".into());
+        }
+        if self.poll_wait > Duration::from_secs(10) {
+            return Err("--poll-wait must be at most 10s (the service's request timeout)".into());
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(24 * 3600))
+            .contains(&self.ack_timeout)
+        {
+            return Err("--ack-timeout must be from 100ms to 24h".into());
+        }
+        if self.kill_consumer_after.is_some() && self.consumers < 2 {
+            return Err("--kill-consumer-after needs --consumers 2 or more".into());
+        }
+        let subscription = self
+            .subscription
+            .clone()
+            .unwrap_or_else(|| format!("lg-{run_id}"));
+        let valid = (1..=64).contains(&subscription.len())
+            && subscription
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(format!(
+                "--subscription `{subscription}` must be 1 to 64 of A-Z, a-z, 0-9, `_` and `-`"
+            ));
+        }
+        Ok(Some(ConsumePlan {
+            consumers: self.consumers,
+            subscription,
+            poll_max: self.poll_max,
+            poll_wait: self.poll_wait,
+            ack_timeout: self.ack_timeout,
+            kill_after: self.kill_consumer_after,
+        }))
     }
 }
 

@@ -6,13 +6,15 @@
 //! request succeeded; 2 invalid arguments; 3 `--verify` found an event
 //! lost, failed or published twice, or a sink failing.
 //!
-//! Layout: `args` (flags → plan), `workload` (request bodies), `http`
+//! Layout: `args` (flags → plan), `consume` (consumers of a named
+//! subscription), `workload` (request bodies), `http`
 //! (opening a connection), `pacer` (open-loop timing), `driver` (the
 //! connections, closed and open loop), `stats` (recorders and summary),
 //! `verify` (stream subscriber and reconciliation), `sampler` (the
 //! service's /metrics during the run), `report` (SVG/HTML plots).
 
 mod args;
+mod consume;
 mod driver;
 mod http;
 mod pacer;
@@ -75,6 +77,16 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
     } else {
         None
     };
+    let consumers = match &plan.consume {
+        Some(consume) => match consume::start(&plan, consume).await {
+            Ok(consumers) => Some(consumers),
+            Err(error) => {
+                eprintln!("eventflow-loadgen: --consumers cannot start: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let (stop_sampler, stopped) = tokio::sync::watch::channel(false);
     let sampler = plan
         .metrics_url
@@ -114,6 +126,11 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
             Ok(Err(error)) => eprintln!("eventflow-loadgen: {error}"),
             Err(error) => eprintln!("eventflow-loadgen: sampler failed: {error}"),
         }
+    }
+    if let Some(consumers) = consumers {
+        let accepted = args.verify.then_some(&recorder.accepted[..]);
+        summary.consume =
+            Some(consume::finish(consumers, &plan, accepted, args.verify_timeout).await);
     }
     if let Some(subscriber) = subscriber {
         summary.verify =
@@ -168,7 +185,11 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
             && v.duplicated == 0
             && v.publish_errors == Some(0)
             && summary.unreadable_answers == 0
-    });
+    }) && (!args.verify
+        || summary
+            .consume
+            .as_ref()
+            .is_none_or(consume::ConsumeReport::verified));
     if verified {
         ExitCode::SUCCESS
     } else {

@@ -284,6 +284,9 @@ pub(crate) struct Summary {
     pub(crate) service: Option<crate::sampler::ServiceStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) verify: Option<crate::verify::VerifyReport>,
+    /// The consumers of a named subscription (`--consumers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) consume: Option<crate::consume::ConsumeReport>,
 }
 
 impl Summary {
@@ -333,6 +336,7 @@ impl Summary {
             timeline,
             service: None,
             verify: None,
+            consume: None,
         }
     }
 
@@ -415,6 +419,36 @@ impl Summary {
                 v.publish_errors
                     .map_or_else(|| "unknown".to_owned(), |n| n.to_string())
             );
+        }
+        if let Some(c) = &self.consume {
+            let _ = writeln!(
+                t,
+                "consumed        {} acked by {} consumers of `{}` ({:.0} events/s), {} leases, {} redelivered, {} acks expired{}{}",
+                c.acked,
+                c.consumers,
+                c.subscription,
+                c.acked_per_s,
+                c.delivered,
+                c.redelivered,
+                c.expired,
+                if c.killed_held > 0 {
+                    format!(", {} held by the consumer that died", c.killed_held)
+                } else {
+                    String::new()
+                },
+                if c.unfinished {
+                    ", UNFINISHED (events still pending or in flight)"
+                } else {
+                    ""
+                }
+            );
+            if let Some(unacked) = c.unacked {
+                let _ = writeln!(
+                    t,
+                    "verify consume  {unacked} accepted events NEVER ACKED, {} ACKED TWICE, {} redelivered that the dead consumer did not hold",
+                    c.acked_twice, c.unexpected_redeliveries
+                );
+            }
         }
         t
     }

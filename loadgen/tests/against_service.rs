@@ -312,3 +312,54 @@ async fn an_open_loop_run_against_a_stalled_server_ends_and_shows_the_stall() {
         "the stall shows in the latency: {s}"
     );
 }
+
+/// Four consumers share one subscription while events are ingested; one
+/// dies holding its leases. Every accepted event is acknowledged exactly
+/// once and only the dead consumer's leases come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_a_subscription_ack_every_event_once_though_one_dies() {
+    let app = spawn_app().await;
+    let (code, summary) = loadgen(
+        app.url(),
+        &[
+            "-n",
+            "400",
+            "-b",
+            "10",
+            "-c",
+            "2",
+            "--consumers",
+            "4",
+            "--poll-max",
+            "20",
+            "--ack-timeout",
+            "2s",
+            // The last consumer dies on its first lease.
+            "--kill-consumer-after",
+            "0s",
+            "--verify",
+        ],
+    )
+    .await;
+    let consume = &summary["consume"];
+    assert_eq!(code, 0, "{summary}");
+    assert_eq!(summary["events_accepted"], 4000);
+    assert_eq!(consume["unacked"], 0, "{consume}");
+    assert_eq!(consume["acked_twice"], 0, "{consume}");
+    assert_eq!(consume["unexpected_redeliveries"], 0, "{consume}");
+    assert_eq!(consume["acked"], 4000, "{consume}");
+    let held = consume["killed_held"].as_u64().unwrap();
+    assert!(held > 0, "the dying consumer held nothing: {consume}");
+    assert_eq!(consume["redelivered"], held, "{consume}");
+    // The subscription the run made is gone after it.
+    let client = reqwest::Client::new();
+    let list: Value = client
+        .get(format!("{}/subscriptions", app.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["subscriptions"], serde_json::json!([]));
+}
