@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures in docs/performance.md.
 #
-#   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|jetstream|all]
+#   scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|jetstream|subscriptions|all]
 #   BASE=path/to/another/eventflow scripts/bench.sh ab   (this build against that one;
 #   KINDS="single wait batch" chooses the comparisons)
 #
@@ -14,7 +14,9 @@
 # step of the sweep), OUT (target/bench, raw outputs); for `nats`:
 # NATS_CPU (the core nats-server runs on; default LOAD_CPU, beside the load
 # generator), NATS_DURATION (60 s), BATCH_RATE (50 requests/s of 1,000
-# events) and SINGLE_RATE (20,000 requests/s), the offered rates.
+# events) and SINGLE_RATE (20,000 requests/s), the offered rates; for
+# `subscriptions`: SUB_RATE (200 requests/s of 1,000 events beside the
+# consumers).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -29,6 +31,7 @@ NATS_CPU="${NATS_CPU:-$LOAD_CPU}"
 NATS_DURATION="${NATS_DURATION:-60}"
 BATCH_RATE="${BATCH_RATE:-50}"
 SINGLE_RATE="${SINGLE_RATE:-20000}"
+SUB_RATE="${SUB_RATE:-200}"
 BIN=target/release
 mkdir -p "$OUT"
 
@@ -573,6 +576,58 @@ bench_ab() {
   done
 }
 
+
+# subs_json FILE KEY: a number from a loadgen JSON summary (KEY a dotted path).
+subs_json() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1]))
+for k in sys.argv[2].split("."): v=v[k]
+print(round(v) if isinstance(v, float) else v)' "$1" "$2"; }
+
+bench_subscriptions() {
+  echo "== 9. named subscriptions (memory mode): 4 consumers, max=100 a poll"
+  local drains=() cpu=()
+  for run in $(seq "$RUNS"); do
+    start_server eventflow
+    curl -sf -X PUT "http://127.0.0.1:$PORT/subscriptions/drain" -H 'content-type: application/json' \
+      -d '{"start":"earliest"}' >/dev/null
+    loadgen -n 900 -b 1000 -c 2 >/dev/null
+    local before
+    before="$(cpu_ticks)"
+    loadgen -n 1 --consumers 4 --subscription drain --poll-max 100 --json >"$OUT/subs-drain-$run.json"
+    cpu+=("$(( $(cpu_ticks) - before ))")
+    stop_server
+    drains+=("$(subs_json "$OUT/subs-drain-$run.json" consume.acked_per_s)")
+    echo "run $run: drained 900,000 published events at ${drains[-1]} acked/s, server CPU ${cpu[-1]} ticks"
+  done
+  echo "drain median: $(median "${drains[@]}") events/s acked; server CPU per event: $(python3 -c "print(f'{$(median "${cpu[@]}")*1e6/$(getconf CLK_TCK)/900000:.2f}')") us"
+  echo "beside ingest: open loop at ${SUB_RATE} requests/s of 1,000 events, 4 consumers, --verify"
+  start_server eventflow
+  loadgen --mode open --rate "$SUB_RATE" -b 1000 -c 4 -d "${DURATION}s" --consumers 4 --poll-max 100 \
+    --verify --json >"$OUT/subs-beside.json"
+  stop_server
+  echo "ingest $(subs_json "$OUT/subs-beside.json" accepted_events_per_s) events/s accepted;" \
+    "consumed $(subs_json "$OUT/subs-beside.json" consume.acked_per_s) events/s acked," \
+    "never acked $(subs_json "$OUT/subs-beside.json" consume.unacked)," \
+    "acked twice $(subs_json "$OUT/subs-beside.json" consume.acked_twice)"
+  echo "idle subscriptions: single events, closed loop, 0 against 64 idle subscriptions, interleaved"
+  local none=() idle=()
+  for run in $(seq "$RUNS"); do
+    for subs in $(in_turn "$run" 0 64); do
+      start_server eventflow
+      for i in $(seq "$subs"); do
+        curl -sf -X PUT "http://127.0.0.1:$PORT/subscriptions/idle$i" >/dev/null
+      done
+      loadgen -c 32 -d "${DURATION}s" --warmup 1s --json >"$OUT/subs-idle-$subs-$run.json"
+      stop_server
+      if [[ "$subs" == 0 ]]; then
+        none+=("$(subs_json "$OUT/subs-idle-0-$run.json" accepted_events_per_s)")
+      else
+        idle+=("$(subs_json "$OUT/subs-idle-64-$run.json" accepted_events_per_s)")
+      fi
+    done
+  done
+  python3 -c "n=float('$(median "${none[@]}")'); i=float('$(median "${idle[@]}")'); print(f'idle median: none {n:.0f}, 64 idle {i:.0f} events/s ({i/n:.3f})')"
+}
+
 case "${1:-all}" in
   single) machine; bench_single ;;
   batch) machine; bench_batch ;;
@@ -585,6 +640,7 @@ case "${1:-all}" in
   ab) machine; bench_ab ;;
   nats) machine; bench_nats ;;
   jetstream) machine; bench_jetstream ;;
+  subscriptions) machine; bench_subscriptions ;;
   all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_overload_sink; bench_tracing; bench_shutdown; bench_sweep ;;
-  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|jetstream|all|ab]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|jetstream|subscriptions|all|ab]" >&2; exit 2 ;;
 esac

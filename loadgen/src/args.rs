@@ -84,7 +84,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 0)]
     pub(crate) consumers: usize,
     /// The subscription's name (default `lg-{run}`; deleted after the run
-    /// if the run made it).
+    /// if the run made it; one that exists is consumed as it is).
     #[arg(long, requires = "consumers")]
     pub(crate) subscription: Option<String>,
     /// Events one poll leases (1..=1000).
@@ -296,6 +296,7 @@ impl Args {
         Ok(Some(ConsumePlan {
             consumers: self.consumers,
             subscription,
+            subscription_named: self.subscription.is_some(),
             poll_max: self.poll_max,
             poll_wait: self.poll_wait,
             ack_timeout: self.ack_timeout,

@@ -8,7 +8,8 @@
 //! dies would: those events come back to the others once their leases end.
 //! After the load, the consumers go on until the subscription has nothing
 //! pending or in flight (bounded), then stop, and the subscription is
-//! deleted if this run made it.
+//! deleted if this run made it. A subscription named with `--subscription`
+//! that exists already is consumed as it is, whatever its settings.
 //!
 //! What each event of this run went through is counted: leases, acks, and
 //! whether the dying consumer held it. With `--verify` the report says
@@ -35,6 +36,9 @@ pub(crate) struct ConsumePlan {
     pub(crate) consumers: usize,
     /// The subscription's name.
     pub(crate) subscription: String,
+    /// Named by --subscription: an existing one is consumed whatever its
+    /// settings (and never deleted).
+    pub(crate) subscription_named: bool,
     /// Events one poll leases.
     pub(crate) poll_max: usize,
     /// How long a poll waits for its first event.
@@ -160,6 +164,12 @@ impl Client {
             );
         }
         let sender = self.sender.as_mut().ok_or("no connection")?;
+        // The connection takes the next request only once it has finished
+        // with the last answer: sent before that, hyper cancels it.
+        if let Err(error) = sender.ready().await {
+            self.sender = None;
+            return Err(error.to_string());
+        }
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -231,6 +241,19 @@ pub(crate) async fn start(plan: &Plan, consume: &ConsumePlan) -> Result<Consumer
     let created = match status {
         StatusCode::CREATED => true,
         StatusCode::OK => false,
+        // One made with other settings: consumed as it is.
+        StatusCode::CONFLICT if consume.subscription_named => {
+            let path = format!("/subscriptions/{}", consume.subscription);
+            match client.call(Method::GET, &path, None).await? {
+                (StatusCode::OK, _) => false,
+                (other, answer) => {
+                    return Err(format!(
+                        "GET {path} answered {other}: {}",
+                        String::from_utf8_lossy(&answer)
+                    ));
+                }
+            }
+        }
         other => {
             return Err(format!(
                 "PUT /subscriptions/{} answered {other}: {}",
@@ -330,7 +353,13 @@ async fn consumer(
         let body = serde_json::json!({ "ack_ids": ids })
             .to_string()
             .into_bytes();
-        let Ok((StatusCode::OK, answer)) = client.call(Method::POST, &ack, Some(body)).await else {
+        // An ack lost on the way is sent again (the lease is still live);
+        // one the service answered otherwise is not.
+        let mut answered = client.call(Method::POST, &ack, Some(body.clone())).await;
+        if answered.is_err() {
+            answered = client.call(Method::POST, &ack, Some(body)).await;
+        }
+        let Ok((StatusCode::OK, answer)) = answered else {
             continue;
         };
         let Ok(answer) = serde_json::from_slice::<AckAnswer>(&answer) else {

@@ -109,18 +109,16 @@ impl MemoryFeed {
         }
     }
 
-    /// Where publication `publish_seq` stands.
-    pub fn locate(&self, publish_seq: u64) -> Located {
+    /// The publications after `after`, at most `max` of them, under one
+    /// hold of the lock: the arrival sequences of those still held, from
+    /// `first` on (publications between `after` and `first` were dropped).
+    pub fn arrivals_after(&self, after: u64, max: usize) -> Arrivals {
         let state = self.shared.state.lock();
-        if publish_seq > state.head() {
-            return Located::NotYet;
-        }
-        let arrival = publish_seq
-            .checked_sub(state.first)
-            .and_then(|i| state.index.get(usize::try_from(i).ok()?));
-        match arrival {
-            Some(&arrival) => Located::Held { arrival },
-            None => Located::Dropped,
+        let first = (after + 1).max(state.first);
+        let skip = usize::try_from(first - state.first).unwrap_or(usize::MAX);
+        Arrivals {
+            first,
+            arrivals: state.index.iter().skip(skip).take(max).copied().collect(),
         }
     }
 
@@ -139,19 +137,14 @@ impl MemoryFeed {
     }
 }
 
-/// Where a publication sequence stands in a [`MemoryFeed`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Located {
-    /// Held: the arrival sequence of its record (the store has it while it
-    /// holds the record).
-    Held {
-        /// The record's arrival sequence.
-        arrival: u64,
-    },
-    /// Published, then dropped from the feed's index (its record is gone).
-    Dropped,
-    /// Not published yet.
-    NotYet,
+/// Publications read from a [`MemoryFeed`]'s index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrivals {
+    /// The publication sequence of the first of `arrivals`.
+    pub first: u64,
+    /// The arrival sequences of publications `first`, `first + 1`, … (the
+    /// store holds each record while it holds it).
+    pub arrivals: Vec<u64>,
 }
 
 #[async_trait]

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::event::EventId;
 use crate::store::{Processing, Record};
 
-pub use memory::{LINE_WINDOW, Located, MemoryFeed};
+pub use memory::{Arrivals, LINE_WINDOW, MemoryFeed};
 
 /// Longest published line a feed keeps as text; a longer one is rendered
 /// again from the store for each subscriber, so that what the feed holds

@@ -270,6 +270,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// The record with arrival sequence `sequence`, if still held.
     async fn get_by_sequence(&self, sequence: u64) -> Option<Arc<Record>>;
+    /// The records with these arrival sequences, each if still held.
+    async fn get_many_by_sequence(&self, sequences: &[u64]) -> Vec<Option<Arc<Record>>> {
+        let mut records = Vec::with_capacity(sequences.len());
+        for &sequence in sequences {
+            records.push(self.get_by_sequence(sequence).await);
+        }
+        records
+    }
     /// Removes a record that could not be queued after all.
     async fn remove(&self, record: &Record);
     /// Records the outcome; `false` if the record already had one (it keeps it).

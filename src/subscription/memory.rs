@@ -27,7 +27,7 @@ use super::{
     AckId, Acked, DeadLetter, DeadLetters, Lease, Put, Spec, Start, State, SubscriptionError,
     SubscriptionName, Subscriptions,
 };
-use crate::feed::{Feed, Located, MemoryFeed};
+use crate::feed::{Feed, MemoryFeed};
 use crate::store::Store;
 use crate::telemetry::metrics::{Metrics, names};
 
@@ -190,29 +190,20 @@ impl Cursor {
                 lease(&mut taken, entry, sequence);
             }
         }
-        if taken.len() < max {
-            let (first, head) = feed.bounds();
-            if self.frontier + 1 < first {
-                self.skipped += first - 1 - self.frontier;
-                self.frontier = first - 1;
-            }
-            while taken.len() < max && self.entries.len() < WINDOW {
+        let room = (max - taken.len()).min(WINDOW.saturating_sub(self.entries.len()));
+        if room > 0 {
+            let fresh = feed.arrivals_after(self.frontier, room);
+            // Published after the cursor, dropped before it got to them.
+            self.skipped += fresh.first - 1 - self.frontier;
+            self.frontier = fresh.first - 1;
+            for arrival in fresh.arrivals {
                 let sequence = self.frontier + 1;
-                if sequence > head {
-                    break;
-                }
-                match feed.locate(sequence) {
-                    Located::Held { arrival } => {
-                        let entry = self.entries.entry(sequence).or_insert(Entry {
-                            arrival,
-                            delivery: 0,
-                            lease: None,
-                        });
-                        lease(&mut taken, entry, sequence);
-                    }
-                    Located::Dropped => self.skipped += 1,
-                    Located::NotYet => break,
-                }
+                let entry = self.entries.entry(sequence).or_insert(Entry {
+                    arrival,
+                    delivery: 0,
+                    lease: None,
+                });
+                lease(&mut taken, entry, sequence);
                 self.frontier = sequence;
             }
         }
@@ -299,8 +290,10 @@ impl MemorySubscriptions {
     async fn read(&self, subscription: &Subscription, taken: Vec<Taken>) -> Vec<Lease> {
         let mut leases = Vec::with_capacity(taken.len());
         let mut gone = Vec::new();
-        for taken in taken {
-            match self.store.get_by_sequence(taken.arrival).await {
+        let arrivals: Vec<u64> = taken.iter().map(|t| t.arrival).collect();
+        let records = self.store.get_many_by_sequence(&arrivals).await;
+        for (taken, record) in taken.into_iter().zip(records) {
+            match record {
                 Some(record) => leases.push(Lease {
                     ack_id: AckId::Memory {
                         sequence: taken.sequence,

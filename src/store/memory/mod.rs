@@ -345,6 +345,14 @@ impl Store for MemoryStore {
         self.by_sequence.lock().get(sequence)
     }
 
+    async fn get_many_by_sequence(&self, sequences: &[u64]) -> Vec<Option<Arc<Record>>> {
+        let order = self.by_sequence.lock();
+        sequences
+            .iter()
+            .map(|&sequence| order.get(sequence))
+            .collect()
+    }
+
     async fn remove(&self, record: &Record) {
         if self.by_id.remove(record) {
             self.by_sequence.lock().remove(record);
