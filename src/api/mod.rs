@@ -267,6 +267,7 @@ fn document(
         require_bearer(&mut document);
     }
     common_answers(&mut document, rate_limited);
+    extractor_rules(&mut document);
     let schemas = &mut document["components"]["schemas"];
     if let Some(payload) = schemas["EventInput"]["properties"].get_mut("payload") {
         payload["maxLength"] = settings.max_payload_bytes.into();
@@ -294,7 +295,7 @@ fn common_answers(document: &mut serde_json::Value, rate_limited: bool) {
         return;
     };
     for (path, item) in paths.iter_mut() {
-        let guarded = path == "/events" || path.starts_with("/events/");
+        let guarded = guarded(path);
         let Some(operations) = item.as_object_mut() else {
             continue;
         };
@@ -320,6 +321,63 @@ fn common_answers(document: &mut serde_json::Value, rate_limited: bool) {
     }
 }
 
+/// A body field that may be left out but, when given, is not `null` (its
+/// schema has no null): `#[serde(default, deserialize_with = "present")]`.
+pub(crate) fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+/// Whether the route at `path` is behind the bearer token and the rate
+/// limit (the event and subscription routes).
+fn guarded(path: &str) -> bool {
+    ["/events", "/subscriptions"].iter().any(|root| {
+        path == *root
+            || path
+                .strip_prefix(root)
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
+/// The parts of the document axum's extractors decide, stated: a
+/// subscription name's form, and the bodies that may be left out.
+fn extractor_rules(document: &mut serde_json::Value) {
+    let Some(paths) = document["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, operation) in operations.iter_mut() {
+            if let Some(parameters) = operation
+                .get_mut("parameters")
+                .and_then(serde_json::Value::as_array_mut)
+            {
+                for parameter in parameters {
+                    if parameter["in"] == "path" && parameter["name"] == "name" {
+                        parameter["schema"]["pattern"] = "^[A-Za-z0-9_-]{1,64}$".into();
+                    }
+                }
+            }
+            // Every field optional, the body too: an empty one takes the defaults.
+            let optional_body = matches!(
+                (method.as_str(), path.as_str()),
+                ("put", "/subscriptions/{name}")
+                    | ("post", "/subscriptions/{name}/ack")
+                    | ("post", "/subscriptions/{name}/dead-letters/redeliver")
+                    | ("post", "/events/retry")
+            );
+            if optional_body && operation.get("requestBody").is_some() {
+                operation["requestBody"]["required"] = false.into();
+            }
+        }
+    }
+}
+
 /// With auth on: the bearer scheme, asked for by every event operation,
 /// each of which can then answer 401.
 fn require_bearer(document: &mut serde_json::Value) {
@@ -333,7 +391,7 @@ fn require_bearer(document: &mut serde_json::Value) {
         return;
     };
     for (path, item) in paths.iter_mut() {
-        if !(path == "/events" || path.starts_with("/events/")) {
+        if !guarded(path) {
             continue;
         }
         let Some(operations) = item.as_object_mut() else {

@@ -38,6 +38,26 @@ pub(crate) fn count(
     }
 }
 
+/// A duration in a request, if `text` is one: a whole number and one unit
+/// (`500ms`, `30s`, `5m`, `1h`), as the document's pattern
+/// `^(0|[1-9][0-9]{0,8})(ms|s|m|h)$` has it.
+pub(crate) fn duration(text: &str) -> Option<std::time::Duration> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    if digits == 0 || digits > 9 || (digits > 1 && number.starts_with('0')) {
+        return None;
+    }
+    let n: u64 = number.parse().ok()?;
+    let millis = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(millis))
+}
+
 /// A page cursor from a previous page's `next` (absent or empty: the start).
 pub(crate) fn cursor(field: &'static str, raw: Option<&str>) -> Result<u64, ApiError> {
     match raw {
@@ -60,6 +80,29 @@ pub(crate) fn cursor(field: &'static str, raw: Option<&str>) -> Result<u64, ApiE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_a_number_and_one_unit() {
+        use std::time::Duration;
+        assert_eq!(duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(duration("0s"), Some(Duration::ZERO));
+        for bad in [
+            "",
+            "s",
+            "30",
+            "030s",
+            "1.5s",
+            "1m30s",
+            "30sec",
+            "-1s",
+            "1000000000s",
+            " 1s",
+        ] {
+            assert_eq!(duration(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn counts_and_cursors_in_range_only() {

@@ -46,7 +46,7 @@ impl AckId {
 /// A decimal u64 written the one way this service writes it.
 fn number(text: &str) -> Option<u64> {
     let canonical = !text.is_empty()
-        && text.len() <= 20
+        && text.len() <= 18
         && text.bytes().all(|b| b.is_ascii_digit())
         && (text == "0" || !text.starts_with('0'));
     canonical.then(|| text.parse().ok()).flatten()

@@ -26,13 +26,22 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
-/// The whole service's scrape declares every catalogued metric (the nats
-/// backend's aside: `nats::` tests scrape those), each with its kind and
-/// help, and nothing the catalogue does not list.
+/// The whole service's scrape (with a subscription) declares every
+/// catalogued metric (the nats backend's aside: `nats::` tests scrape
+/// those), each with its kind and help, and nothing the catalogue does not
+/// list.
 #[tokio::test]
 async fn a_scrape_declares_every_catalogued_metric_and_no_other() {
     use eventflow::telemetry::catalogue::{CATALOGUE, find};
     let app = crate::helpers::spawn_app().await;
+    // The subscription series exist once there is a subscription.
+    let put = app
+        .client
+        .put(app.url("/subscriptions/declared"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
     // The HTTP series exist once a request was answered: this first scrape.
     scrape(&app).await;
     let text = scrape(&app).await;

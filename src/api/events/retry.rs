@@ -7,12 +7,12 @@ use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::super::AppState;
 use super::super::error::{ApiError, Problem, clip};
 use super::super::json_body;
+use super::super::query;
 use crate::event::EventId;
 use crate::pipeline::RetryError;
 use crate::store::Status;
@@ -36,12 +36,13 @@ pub(crate) struct RetryAnswer {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RetryManyInput {
     /// `"failed"` (the only status retried; the default).
-    #[schema(value_type = Option<String>, example = "failed")]
+    #[schema(schema_with = failed_only)]
+    #[serde(default, deserialize_with = "crate::api::present")]
     status: Option<String>,
     /// A cursor from a previous answer's `next` (arrival order; empty or
     /// absent: from the start).
-    #[schema(value_type = Option<String>)]
-    after: Option<Value>,
+    #[schema(value_type = Option<String>, pattern = r"^[0-9]{0,19}$")]
+    after: Option<String>,
     /// Most events to queue again, 1..=1000; default 100.
     #[schema(minimum = 1, maximum = 1000)]
     limit: Option<u64>,
@@ -99,6 +100,9 @@ pub(crate) async fn retry_event(
     responses(
         (status = 202, description = "How many were queued again, and where to go on", body = RetryManyAnswer),
         (status = 422, description = "A status other than `failed`, a cursor or limit out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A body that is not `application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 501, description = "This backend does not retry events yet", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Not even the first fits in the pipeline, shutting down, or the backend unavailable (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )
@@ -117,17 +121,9 @@ pub(crate) async fn retry_events(
             )));
         }
     }
-    let after = match &input.after {
-        None | Some(Value::Null) => 0,
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(bad_cursor)?,
-        Some(Value::String(s)) if s.is_empty() => 0,
-        Some(Value::String(s)) => s
-            .parse()
-            .ok()
-            .filter(|_| s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()))
-            .ok_or_else(bad_cursor)?,
-        Some(_) => return Err(bad_cursor()),
-    };
+    let after = query::cursor("after", input.after.as_deref()).map_err(|_| {
+        ApiError::invalid_body("after must be a cursor from a previous answer's `next`")
+    })?;
     let limit = match input.limit {
         None => DEFAULT_LIMIT,
         Some(n) if (1..=MAX_LIMIT as u64).contains(&n) => n as usize,
@@ -145,6 +141,10 @@ pub(crate) async fn retry_events(
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
-fn bad_cursor() -> ApiError {
-    ApiError::invalid_body("after must be a cursor from a previous answer's `next`")
+/// The document's schema of `status`: `failed`, the one status retried.
+fn failed_only() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["failed"]))
+        .build()
 }

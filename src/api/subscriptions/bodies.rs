@@ -21,13 +21,14 @@ use crate::time::UnixNanos;
 #[serde(deny_unknown_fields)]
 pub(crate) struct SubscriptionInput {
     /// `"earliest"`, `"latest"` (default), `{"after": N}` (a publication
-    /// sequence) or `{"since": "2026-12-07T10:00:00Z"}` (compared with the
-    /// publication time).
-    #[schema(value_type = Object)]
+    /// sequence, at most the newest) or `{"since": "2026-12-07T10:00:00Z"}`
+    /// (compared with the publication time).
+    #[schema(schema_with = start_schema)]
+    #[serde(default, deserialize_with = "crate::api::present")]
     start: Option<Value>,
-    /// How long a lease lasts without an ack: a duration such as `"30s"`
-    /// (default), 100 ms to 24 h.
-    #[schema(value_type = Option<String>, example = "30s")]
+    /// How long a lease lasts without an ack: a number and a unit (`ms`,
+    /// `s`, `m`, `h`), 100 ms to 24 h; default `"30s"`.
+    #[schema(value_type = Option<String>, example = "30s", pattern = "^(0|[1-9][0-9]{0,8})(ms|s|m|h)$")]
     ack_timeout: Option<String>,
     /// Leases an event gets before it is dead-lettered, 1..=1000; default 10.
     #[schema(minimum = 1, maximum = 1000)]
@@ -43,12 +44,12 @@ impl SubscriptionInput {
         };
         let ack_timeout = match self.ack_timeout.as_deref() {
             None => DEFAULT_ACK_TIMEOUT,
-            Some(text) => humantime::parse_duration(text)
-                .ok()
+            Some(text) => crate::api::query::duration(text)
                 .filter(|d| ACK_TIMEOUT_RANGE.contains(d))
                 .ok_or_else(|| {
                     ApiError::invalid_body(format!(
-                        "ack_timeout must be a duration from 100ms to 24h such as \"30s\", got `{}`",
+                        "ack_timeout must be a duration from 100ms to 24h, a number and a unit \
+                         (ms, s, m, h) such as \"30s\", got `{}`",
                         clip(text)
                     ))
                 })?,
@@ -89,19 +90,56 @@ fn parse_start(start: &Value) -> Result<Start, ApiError> {
                 .get("since")
                 .and_then(Value::as_str)
                 .ok_or_else(wrong)?;
-            let at = humantime::parse_rfc3339(text).map_err(|_| {
+            let at = chrono::DateTime::parse_from_rfc3339(text).map_err(|_| {
                 ApiError::invalid_body(format!(
-                    "start.since must be an RFC 3339 time in UTC such as \"2026-12-07T10:00:00Z\", got `{}`",
+                    "start.since must be an RFC 3339 time such as \"2026-12-07T10:00:00Z\", got `{}`",
                     clip(text)
                 ))
             })?;
+            // Before 1970 is before every publication.
+            let nanos = at.timestamp_nanos_opt().unwrap_or(i64::MAX).max(0);
             Ok(Start::Since {
-                at: UnixNanos::from(at),
+                at: UnixNanos::from_nanos(nanos.unsigned_abs()),
                 text: text.to_owned(),
             })
         }
         _ => Err(wrong()),
     }
+}
+
+/// The document's schema of a start: one of its four forms.
+fn start_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    let object = |field: &str, property: ObjectBuilder| {
+        ObjectBuilder::new()
+            .property(field, property)
+            .required(field)
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+            ))
+    };
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["earliest", "latest"])),
+        )
+        .item(object(
+            "after",
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Int64,
+                )))
+                .minimum(Some(0)),
+        ))
+        .item(object(
+            "since",
+            ObjectBuilder::new().schema_type(Type::String).format(Some(
+                utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::DateTime),
+            )),
+        ))
+        .into()
 }
 
 /// A subscription's settings and where it stands.
@@ -110,7 +148,7 @@ pub(crate) struct SubscriptionView {
     /// Its name.
     name: String,
     /// Its start, as given.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = start_schema)]
     start: Value,
     /// How long a lease lasts without an ack.
     #[schema(example = "30s")]
@@ -142,7 +180,7 @@ impl From<State> for SubscriptionView {
         Self {
             name: state.name.to_string(),
             start,
-            ack_timeout: humantime::format_duration(state.spec.ack_timeout).to_string(),
+            ack_timeout: format_duration(state.spec.ack_timeout),
             max_deliver: state.spec.max_deliver,
             committed: state.committed,
             pending: state.pending,
@@ -150,6 +188,18 @@ impl From<State> for SubscriptionView {
             dead_lettered: state.dead_lettered,
             skipped: state.skipped,
         }
+    }
+}
+
+/// A duration as a request would write it: the largest unit that divides it.
+fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    match millis {
+        0 => "0s".into(),
+        m if m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
+        m if m % 60_000 == 0 => format!("{}m", m / 60_000),
+        m if m % 1000 == 0 => format!("{}s", m / 1000),
+        m => format!("{m}ms"),
     }
 }
 
@@ -168,9 +218,10 @@ pub(crate) struct PollParams {
     /// Most events to lease, 1..=1000; default 100.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     pub(super) max: Option<String>,
-    /// How long to wait for the first event: a duration such as `"5s"`,
-    /// at most `server.request_timeout`; default `"0s"`.
-    #[param(value_type = Option<String>)]
+    /// How long to wait for the first event: a number and a unit (`ms`,
+    /// `s`, `m`, `h`) such as `5s`, at most `server.request_timeout`;
+    /// default `0s`.
+    #[param(value_type = Option<String>, pattern = "^(0|[1-9][0-9]{0,8})(ms|s|m|h)$")]
     pub(super) wait: Option<String>,
 }
 
@@ -179,15 +230,15 @@ pub(crate) fn poll_wait(raw: Option<&str>, limit: Duration) -> Result<Duration, 
     let Some(raw) = raw else {
         return Ok(Duration::ZERO);
     };
-    humantime::parse_duration(raw)
-        .ok()
+    crate::api::query::duration(raw)
         .filter(|wait| *wait <= limit)
         .ok_or_else(|| {
             ApiError::invalid_query(
                 "wait",
                 format!(
-                    "must be a duration such as \"5s\", at most server.request_timeout ({}), got `{}`",
-                    humantime::format_duration(limit),
+                    "must be a number and a unit (ms, s, m, h) such as \"5s\", at most \
+                     server.request_timeout ({}), got `{}`",
+                    format_duration(limit),
                     clip(raw)
                 ),
             )
@@ -222,11 +273,19 @@ pub(crate) struct PollAnswer<'a> {
 pub(crate) struct AckInput {
     /// Leases to acknowledge.
     #[serde(default)]
+    #[schema(inline, value_type = Vec<AckIdText>)]
     pub(super) ack_ids: Vec<String>,
     /// Leases to hand back at once (each counts as a delivery).
     #[serde(default)]
+    #[schema(inline, value_type = Vec<AckIdText>)]
     pub(super) nack_ids: Vec<String>,
 }
+
+/// An `ack_id` as a poll gave it.
+#[derive(ToSchema)]
+#[schema(pattern = "^m1\\.(0|[1-9][0-9]{0,17})\\.(0|[1-9][0-9]{0,17})$")]
+#[allow(dead_code)] // only the document's type
+pub(crate) struct AckIdText(String);
 
 /// What an ack request did.
 #[derive(Debug, Serialize, ToSchema)]
@@ -326,6 +385,7 @@ mod tests {
             r#"{"start":{"after":-1}}"#,
             r#"{"start":{"after":1,"since":"2026-12-07T10:00:00Z"}}"#,
             r#"{"start":{"since":"yesterday"}}"#,
+            r#"{"ack_timeout":"30sec"}"#,
             r#"{"ack_timeout":"10ms"}"#,
             r#"{"ack_timeout":"2d"}"#,
             r#"{"max_deliver":0}"#,
@@ -333,6 +393,14 @@ mod tests {
         ] {
             assert!(spec(body).is_err(), "{body}");
         }
+    }
+
+    #[test]
+    fn durations_are_written_in_their_largest_unit() {
+        assert_eq!(format_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
     }
 
     #[test]

@@ -66,6 +66,9 @@ fn name(path: Result<Path<String>, PathRejection>) -> Result<SubscriptionName, A
         (status = 200, description = "It exists with these settings", body = SubscriptionView),
         (status = 409, description = "It exists with different settings, or `subscriptions.max_count` exist", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A name or field out of range, or a start past the last publication sequence", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A body that is not `application/json`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn put_subscription(
@@ -102,6 +105,7 @@ pub(crate) async fn put_subscription(
     responses(
         (status = 200, description = "Its state", body = SubscriptionView),
         (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a subscription name (`[A-Za-z0-9_-]{1,64}`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_subscription(
@@ -138,6 +142,7 @@ pub(crate) async fn list_subscriptions(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a subscription name (`[A-Za-z0-9_-]{1,64}`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn delete_subscription(
@@ -158,7 +163,8 @@ pub(crate) async fn delete_subscription(
     responses(
         (status = 200, description = "The leased events, in publication order (possibly none)", body = PollAnswer),
         (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`max` or `wait` out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`max` or `wait` out of range, or not a subscription name", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A malformed query string (an unknown or repeated parameter)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Answers in memory are at `server.max_inflight_answer_bytes` (`Retry-After`); the leases are handed back", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -238,7 +244,10 @@ fn render_poll(
     responses(
         (status = 200, description = "What became of the ids; one that matches no live lease is counted `expired`", body = AckAnswer),
         (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "An id this service never issued (nothing is applied)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "An id this service never issued (nothing is applied), or not a subscription name", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A body that is not `application/json`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn ack(
@@ -282,7 +291,8 @@ pub(crate) async fn ack(
     responses(
         (status = 200, description = "A page of dead letters, in publication order", body = DeadLetterPage),
         (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A limit or cursor out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A limit or cursor out of range, or not a subscription name", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A malformed query string (an unknown or repeated parameter)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Answers in memory are at `server.max_inflight_answer_bytes` (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -347,6 +357,10 @@ pub(crate) async fn dead_letters(
     responses(
         (status = 202, description = "How many were handed out again", body = RedeliverAnswer),
         (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A body that is not a list of sequences, or not a subscription name", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A body that is not `application/json`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn redeliver(
@@ -357,6 +371,15 @@ pub(crate) async fn redeliver(
     let name = name(path)?;
     let subscriptions = subscriptions(&state)?;
     let input = json_body::<RedeliverInput>(&state, request).await?;
+    // Publication sequences are int64 in the document, as in JSON tools.
+    if let Some(sequences) = &input.sequences
+        && let Some(bad) = sequences.iter().find(|&&s| s > i64::MAX as u64)
+    {
+        return Err(ApiError::invalid_body(format!(
+            "sequences: {bad} is not a publication sequence (at most {})",
+            i64::MAX
+        )));
+    }
     let redelivered = subscriptions
         .redeliver(&name, input.sequences.as_deref())
         .await?;
