@@ -126,6 +126,76 @@ async fn readers_that_never_read_take_only_the_answers_budget_never_a_writers_pl
     until_answered(&app, "/events/big-00", 200).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pollers_that_never_read_take_only_the_answers_budget_and_hand_their_leases_back() {
+    let app = spawn_app_with(|s| s.server.max_inflight_answer_bytes = 16 << 20, Vec::new()).await;
+    let created = app
+        .client
+        .put(app.url("/subscriptions/hoard"))
+        .json(&json!({"start": "earliest", "ack_timeout": "1h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    // 400 events of 64 KiB of U+0001: 384 KiB each in a poll's answer.
+    let payload = "\u{1}".repeat(64 * 1024);
+    app.post_published(400, &payload).await;
+    // Consumers lease ten events a poll and never read the answer: what
+    // the kernel's socket buffers take leaves the service, the rest is
+    // held against the answers' budget, until a poll is refused at once.
+    let poll = "POST /subscriptions/hoard/poll?max=10&wait=5s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n";
+    let mut pollers = Vec::new();
+    let refusal = loop {
+        assert!(pollers.len() < 40, "the answers' budget never ran out");
+        let mut stream = connect_from([127, 0, 0, 1], app.addr).await.unwrap();
+        stream.write_all(poll.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        if &head == b"HTTP/1.1 200" {
+            pollers.push(stream);
+            continue;
+        }
+        assert_eq!(&head, b"HTTP/1.1 503", "{}", String::from_utf8_lossy(&head));
+        break read_problem(&mut stream).await;
+    };
+    assert!(refusal.contains("retry-after: 1"), "{refusal}");
+    assert!(
+        refusal.contains("server.max_inflight_answer_bytes"),
+        "{refusal}"
+    );
+    // A writer never is refused for it.
+    let writer = client_from([127, 0, 0, 2]);
+    assert_eq!(writer_successes(&writer, app.addr, "writer", 50).await, 50);
+    // The refused poll's leases went back: nothing it leased is in flight.
+    let state: Value = app
+        .get("/subscriptions/hoard")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        state["in_flight"].as_u64().unwrap(),
+        10 * pollers.len() as u64,
+        "{state}"
+    );
+    // Pollers that leave give their share back.
+    drop(pollers);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = app
+            .client
+            .post(app.url("/subscriptions/hoard/poll?max=2"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "polls never answered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The rest of an answer whose head was read, up to its problem's end.
 async fn read_problem(stream: &mut TcpStream) -> String {
     let mut answer = Vec::new();
