@@ -76,6 +76,11 @@ pub(crate) struct ConsumeReport {
     /// The subscription still had events pending or in flight when the
     /// consumers were stopped.
     pub(crate) unfinished: bool,
+    /// Its committed cursor then (with nothing pending or in flight: the
+    /// newest publication sequence).
+    pub(crate) committed: Option<u64>,
+    /// Events it had dead-lettered then.
+    pub(crate) dead_lettered: Option<u64>,
 }
 
 impl ConsumeReport {
@@ -87,6 +92,7 @@ impl ConsumeReport {
             && self.expired == 0
             && self.unexpected_redeliveries == 0
             && !self.unfinished
+            && self.dead_lettered == Some(0)
     }
 }
 
@@ -220,8 +226,10 @@ struct AckAnswer {
 
 #[derive(Deserialize)]
 struct SubscriptionState {
+    committed: u64,
     pending: u64,
     in_flight: u64,
+    dead_lettered: u64,
 }
 
 /// Creates the subscription and starts the consumers.
@@ -395,18 +403,22 @@ pub(crate) async fn finish(
     let state_path = format!("/subscriptions/{}", consumers.plan.subscription);
     // Leases a dying consumer held come back only after ack_timeout.
     let deadline = Instant::now() + wait + consumers.plan.ack_timeout;
-    let mut unfinished = true;
+    let mut last = None;
     while Instant::now() < deadline {
         if let Ok((StatusCode::OK, body)) = client.call(Method::GET, &state_path, None).await
             && let Ok(state) = serde_json::from_slice::<SubscriptionState>(&body)
-            && state.pending == 0
-            && state.in_flight == 0
         {
-            unfinished = false;
-            break;
+            let done = state.pending == 0 && state.in_flight == 0;
+            last = Some(state);
+            if done {
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let unfinished = last
+        .as_ref()
+        .is_none_or(|state| state.pending > 0 || state.in_flight > 0);
     consumers.stop.store(true, Ordering::Relaxed);
     for task in consumers.tasks {
         let _ = task.await;
@@ -453,6 +465,8 @@ pub(crate) async fn finish(
         acked_twice: ledger.acked.iter().filter(|&&count| count > 1).count() as u64,
         unexpected_redeliveries,
         unfinished,
+        committed: last.as_ref().map(|state| state.committed),
+        dead_lettered: last.as_ref().map(|state| state.dead_lettered),
     }
 }
 
@@ -464,6 +478,7 @@ mod tests {
     fn verified_only_when_every_count_is_right() {
         let good = ConsumeReport {
             unacked: Some(0),
+            dead_lettered: Some(0),
             ..ConsumeReport::default()
         };
         assert!(good.verified());
@@ -490,6 +505,10 @@ mod tests {
             },
             ConsumeReport {
                 unfinished: true,
+                ..good.clone()
+            },
+            ConsumeReport {
+                dead_lettered: Some(1),
                 ..good.clone()
             },
         ] {

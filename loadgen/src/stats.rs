@@ -423,7 +423,7 @@ impl Summary {
         if let Some(c) = &self.consume {
             let _ = writeln!(
                 t,
-                "consumed        {} acked by {} consumers of `{}` ({:.0} events/s), {} leases, {} redelivered, {} acks expired{}{}",
+                "consumed        {} acked by {} consumers of `{}` ({:.0} events/s), {} leases, {} redelivered, {} acks expired{}{}; committed {}, dead-lettered {}",
                 c.acked,
                 c.consumers,
                 c.subscription,
@@ -440,7 +440,11 @@ impl Summary {
                     ", UNFINISHED (events still pending or in flight)"
                 } else {
                     ""
-                }
+                },
+                c.committed
+                    .map_or_else(|| "unknown".into(), |n| n.to_string()),
+                c.dead_lettered
+                    .map_or_else(|| "unknown".into(), |n| n.to_string()),
             );
             if let Some(unacked) = c.unacked {
                 let _ = writeln!(

@@ -351,6 +351,9 @@ async fn consumers_of_a_subscription_ack_every_event_once_though_one_dies() {
     let held = consume["killed_held"].as_u64().unwrap();
     assert!(held > 0, "the dying consumer held nothing: {consume}");
     assert_eq!(consume["redelivered"], held, "{consume}");
+    // Nothing left: the cursor is at the last publication.
+    assert_eq!(consume["dead_lettered"], 0, "{consume}");
+    assert_eq!(consume["committed"], 4000, "{consume}");
     // The subscription the run made is gone after it.
     let client = reqwest::Client::new();
     let list: Value = client

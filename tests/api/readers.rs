@@ -128,7 +128,11 @@ async fn readers_that_never_read_take_only_the_answers_budget_never_a_writers_pl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pollers_that_never_read_take_only_the_answers_budget_and_hand_their_leases_back() {
-    let app = spawn_app_with(|s| s.server.max_inflight_answer_bytes = 16 << 20, Vec::new()).await;
+    let app = spawn_app_with(
+        |s| s.server.max_inflight_answer_bytes = 16 << 20,
+        Vec::new(),
+    )
+    .await;
     let created = app
         .client
         .put(app.url("/subscriptions/hoard"))
@@ -167,12 +171,7 @@ async fn pollers_that_never_read_take_only_the_answers_budget_and_hand_their_lea
     let writer = client_from([127, 0, 0, 2]);
     assert_eq!(writer_successes(&writer, app.addr, "writer", 50).await, 50);
     // The refused poll's leases went back: nothing it leased is in flight.
-    let state: Value = app
-        .get("/subscriptions/hoard")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let state: Value = app.get("/subscriptions/hoard").await.json().await.unwrap();
     assert_eq!(
         state["in_flight"].as_u64().unwrap(),
         10 * pollers.len() as u64,
