@@ -157,6 +157,28 @@ impl AnswerBuffer {
         self.bytes.truncate(len);
     }
 
+    /// Appends `value` as the next element of a JSON array whose `[` is
+    /// written (`first`: no comma before it), unless that would take the
+    /// answer past `limit` bytes: then it is left out (`false`). A first
+    /// element is always written, so that a list holds at least one.
+    pub(crate) fn list_item(
+        &mut self,
+        first: bool,
+        value: &impl serde::Serialize,
+        limit: usize,
+    ) -> Result<bool, ApiError> {
+        let start = self.len();
+        if !first {
+            self.extend(b",")?;
+        }
+        self.json(value)?;
+        if !first && self.len() > limit {
+            self.truncate(start);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     /// Serializes `value` as JSON onto the answer.
     pub(crate) fn json(&mut self, value: &impl serde::Serialize) -> Result<(), ApiError> {
         let mut writer = Writer {

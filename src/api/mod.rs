@@ -300,7 +300,34 @@ fn common_answers(document: &mut serde_json::Value, rate_limited: bool) {
             continue;
         };
         for operation in operations.values_mut() {
+            let takes_body = operation.get("requestBody").is_some();
+            let takes_query = operation
+                .get("parameters")
+                .and_then(serde_json::Value::as_array)
+                .is_some_and(|parameters| parameters.iter().any(|p| p["in"] == "query"));
             let responses = &mut operation["responses"];
+            // What reading a body or a query string can answer, where the
+            // operation does not say it in its own words.
+            let mut default = |status: &str, description: &str| {
+                if responses.get(status).is_none() {
+                    responses[status] =
+                        json!({ "description": description, "content": problem.clone() });
+                }
+            };
+            if takes_body {
+                default("400", "Malformed JSON");
+                default("413", "Body over server.max_body_bytes");
+                default(
+                    "415",
+                    "A body that is not application/json, or an unsupported Content-Encoding",
+                );
+            }
+            if takes_query {
+                default(
+                    "400",
+                    "A malformed query string (an unknown or repeated parameter)",
+                );
+            }
             responses["405"] = json!({
                 "description": "This route does not take the method; `Allow` lists those it takes",
                 "headers": { "Allow": { "schema": { "type": "string" } } },

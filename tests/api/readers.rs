@@ -83,25 +83,12 @@ async fn readers_that_never_read_take_only_the_answers_budget_never_a_writers_pl
     // and never read past the head. What the kernel's socket buffers take
     // leaves the service; the rest is held against the answers' budget,
     // until a reader is refused at once.
-    let mut readers = Vec::new();
-    let refusal = loop {
-        assert!(readers.len() < 300, "the answers' budget never ran out");
-        let mut stream = connect_from([127, 0, 0, 1], app.addr).await.unwrap();
-        let request = match readers.len() % 3 {
-            0 => "GET /events?limit=1000 HTTP/1.1\r\nhost: x\r\n\r\n".to_owned(),
-            1 => "GET /events/big-00 HTTP/1.1\r\nhost: x\r\n\r\n".repeat(2),
-            _ => "GET /events/stream HTTP/1.1\r\nhost: x\r\nlast-event-id: 0\r\n\r\n".to_owned(),
-        };
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.unwrap();
-        if &head == b"HTTP/1.1 200" {
-            readers.push(stream);
-            continue;
-        }
-        assert_eq!(&head, b"HTTP/1.1 503", "{}", String::from_utf8_lossy(&head));
-        break read_problem(&mut stream).await;
-    };
+    let (readers, refusal) = until_refused(app.addr, 300, |n| match n % 3 {
+        0 => "GET /events?limit=1000 HTTP/1.1\r\nhost: x\r\n\r\n".to_owned(),
+        1 => "GET /events/big-00 HTTP/1.1\r\nhost: x\r\n\r\n".repeat(2),
+        _ => "GET /events/stream HTTP/1.1\r\nhost: x\r\nlast-event-id: 0\r\n\r\n".to_owned(),
+    })
+    .await;
     assert!(refusal.contains("retry-after: 1"), "{refusal}");
     assert!(
         refusal.contains("server.max_inflight_answer_bytes"),
@@ -147,21 +134,11 @@ async fn pollers_that_never_read_take_only_the_answers_budget_and_hand_their_lea
     // Consumers lease ten events a poll and never read the answer: what
     // the kernel's socket buffers take leaves the service, the rest is
     // held against the answers' budget, until a poll is refused at once.
-    let poll = "POST /subscriptions/hoard/poll?max=10&wait=5s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n";
-    let mut pollers = Vec::new();
-    let refusal = loop {
-        assert!(pollers.len() < 40, "the answers' budget never ran out");
-        let mut stream = connect_from([127, 0, 0, 1], app.addr).await.unwrap();
-        stream.write_all(poll.as_bytes()).await.unwrap();
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.unwrap();
-        if &head == b"HTTP/1.1 200" {
-            pollers.push(stream);
-            continue;
-        }
-        assert_eq!(&head, b"HTTP/1.1 503", "{}", String::from_utf8_lossy(&head));
-        break read_problem(&mut stream).await;
-    };
+    let (pollers, refusal) = until_refused(app.addr, 40, |_| {
+        "POST /subscriptions/hoard/poll?max=10&wait=5s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+            .to_owned()
+    })
+    .await;
     assert!(refusal.contains("retry-after: 1"), "{refusal}");
     assert!(
         refusal.contains("server.max_inflight_answer_bytes"),
@@ -192,6 +169,33 @@ async fn pollers_that_never_read_take_only_the_answers_budget_and_hand_their_lea
         }
         assert!(Instant::now() < deadline, "polls never answered again");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Opens connections that send `request(n)` and never read past the
+/// answer's head, until one is refused with 503 (at most `max`): the ones
+/// answered 200, still open, and the refusal's text.
+async fn until_refused(
+    addr: SocketAddr,
+    max: usize,
+    request: impl Fn(usize) -> String,
+) -> (Vec<TcpStream>, String) {
+    let mut held = Vec::new();
+    loop {
+        assert!(held.len() < max, "the answers' budget never ran out");
+        let mut stream = connect_from([127, 0, 0, 1], addr).await.unwrap();
+        stream
+            .write_all(request(held.len()).as_bytes())
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        if &head == b"HTTP/1.1 200" {
+            held.push(stream);
+            continue;
+        }
+        assert_eq!(&head, b"HTTP/1.1 503", "{}", String::from_utf8_lossy(&head));
+        return (held, read_problem(&mut stream).await);
     }
 }
 

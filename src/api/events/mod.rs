@@ -349,13 +349,11 @@ pub(crate) async fn list_events(
     events.extend(b"{\"events\":[")?;
     let mut next = page.next;
     for (index, record) in page.records.iter().enumerate() {
-        let start = events.len();
-        if index > 0 {
-            events.extend(b",")?;
-        }
-        events.json(&RecordView::of(record, &state.reader))?;
-        if index > 0 && events.len() > page_bytes {
-            events.truncate(start);
+        if !events.list_item(
+            index == 0,
+            &RecordView::of(record, &state.reader),
+            page_bytes,
+        )? {
             next = Some(page.records[index - 1].sequence);
             break;
         }

@@ -100,9 +100,6 @@ pub(crate) async fn retry_event(
     responses(
         (status = 202, description = "How many were queued again, and where to go on", body = RetryManyAnswer),
         (status = 422, description = "A status other than `failed`, a cursor or limit out of range", body = Problem, content_type = "application/problem+json"),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over `server.max_body_bytes`", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "A body that is not `application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 501, description = "This backend does not retry events yet", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Not even the first fits in the pipeline, shutting down, or the backend unavailable (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )

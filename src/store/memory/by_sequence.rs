@@ -68,39 +68,32 @@ impl SequenceIndex {
         usize::try_from(sequence.checked_sub(self.first)?).ok()
     }
 
+    /// The slot holding `record` itself, if it is held.
+    fn slot_of(&mut self, record: &Record) -> Option<&mut Option<Arc<Record>>> {
+        let i = self.position(record.sequence)?;
+        self.slots.get_mut(i).filter(|slot| {
+            slot.as_ref()
+                .is_some_and(|held| std::ptr::eq(&**held, record))
+        })
+    }
+
     /// Puts `fresh` in the slot of `record` itself (the same sequence);
     /// whether it was held there.
     pub(super) fn replace(&mut self, record: &Record, fresh: Arc<Record>) -> bool {
-        let Some(slot) = self
-            .position(record.sequence)
-            .and_then(|i| self.slots.get_mut(i))
-        else {
-            return false;
-        };
-        if !slot
-            .as_ref()
-            .is_some_and(|held| std::ptr::eq(&**held, record))
-        {
-            return false;
+        match self.slot_of(record) {
+            Some(slot) => {
+                *slot = Some(fresh);
+                true
+            }
+            None => false,
         }
-        *slot = Some(fresh);
-        true
     }
 
     /// Takes `record` out, if it is held.
     pub(super) fn remove(&mut self, record: &Record) -> bool {
-        let Some(slot) = self
-            .position(record.sequence)
-            .and_then(|i| self.slots.get_mut(i))
-        else {
+        let Some(slot) = self.slot_of(record) else {
             return false;
         };
-        if !slot
-            .as_ref()
-            .is_some_and(|held| std::ptr::eq(&**held, record))
-        {
-            return false;
-        }
         *slot = None;
         self.held -= 1;
         self.trim_front();
