@@ -11,7 +11,8 @@
 //! moves its own cursor), and the feed's memory is bounded whatever the
 //! subscribers do: at most `LINE_WINDOW × INLINE_LINE_MAX` (32 MiB) of lines.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -52,6 +53,9 @@ struct State {
     /// `published_at[i]`: when publication `first + i` was appended (what a
     /// named subscription's `since` is compared with).
     published_at: VecDeque<UnixNanos>,
+    /// The exported span that processed each traced publication still
+    /// indexed, by publication sequence (empty while traces are not exported).
+    spans: HashMap<u64, NonZeroU64>,
     /// Publication sequence of `index[0]`.
     first: u64,
     /// Most publications `index` holds.
@@ -98,6 +102,7 @@ impl MemoryFeed {
                 state: Mutex::new(State {
                     index: VecDeque::new(),
                     published_at: VecDeque::new(),
+                    spans: HashMap::new(),
                     first: 1,
                     capacity: capacity.max(1),
                     lines: VecDeque::new(),
@@ -116,9 +121,21 @@ impl MemoryFeed {
         let state = self.shared.state.lock();
         let first = (after + 1).max(state.first);
         let skip = usize::try_from(first - state.first).unwrap_or(usize::MAX);
+        let arrivals = state.index.iter().skip(skip).take(max).copied();
+        let spans = &state.spans;
         Arrivals {
             first,
-            arrivals: state.index.iter().skip(skip).take(max).copied().collect(),
+            arrivals: (first..)
+                .zip(arrivals)
+                .map(|(publish_seq, arrival)| {
+                    let span_id = if spans.is_empty() {
+                        None
+                    } else {
+                        spans.get(&publish_seq).copied()
+                    };
+                    (arrival, span_id)
+                })
+                .collect(),
         }
     }
 
@@ -143,8 +160,9 @@ pub struct Arrivals {
     /// The publication sequence of the first of `arrivals`.
     pub first: u64,
     /// The arrival sequences of publications `first`, `first + 1`, … (the
-    /// store holds each record while it holds it).
-    pub arrivals: Vec<u64>,
+    /// store holds each record while it holds it), each with the exported
+    /// span that processed it, if any.
+    pub arrivals: Vec<(u64, Option<NonZeroU64>)>,
 }
 
 #[async_trait]
@@ -167,10 +185,18 @@ impl Feed for MemoryFeed {
                 if state.index.len() == state.capacity {
                     state.index.pop_front();
                     state.published_at.pop_front();
+                    if !state.spans.is_empty() {
+                        let dropped = state.first;
+                        state.spans.remove(&dropped);
+                    }
                     state.first += 1;
                 }
                 state.index.push_back(event.sequence);
                 state.published_at.push_back(now);
+                if let Some(span_id) = event.span_id {
+                    let publish_seq = state.first + state.index.len() as u64 - 1;
+                    state.spans.insert(publish_seq, span_id);
+                }
                 if state.lines.len() == LINE_WINDOW {
                     state.lines.pop_front();
                 }

@@ -37,6 +37,9 @@ pub struct Published<'a> {
     pub processing: Processing,
     /// Its JSON line, without the newline.
     pub line: &'a str,
+    /// The exported span that processed it, if any (a subscription's poll
+    /// links to it).
+    pub span_id: Option<std::num::NonZeroU64>,
 }
 
 /// One published event's JSON, as a subscriber gets it.

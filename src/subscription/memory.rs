@@ -13,6 +13,7 @@
 //! counted `skipped`; a dead letter whose event was evicted is dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -83,6 +84,8 @@ struct Entry {
     arrival: u64,
     delivery: u32,
     lease: Option<LeaseMark>,
+    /// The exported span that processed it, if any.
+    span_id: Option<NonZeroU64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +99,7 @@ struct Dead {
     arrival: u64,
     delivery: u32,
     at: SystemTime,
+    span_id: Option<NonZeroU64>,
 }
 
 /// A lease made under the lock, its record not read yet.
@@ -104,6 +108,7 @@ struct Taken {
     arrival: u64,
     delivery: u32,
     lease: u64,
+    span_id: Option<NonZeroU64>,
 }
 
 impl Cursor {
@@ -145,6 +150,7 @@ impl Cursor {
                 arrival: entry.arrival,
                 delivery: entry.delivery,
                 at: SystemTime::now(),
+                span_id: entry.span_id,
             },
         );
         if self.dead.len() > DEAD_LETTERS_MAX {
@@ -180,6 +186,7 @@ impl Cursor {
                 arrival: entry.arrival,
                 delivery: entry.delivery,
                 lease: id,
+                span_id: entry.span_id,
             });
         };
         while taken.len() < max {
@@ -196,12 +203,13 @@ impl Cursor {
             // Published after the cursor, dropped before it got to them.
             self.skipped += fresh.first - 1 - self.frontier;
             self.frontier = fresh.first - 1;
-            for arrival in fresh.arrivals {
+            for (arrival, span_id) in fresh.arrivals {
                 let sequence = self.frontier + 1;
                 let entry = self.entries.entry(sequence).or_insert(Entry {
                     arrival,
                     delivery: 0,
                     lease: None,
+                    span_id,
                 });
                 lease(&mut taken, entry, sequence);
                 self.frontier = sequence;
@@ -302,6 +310,7 @@ impl MemorySubscriptions {
                     sequence: taken.sequence,
                     delivery: taken.delivery,
                     record,
+                    span_id: taken.span_id,
                 }),
                 None => gone.push(taken.sequence),
             }
@@ -552,6 +561,7 @@ impl Subscriptions for MemorySubscriptions {
                         arrival: dead.arrival,
                         delivery: 0,
                         lease: None,
+                        span_id: dead.span_id,
                     },
                 );
                 cursor.ready.insert(sequence);

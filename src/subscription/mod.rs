@@ -147,6 +147,8 @@ pub struct Lease {
     pub delivery: u32,
     /// The stored event (rendered to its published form by the reader).
     pub record: Arc<Record>,
+    /// The exported span that processed it, if any: the poll links to it.
+    pub span_id: Option<std::num::NonZeroU64>,
 }
 
 /// What an ack request did.

@@ -253,6 +253,33 @@ pub fn child_span(parent: &tracing::Span, make: impl FnOnce() -> tracing::Span) 
     }
 }
 
+/// The OpenTelemetry span id of `span`, when it is exported (sampled): what
+/// a later span links to (a subscription's poll to the event's processing).
+pub fn exported_span_id(span: &tracing::Span) -> Option<std::num::NonZeroU64> {
+    if span.is_none() {
+        return None;
+    }
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if !span_context.is_valid() || !span_context.is_sampled() {
+        return None;
+    }
+    std::num::NonZeroU64::new(u64::from_be_bytes(span_context.span_id().to_bytes()))
+}
+
+/// Links the current span (a request's) to the span `span_id` of the trace
+/// `trace_id`: a poll to the processing of each event it hands out.
+pub fn link_current(trace_id: TraceId, span_id: std::num::NonZeroU64) {
+    let linked = SpanContext::new(
+        trace_id.to_otel(),
+        opentelemetry::trace::SpanId::from_bytes(span_id.get().to_be_bytes()),
+        opentelemetry::trace::TraceFlags::SAMPLED,
+        true,
+        opentelemetry::trace::TraceState::default(),
+    );
+    tracing::Span::current().add_link(linked);
+}
+
 /// The caller's span context from a valid W3C `traceparent` in `headers`,
 /// read by OpenTelemetry's propagator; `None` without one.
 pub fn remote_parent(headers: &axum::http::HeaderMap) -> Option<SpanContext> {

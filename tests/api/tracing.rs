@@ -353,3 +353,58 @@ async fn in_nats_mode_one_trace_runs_from_the_request_on_one_replica_to_the_work
         assert_eq!(process.parent_span_id, deliver.span_id, "trace {trace}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_links_to_the_processing_of_each_event_it_hands_out() {
+    let (collector, endpoint, server) = collector().await;
+    let service = start(&[
+        ("EVENTFLOW__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+        ("EVENTFLOW__TELEMETRY__SAMPLE_RATIO", "1.0"),
+    ]);
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", service.addr);
+    let created = client
+        .put(format!("{base}/subscriptions/traced"))
+        .json(&serde_json::json!({"start": "earliest"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let response = client
+        .post(format!("{base}/events?wait=published"))
+        .header("traceparent", format!("00-{TRACE_ID}-{REMOTE_PARENT}-01"))
+        .json(&event("linked-1", "x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let polled: Value = client
+        .post(format!("{base}/subscriptions/traced/poll?wait=5s"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(polled["events"][0]["event"]["id"], "linked-1");
+
+    stop(service).await;
+    let spans = collector.0.lock().unwrap().clone();
+    server.abort();
+    let process = spans
+        .iter()
+        .find(|s| s.name == "process_event" && hex(&s.trace_id) == TRACE_ID)
+        .unwrap_or_else(|| panic!("no process_event span in the event's trace"));
+    let poll = spans
+        .iter()
+        .find(|s| s.name == "POST /subscriptions/{name}/poll")
+        .unwrap_or_else(|| panic!("no poll span"));
+    assert_ne!(hex(&poll.trace_id), TRACE_ID, "the poll has its own trace");
+    assert!(
+        poll.links
+            .iter()
+            .any(|l| hex(&l.trace_id) == TRACE_ID && l.span_id == process.span_id),
+        "the poll links to the event's processing: {:?}",
+        poll.links
+    );
+}

@@ -176,6 +176,12 @@ pub(crate) async fn poll(
     let subscriptions = subscriptions(&state)?;
     let deadline = tokio::time::Instant::now() + wait;
     let leases = subscriptions.poll(&name, max, deadline).await?;
+    // The poll's trace links to the processing of each event it hands out.
+    for lease in &leases {
+        if let Some(span_id) = lease.span_id {
+            crate::telemetry::link_current(lease.record.trace_id, span_id);
+        }
+    }
     match render_poll(&state, &leases) {
         Ok((body, unsent)) => {
             if !unsent.is_empty() {

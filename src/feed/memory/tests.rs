@@ -52,6 +52,7 @@ async fn publish(feed: &MemoryFeed, arrivals: &[u64]) {
             id,
             processing,
             line,
+            span_id: None,
         })
         .collect();
     feed.append(&published).await.unwrap();

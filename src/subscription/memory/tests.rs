@@ -67,6 +67,7 @@ impl Fixture {
                 id,
                 processing,
                 line: "{}",
+                span_id: None,
             })
             .collect();
         self.feed.append(&published).await.unwrap();
