@@ -106,7 +106,7 @@ impl App {
             "starting the backend"
         );
         let backend = match settings.backend.kind {
-            BackendKind::Memory => Backend::memory(&settings, &metrics),
+            BackendKind::Memory => Backend::memory(&settings),
             BackendKind::Nats => Backend::nats(&settings, &backpressure, &metrics).await?,
         };
         let auth_failures = metrics.counter(names::AUTH_FAILURES, &[]);

@@ -7,6 +7,17 @@
 
 use std::fmt;
 
+/// An exported span, named by its trace and span ids: what a later span
+/// links to (a subscription's poll to the processing of the events it
+/// hands out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanRef {
+    /// The span's trace.
+    pub trace_id: TraceId,
+    /// The span's id (never zero).
+    pub span_id: std::num::NonZeroU64,
+}
+
 /// A 128-bit W3C trace id; never all zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TraceId(opentelemetry::trace::TraceId);

@@ -28,6 +28,7 @@ use hyper::client::conn::http1;
 use serde::{Deserialize, Serialize};
 
 use crate::args::Plan;
+use crate::driver::Live;
 
 /// What the consumers are to do.
 #[derive(Debug, Clone)]
@@ -108,7 +109,13 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn slot<T: Default + Clone>(v: &mut Vec<T>, n: u64) -> Option<&mut T> {
+    /// Event `n`'s entry, unless `n` is at or past `issued` (not sent by
+    /// this run: another client's id that matches the pattern, which must
+    /// not grow the table).
+    fn slot<T: Default + Clone>(v: &mut Vec<T>, n: u64, issued: u64) -> Option<&mut T> {
+        if n >= issued {
+            return None;
+        }
         let i = usize::try_from(n).ok()?;
         if i >= v.len() {
             v.resize(i + 1, T::default());
@@ -135,6 +142,7 @@ struct Counters {
     expired: AtomicU64,
     redelivered: AtomicU64,
     killed_held: AtomicU64,
+    expired_on_resend: AtomicU64,
 }
 
 /// One keep-alive connection to the service.
@@ -233,11 +241,16 @@ struct SubscriptionState {
 }
 
 /// Creates the subscription and starts the consumers.
-pub(crate) async fn start(plan: &Plan, consume: &ConsumePlan) -> Result<Consumers, String> {
+pub(crate) async fn start(
+    plan: &Plan,
+    consume: &ConsumePlan,
+    live: Arc<Live>,
+) -> Result<Consumers, String> {
     let mut client = Client::new(plan);
     let body = serde_json::json!({
         "start": "latest",
-        "ack_timeout": humantime::format_duration(consume.ack_timeout).to_string(),
+        // The service takes a number and one unit.
+        "ack_timeout": format!("{}ms", consume.ack_timeout.as_millis()),
     });
     let (status, answer) = client
         .call(
@@ -284,6 +297,7 @@ pub(crate) async fn start(plan: &Plan, consume: &ConsumePlan) -> Result<Consumer
             tokio::spawn(consumer(
                 plan.clone(),
                 consume.clone(),
+                Arc::clone(&live),
                 dies_at,
                 Arc::clone(&ledger),
                 Arc::clone(&counters),
@@ -305,6 +319,7 @@ pub(crate) async fn start(plan: &Plan, consume: &ConsumePlan) -> Result<Consumer
 async fn consumer(
     plan: Plan,
     consume: ConsumePlan,
+    live: Arc<Live>,
     dies_at: Option<Instant>,
     ledger: Arc<Mutex<Ledger>>,
     counters: Arc<Counters>,
@@ -330,6 +345,7 @@ async fn consumer(
             continue;
         }
         let dying = dies_at.is_some_and(|at| Instant::now() >= at);
+        let issued = live.issued_events.load(Ordering::Acquire);
         counters
             .delivered
             .fetch_add(polled.events.len() as u64, Ordering::Relaxed);
@@ -343,10 +359,10 @@ async fn consumer(
                 let Some(n) = plan.number(&leased.event.id) else {
                     continue;
                 };
-                if let Some(delivered) = Ledger::slot(&mut ledger.delivered, n) {
+                if let Some(delivered) = Ledger::slot(&mut ledger.delivered, n, issued) {
                     *delivered = delivered.saturating_add(1);
                 }
-                if dying && let Some(killed) = Ledger::slot(&mut ledger.killed, n) {
+                if dying && let Some(killed) = Ledger::slot(&mut ledger.killed, n, issued) {
                     *killed = true;
                 }
             }
@@ -364,7 +380,8 @@ async fn consumer(
         // An ack lost on the way is sent again (the lease is still live);
         // one the service answered otherwise is not.
         let mut answered = client.call(Method::POST, &ack, Some(body.clone())).await;
-        if answered.is_err() {
+        let resent = answered.is_err();
+        if resent {
             answered = client.call(Method::POST, &ack, Some(body)).await;
         }
         let Ok((StatusCode::OK, answer)) = answered else {
@@ -374,19 +391,31 @@ async fn consumer(
             continue;
         };
         counters.acked.fetch_add(answer.acked, Ordering::Relaxed);
-        counters
-            .expired
-            .fetch_add(answer.expired, Ordering::Relaxed);
+        // A resent ack that the lost first one had applied is `expired`:
+        // not a late consumer, so counted apart.
+        let expired = if resent {
+            &counters.expired_on_resend
+        } else {
+            &counters.expired
+        };
+        expired.fetch_add(answer.expired, Ordering::Relaxed);
         let mut ledger = ledger.lock().unwrap_or_else(PoisonError::into_inner);
         ledger.last_ack = Some(Instant::now());
         for leased in &polled.events {
             if let Some(n) = plan.number(&leased.event.id)
-                && let Some(acked) = Ledger::slot(&mut ledger.acked, n)
+                && let Some(acked) = Ledger::slot(&mut ledger.acked, n, issued)
             {
                 *acked = acked.saturating_add(1);
             }
         }
     }
+}
+
+/// Events the service accepted and has not published yet
+/// (`eventflow_inflight_events`), if its /metrics can be read.
+async fn unpublished(uri: Option<&http::Uri>) -> Option<f64> {
+    let text = crate::sampler::fetch(uri?).await?;
+    crate::sampler::series_sum(&crate::sampler::parse(&text), "eventflow_inflight_events")
 }
 
 /// After the load: lets the consumers drain the subscription (bounded by
@@ -403,14 +432,37 @@ pub(crate) async fn finish(
     let state_path = format!("/subscriptions/{}", consumers.plan.subscription);
     // Leases a dying consumer held come back only after ack_timeout.
     let deadline = Instant::now() + wait + consumers.plan.ack_timeout;
+    // Done when the subscription has nothing pending or in flight and
+    // nothing accepted is still on its way to it: with --verify, every
+    // accepted event acked; otherwise, the service holding nothing
+    // unpublished.
+    let all_acked = |ledger: &Ledger| {
+        accepted.is_none_or(|accepted| {
+            accepted.iter().flat_map(|r| r.clone()).all(|n| {
+                usize::try_from(n).is_ok_and(|n| ledger.acked.get(n).is_some_and(|&a| a > 0))
+            })
+        })
+    };
+    let metrics_uri: Option<http::Uri> =
+        format!("http://{}/metrics", plan.authority()).parse().ok();
     let mut last = None;
     while Instant::now() < deadline {
         if let Ok((StatusCode::OK, body)) = client.call(Method::GET, &state_path, None).await
             && let Ok(state) = serde_json::from_slice::<SubscriptionState>(&body)
         {
-            let done = state.pending == 0 && state.in_flight == 0;
+            let drained = state.pending == 0 && state.in_flight == 0;
             last = Some(state);
-            if done {
+            let arrived = if accepted.is_some() {
+                all_acked(
+                    &consumers
+                        .ledger
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner),
+                )
+            } else {
+                unpublished(metrics_uri.as_ref()).await == Some(0.0)
+            };
+            if drained && arrived {
                 break;
             }
         }

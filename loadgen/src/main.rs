@@ -78,7 +78,7 @@ async fn run(args: Args, plan: args::Plan) -> ExitCode {
         None
     };
     let consumers = match &plan.consume {
-        Some(consume) => match consume::start(&plan, consume).await {
+        Some(consume) => match consume::start(&plan, consume, Arc::clone(&live)).await {
             Ok(consumers) => Some(consumers),
             Err(error) => {
                 eprintln!("eventflow-loadgen: --consumers cannot start: {error}");

@@ -13,14 +13,9 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String)))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let snapshot = state.writer.snapshot();
+    let mut snapshot = state.writer.snapshot();
     if let Some(subscriptions) = &state.subscriptions {
-        for (name, pending, in_flight) in subscriptions.gauges() {
-            state
-                .writer
-                .metrics()
-                .subscription_gauges(name.as_str(), pending, in_flight);
-        }
+        snapshot.subscriptions = subscriptions.samples();
     }
     let body = state.writer.metrics().render(snapshot);
     let mut response = body.into_response();

@@ -69,7 +69,7 @@ impl BackendFailure {
 
 impl Backend {
     /// The one-process backend.
-    pub fn memory(settings: &Settings, metrics: &Metrics) -> Self {
+    pub fn memory(settings: &Settings) -> Self {
         let store = Arc::new(MemoryStore::new(&settings.store));
         // The feed indexes as many publications as the store holds records.
         let feed = MemoryFeed::new(store.clone(), settings.store.max_events);
@@ -77,7 +77,6 @@ impl Backend {
             feed.clone(),
             store.clone(),
             settings.subscriptions.max_count,
-            metrics.clone(),
         );
         Self {
             feed: Arc::new(feed),

@@ -12,7 +12,6 @@
 //! subscribers do: at most `LINE_WINDOW × INLINE_LINE_MAX` (32 MiB) of lines.
 
 use std::collections::{HashMap, VecDeque};
-use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -23,6 +22,7 @@ use tokio::sync::watch;
 use super::{Feed, FeedError, FeedItem, FeedLine, INLINE_LINE_MAX, Published, Subscription};
 use crate::store::Store;
 use crate::time::UnixNanos;
+use crate::trace_id::SpanRef;
 
 /// Publications whose lines are kept for subscribers.
 pub const LINE_WINDOW: usize = 4096;
@@ -55,7 +55,7 @@ struct State {
     published_at: VecDeque<UnixNanos>,
     /// The exported span that processed each traced publication still
     /// indexed, by publication sequence (empty while traces are not exported).
-    spans: HashMap<u64, NonZeroU64>,
+    spans: HashMap<u64, SpanRef>,
     /// Publication sequence of `index[0]`.
     first: u64,
     /// Most publications `index` holds.
@@ -128,12 +128,12 @@ impl MemoryFeed {
             arrivals: (first..)
                 .zip(arrivals)
                 .map(|(publish_seq, arrival)| {
-                    let span_id = if spans.is_empty() {
+                    let span = if spans.is_empty() {
                         None
                     } else {
                         spans.get(&publish_seq).copied()
                     };
-                    (arrival, span_id)
+                    (arrival, span)
                 })
                 .collect(),
         }
@@ -162,7 +162,7 @@ pub struct Arrivals {
     /// The arrival sequences of publications `first`, `first + 1`, … (the
     /// store holds each record while it holds it), each with the exported
     /// span that processed it, if any.
-    pub arrivals: Vec<(u64, Option<NonZeroU64>)>,
+    pub arrivals: Vec<(u64, Option<SpanRef>)>,
 }
 
 #[async_trait]
@@ -193,9 +193,9 @@ impl Feed for MemoryFeed {
                 }
                 state.index.push_back(event.sequence);
                 state.published_at.push_back(now);
-                if let Some(span_id) = event.span_id {
+                if let Some(span) = event.span {
                     let publish_seq = state.first + state.index.len() as u64 - 1;
-                    state.spans.insert(publish_seq, span_id);
+                    state.spans.insert(publish_seq, span);
                 }
                 if state.lines.len() == LINE_WINDOW {
                     state.lines.pop_front();

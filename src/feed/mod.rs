@@ -39,7 +39,7 @@ pub struct Published<'a> {
     pub line: &'a str,
     /// The exported span that processed it, if any (a subscription's poll
     /// links to it).
-    pub span_id: Option<std::num::NonZeroU64>,
+    pub span: Option<crate::trace_id::SpanRef>,
 }
 
 /// One published event's JSON, as a subscriber gets it.

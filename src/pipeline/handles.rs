@@ -149,6 +149,7 @@ impl Writer {
             store_evictions: pipeline.store().evictions(),
             sse_subscribers: pipeline.feed().subscribers(),
             workers: pipeline.live_workers(),
+            subscriptions: Vec::new(),
         }
     }
 }

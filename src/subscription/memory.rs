@@ -13,13 +13,11 @@
 //! counted `skipped`; a dead letter whose event was evicted is dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use metrics::Counter;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -30,7 +28,8 @@ use super::{
 };
 use crate::feed::{Feed, MemoryFeed};
 use crate::store::Store;
-use crate::telemetry::metrics::{Metrics, names};
+use crate::telemetry::metrics::SubscriptionSample;
+use crate::trace_id::SpanRef;
 
 /// Most unacknowledged events one subscription tracks; it takes in no new
 /// ones past this until some are acknowledged or dead-lettered.
@@ -45,7 +44,6 @@ pub struct MemorySubscriptions {
     feed: MemoryFeed,
     store: Arc<dyn Store>,
     max_count: usize,
-    metrics: Metrics,
     subscriptions: Mutex<BTreeMap<SubscriptionName, Arc<Subscription>>>,
     /// The last lease number handed out (unique in the process, so that an
     /// ack id never matches a later lease of the same event).
@@ -57,12 +55,15 @@ struct Subscription {
     name: SubscriptionName,
     spec: Spec,
     cursor: Mutex<Cursor>,
-    /// Woken when events are handed back (nack, redelivery) or it is deleted.
+    /// Woken when events can be leased again (a nack, a redelivery, acks
+    /// that free room in the window) or it is deleted.
     wake: Notify,
     deleted: AtomicBool,
-    delivered: Counter,
-    acked: Counter,
-    dead_lettered: Counter,
+    /// Its counters since it was made (`/metrics` writes them at scrape
+    /// time, so that they leave with it).
+    delivered: AtomicU64,
+    acked: AtomicU64,
+    dead_lettered: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -85,7 +86,7 @@ struct Entry {
     delivery: u32,
     lease: Option<LeaseMark>,
     /// The exported span that processed it, if any.
-    span_id: Option<NonZeroU64>,
+    span: Option<SpanRef>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -99,7 +100,7 @@ struct Dead {
     arrival: u64,
     delivery: u32,
     at: SystemTime,
-    span_id: Option<NonZeroU64>,
+    span: Option<SpanRef>,
 }
 
 /// A lease made under the lock, its record not read yet.
@@ -108,7 +109,7 @@ struct Taken {
     arrival: u64,
     delivery: u32,
     lease: u64,
-    span_id: Option<NonZeroU64>,
+    span: Option<SpanRef>,
 }
 
 impl Cursor {
@@ -150,13 +151,13 @@ impl Cursor {
                 arrival: entry.arrival,
                 delivery: entry.delivery,
                 at: SystemTime::now(),
-                span_id: entry.span_id,
+                span: entry.span,
             },
         );
         if self.dead.len() > DEAD_LETTERS_MAX {
             self.dead.pop_first();
         }
-        subscription.dead_lettered.increment(1);
+        subscription.dead_lettered.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             subscription = %subscription.name,
             sequence,
@@ -186,7 +187,7 @@ impl Cursor {
                 arrival: entry.arrival,
                 delivery: entry.delivery,
                 lease: id,
-                span_id: entry.span_id,
+                span: entry.span,
             });
         };
         while taken.len() < max {
@@ -203,13 +204,13 @@ impl Cursor {
             // Published after the cursor, dropped before it got to them.
             self.skipped += fresh.first - 1 - self.frontier;
             self.frontier = fresh.first - 1;
-            for (arrival, span_id) in fresh.arrivals {
+            for (arrival, span) in fresh.arrivals {
                 let sequence = self.frontier + 1;
                 let entry = self.entries.entry(sequence).or_insert(Entry {
                     arrival,
                     delivery: 0,
                     lease: None,
-                    span_id,
+                    span,
                 });
                 lease(&mut taken, entry, sequence);
                 self.frontier = sequence;
@@ -238,17 +239,11 @@ impl Cursor {
 impl MemorySubscriptions {
     /// No subscriptions yet, over `feed` and the `store` its index points
     /// into; at most `max_count` of them.
-    pub fn new(
-        feed: MemoryFeed,
-        store: Arc<dyn Store>,
-        max_count: usize,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(feed: MemoryFeed, store: Arc<dyn Store>, max_count: usize) -> Self {
         Self {
             feed,
             store,
             max_count,
-            metrics,
             subscriptions: Mutex::new(BTreeMap::new()),
             leases: AtomicU64::new(0),
         }
@@ -279,9 +274,17 @@ impl MemorySubscriptions {
     }
 
     fn snapshot(&self, subscription: &Subscription) -> State {
-        let head = self.feed.head();
+        let (first, head) = self.feed.bounds();
         let mut cursor = subscription.cursor.lock();
         cursor.expire(Instant::now(), subscription);
+        // Dead letters the history dropped are gone with their events.
+        if cursor
+            .dead
+            .first_key_value()
+            .is_some_and(|(&oldest, _)| oldest < first)
+        {
+            cursor.dead = cursor.dead.split_off(&first);
+        }
         State {
             name: subscription.name.clone(),
             spec: subscription.spec.clone(),
@@ -310,17 +313,27 @@ impl MemorySubscriptions {
                     sequence: taken.sequence,
                     delivery: taken.delivery,
                     record,
-                    span_id: taken.span_id,
+                    span: taken.span,
                 }),
-                None => gone.push(taken.sequence),
+                None => gone.push((taken.sequence, taken.delivery)),
             }
         }
         if !gone.is_empty() {
             let mut cursor = subscription.cursor.lock();
-            for sequence in gone {
+            for (sequence, delivery) in gone {
                 if cursor.entries.remove(&sequence).is_some() {
                     cursor.ready.remove(&sequence);
-                    cursor.skipped += 1;
+                    // `skipped` counts what was dropped before its first
+                    // lease; an event dropped after one is gone unacknowledged.
+                    if delivery == 1 {
+                        cursor.skipped += 1;
+                    } else {
+                        tracing::warn!(
+                            subscription = %subscription.name,
+                            sequence,
+                            "an event leased before was evicted before it was acknowledged"
+                        );
+                    }
                 }
             }
         }
@@ -349,7 +362,6 @@ impl Subscriptions for MemorySubscriptions {
             if subscriptions.len() >= self.max_count {
                 return Err(SubscriptionError::TooMany(subscriptions.len()));
             }
-            let label = [("subscription", name.as_str())];
             let subscription = Arc::new(Subscription {
                 name: name.clone(),
                 spec,
@@ -359,11 +371,9 @@ impl Subscriptions for MemorySubscriptions {
                 }),
                 wake: Notify::new(),
                 deleted: AtomicBool::new(false),
-                delivered: self.metrics.counter(names::SUBSCRIPTION_DELIVERED, &label),
-                acked: self.metrics.counter(names::SUBSCRIPTION_ACKED, &label),
-                dead_lettered: self
-                    .metrics
-                    .counter(names::SUBSCRIPTION_DEAD_LETTERED, &label),
+                delivered: AtomicU64::new(0),
+                acked: AtomicU64::new(0),
+                dead_lettered: AtomicU64::new(0),
             });
             subscriptions.insert(name.clone(), Arc::clone(&subscription));
             subscription
@@ -386,7 +396,6 @@ impl Subscriptions for MemorySubscriptions {
         let subscription = removed.ok_or_else(|| SubscriptionError::NotFound(name.clone()))?;
         subscription.deleted.store(true, Ordering::Release);
         subscription.wake.notify_waiters();
-        self.metrics.subscription_gauges(name.as_str(), 0, 0);
         tracing::info!(subscription = %name, "subscription deleted");
         Ok(())
     }
@@ -417,10 +426,17 @@ impl Subscriptions for MemorySubscriptions {
             };
             let leases = self.read(&subscription, taken).await;
             if !leases.is_empty() || now >= deadline {
-                subscription.delivered.increment(leases.len() as u64);
+                subscription
+                    .delivered
+                    .fetch_add(leases.len() as u64, Ordering::Relaxed);
                 return Ok(leases);
             }
-            let wake_at = next_expiry.map_or(deadline, |expiry| expiry.min(deadline));
+            // A lease another poll makes while this one waits ends no sooner
+            // than an ack_timeout from now: look again by then at the latest.
+            let wake_at = next_expiry
+                .unwrap_or(now + subscription.spec.ack_timeout)
+                .min(now + subscription.spec.ack_timeout)
+                .min(deadline);
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() {
                     return Ok(Vec::new());
@@ -440,8 +456,10 @@ impl Subscriptions for MemorySubscriptions {
         let subscription = self.find(name)?;
         let now = Instant::now();
         let mut answer = Acked::default();
+        let window_was_full;
         {
             let mut cursor = subscription.cursor.lock();
+            window_was_full = cursor.entries.len() >= WINDOW;
             for id in acks {
                 let live = memory_lease(id)
                     .filter(|&(sequence, lease)| cursor.live(sequence, lease, now).is_some());
@@ -473,8 +491,11 @@ impl Subscriptions for MemorySubscriptions {
                 answer.nacked += 1;
             }
         }
-        subscription.acked.increment(answer.acked);
-        if answer.nacked > 0 {
+        subscription
+            .acked
+            .fetch_add(answer.acked, Ordering::Relaxed);
+        // Acks free room in the window; nacks hand events back.
+        if answer.nacked > 0 || (answer.acked > 0 && window_was_full) {
             subscription.wake.notify_waiters();
         }
         Ok(answer)
@@ -561,7 +582,7 @@ impl Subscriptions for MemorySubscriptions {
                         arrival: dead.arrival,
                         delivery: 0,
                         lease: None,
-                        span_id: dead.span_id,
+                        span: dead.span,
                     },
                 );
                 cursor.ready.insert(sequence);
@@ -574,12 +595,19 @@ impl Subscriptions for MemorySubscriptions {
         Ok(redelivered)
     }
 
-    fn gauges(&self) -> Vec<(SubscriptionName, u64, u64)> {
+    fn samples(&self) -> Vec<SubscriptionSample> {
         let all: Vec<Arc<Subscription>> = self.subscriptions.lock().values().cloned().collect();
         all.iter()
             .map(|s| {
                 let state = self.snapshot(s);
-                (state.name, state.pending, state.in_flight)
+                SubscriptionSample {
+                    name: state.name.to_string(),
+                    pending: state.pending,
+                    in_flight: state.in_flight,
+                    delivered: s.delivered.load(Ordering::Relaxed),
+                    acked: s.acked.load(Ordering::Relaxed),
+                    dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+                }
             })
             .collect()
     }

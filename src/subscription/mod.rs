@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::store::Record;
+use crate::telemetry::metrics::SubscriptionSample;
 use crate::time::UnixNanos;
 
 pub use ack_id::{ACK_ID_MAX, AckId};
@@ -148,7 +149,7 @@ pub struct Lease {
     /// The stored event (rendered to its published form by the reader).
     pub record: Arc<Record>,
     /// The exported span that processed it, if any: the poll links to it.
-    pub span_id: Option<std::num::NonZeroU64>,
+    pub span: Option<crate::trace_id::SpanRef>,
 }
 
 /// What an ack request did.
@@ -250,8 +251,8 @@ pub trait Subscriptions: Send + Sync + fmt::Debug {
         name: &SubscriptionName,
         sequences: Option<&[u64]>,
     ) -> Result<u64, SubscriptionError>;
-    /// Every subscription's `(name, pending, in_flight)`, for `/metrics`.
-    fn gauges(&self) -> Vec<(SubscriptionName, u64, u64)>;
+    /// Every subscription's figures, for `/metrics`.
+    fn samples(&self) -> Vec<SubscriptionSample>;
 }
 
 #[cfg(test)]

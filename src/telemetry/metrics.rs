@@ -105,8 +105,25 @@ struct ScrapeGauges {
     workers: Gauge,
 }
 
+/// One named subscription's figures at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionSample {
+    /// Its name (the `subscription` label: `[A-Za-z0-9_-]`, nothing to escape).
+    pub name: String,
+    /// Published after its cursor, not leased now.
+    pub pending: u64,
+    /// Leased now, lease live.
+    pub in_flight: u64,
+    /// Leases handed out since it was made.
+    pub delivered: u64,
+    /// Leases acknowledged since it was made.
+    pub acked: u64,
+    /// Events dead-lettered since it was made.
+    pub dead_lettered: u64,
+}
+
 /// Pipeline state sampled at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PipelineSnapshot {
     /// Events waiting for a worker.
     pub queue_depth: usize,
@@ -122,6 +139,10 @@ pub struct PipelineSnapshot {
     pub sse_subscribers: usize,
     /// Worker tasks running.
     pub workers: usize,
+    /// The named subscriptions there are now. Their series are written at
+    /// scrape time, not registered: a deleted subscription's leave with it,
+    /// so that names coming and going cannot grow the exposition.
+    pub subscriptions: Vec<SubscriptionSample>,
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
@@ -256,20 +277,6 @@ impl Metrics {
         }
     }
 
-    /// A subscription's `pending` and `in_flight` gauges (set at scrape
-    /// time, and to 0 when it is deleted).
-    pub fn subscription_gauges(&self, subscription: &str, pending: u64, in_flight: u64) {
-        if let Some(recorder) = &self.recorder {
-            let label = [("subscription", subscription)];
-            recorder
-                .register_gauge(&key(names::SUBSCRIPTION_PENDING, &label), &METADATA)
-                .set(pending as f64);
-            recorder
-                .register_gauge(&key(names::SUBSCRIPTION_IN_FLIGHT, &label), &METADATA)
-                .set(in_flight as f64);
-        }
-    }
-
     /// Whether sink `sink` can write (set at scrape time).
     pub fn sink_up(&self, sink: &str, up: bool) {
         if let Some(counters) = self.sinks.get(sink) {
@@ -374,6 +381,7 @@ impl Metrics {
         if let Some(histograms) = &self.pipeline {
             histograms.render(&mut text);
         }
+        render_subscriptions(&mut text, &snapshot.subscriptions);
         render_process(&mut text);
         text
     }
@@ -382,6 +390,41 @@ impl Metrics {
     pub fn run_upkeep(&self) {
         if let Some(handle) = &self.handle {
             handle.run_upkeep();
+        }
+    }
+}
+
+/// The subscription series, one per subscription and metric.
+fn render_subscriptions(text: &mut String, samples: &[SubscriptionSample]) {
+    use std::fmt::Write;
+    if samples.is_empty() {
+        return;
+    }
+    type Figure = fn(&SubscriptionSample) -> u64;
+    let series: [(&str, Figure); 5] = [
+        (names::SUBSCRIPTION_PENDING, |s| s.pending),
+        (names::SUBSCRIPTION_IN_FLIGHT, |s| s.in_flight),
+        (names::SUBSCRIPTION_DELIVERED, |s| s.delivered),
+        (names::SUBSCRIPTION_ACKED, |s| s.acked),
+        (names::SUBSCRIPTION_DEAD_LETTERED, |s| s.dead_lettered),
+    ];
+    for (name, value) in series {
+        let Some(metric) = super::catalogue::find(name) else {
+            continue;
+        };
+        let _ = write!(
+            text,
+            "# HELP {name} {}\n# TYPE {name} {}\n",
+            metric.help,
+            metric.kind.as_str()
+        );
+        for sample in samples {
+            let _ = writeln!(
+                text,
+                "{name}{{subscription=\"{}\"}} {}",
+                sample.name,
+                value(sample)
+            );
         }
     }
 }

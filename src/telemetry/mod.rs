@@ -34,7 +34,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, TelemetrySettings};
-use crate::trace_id::TraceId;
+use crate::trace_id::{SpanRef, TraceId};
 
 /// Name of the per-request server span, which starts a trace.
 pub const REQUEST_SPAN: &str = "http_request";
@@ -253,9 +253,9 @@ pub fn child_span(parent: &tracing::Span, make: impl FnOnce() -> tracing::Span) 
     }
 }
 
-/// The OpenTelemetry span id of `span`, when it is exported (sampled): what
-/// a later span links to (a subscription's poll to the event's processing).
-pub fn exported_span_id(span: &tracing::Span) -> Option<std::num::NonZeroU64> {
+/// `span`'s trace and span ids, when it is exported (sampled): what a later
+/// span links to (a subscription's poll to the event's processing).
+pub fn exported_span(span: &tracing::Span) -> Option<SpanRef> {
     if span.is_none() {
         return None;
     }
@@ -264,15 +264,18 @@ pub fn exported_span_id(span: &tracing::Span) -> Option<std::num::NonZeroU64> {
     if !span_context.is_valid() || !span_context.is_sampled() {
         return None;
     }
-    std::num::NonZeroU64::new(u64::from_be_bytes(span_context.span_id().to_bytes()))
+    Some(SpanRef {
+        trace_id: TraceId::from_bytes(span_context.trace_id().to_bytes())?,
+        span_id: std::num::NonZeroU64::new(u64::from_be_bytes(span_context.span_id().to_bytes()))?,
+    })
 }
 
-/// Links the current span (a request's) to the span `span_id` of the trace
-/// `trace_id`: a poll to the processing of each event it hands out.
-pub fn link_current(trace_id: TraceId, span_id: std::num::NonZeroU64) {
+/// Links the current span (a request's) to `span`: a poll to the
+/// processing of each event it hands out.
+pub fn link_current(span: SpanRef) {
     let linked = SpanContext::new(
-        trace_id.to_otel(),
-        opentelemetry::trace::SpanId::from_bytes(span_id.get().to_be_bytes()),
+        span.trace_id.to_otel(),
+        opentelemetry::trace::SpanId::from_bytes(span.span_id.get().to_be_bytes()),
         opentelemetry::trace::TraceFlags::SAMPLED,
         true,
         opentelemetry::trace::TraceState::default(),

@@ -108,6 +108,9 @@ async fn a_subscription_is_created_found_compared_listed_and_deleted() {
     assert_eq!(names, ["audit", "orders"]);
     assert_eq!(list["subscriptions"][0]["start"], "latest");
 
+    let series = "eventflow_subscription_pending{subscription=\"orders\"}";
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains(series), "{series} not in /metrics");
     let deleted = app
         .client
         .delete(app.url("/subscriptions/orders"))
@@ -115,6 +118,9 @@ async fn a_subscription_is_created_found_compared_listed_and_deleted() {
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
+    // Its series leave with it: names that come and go do not pile up.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(!metrics.contains("subscription=\"orders\""), "{metrics}");
     for path in [
         "/subscriptions/orders",
         "/subscriptions/orders/dead-letters",

@@ -85,7 +85,9 @@ pub(crate) async fn retry_event(
     })?;
     let answer = RetryAnswer {
         id: id.to_string(),
-        status: retried.record.status(),
+        // Queued just now (a worker may have finished it since: the answer
+        // says what the retry did).
+        status: Status::Pending,
         attempts: retried.attempts,
     };
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())

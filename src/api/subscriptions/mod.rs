@@ -178,8 +178,8 @@ pub(crate) async fn poll(
     let leases = subscriptions.poll(&name, max, deadline).await?;
     // The poll's trace links to the processing of each event it hands out.
     for lease in &leases {
-        if let Some(span_id) = lease.span_id {
-            crate::telemetry::link_current(lease.record.trace_id, span_id);
+        if let Some(span) = lease.span {
+            crate::telemetry::link_current(span);
         }
     }
     match render_poll(&state, &leases) {

@@ -52,7 +52,7 @@ async fn publish(feed: &MemoryFeed, arrivals: &[u64]) {
             id,
             processing,
             line,
-            span_id: None,
+            span: None,
         })
         .collect();
     feed.append(&published).await.unwrap();

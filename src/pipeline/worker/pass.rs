@@ -286,7 +286,7 @@ impl<'p> Pass<'p> {
         if to_feed.is_empty() {
             return;
         }
-        let span_id = telemetry::exported_span_id(&self.span);
+        let span = telemetry::exported_span(&self.span);
         let feed: Vec<Published<'_>> = to_feed
             .iter()
             .map(|r| Published {
@@ -294,7 +294,7 @@ impl<'p> Pass<'p> {
                 id: &r.record.event.id,
                 processing: self.processing,
                 line: &lines[r.line.clone()],
-                span_id,
+                span,
             })
             .collect();
         let appended = self.pipeline.inner.feed.append(&feed).await;

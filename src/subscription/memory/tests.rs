@@ -22,8 +22,7 @@ impl Fixture {
     fn new(max_count: usize) -> Self {
         let store = Arc::new(MemoryStore::new(&testkit::store_settings()));
         let feed = MemoryFeed::new(store.clone(), 1000);
-        let subscriptions =
-            MemorySubscriptions::new(feed.clone(), store.clone(), max_count, Metrics::disabled());
+        let subscriptions = MemorySubscriptions::new(feed.clone(), store.clone(), max_count);
         Self {
             store,
             feed,
@@ -67,7 +66,7 @@ impl Fixture {
                 id,
                 processing,
                 line: "{}",
-                span_id: None,
+                span: None,
             })
             .collect();
         self.feed.append(&published).await.unwrap();
@@ -274,8 +273,7 @@ async fn a_long_poll_wakes_for_a_publication_and_a_deleted_subscription_ends_it(
     let mut f = Fixture::new(4);
     f.put("s", Start::Latest, 5).await;
     let subscriptions = Arc::new(f.subscriptions);
-    f.subscriptions =
-        MemorySubscriptions::new(f.feed.clone(), f.store.clone(), 4, Metrics::disabled());
+    f.subscriptions = MemorySubscriptions::new(f.feed.clone(), f.store.clone(), 4);
     let waiting = {
         let subscriptions = Arc::clone(&subscriptions);
         tokio::spawn(async move {
@@ -324,8 +322,7 @@ async fn unacknowledged_events_are_bounded_by_the_window_and_a_stuck_one_costs_n
     let mut f = Fixture::new(4);
     let total = WINDOW as u64 + 5;
     f.feed = MemoryFeed::new(f.store.clone(), WINDOW + 10);
-    f.subscriptions =
-        MemorySubscriptions::new(f.feed.clone(), f.store.clone(), 4, Metrics::disabled());
+    f.subscriptions = MemorySubscriptions::new(f.feed.clone(), f.store.clone(), 4);
     f.publish(total).await;
     f.put("s", Start::Earliest, 5).await;
     // Consumers that never ack get the window's worth, then nothing new.
@@ -355,11 +352,44 @@ async fn unacknowledged_events_are_bounded_by_the_window_and_a_stuck_one_costs_n
 async fn events_the_history_dropped_before_they_were_leased_are_counted_skipped() {
     let mut f = Fixture::new(4);
     f.feed = MemoryFeed::new(f.store.clone(), 3);
-    f.subscriptions =
-        MemorySubscriptions::new(f.feed.clone(), f.store.clone(), 4, Metrics::disabled());
+    f.subscriptions = MemorySubscriptions::new(f.feed.clone(), f.store.clone(), 4);
     f.put("s", Start::Earliest, 5).await;
     f.publish(5).await;
     let leases = f.poll("s", 10).await;
     assert_eq!(sequences(&leases), [3, 4, 5]);
     assert_eq!(f.state("s").await.skipped, 2);
+}
+
+#[tokio::test]
+async fn an_ack_that_frees_room_in_a_full_window_wakes_a_waiting_poll() {
+    let mut f = Fixture::new(4);
+    f.feed = MemoryFeed::new(f.store.clone(), WINDOW + 10);
+    f.subscriptions = MemorySubscriptions::new(f.feed.clone(), f.store.clone(), 4);
+    f.publish(WINDOW as u64 + 1).await;
+    f.put("s", Start::Earliest, 5).await;
+    let mut held = Vec::new();
+    while held.len() < WINDOW {
+        held.extend(f.poll("s", 1000).await);
+    }
+    let subscriptions = Arc::new(f.subscriptions);
+    let waiting = {
+        let subscriptions = Arc::clone(&subscriptions);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            subscriptions.poll(&name_of("s"), 10, deadline).await
+        })
+    };
+    // The poll runs until it waits: the window is full.
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished());
+    subscriptions
+        .ack(&name_of("s"), &[held[0].ack_id], &[])
+        .await
+        .unwrap();
+    let leases = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the ack woke the poll")
+        .unwrap()
+        .unwrap();
+    assert_eq!(sequences(&leases), [WINDOW as u64 + 1]);
 }
