@@ -121,22 +121,25 @@ impl MemoryFeed {
         let state = self.shared.state.lock();
         let first = (after + 1).max(state.first);
         let skip = usize::try_from(first - state.first).unwrap_or(usize::MAX);
-        let arrivals = state.index.iter().skip(skip).take(max).copied();
-        let spans = &state.spans;
         Arrivals {
             first,
-            arrivals: (first..)
-                .zip(arrivals)
-                .map(|(publish_seq, arrival)| {
-                    let span = if spans.is_empty() {
-                        None
-                    } else {
-                        spans.get(&publish_seq).copied()
-                    };
-                    (arrival, span)
-                })
-                .collect(),
+            arrivals: state.index.iter().skip(skip).take(max).copied().collect(),
         }
+    }
+
+    /// The exported span that processed each of these publications, if
+    /// any; `None` when no publication held has one (traces not exported).
+    pub fn spans(&self, publish_seqs: &[u64]) -> Option<Vec<Option<SpanRef>>> {
+        let state = self.shared.state.lock();
+        if state.spans.is_empty() {
+            return None;
+        }
+        Some(
+            publish_seqs
+                .iter()
+                .map(|seq| state.spans.get(seq).copied())
+                .collect(),
+        )
     }
 
     /// The first publication sequence still held, and the head.
@@ -160,9 +163,8 @@ pub struct Arrivals {
     /// The publication sequence of the first of `arrivals`.
     pub first: u64,
     /// The arrival sequences of publications `first`, `first + 1`, … (the
-    /// store holds each record while it holds it), each with the exported
-    /// span that processed it, if any.
-    pub arrivals: Vec<(u64, Option<SpanRef>)>,
+    /// store holds each record while it holds it).
+    pub arrivals: Vec<u64>,
 }
 
 #[async_trait]

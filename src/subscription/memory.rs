@@ -29,7 +29,6 @@ use super::{
 use crate::feed::{Feed, MemoryFeed};
 use crate::store::Store;
 use crate::telemetry::metrics::SubscriptionSample;
-use crate::trace_id::SpanRef;
 
 /// Most unacknowledged events one subscription tracks; it takes in no new
 /// ones past this until some are acknowledged or dead-lettered.
@@ -85,8 +84,6 @@ struct Entry {
     arrival: u64,
     delivery: u32,
     lease: Option<LeaseMark>,
-    /// The exported span that processed it, if any.
-    span: Option<SpanRef>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +97,6 @@ struct Dead {
     arrival: u64,
     delivery: u32,
     at: SystemTime,
-    span: Option<SpanRef>,
 }
 
 /// A lease made under the lock, its record not read yet.
@@ -109,7 +105,6 @@ struct Taken {
     arrival: u64,
     delivery: u32,
     lease: u64,
-    span: Option<SpanRef>,
 }
 
 impl Cursor {
@@ -151,7 +146,6 @@ impl Cursor {
                 arrival: entry.arrival,
                 delivery: entry.delivery,
                 at: SystemTime::now(),
-                span: entry.span,
             },
         );
         if self.dead.len() > DEAD_LETTERS_MAX {
@@ -187,7 +181,6 @@ impl Cursor {
                 arrival: entry.arrival,
                 delivery: entry.delivery,
                 lease: id,
-                span: entry.span,
             });
         };
         while taken.len() < max {
@@ -204,13 +197,12 @@ impl Cursor {
             // Published after the cursor, dropped before it got to them.
             self.skipped += fresh.first - 1 - self.frontier;
             self.frontier = fresh.first - 1;
-            for (arrival, span) in fresh.arrivals {
+            for arrival in fresh.arrivals {
                 let sequence = self.frontier + 1;
                 let entry = self.entries.entry(sequence).or_insert(Entry {
                     arrival,
                     delivery: 0,
                     lease: None,
-                    span,
                 });
                 lease(&mut taken, entry, sequence);
                 self.frontier = sequence;
@@ -303,7 +295,10 @@ impl MemorySubscriptions {
         let mut gone = Vec::new();
         let arrivals: Vec<u64> = taken.iter().map(|t| t.arrival).collect();
         let records = self.store.get_many_by_sequence(&arrivals).await;
+        let sequences: Vec<u64> = taken.iter().map(|t| t.sequence).collect();
+        let mut spans = self.feed.spans(&sequences).map(Vec::into_iter);
         for (taken, record) in taken.into_iter().zip(records) {
+            let span = spans.as_mut().and_then(Iterator::next).flatten();
             match record {
                 Some(record) => leases.push(Lease {
                     ack_id: AckId::Memory {
@@ -313,7 +308,7 @@ impl MemorySubscriptions {
                     sequence: taken.sequence,
                     delivery: taken.delivery,
                     record,
-                    span: taken.span,
+                    span,
                 }),
                 None => gone.push((taken.sequence, taken.delivery)),
             }
@@ -582,7 +577,6 @@ impl Subscriptions for MemorySubscriptions {
                         arrival: dead.arrival,
                         delivery: 0,
                         lease: None,
-                        span: dead.span,
                     },
                 );
                 cursor.ready.insert(sequence);
