@@ -118,6 +118,17 @@ impl RunningApp {
         let server = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
+        // Serving once its readiness left `starting` (the server task sets
+        // it after spawning the listeners): a test's first request must not
+        // race the start.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while state.readiness.phase() == crate::shutdown::Phase::Starting {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service did not start serving within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         Self {
             addr,
             admin,
