@@ -194,7 +194,7 @@ catalogue! {
         "nats backend: time for JetStream to acknowledge an ingest request's events";
     /// Events published after a subscription's cursor and not leased now.
     SUBSCRIPTION_PENDING = "eventflow_subscription_pending", Gauge, None,
-        labels "`subscription` (names are operator-made: at most subscriptions.max_count)",
+        labels "`subscription` (at most subscriptions.max_count; written at scrape time, so a deleted subscription's series leave with it)",
         "Events published after a subscription's cursor and not leased now (never delivered, handed back or expired)";
     /// A subscription's events leased now, lease live.
     SUBSCRIPTION_IN_FLIGHT = "eventflow_subscription_in_flight", Gauge, None,
