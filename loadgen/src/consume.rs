@@ -23,12 +23,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
+use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 
 use crate::args::Plan;
-use crate::driver::Live;
+use crate::driver::{Connection, Live};
 
 /// What the consumers are to do.
 #[derive(Debug, Clone)]
@@ -145,22 +144,12 @@ struct Counters {
     expired_on_resend: AtomicU64,
 }
 
-/// One keep-alive connection to the service.
-struct Client {
-    host: String,
-    port: u16,
-    authority: String,
-    sender: Option<http1::SendRequest<Full<Bytes>>>,
-}
+/// One keep-alive connection to the service (the load's own kind).
+struct Client(Connection);
 
 impl Client {
     fn new(plan: &Plan) -> Self {
-        Self {
-            host: plan.host.clone(),
-            port: plan.port,
-            authority: plan.authority(),
-            sender: None,
-        }
+        Self(Connection::new(plan))
     }
 
     /// `method path` with an optional JSON body: the status and the body.
@@ -170,41 +159,22 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), String> {
-        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            self.sender = Some(
-                crate::http::connect(&self.host, self.port)
-                    .await
-                    .map_err(|e| format!("cannot connect: {e}"))?,
-            );
-        }
-        let sender = self.sender.as_mut().ok_or("no connection")?;
-        // The connection takes the next request only once it has finished
-        // with the last answer: sent before that, hyper cancels it.
-        if let Err(error) = sender.ready().await {
-            self.sender = None;
-            return Err(error.to_string());
-        }
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, &self.authority);
+            .header(header::HOST, self.0.authority());
         if body.is_some() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| e.to_string())?;
-        let response = sender.send_request(request).await.map_err(|e| {
-            self.sender = None;
-            e.to_string()
-        })?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
+        let (status, bytes) = self
+            .0
+            .exchange(request)
             .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+            .map_err(|()| format!("{path}: no answer"))?;
+        let status = StatusCode::from_u16(status).map_err(|e| e.to_string())?;
         Ok((status, bytes))
     }
 }

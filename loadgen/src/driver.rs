@@ -28,8 +28,9 @@ pub(crate) struct Live {
     pub(crate) issued_events: AtomicU64,
 }
 
-/// One keep-alive HTTP/1.1 connection that reconnects after failures.
-struct Connection {
+/// One keep-alive HTTP/1.1 connection that reconnects after failures
+/// (the load's connections, and the consumers' in `consume`).
+pub(crate) struct Connection {
     host: String,
     port: u16,
     authority: String,
@@ -37,7 +38,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(plan: &Plan) -> Self {
+    pub(crate) fn new(plan: &Plan) -> Self {
         Self {
             host: plan.host.clone(),
             port: plan.port,
@@ -53,6 +54,11 @@ impl Connection {
         self.sender
             .as_mut()
             .ok_or_else(|| std::io::Error::other("no connection"))
+    }
+
+    /// `host:port`, for the `Host` header.
+    pub(crate) fn authority(&self) -> &str {
+        &self.authority
     }
 
     /// Sends one `GET /healthz`, so that the first measured requests do
@@ -83,7 +89,10 @@ impl Connection {
 
     /// Sends `request` on this connection (connecting first if need be);
     /// returns the answer's status and body.
-    async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<(u16, Bytes), ()> {
+    pub(crate) async fn exchange(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(u16, Bytes), ()> {
         let sender = self.connect().await.map_err(|_| ())?;
         sender.ready().await.map_err(|_| ())?;
         let response = sender.send_request(request).await.map_err(|_| ())?;

@@ -328,6 +328,10 @@ fn common_answers(document: &mut serde_json::Value, rate_limited: bool) {
                     "A malformed query string (an unknown or repeated parameter)",
                 );
             }
+            if path.starts_with("/subscriptions/{name}") {
+                default("404", "No such subscription");
+                default("422", "Not a subscription name (`[A-Za-z0-9_-]{1,64}`)");
+            }
             responses["405"] = json!({
                 "description": "This route does not take the method; `Allow` lists those it takes",
                 "headers": { "Allow": { "schema": { "type": "string" } } },

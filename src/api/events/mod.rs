@@ -62,6 +62,18 @@ fn trace_id(headers: &HeaderMap) -> TraceId {
     telemetry::trace_id_of(&tracing::Span::current(), headers)
 }
 
+/// The event id in the path, and the 404 that names it; a string that is
+/// not an id is that 404 at once (no event can have it).
+fn path_id(
+    id: Result<Path<String>, PathRejection>,
+) -> Result<(EventId, impl Fn() -> ApiError), ApiError> {
+    let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
+    let parsed = EventId::parse(&raw);
+    let not_found = move || ApiError::NotFound(format!("no event with id `{}`", clip(&raw)));
+    let id = parsed.map_err(|_| not_found())?;
+    Ok((id, not_found))
+}
+
 fn location(id: &EventId) -> Option<HeaderValue> {
     let path = format!("/events/{}", utf8_percent_encode(id.as_str(), PATH_SEGMENT));
     // Takes the string's buffer as it is (`from_str` would copy it).
@@ -393,9 +405,7 @@ pub(crate) async fn get_event(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
-    let not_found = || ApiError::NotFound(format!("no event with id `{}`", clip(&raw)));
-    let id = EventId::parse(&raw).map_err(|_| not_found())?;
+    let (id, not_found) = path_id(id)?;
     let store = state.reader.store();
     // A store it cannot ask does not know: not a 404 a client would take
     // for "never received".

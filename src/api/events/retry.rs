@@ -13,7 +13,6 @@ use super::super::AppState;
 use super::super::error::{ApiError, Problem, clip};
 use super::super::json_body;
 use super::super::query;
-use crate::event::EventId;
 use crate::pipeline::RetryError;
 use crate::store::Status;
 
@@ -75,9 +74,7 @@ pub(crate) async fn retry_event(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let Path(raw) = id.map_err(|err| ApiError::BadRequest(err.body_text()))?;
-    let not_found = || ApiError::NotFound(format!("no event with id `{}`", clip(&raw)));
-    let id = EventId::parse(&raw).map_err(|_| not_found())?;
+    let (id, not_found) = super::path_id(id)?;
     let retried = state.writer.retry(&id).await.map_err(|error| match error {
         RetryError::NotFound(_) => not_found(),
         RetryError::NotFailed { .. } => ApiError::NotRetryable(error.to_string()),

@@ -101,8 +101,6 @@ pub(crate) async fn put_subscription(
     params(("name" = String, Path, description = "The subscription's name")),
     responses(
         (status = 200, description = "Its state", body = SubscriptionView),
-        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Not a subscription name (`[A-Za-z0-9_-]{1,64}`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_subscription(
@@ -138,8 +136,6 @@ pub(crate) async fn list_subscriptions(
     params(("name" = String, Path, description = "The subscription's name")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Not a subscription name (`[A-Za-z0-9_-]{1,64}`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn delete_subscription(
@@ -159,7 +155,6 @@ pub(crate) async fn delete_subscription(
     params(("name" = String, Path, description = "The subscription's name"), PollParams),
     responses(
         (status = 200, description = "The leased events, in publication order (possibly none)", body = PollAnswer),
-        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`max` or `wait` out of range, or not a subscription name", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Answers in memory are at `server.max_inflight_answer_bytes` (`Retry-After`); the leases are handed back", body = Problem, content_type = "application/problem+json"),
     )
@@ -240,7 +235,6 @@ fn render_poll(
     request_body(content = AckInput, content_type = "application/json"),
     responses(
         (status = 200, description = "What became of the ids; one that matches no live lease is counted `expired`", body = AckAnswer),
-        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "An id this service never issued (nothing is applied), or not a subscription name", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -284,7 +278,6 @@ pub(crate) async fn ack(
     params(("name" = String, Path, description = "The subscription's name"), DeadLetterParams),
     responses(
         (status = 200, description = "A page of dead letters, in publication order", body = DeadLetterPage),
-        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A limit or cursor out of range, or not a subscription name", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Answers in memory are at `server.max_inflight_answer_bytes` (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )
@@ -345,7 +338,6 @@ pub(crate) async fn dead_letters(
     request_body(content = RedeliverInput, content_type = "application/json", description = "Absent or empty: all of them"),
     responses(
         (status = 202, description = "How many were handed out again", body = RedeliverAnswer),
-        (status = 404, description = "No such subscription", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A body that is not a list of sequences, or not a subscription name", body = Problem, content_type = "application/problem+json"),
     )
 )]
