@@ -59,6 +59,9 @@ pub struct NatsSettings {
     pub published_stream: String,
     /// Stream of events that failed for good, with their content.
     pub failed_stream: String,
+    /// Stream of the subscriptions' dead letters and of those handed out
+    /// again.
+    pub dead_letter_stream: String,
     /// Durable pull consumer on the backlog, shared by every replica's workers.
     pub consumer: String,
     /// Copies of each stream in a cluster (1, 3 or 5).
@@ -71,7 +74,10 @@ pub struct NatsSettings {
     /// Bytes of published (and, apart, of failed) events kept for reads,
     /// SSE resume and retry; the oldest are dropped first.
     pub history_max_bytes: i64,
-    /// How long published and failed events are kept.
+    /// Bytes of dead letters kept, for every subscription together (the
+    /// oldest dropped first).
+    pub dead_letter_max_bytes: i64,
+    /// How long published and failed events (and dead letters) are kept.
     #[serde(deserialize_with = "duration::deserialize")]
     pub history_max_age: Duration,
     /// How long a retried id is recognised (and its record readable).
@@ -134,6 +140,7 @@ impl BackendSettings {
             ("backend.nats.backlog_stream", &nats.backlog_stream),
             ("backend.nats.published_stream", &nats.published_stream),
             ("backend.nats.failed_stream", &nats.failed_stream),
+            ("backend.nats.dead_letter_stream", &nats.dead_letter_stream),
             ("backend.nats.consumer", &nats.consumer),
         ] {
             if !is_subject(name) || name.contains('.') {
@@ -148,6 +155,7 @@ impl BackendSettings {
             &nats.backlog_stream,
             &nats.published_stream,
             &nats.failed_stream,
+            &nats.dead_letter_stream,
         ];
         if streams
             .iter()
@@ -156,7 +164,8 @@ impl BackendSettings {
         {
             return Err(invalid(
                 "backend.nats.ids_stream",
-                "the four streams (ids, backlog, published, failed) need four different names",
+                "the five streams (ids, backlog, published, failed, dead letters) need five \
+                 different names",
             ));
         }
         if ![1, 3, 5].contains(&nats.replicas) {
@@ -165,6 +174,10 @@ impl BackendSettings {
         for (key, value) in [
             ("backend.nats.backlog_max_bytes", nats.backlog_max_bytes),
             ("backend.nats.history_max_bytes", nats.history_max_bytes),
+            (
+                "backend.nats.dead_letter_max_bytes",
+                nats.dead_letter_max_bytes,
+            ),
             (
                 "backend.nats.idempotency_max_bytes",
                 nats.idempotency_max_bytes,

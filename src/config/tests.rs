@@ -383,7 +383,7 @@ fn bad_nats_settings_name_their_key() {
         (
             "EVENTFLOW__BACKEND__NATS__BACKLOG_STREAM",
             "EVENTFLOW_PUBLISHED",
-            "four different names",
+            "five different names",
         ),
         (
             "EVENTFLOW__BACKEND__NATS__SUBJECT_PREFIX",

@@ -26,7 +26,7 @@ use super::{
     AckId, Acked, DeadLetter, DeadLetters, Lease, Put, Spec, Start, State, SubscriptionError,
     SubscriptionName, Subscriptions,
 };
-use crate::feed::{Feed, MemoryFeed};
+use crate::feed::{Feed, FeedLine, MemoryFeed};
 use crate::store::Store;
 use crate::telemetry::metrics::SubscriptionSample;
 
@@ -307,7 +307,7 @@ impl MemorySubscriptions {
                     },
                     sequence: taken.sequence,
                     delivery: taken.delivery,
-                    record,
+                    line: FeedLine::Stored(record),
                     span,
                 }),
                 None => gone.push((taken.sequence, taken.delivery)),
@@ -539,7 +539,7 @@ impl Subscriptions for MemorySubscriptions {
                     sequence,
                     delivery: dead.delivery,
                     dead_lettered_at: dead.at,
-                    record,
+                    line: FeedLine::Stored(record),
                 }),
                 None => gone.push(sequence),
             }
@@ -609,10 +609,10 @@ impl Subscriptions for MemorySubscriptions {
 
 /// The event and lease an ack id of this backend names (`None`: another
 /// backend's, which matches no lease here).
-#[allow(clippy::unnecessary_wraps)] // other backends' ids come with the nats subscriptions
 fn memory_lease(id: &AckId) -> Option<(u64, u64)> {
     match *id {
         AckId::Memory { sequence, lease } => Some((sequence, lease)),
+        AckId::Nats(_) => None,
     }
 }
 

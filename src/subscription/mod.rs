@@ -16,11 +16,11 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::store::Record;
+use crate::feed::FeedLine;
 use crate::telemetry::metrics::SubscriptionSample;
 use crate::time::UnixNanos;
 
-pub use ack_id::{ACK_ID_MAX, AckId};
+pub use ack_id::{ACK_ID_MAX, AckId, NatsDelivery};
 pub use memory::{DEAD_LETTERS_MAX, MemorySubscriptions, WINDOW};
 
 /// Longest subscription name.
@@ -146,8 +146,8 @@ pub struct Lease {
     pub sequence: u64,
     /// Which delivery this is, from 1.
     pub delivery: u32,
-    /// The stored event (rendered to its published form by the reader).
-    pub record: Arc<Record>,
+    /// The published event.
+    pub line: FeedLine,
     /// The exported span that processed it, if any: the poll links to it.
     pub span: Option<crate::trace_id::SpanRef>,
 }
@@ -172,8 +172,8 @@ pub struct DeadLetter {
     pub delivery: u32,
     /// When it was dead-lettered.
     pub dead_lettered_at: SystemTime,
-    /// The stored event.
-    pub record: Arc<Record>,
+    /// The published event.
+    pub line: FeedLine,
 }
 
 /// A page of dead letters.

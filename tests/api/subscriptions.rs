@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, event, spawn_app, spawn_app_with};
 
 impl TestApp {
-    async fn put_subscription(&self, name: &str, body: Value) -> reqwest::Response {
+    pub(crate) async fn put_subscription(&self, name: &str, body: Value) -> reqwest::Response {
         self.client
             .put(self.url(&format!("/subscriptions/{name}")))
             .json(&body)
@@ -20,7 +20,7 @@ impl TestApp {
             .unwrap()
     }
 
-    async fn poll_subscription(&self, name: &str, query: &str) -> reqwest::Response {
+    pub(crate) async fn poll_subscription(&self, name: &str, query: &str) -> reqwest::Response {
         self.client
             .post(self.url(&format!("/subscriptions/{name}/poll?{query}")))
             .send()
@@ -29,14 +29,14 @@ impl TestApp {
     }
 
     /// The events of a 200 poll.
-    async fn poll_events(&self, name: &str, query: &str) -> Vec<Value> {
+    pub(crate) async fn poll_events(&self, name: &str, query: &str) -> Vec<Value> {
         let response = self.poll_subscription(name, query).await;
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.unwrap();
         body["events"].as_array().unwrap().clone()
     }
 
-    async fn ack_subscription(&self, name: &str, body: Value) -> reqwest::Response {
+    pub(crate) async fn ack_subscription(&self, name: &str, body: Value) -> reqwest::Response {
         self.client
             .post(self.url(&format!("/subscriptions/{name}/ack")))
             .json(&body)
@@ -45,14 +45,14 @@ impl TestApp {
             .unwrap()
     }
 
-    async fn subscription(&self, name: &str) -> Value {
+    pub(crate) async fn subscription(&self, name: &str) -> Value {
         let response = self.get(&format!("/subscriptions/{name}")).await;
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
 }
 
-fn ack_ids(events: &[Value]) -> Vec<Value> {
+pub(crate) fn ack_ids(events: &[Value]) -> Vec<Value> {
     events.iter().map(|e| e["ack_id"].clone()).collect()
 }
 

@@ -245,6 +245,17 @@ pub(crate) fn poll_wait(raw: Option<&str>, limit: Duration) -> Result<Duration, 
         })
 }
 
+/// A published event in an answer: rendered from its stored record, or
+/// the line as it was published (nats mode keeps the line).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub(crate) enum EventBody<'a> {
+    /// Rendered now.
+    Rendered(PublishedEvent),
+    /// As published.
+    Published(&'a serde_json::value::RawValue),
+}
+
 /// One leased event of a poll.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct PolledEvent<'a> {
@@ -256,7 +267,8 @@ pub(crate) struct PolledEvent<'a> {
     /// Which delivery this is, from 1.
     pub(super) delivery: u32,
     /// The published event.
-    pub(super) event: &'a PublishedEvent,
+    #[schema(value_type = PublishedEvent)]
+    pub(super) event: EventBody<'a>,
 }
 
 /// `POST /subscriptions/{name}/poll` (the document's type for it; the
@@ -283,7 +295,9 @@ pub(crate) struct AckInput {
 
 /// An `ack_id` as a poll gave it.
 #[derive(ToSchema)]
-#[schema(pattern = "^m1\\.(0|[1-9][0-9]{0,17})\\.(0|[1-9][0-9]{0,17})$")]
+#[schema(
+    pattern = "^(m1\\.(0|[1-9][0-9]{0,17})\\.(0|[1-9][0-9]{0,17})|n1\\.[pr](\\.(0|[1-9][0-9]{0,18})){5})$"
+)]
 #[allow(dead_code)] // only the document's type
 pub(crate) struct AckIdText(String);
 
@@ -322,7 +336,8 @@ pub(crate) struct DeadLetterView<'a> {
     /// When it was dead-lettered (RFC 3339, UTC).
     pub(super) dead_lettered_at: &'a str,
     /// The published event.
-    pub(super) event: &'a PublishedEvent,
+    #[schema(value_type = PublishedEvent)]
+    pub(super) event: EventBody<'a>,
 }
 
 /// A page of dead letters (the document's type for it).

@@ -16,11 +16,12 @@ use super::error::{ApiError, Problem, clip};
 use super::events::MAX_PAGE_BYTES;
 use super::query::{self, query_error};
 use super::{AppState, json_body};
+use crate::feed::FeedLine;
 use crate::subscription::{AckId, Lease, Put, SubscriptionName, Subscriptions};
 use crate::time::rfc3339_micros;
 pub(crate) use bodies::{
-    AckAnswer, AckInput, DeadLetterPage, DeadLetterParams, DeadLetterView, PollAnswer, PollParams,
-    PolledEvent, RedeliverAnswer, RedeliverInput, SubscriptionInput, SubscriptionList,
+    AckAnswer, AckInput, DeadLetterPage, DeadLetterParams, DeadLetterView, EventBody, PollAnswer,
+    PollParams, PolledEvent, RedeliverAnswer, RedeliverInput, SubscriptionInput, SubscriptionList,
     SubscriptionView,
 };
 
@@ -192,6 +193,20 @@ pub(crate) async fn poll(
     }
 }
 
+/// A published event as an answer writes it: rendered from its record, or
+/// the line as published (`None`: it does not render, or the stored line
+/// is not JSON).
+fn event_body<'a>(state: &AppState, line: &'a FeedLine) -> Option<EventBody<'a>> {
+    match line {
+        FeedLine::Stored(record) => state
+            .reader
+            .published(record)?
+            .ok()
+            .map(EventBody::Rendered),
+        FeedLine::Json(json) => serde_json::from_str(json).ok().map(EventBody::Published),
+    }
+}
+
 /// The poll's answer, held against the answers' budget, and the leases
 /// that did not fit in one answer's bytes (handed back by the caller).
 fn render_poll(
@@ -204,7 +219,7 @@ fn render_poll(
     let mut unsent = Vec::new();
     let mut written = 0;
     for lease in leases {
-        let Some(Ok(event)) = state.reader.published(&lease.record) else {
+        let Some(event) = event_body(state, &lease.line) else {
             // Transforms are pure: a published event renders again. Should
             // it not, the lease goes back rather than out half made.
             unsent.push(lease.ack_id);
@@ -214,7 +229,7 @@ fn render_poll(
             ack_id: lease.ack_id.to_string(),
             sequence: lease.sequence,
             delivery: lease.delivery,
-            event: &event,
+            event,
         };
         if answer.list_item(written == 0, &polled, answer_bytes)? {
             written += 1;
@@ -300,7 +315,7 @@ pub(crate) async fn dead_letters(
     let mut next = page.next;
     let mut written = 0;
     for (index, letter) in page.letters.iter().enumerate() {
-        let Some(Ok(event)) = state.reader.published(&letter.record) else {
+        let Some(event) = event_body(&state, &letter.line) else {
             continue;
         };
         let dead_lettered_at = rfc3339_micros(letter.dead_lettered_at);
@@ -308,7 +323,7 @@ pub(crate) async fn dead_letters(
             sequence: letter.sequence,
             delivery: letter.delivery,
             dead_lettered_at: dead_lettered_at.as_str(),
-            event: &event,
+            event,
         };
         if !answer.list_item(written == 0, &view, answer_bytes)? {
             next = Some(page.letters[index - 1].sequence);

@@ -11,7 +11,10 @@
 //! - `<prefix>.published.<sequence>` and `<prefix>.failed.<sequence>`: an
 //!   accepted event's publication or failure, by its arrival sequence, so
 //!   that each acceptance is published at most once
-//!   (`Nats-Expected-Last-Subject-Sequence: 0`) and found again by it.
+//!   (`Nats-Expected-Last-Subject-Sequence: 0`) and found again by it;
+//! - `<prefix>.dead.<subscription>.<sequence>` and
+//!   `<prefix>.again.<subscription>.<sequence>`: an event dead-lettered for
+//!   a subscription, and one handed out again, by its publication sequence.
 
 use async_nats::{HeaderMap, Subject};
 use base64::Engine as _;
@@ -77,6 +80,32 @@ impl Subjects {
     /// Every failed event's subject.
     pub(super) fn failed(&self) -> String {
         format!("{}.failed.>", self.prefix)
+    }
+
+    /// Every dead letter's and redelivery's subject.
+    pub(super) fn dead_letters(&self) -> [String; 2] {
+        [
+            format!("{}.dead.>", self.prefix),
+            format!("{}.again.>", self.prefix),
+        ]
+    }
+
+    /// `subscription`'s dead letters (`event`: the one of that publication
+    /// sequence; `None`: all of them).
+    pub(super) fn dead(&self, subscription: &str, event: Option<u64>) -> String {
+        Self::of_subscription(&self.prefix, "dead", subscription, event)
+    }
+
+    /// `subscription`'s redeliveries of dead letters.
+    pub(super) fn again(&self, subscription: &str, event: Option<u64>) -> String {
+        Self::of_subscription(&self.prefix, "again", subscription, event)
+    }
+
+    fn of_subscription(prefix: &str, kind: &str, subscription: &str, event: Option<u64>) -> String {
+        match event {
+            Some(sequence) => format!("{prefix}.{kind}.{subscription}.{sequence}"),
+            None => format!("{prefix}.{kind}.{subscription}.>"),
+        }
     }
 
     /// An id's subject. (Written without `format!`: one a record, on the

@@ -1,4 +1,4 @@
-//! The JetStream objects of the nats backend: four streams and one durable
+//! The JetStream objects of the nats backend: five streams and one durable
 //! consumer, created when missing and checked when present, and the checks
 //! made once NATS answers (an earlier layout's streams, the server's
 //! `max_payload`).
@@ -17,7 +17,7 @@ use crate::config::{NatsSettings, NatsStorage, Settings};
 
 /// The metadata key every stream of this layout carries.
 const LAYOUT_KEY: &str = "eventflow_layout";
-/// This layout: ids, backlog, published and failed streams.
+/// This layout: ids, backlog, published, failed and dead-letter streams.
 const LAYOUT: &str = "2";
 
 /// Most a redelivery after an unanswered delivery waits (the consumer's
@@ -31,8 +31,8 @@ pub(super) struct Ready {
     pub(super) published_head: u64,
 }
 
-/// The four streams' configurations.
-fn streams(nats: &NatsSettings, subjects: &Subjects) -> [(&'static str, stream::Config); 4] {
+/// The five streams' configurations.
+fn streams(nats: &NatsSettings, subjects: &Subjects) -> [(&'static str, stream::Config); 5] {
     let storage = match nats.storage {
         NatsStorage::File => StorageType::File,
         NatsStorage::Memory => StorageType::Memory,
@@ -93,6 +93,21 @@ fn streams(nats: &NatsSettings, subjects: &Subjects) -> [(&'static str, stream::
                 discard: DiscardPolicy::Old,
                 max_bytes: nats.history_max_bytes,
                 max_age: nats.history_max_age,
+                ..base.clone()
+            },
+        ),
+        (
+            "backend.nats.dead_letter_stream",
+            stream::Config {
+                name: nats.dead_letter_stream.clone(),
+                subjects: subjects.dead_letters().into(),
+                retention: RetentionPolicy::Limits,
+                discard: DiscardPolicy::Old,
+                max_bytes: nats.dead_letter_max_bytes,
+                max_age: nats.history_max_age,
+                // An event is dead-lettered (or handed out again) once per
+                // subscription at a time: a later copy replaces it.
+                max_messages_per_subject: 1,
                 ..base
             },
         ),

@@ -35,6 +35,7 @@ mod layout;
 mod publisher;
 mod queue;
 mod store;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +54,7 @@ use crate::telemetry::metrics::{Metrics, names};
 pub use feed::NatsFeed;
 pub use queue::NatsQueue;
 pub use store::NatsStore;
+pub use subscriptions::NatsSubscriptions;
 
 use codec::Subjects;
 use health::Health;
@@ -181,6 +183,13 @@ struct Nats {
     ids_read: Stream<()>,
     published_read: Stream<()>,
     failed_read: Stream<()>,
+    /// The subscriptions' dead letters and redeliveries, on the reader
+    /// connection.
+    dead_read: Stream<()>,
+    /// The reader connection (subscriptions' acks travel there).
+    reader: async_nats::Client,
+    /// On `reader`.
+    read: jetstream::Context,
     health: Arc<Health>,
     /// One request's wait for NATS: `server.request_timeout / 2`.
     deadline: Duration,
@@ -275,6 +284,14 @@ pub async fn open(
             "backend.nats.failed_stream",
         )
         .await?,
+        dead_read: named(
+            &read,
+            &configured.dead_letter_stream,
+            "backend.nats.dead_letter_stream",
+        )
+        .await?,
+        reader: reader.clone(),
+        read: read.clone(),
         ingest: publisher::Publisher::new(client.clone()),
         publish: publisher::Publisher::new(worker.clone()),
         expect_new: {
@@ -300,12 +317,14 @@ pub async fn open(
         metrics.counter(names::NATS_REDELIVERIES, &[]),
     );
     let feed = Arc::new(NatsFeed::new(Arc::clone(&nats)));
+    let subscriptions = Arc::new(NatsSubscriptions::new(Arc::clone(&nats), settings));
     let (failed_tx, failed_rx) = watch::channel(None);
     let starter = Starter {
         nats: Arc::clone(&nats),
         settings: settings.clone(),
         queue: Arc::clone(&queue),
         feed: Arc::clone(&feed),
+        subscriptions: Arc::clone(&subscriptions),
         metrics: metrics.clone(),
     };
     // NATS answering at start: set up now, so that a refusal stops the start.
@@ -331,7 +350,7 @@ pub async fn open(
         store,
         queue,
         feed,
-        subscriptions: None,
+        subscriptions: Some(subscriptions),
         failure: BackendFailure::new(failed_rx),
     })
 }
@@ -357,6 +376,7 @@ struct Starter {
     settings: Settings,
     queue: Arc<NatsQueue>,
     feed: Arc<NatsFeed>,
+    subscriptions: Arc<NatsSubscriptions>,
     metrics: Metrics,
 }
 
@@ -402,6 +422,10 @@ impl Starter {
             consumer,
             self.settings.backend.nats.backlog_max_bytes,
             self.metrics.clone(),
+        ));
+        tokio::spawn(subscriptions::upkeep(
+            Arc::clone(&self.subscriptions),
+            UPKEEP,
         ));
         self.nats.health.set_up();
         tracing::info!(

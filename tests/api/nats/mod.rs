@@ -6,6 +6,7 @@ mod bounds;
 mod fault_table;
 mod faults;
 pub(crate) mod server;
+mod subscriptions;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
