@@ -14,9 +14,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
     responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String)))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let mut snapshot = state.writer.snapshot();
-    if let Some(subscriptions) = &state.subscriptions {
-        snapshot.subscriptions = subscriptions.samples();
-    }
+    snapshot.subscriptions = state.subscriptions.samples();
     let body = state.writer.metrics().render(snapshot);
     let mut response = body.into_response();
     response.headers_mut().insert(

@@ -81,8 +81,8 @@ pub struct SharedState {
     /// Reads of stored and published events: the store, the feed, and the
     /// published form of a processed record.
     pub reader: Reader,
-    /// Named subscriptions (`None`: the backend has none).
-    pub subscriptions: Option<Arc<dyn Subscriptions>>,
+    /// Named subscriptions.
+    pub subscriptions: Arc<dyn Subscriptions>,
     /// Readiness flag.
     pub readiness: Readiness,
     /// Server settings (limits, timeouts).

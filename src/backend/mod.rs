@@ -29,8 +29,8 @@ pub struct Backend {
     pub queue: Arc<dyn Queue>,
     /// Published events in publication order.
     pub feed: Arc<dyn Feed>,
-    /// Named subscriptions over the feed (`None`: this backend has none yet).
-    pub subscriptions: Option<Arc<dyn Subscriptions>>,
+    /// Named subscriptions over the feed.
+    pub subscriptions: Arc<dyn Subscriptions>,
     /// Says why, should the backend fail for good after start-up.
     pub failure: BackendFailure,
 }
@@ -80,7 +80,7 @@ impl Backend {
         );
         Self {
             feed: Arc::new(feed),
-            subscriptions: Some(Arc::new(subscriptions)),
+            subscriptions: Arc::new(subscriptions),
             store,
             queue: MemoryQueue::new(settings.pipeline.queue_capacity),
             failure: BackendFailure::never(),

@@ -4,7 +4,6 @@
 
 mod bodies;
 
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -17,7 +16,7 @@ use super::events::MAX_PAGE_BYTES;
 use super::query::{self, query_error};
 use super::{AppState, json_body};
 use crate::feed::FeedLine;
-use crate::subscription::{AckId, Lease, Put, SubscriptionName, Subscriptions};
+use crate::subscription::{AckId, Lease, Put, SubscriptionName};
 use crate::time::rfc3339_micros;
 pub(crate) use bodies::{
     AckAnswer, AckInput, DeadLetterPage, DeadLetterParams, DeadLetterView, EventBody, PollAnswer,
@@ -32,16 +31,6 @@ const MAX_POLL: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-/// The subscriptions, or 501 where the backend has none.
-fn subscriptions(state: &AppState) -> Result<&Arc<dyn Subscriptions>, ApiError> {
-    state.subscriptions.as_ref().ok_or_else(|| {
-        ApiError::NotImplemented(
-            "named subscriptions are served in memory mode only in this version; \
-             in nats mode read the SSE stream or GET /events"
-                .into(),
-        )
-    })
-}
 
 /// The subscription name in the path, or 422.
 fn name(path: Result<Path<String>, PathRejection>) -> Result<SubscriptionName, ApiError> {
@@ -75,7 +64,7 @@ pub(crate) async fn put_subscription(
     request: Request,
 ) -> Result<Response, ApiError> {
     let name = name(path)?;
-    let subscriptions = subscriptions(&state)?;
+    let subscriptions = &state.subscriptions;
     let spec = json_body::<SubscriptionInput>(&state, request)
         .await?
         .spec()?;
@@ -109,7 +98,7 @@ pub(crate) async fn get_subscription(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     let name = name(path)?;
-    let found = subscriptions(&state)?.state(&name).await?;
+    let found = state.subscriptions.state(&name).await?;
     Ok(Json(found.into()))
 }
 
@@ -123,7 +112,7 @@ pub(crate) async fn get_subscription(
 pub(crate) async fn list_subscriptions(
     State(state): State<AppState>,
 ) -> Result<Json<SubscriptionList>, ApiError> {
-    let all = subscriptions(&state)?.list().await?;
+    let all = state.subscriptions.list().await?;
     Ok(Json(SubscriptionList {
         subscriptions: all.into_iter().map(Into::into).collect(),
     }))
@@ -144,7 +133,7 @@ pub(crate) async fn delete_subscription(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     let name = name(path)?;
-    subscriptions(&state)?.delete(&name).await?;
+    state.subscriptions.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -169,7 +158,7 @@ pub(crate) async fn poll(
     let Query(params) = params.map_err(query_error)?;
     let max = query::count("max", params.max.as_deref(), DEFAULT_POLL, MAX_POLL)?;
     let wait = bodies::poll_wait(params.wait.as_deref(), state.server.request_timeout)?;
-    let subscriptions = subscriptions(&state)?;
+    let subscriptions = &state.subscriptions;
     let deadline = tokio::time::Instant::now() + wait;
     let leases = subscriptions.poll(&name, max, deadline).await?;
     // The poll's trace links to the processing of each event it hands out.
@@ -259,7 +248,7 @@ pub(crate) async fn ack(
     request: Request,
 ) -> Result<Json<AckAnswer>, ApiError> {
     let name = name(path)?;
-    let subscriptions = subscriptions(&state)?;
+    let subscriptions = &state.subscriptions;
     let input = json_body::<AckInput>(&state, request).await?;
     let parse = |field: &str, ids: &[String]| -> Result<Vec<AckId>, ApiError> {
         ids.iter()
@@ -306,7 +295,7 @@ pub(crate) async fn dead_letters(
     let Query(params) = params.map_err(query_error)?;
     let limit = query::count("limit", params.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)?;
     let after = query::cursor("after", params.after.as_deref())?;
-    let page = subscriptions(&state)?
+    let page = state.subscriptions
         .dead_letters(&name, after, limit)
         .await?;
     let answer_bytes = MAX_PAGE_BYTES.min(state.answers.total() / 4);
@@ -362,7 +351,7 @@ pub(crate) async fn redeliver(
     request: Request,
 ) -> Result<Response, ApiError> {
     let name = name(path)?;
-    let subscriptions = subscriptions(&state)?;
+    let subscriptions = &state.subscriptions;
     let input = json_body::<RedeliverInput>(&state, request).await?;
     // Publication sequences are int64 in the document, as in JSON tools.
     if let Some(sequences) = &input.sequences

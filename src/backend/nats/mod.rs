@@ -350,7 +350,7 @@ pub async fn open(
         store,
         queue,
         feed,
-        subscriptions: Some(subscriptions),
+        subscriptions,
         failure: BackendFailure::new(failed_rx),
     })
 }
