@@ -32,6 +32,7 @@ NATS_DURATION="${NATS_DURATION:-60}"
 BATCH_RATE="${BATCH_RATE:-50}"
 SINGLE_RATE="${SINGLE_RATE:-20000}"
 SUB_RATE="${SUB_RATE:-200}"
+NATS_SUB_RATE="${NATS_SUB_RATE:-25}"
 BIN=target/release
 mkdir -p "$OUT"
 
@@ -628,6 +629,90 @@ bench_subscriptions() {
   python3 -c "n=float('$(median "${none[@]}")'); i=float('$(median "${idle[@]}")'); print(f'idle median: none {n:.0f}, 64 idle {i:.0f} events/s ({i/n:.3f})')"
 }
 
+# subscriptions-nats: the same consumers in nats mode (one replica, one
+# nats-server), eventflow on SERVER_CPU, nats-server and the load on
+# LOAD_CPU: a drain of published events, and keeping up beside ingest at
+# NATS_SUB_RATE batches/s of 1,000 against that ingest alone, interleaved.
+bench_subscriptions_nats() {
+  echo "== 9b. named subscriptions (nats mode): 4 consumers, max=100 a poll"
+  local env drains=() cpu=() nats_cpu=() n=200000 run
+  for run in $(seq "$RUNS"); do
+    start_nats
+    env=(EVENTFLOW__BACKEND__KIND=nats EVENTFLOW__BACKEND__NATS_URL="$NATS_URL")
+    start_server eventflow "${env[@]}"
+    curl -sf -X PUT "http://127.0.0.1:$PORT/subscriptions/drain" -H 'content-type: application/json' \
+      -d '{"start":"earliest"}' >/dev/null
+    loadgen -n $(( n / 1000 )) -b 1000 -c 2 >/dev/null
+    for _ in $(seq 600); do
+      python3 -c 'import sys; sys.exit(0 if float(sys.argv[1] or 0) >= float(sys.argv[2]) else 1)' \
+        "$(metric 'eventflow_events_processed_total{outcome="ok"}')" "$n" && break
+      sleep 0.1
+    done
+    local before nats_before
+    before="$(cpu_ticks)"
+    nats_before="$(awk '{print $14 + $15}' "/proc/$NATS_PID/stat")"
+    loadgen -n 1 --consumers 4 --subscription drain --poll-max 100 --json >"$OUT/subs-nats-drain-$run.json"
+    cpu+=("$(( $(cpu_ticks) - before ))")
+    nats_cpu+=("$(( $(awk '{print $14 + $15}' "/proc/$NATS_PID/stat") - nats_before ))")
+    stop_server
+    stop_nats
+    drains+=("$(subs_json "$OUT/subs-nats-drain-$run.json" consume.acked_per_s)")
+    echo "run $run: drained $n published events at ${drains[-1]} acked/s, CPU ticks: eventflow ${cpu[-1]}, nats-server ${nats_cpu[-1]}"
+  done
+  local hz
+  hz="$(getconf CLK_TCK)"
+  echo "drain median: $(median "${drains[@]}") events/s acked; CPU per event: eventflow" \
+    "$(python3 -c "print(f'{$(median "${cpu[@]}")*1e6/$hz/$n:.2f}')") us, nats-server" \
+    "$(python3 -c "print(f'{$(median "${nats_cpu[@]}")*1e6/$hz/$n:.2f}')") us"
+  echo "beside ingest: open loop at ${NATS_SUB_RATE} requests/s of 1,000 events for ${DURATION}s, without and with 4 consumers (--verify), interleaved"
+  local alone=() with=() acked=() what
+  for run in $(seq "$RUNS"); do
+    for what in $(in_turn "$run" alone consumers); do
+      start_nats
+      start_server eventflow EVENTFLOW__BACKEND__KIND=nats EVENTFLOW__BACKEND__NATS_URL="$NATS_URL"
+      if [[ "$what" == alone ]]; then
+        loadgen --mode open --rate "$NATS_SUB_RATE" -b 1000 -c 4 -d "${DURATION}s" --verify --json >"$OUT/subs-nats-alone-$run.json"
+        alone+=("$(subs_json "$OUT/subs-nats-alone-$run.json" accepted_events_per_s)")
+      else
+        loadgen --mode open --rate "$NATS_SUB_RATE" -b 1000 -c 4 -d "${DURATION}s" --consumers 4 --poll-max 100 \
+          --verify --json >"$OUT/subs-nats-beside-$run.json"
+        with+=("$(subs_json "$OUT/subs-nats-beside-$run.json" accepted_events_per_s)")
+        acked+=("$(subs_json "$OUT/subs-nats-beside-$run.json" consume.acked_per_s)")
+        echo "run $run with consumers: ingest ${with[-1]} events/s, acked ${acked[-1]}/s," \
+          "never acked $(subs_json "$OUT/subs-nats-beside-$run.json" consume.unacked)," \
+          "acked twice $(subs_json "$OUT/subs-nats-beside-$run.json" consume.acked_twice)"
+      fi
+      stop_server
+      stop_nats
+    done
+    echo "run $run alone: ingest ${alone[-1]} events/s"
+  done
+  python3 -c "a=float('$(median "${alone[@]}")'); w=float('$(median "${with[@]}")'); k=float('$(median "${acked[@]}")'); print(f'beside median: ingest alone {a:.0f}, with consumers {w:.0f} ({w/a:.3f}), acked {k:.0f}/s ({k/a:.3f} of ingest alone)')"
+  echo "idle subscriptions: the same open loop, 0 against 64 idle subscriptions, interleaved; CPU per accepted event"
+  local subs i file ef0 nats0 cost=() none_ef=() none_nats=() idle_ef=() idle_nats=()
+  for run in $(seq "$RUNS"); do
+    for subs in $(in_turn "$run" 0 64); do
+      start_nats
+      start_server eventflow EVENTFLOW__BACKEND__KIND=nats EVENTFLOW__BACKEND__NATS_URL="$NATS_URL"
+      for i in $(seq "$subs"); do
+        curl -sf -X PUT "http://127.0.0.1:$PORT/subscriptions/idle$i" >/dev/null
+      done
+      file="$OUT/subs-nats-idle-$subs-$run.json"
+      ef0="$(cpu_ticks)"
+      nats0="$(awk '{print $14 + $15}' "/proc/$NATS_PID/stat")"
+      loadgen --mode open --rate "$NATS_SUB_RATE" -b 1000 -c 4 -d "${DURATION}s" --json >"$file"
+      mapfile -t cost < <(python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["events_accepted"] or 1
+for a, b in ((sys.argv[2], sys.argv[3]), (sys.argv[4], sys.argv[5])): print(f"{(int(b)-int(a))*1e6/int(sys.argv[6])/n:.2f}")' \
+        "$file" "$ef0" "$(cpu_ticks)" "$nats0" "$(awk '{print $14 + $15}' "/proc/$NATS_PID/stat")" "$(getconf CLK_TCK)")
+      stop_server
+      stop_nats
+      echo "run $run, $subs idle: accepted $(subs_json "$file" accepted_events_per_s) events/s; eventflow ${cost[0]} us, nats-server ${cost[1]} us an event"
+      if [[ "$subs" == 0 ]]; then none_ef+=("${cost[0]}"); none_nats+=("${cost[1]}"); else idle_ef+=("${cost[0]}"); idle_nats+=("${cost[1]}"); fi
+    done
+  done
+  echo "idle median, us an event: eventflow none $(median "${none_ef[@]}"), 64 idle $(median "${idle_ef[@]}"); nats-server none $(median "${none_nats[@]}"), 64 idle $(median "${idle_nats[@]}")"
+}
+
 case "${1:-all}" in
   single) machine; bench_single ;;
   batch) machine; bench_batch ;;
@@ -641,6 +726,7 @@ case "${1:-all}" in
   nats) machine; bench_nats ;;
   jetstream) machine; bench_jetstream ;;
   subscriptions) machine; bench_subscriptions ;;
+  subscriptions-nats) machine; bench_subscriptions_nats ;;
   all) machine; bench_single; bench_batch; bench_memory; bench_overload; bench_overload_sink; bench_tracing; bench_shutdown; bench_sweep ;;
-  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|jetstream|subscriptions|all|ab]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [single|batch|memory|overload|overload-sink|tracing|shutdown|sweep|nats|jetstream|subscriptions|subscriptions-nats|all|ab]" >&2; exit 2 ;;
 esac

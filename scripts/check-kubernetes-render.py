@@ -14,7 +14,8 @@ OUT_DIR/rules.yml (its spec, for promtool; gen-kubernetes-monitoring.py
 - a container's probe names a port the container does not declare;
 - a Deployment sets a backend.nats key that was removed;
 - the streams eventflow asks for (backend.nats.backlog_max_bytes +
-  idempotency_max_bytes + 2 x history_max_bytes, reserved on every node)
+  idempotency_max_bytes + 2 x history_max_bytes + dead_letter_max_bytes,
+  reserved on every node)
   do not fit the NATS servers' max_file_store, or their volume is smaller
   than that.
 """
@@ -74,11 +75,12 @@ def check_stream_reservations(objects, errors):
         backlog = int(env.get("EVENTFLOW__BACKEND__NATS__BACKLOG_MAX_BYTES") or 2**30)
         ids = int(env.get("EVENTFLOW__BACKEND__NATS__IDEMPOTENCY_MAX_BYTES") or 2**30)
         history = int(env.get("EVENTFLOW__BACKEND__NATS__HISTORY_MAX_BYTES") or 2**30)
-        wanted = backlog + ids + 2 * history
+        dead = int(env.get("EVENTFLOW__BACKEND__NATS__DEAD_LETTER_MAX_BYTES") or 2**26)
+        wanted = backlog + ids + 2 * history + dead
         if wanted > store:
             errors.append(f"Deployment {obj['metadata']['name']}: the streams reserve {wanted} bytes "
-                          f"(backlog + ids + 2 x history: published and failed), more than "
-                          f"max_file_store {store}")
+                          f"(backlog + ids + 2 x history: published and failed, + dead letters), "
+                          f"more than max_file_store {store}")
 
 
 def seconds(text: str) -> float:

@@ -22,8 +22,10 @@ const GIB = 1024 ** 3;
  * - backlog: 30 minutes of the workers stopped at the tier's rate
  *   (rate x 1,800 s x 300 bytes) before ingest is refused;
  * - history: 1 h of publications, the SSE resume window (rate x 3,600 s x
- *   530 bytes), reserved twice (the failed stream has the same bound).
+ *   530 bytes), reserved twice (the failed stream has the same bound);
+ * - and the subscriptions' dead letters at the service's default (64 MiB).
  */
+const DEAD_LETTERS_GIB = 1 / 16;
 const SIZING = {
   '1k': tier('m7g.large', 40, { idsGiB: 29, backlogGiB: 1, historyGiB: 2 }),
   '10k': tier('m7g.large', 370, { idsGiB: 282, backlogGiB: 6, historyGiB: 18 }),
@@ -32,9 +34,9 @@ const SIZING = {
 
 function tier(natsInstanceType, natsVolumeGiB, { idsGiB, backlogGiB, historyGiB }) {
   const maxFileStoreGiB = Math.floor(natsVolumeGiB * 0.9);
-  const reserved = idsGiB + backlogGiB + 2 * historyGiB;
+  const reserved = idsGiB + backlogGiB + 2 * historyGiB + DEAD_LETTERS_GIB;
   if (reserved > maxFileStoreGiB) {
-    throw new Error(`streams (${idsGiB} + ${backlogGiB} + 2 x ${historyGiB} GiB) exceed ${maxFileStoreGiB} GiB of store`);
+    throw new Error(`streams (${idsGiB} + ${backlogGiB} + 2 x ${historyGiB} + ${DEAD_LETTERS_GIB} GiB) exceed ${maxFileStoreGiB} GiB of store`);
   }
   return {
     natsInstanceType,

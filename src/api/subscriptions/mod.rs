@@ -4,7 +4,6 @@
 
 mod bodies;
 
-
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
@@ -30,7 +29,6 @@ const MAX_POLL: usize = 1000;
 /// Default and most dead letters on a page.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
-
 
 /// The subscription name in the path, or 422.
 fn name(path: Result<Path<String>, PathRejection>) -> Result<SubscriptionName, ApiError> {
@@ -295,7 +293,8 @@ pub(crate) async fn dead_letters(
     let Query(params) = params.map_err(query_error)?;
     let limit = query::count("limit", params.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)?;
     let after = query::cursor("after", params.after.as_deref())?;
-    let page = state.subscriptions
+    let page = state
+        .subscriptions
         .dead_letters(&name, after, limit)
         .await?;
     let answer_bytes = MAX_PAGE_BYTES.min(state.answers.total() / 4);

@@ -300,8 +300,9 @@ async fn create_stream(
             format!(
                 "{reason}: the server reserves each stream's max_bytes; lower \
                  backend.nats.backlog_max_bytes, backend.nats.history_max_bytes (reserved \
-                 twice: published and failed) or backend.nats.idempotency_max_bytes, or give \
-                 its JetStream more storage (max_file_store)"
+                 twice: published and failed), backend.nats.idempotency_max_bytes or \
+                 backend.nats.dead_letter_max_bytes, or give its JetStream more storage \
+                 (max_file_store)"
             )
         } else {
             reason

@@ -1,7 +1,8 @@
 //! The `nats` backend: the store, queue and feed on NATS JetStream, shared
 //! by every replica.
 //!
-//! Three bounds, in four streams ([`layout`]), never confused:
+//! Three bounds, in four streams ([`layout`]), never confused (a fifth
+//! holds the subscriptions' dead letters: [`subscriptions`]):
 //!
 //! - **idempotency horizon**: the ids stream (`<prefix>.ids.<key>`), one
 //!   record per accepted id, written once (first writer wins, atomically,
