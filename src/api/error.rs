@@ -105,9 +105,6 @@ pub enum ApiError {
     /// `subscriptions.max_count` (409).
     #[error("{0}")]
     SubscriptionConflict(String),
-    /// A route this backend does not serve (501).
-    #[error("{0}")]
-    NotImplemented(String),
     /// The pipeline is full (503).
     #[error("the pipeline is at capacity; retry later")]
     Overloaded,
@@ -204,7 +201,6 @@ impl ApiError {
             Self::NotFound(_) => (S::NOT_FOUND, "not-found", "Not found", None, None),
             Self::NotRetryable(_) => (S::CONFLICT, "not-failed", "Not a failed event", None, None),
             Self::SubscriptionConflict(_) => (S::CONFLICT, "subscription-conflict", "Conflicting subscription", None, None),
-            Self::NotImplemented(_) => (S::NOT_IMPLEMENTED, "not-implemented", "Not implemented", None, None),
             Self::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(R::Overloaded), Some(RETRY_AFTER_OVERLOADED_SECS)),
             Self::BodiesOverBudget => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(R::Overloaded), Some(RETRY_AFTER_OVERLOADED_SECS)),
             Self::AnswersOverBudget => (S::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", None, Some(RETRY_AFTER_OVERLOADED_SECS)),
@@ -298,7 +294,6 @@ impl From<IngestError> for ApiError {
             IngestError::SinkBroken(reason) => Self::SinkBroken(reason),
             IngestError::Unavailable(reason) => Self::Unavailable(reason),
             IngestError::TooLarge(reason) => Self::PayloadTooLarge(reason),
-            IngestError::Unsupported(what) => Self::NotImplemented(what.into()),
             never @ IngestError::NeverFits { .. } => {
                 Self::PayloadTooLarge(format!("{never}; send fewer at a time"))
             }

@@ -151,9 +151,6 @@ pub enum IngestError {
     /// An event the backend can never store, whatever its load (413).
     #[error("{0}")]
     TooLarge(String),
-    /// Something this backend cannot do (yet) (501).
-    #[error("{0}")]
-    Unsupported(&'static str),
     /// More than the pipeline holds even when empty (413): a retry would
     /// be refused forever.
     #[error(
@@ -178,9 +175,7 @@ impl IngestError {
         match self {
             Self::Overloaded => RejectReason::Overloaded,
             Self::ShuttingDown => RejectReason::ShuttingDown,
-            Self::SinkBroken(_) | Self::Unavailable(_) | Self::Unsupported(_) => {
-                RejectReason::Unavailable
-            }
+            Self::SinkBroken(_) | Self::Unavailable(_) => RejectReason::Unavailable,
             Self::Conflict(_) => RejectReason::Conflict,
             Self::NeverFits { .. } | Self::TooLarge(_) => RejectReason::TooLarge,
         }
@@ -199,7 +194,6 @@ impl From<StoreError> for IngestError {
             StoreError::Full => Self::Overloaded,
             StoreError::Unavailable(why) => Self::Unavailable(why),
             StoreError::TooLarge(why) => Self::TooLarge(why),
-            StoreError::Unsupported(what) => Self::Unsupported(what),
         }
     }
 }

@@ -25,7 +25,7 @@ pub enum RetryError {
         /// Its status now.
         status: Status,
     },
-    /// No room, draining, or the backend unavailable (503, 501).
+    /// No room, draining, or the backend unavailable (503).
     #[error(transparent)]
     Refused(#[from] IngestError),
 }

@@ -194,9 +194,6 @@ pub enum StoreError {
     /// The store cannot be reached or did not answer in time.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
-    /// This backend cannot do that (yet).
-    #[error("{0}")]
-    Unsupported(&'static str),
     /// The event can never be stored, whatever the load (its message would
     /// pass the backend's size limit).
     #[error("{0}")]
@@ -298,18 +295,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// the fresh record that replaces it (same event, same arrival
     /// sequence), or `None` when `record` is no longer the failed one held
     /// (a concurrent retry, or it was evicted).
-    async fn retry(&self, record: &Record) -> Result<Option<Arc<Record>>, StoreError> {
-        let _ = record;
-        Err(StoreError::Unsupported(
-            "retrying failed events is not available in this backend yet",
-        ))
-    }
+    async fn retry(&self, record: &Record) -> Result<Option<Arc<Record>>, StoreError>;
     /// How many times `record`'s event was queued for processing: 1, and
     /// one more for each retry.
-    fn attempts(&self, record: &Record) -> u32 {
-        let _ = record;
-        1
-    }
+    fn attempts(&self, record: &Record) -> u32;
     /// Records in arrival order; an error when the store could not be asked.
     async fn page(&self, query: PageQuery) -> Result<Page, StoreError>;
     /// Number of records held.

@@ -13,7 +13,7 @@ use crate::helpers::{TestApp, event, spawn_app, spawn_app_with};
 /// A downstream that refuses every write while `failing` is set, then
 /// takes them again: a transient outage.
 #[derive(Debug, Clone, Default)]
-struct Flaky(Arc<AtomicBool>);
+pub(crate) struct Flaky(pub(crate) Arc<AtomicBool>);
 
 #[async_trait]
 impl Sink for Flaky {
@@ -31,7 +31,7 @@ impl Sink for Flaky {
     }
 }
 
-async fn retry(app: &TestApp, id: &str) -> reqwest::Response {
+pub(crate) async fn retry(app: &TestApp, id: &str) -> reqwest::Response {
     app.client
         .post(app.url(&format!("/events/{id}/retry")))
         .send()
@@ -39,7 +39,7 @@ async fn retry(app: &TestApp, id: &str) -> reqwest::Response {
         .unwrap()
 }
 
-async fn retry_many(app: &TestApp, body: Value) -> reqwest::Response {
+pub(crate) async fn retry_many(app: &TestApp, body: Value) -> reqwest::Response {
     app.client
         .post(app.url("/events/retry"))
         .json(&body)

@@ -66,7 +66,6 @@ pub(crate) struct RetryManyAnswer {
         (status = 202, description = "Queued again; published like any other once processed (with a new publication sequence)", body = RetryAnswer),
         (status = 404, description = "No such event", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The event is not failed", body = Problem, content_type = "application/problem+json"),
-        (status = 501, description = "This backend does not retry events yet", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No room in the pipeline, shutting down, or the backend unavailable (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -99,7 +98,6 @@ pub(crate) async fn retry_event(
     responses(
         (status = 202, description = "How many were queued again, and where to go on", body = RetryManyAnswer),
         (status = 422, description = "A status other than `failed`, a cursor or limit out of range", body = Problem, content_type = "application/problem+json"),
-        (status = 501, description = "This backend does not retry events yet", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Not even the first fits in the pipeline, shutting down, or the backend unavailable (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )
 )]

@@ -34,6 +34,11 @@ pub(super) const PROCESSED: &str = "Eventflow-Processed";
 pub(super) const ERROR: &str = "Eventflow-Error";
 /// Events in a backlog chunk.
 pub(super) const EVENTS: &str = "Eventflow-Events";
+/// Times a retried event was queued (absent: once).
+pub(super) const ATTEMPTS: &str = "Eventflow-Attempts";
+/// Marks a failed event's retry on its subject of the failed stream: it is
+/// pending again.
+pub(super) const RETRIED: &str = "Eventflow-Retried";
 
 /// Room kept for a message's headers and subject beside its body when
 /// sizes are compared with the server's `max_payload`.
@@ -239,11 +244,23 @@ struct ChunkEntry<'a> {
     /// Queued again by a retry: it may have been published already.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     h: bool,
+    /// Times it was queued, this one included (absent: once).
+    #[serde(default = "once", skip_serializing_if = "is_once")]
+    a: u32,
     #[serde(borrow)]
     id: std::borrow::Cow<'a, str>,
     timestamp: i64,
     #[serde(borrow)]
     payload: std::borrow::Cow<'a, str>,
+}
+
+fn once() -> u32 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_once(attempts: &u32) -> bool {
+    *attempts <= 1
 }
 
 /// An event as the backlog carries it.
@@ -255,6 +272,8 @@ pub(super) struct Queued {
     pub(super) traceparent: Option<String>,
     /// Queued again by a retry: it may have been published already.
     pub(super) requeued: bool,
+    /// Times it was queued, this one included.
+    pub(super) attempts: u32,
 }
 
 /// A queue item's events as chunk entries: JSON objects, comma-separated,
@@ -270,13 +289,13 @@ pub(super) struct Entries {
 /// Encodes events as chunk entries, in pieces of at most `limit` bytes (a
 /// piece holds one event at least).
 pub(super) fn entries<'a>(
-    events: impl Iterator<Item = (&'a Record, bool)>,
+    events: impl Iterator<Item = (&'a Record, bool, u32)>,
     traceparent: Option<&str>,
     limit: usize,
 ) -> Vec<Entries> {
     let mut pieces: Vec<Entries> = Vec::new();
     let mut trace = String::with_capacity(32);
-    for (record, requeued) in events {
+    for (record, requeued, attempts) in events {
         trace.clear();
         record.trace_id.push_hex(&mut trace);
         let entry = ChunkEntry {
@@ -285,6 +304,7 @@ pub(super) fn entries<'a>(
             t: &trace,
             p: traceparent,
             h: requeued,
+            a: attempts,
             id: record.event.id.as_str().into(),
             timestamp: record.event.timestamp,
             payload: (&*record.event.payload).into(),
@@ -351,6 +371,7 @@ pub(super) fn decode_chunk(sequence: u64, payload: &[u8]) -> Result<Vec<Queued>,
                 ),
                 traceparent: entry.p.map(str::to_owned),
                 requeued: entry.h,
+                attempts: entry.a,
             })
         })
         .collect()
@@ -380,7 +401,7 @@ const ERROR_MAX: usize = 1024;
 
 /// A failed event's message: its record (so that it can be read and
 /// retried) and why it failed.
-pub(super) fn failed_message(record: &Record, error: &str) -> (HeaderMap, Bytes) {
+pub(super) fn failed_message(record: &Record, error: &str, attempts: u32) -> (HeaderMap, Bytes) {
     // A header value is one line of text.
     let mut text: String = error
         .chars()
@@ -395,10 +416,31 @@ pub(super) fn failed_message(record: &Record, error: &str) -> (HeaderMap, Bytes)
     }
     let mut headers = HeaderMap::new();
     headers.insert(ERROR, text.as_str());
+    add_attempts(&mut headers, attempts);
     (
         headers,
         record_body(&record.event, record.received_at, record.trace_id),
     )
+}
+
+/// Adds the attempts to a message's headers when there were several.
+pub(super) fn add_attempts(headers: &mut HeaderMap, attempts: u32) {
+    if attempts > 1 {
+        headers.insert(ATTEMPTS, itoa::Buffer::new().format(attempts));
+    }
+}
+
+/// The attempts a message's headers record (1 when they say none).
+pub(super) fn attempts_of(headers: Option<&HeaderMap>) -> u32 {
+    header(headers, ATTEMPTS)
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Whether a failed stream's message is a retry's marker (the event is
+/// pending again), not a failure.
+pub(super) fn is_retry(headers: Option<&HeaderMap>) -> bool {
+    header(headers, RETRIED).is_some()
 }
 
 /// The outcome a failed event's message records.
@@ -458,7 +500,10 @@ mod tests {
             })
             .collect();
         let pieces = entries(
-            records.iter().enumerate().map(|(i, r)| (r, i == 4)),
+            records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r, i == 4, if i == 4 { 2 } else { 1 })),
             Some("00-trace"),
             400,
         );
@@ -485,6 +530,7 @@ mod tests {
             assert_eq!(queued.traceparent.as_deref(), Some("00-trace"));
         }
         assert!(decoded[4].requeued && !decoded[3].requeued);
+        assert_eq!((decoded[4].attempts, decoded[3].attempts), (2, 1));
         assert_eq!(chunk_traceparent(&decoded), Some("00-trace"));
     }
 
@@ -500,7 +546,7 @@ mod tests {
             None,
         );
         let pieces = entries(
-            std::iter::once((&record, true)),
+            std::iter::once((&record, true, u32::MAX)),
             Some(&"0".repeat(55)),
             usize::MAX,
         );
@@ -538,9 +584,13 @@ mod tests {
             TraceId::random(),
             None,
         );
-        let (headers, body) = failed_message(&record, "disk\nfull");
+        let (headers, body) = failed_message(&record, "disk\nfull", 1);
         let back = decode_record(9, &body).unwrap();
         assert_eq!(back.event, record.event);
+        assert_eq!(attempts_of(Some(&headers)), 1);
+        let (again, _) = failed_message(&record, "disk full", 3);
+        assert_eq!(attempts_of(Some(&again)), 3);
+        assert!(!is_retry(Some(&again)));
         match failed_outcome(Some(&headers)) {
             Outcome::Failed { error } => assert_eq!(&*error, "disk full"),
             other => panic!("{other:?}"),

@@ -167,6 +167,7 @@ impl Feed for NatsFeed {
                     event.processing.worker,
                     event.processing.processed_at,
                 );
+                codec::add_attempts(&mut headers, nats.attempts.of(event.sequence));
                 Outgoing {
                     subject: nats.subjects.published_event(event.sequence),
                     headers,

@@ -29,6 +29,7 @@
 //! seconds ([`health`]), and every ingest request gets its answer within
 //! `server.request_timeout / 2`.
 
+mod attempts;
 mod codec;
 mod feed;
 mod health;
@@ -194,6 +195,8 @@ struct Nats {
     health: Arc<Health>,
     /// One request's wait for NATS: `server.request_timeout / 2`.
     deadline: Duration,
+    /// Times retried events were queued, as last read or written here.
+    attempts: attempts::Attempts,
     /// Id records held, as last read by the upkeep task.
     ids_held: AtomicU64,
     /// The longest message an event may make (`codec::largest_message`).
@@ -306,6 +309,7 @@ pub async fn open(
         subjects: subjects.clone(),
         health: Arc::clone(&health),
         deadline,
+        attempts: attempts::Attempts::default(),
         ids_held: AtomicU64::new(0),
         largest_message: codec::largest_message(settings.pipeline.max_payload_bytes),
     });

@@ -114,6 +114,7 @@ impl NatsQueue {
             self.stop.clone(),
         ));
         let fetcher = Fetcher {
+            nats: Arc::clone(&self.nats),
             consumer,
             backpressure: self.backpressure.clone(),
             max_deliver: self.max_deliver,
@@ -138,11 +139,13 @@ impl NatsQueue {
         }
         let traceparent = telemetry::traceparent_of(&item.span);
         let limit = self.nats.max_body().min(CHUNK_BODY_MAX);
-        let events = item
-            .records
-            .iter()
-            .enumerate()
-            .map(|(index, record)| (&**record, item.delivery.attempt(index).redelivered));
+        let events = item.records.iter().enumerate().map(|(index, record)| {
+            (
+                &**record,
+                item.delivery.attempt(index).redelivered,
+                self.nats.attempts.of(record.sequence),
+            )
+        });
         let pieces = codec::entries(events, traceparent.as_deref(), limit);
         let (done, written) = tokio::sync::oneshot::channel();
         let write = Write {
@@ -464,6 +467,7 @@ impl Acknowledge for Acks {
 }
 
 struct Fetcher {
+    nats: Arc<Nats>,
     consumer: Consumer<pull::Config>,
     backpressure: Backpressure,
     max_deliver: i64,
@@ -586,6 +590,10 @@ impl Fetcher {
         let mut bytes = 0;
         for queued in queued {
             bytes += event_footprint(&queued.record.event);
+            // Its publication or failure says how many times it was queued.
+            self.nats
+                .attempts
+                .note(queued.record.sequence, queued.attempts);
             attempts.push(Attempt {
                 redelivered: delivered > 1 || queued.requeued,
                 retryable: delivered < self.max_deliver,

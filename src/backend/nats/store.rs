@@ -88,13 +88,22 @@ impl NatsStore {
             published.direct_get_last_for_subject(subjects.published_event(sequence).to_string()),
             failed.direct_get_last_for_subject(subjects.failed_event(sequence).to_string()),
         );
+        let attempts = &self.nats.attempts;
         match publication {
-            Ok(message) => return Ok(codec::processed_outcome(Some(&message.headers))),
+            Ok(message) => {
+                attempts.note(sequence, codec::attempts_of(Some(&message.headers)));
+                return Ok(codec::processed_outcome(Some(&message.headers)));
+            }
             Err(error) if error.kind() == DirectGetErrorKind::NotFound => {}
             Err(error) => return Err(Self::unavailable(error)),
         }
         match failure {
-            Ok(message) => Ok(Some(codec::failed_outcome(Some(&message.headers)))),
+            Ok(message) => {
+                attempts.note(sequence, codec::attempts_of(Some(&message.headers)));
+                // Retried since it failed: pending again.
+                Ok((!codec::is_retry(Some(&message.headers)))
+                    .then(|| codec::failed_outcome(Some(&message.headers))))
+            }
             Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(error) => Err(Self::unavailable(error)),
         }
@@ -349,12 +358,16 @@ impl Store for NatsStore {
             // Its message on the published stream (the feed) is the record.
             CompleteWith::Processed(_) => true,
             CompleteWith::Failed(error) => {
-                let (headers, body) = codec::failed_message(record, &error);
-                let publish = PublishMessage::build()
-                    .payload(body)
-                    .headers(headers)
-                    // Once per acceptance, like a publication.
-                    .expected_last_subject_sequence(0);
+                let attempts = self.nats.attempts.of(record.sequence);
+                let (headers, body) = codec::failed_message(record, &error, attempts);
+                let publish = PublishMessage::build().payload(body).headers(headers);
+                // Once per acceptance, like a publication; a retried event's
+                // subject holds its earlier failure and the retry already.
+                let publish = if attempts > 1 {
+                    publish
+                } else {
+                    publish.expected_last_subject_sequence(0)
+                };
                 let subject = self.nats.subjects.failed_event(record.sequence);
                 let written = match self.nats.work.send_publish(subject, publish).await {
                     Ok(ack) => ack.await.map(drop),
@@ -370,6 +383,57 @@ impl Store for NatsStore {
                 }
             }
         }
+    }
+
+    async fn retry(&self, record: &Record) -> Result<Option<Arc<Record>>, StoreError> {
+        if let Some(why) = self.nats.unavailable() {
+            return Err(StoreError::Unavailable(why));
+        }
+        // The failure this retry replaces: the subject's last message, and
+        // only if it is still a failure (not another replica's retry).
+        let subject = self.nats.subjects.failed_event(record.sequence);
+        let failure = match self
+            .nats
+            .failed_read
+            .direct_get_last_for_subject(subject.as_str())
+            .await
+        {
+            Ok(message) if !codec::is_retry(Some(&message.headers)) => message,
+            Ok(_) => return Ok(None),
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(Self::unavailable(error)),
+        };
+        let attempts = codec::attempts_of(Some(&failure.headers)).saturating_add(1);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(codec::RETRIED, "1");
+        codec::add_attempts(&mut headers, attempts);
+        // Written only on top of that failure: of two replicas retrying it
+        // at once, one wins.
+        let publish = PublishMessage::build()
+            .headers(headers)
+            .expected_last_subject_sequence(failure.sequence);
+        let written = tokio::time::timeout(self.nats.deadline, async {
+            self.nats.js.send_publish(subject, publish).await?.await
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("NATS did not confirm the retry in time".into()))?;
+        match written {
+            Ok(_) => {}
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => return Ok(None),
+            Err(error) => return Err(Self::unavailable(error)),
+        }
+        self.nats.attempts.note(record.sequence, attempts);
+        Ok(Some(Arc::new(Record::with_outcome(
+            record.event.clone(),
+            record.sequence,
+            record.received_at,
+            record.trace_id,
+            None,
+        ))))
+    }
+
+    fn attempts(&self, record: &Record) -> u32 {
+        self.nats.attempts.of(record.sequence)
     }
 
     async fn page(&self, query: PageQuery) -> Result<Page, StoreError> {

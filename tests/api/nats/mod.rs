@@ -5,6 +5,7 @@
 mod bounds;
 mod fault_table;
 mod faults;
+mod retry;
 pub(crate) mod server;
 mod subscriptions;
 
