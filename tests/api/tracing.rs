@@ -356,11 +356,32 @@ async fn in_nats_mode_one_trace_runs_from_the_request_on_one_replica_to_the_work
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_links_to_the_processing_of_each_event_it_hands_out() {
+    poll_links_to_processing(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_nats_mode_a_poll_links_to_the_processing_of_each_event_too() {
+    let Some(nats) = crate::nats::server::single().await else {
+        return;
+    };
+    let url = nats.url();
+    poll_links_to_processing(&[
+        ("EVENTFLOW__BACKEND__KIND", "nats"),
+        ("EVENTFLOW__BACKEND__NATS_URL", url.as_str()),
+    ])
+    .await;
+}
+
+/// A traced event, polled from a subscription of a service started with
+/// `env`: the poll's span links to the event's `process_event` span.
+async fn poll_links_to_processing(env: &[(&str, &str)]) {
     let (collector, endpoint, server) = collector().await;
-    let service = start(&[
+    let mut settings = vec![
         ("EVENTFLOW__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
         ("EVENTFLOW__TELEMETRY__SAMPLE_RATIO", "1.0"),
-    ]);
+    ];
+    settings.extend_from_slice(env);
+    let service = start(&settings);
     let client = reqwest::Client::new();
     let base = format!("http://{}", service.addr);
     let created = client

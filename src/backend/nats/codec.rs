@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::{Event, EventId, MAX_ID_BYTES, decode_event};
 use crate::store::{Outcome, Record};
 use crate::time::UnixNanos;
-use crate::trace_id::TraceId;
+use crate::trace_id::{SpanRef, TraceId};
 
 /// How a published event was processed: its worker and when (Unix
 /// nanoseconds), space-separated.
@@ -36,6 +36,9 @@ pub(super) const ERROR: &str = "Eventflow-Error";
 pub(super) const EVENTS: &str = "Eventflow-Events";
 /// Times a retried event was queued (absent: once).
 pub(super) const ATTEMPTS: &str = "Eventflow-Attempts";
+/// The exported span that processed a published event (`<trace>-<span>`,
+/// hex), when one did: a subscription's poll links to it.
+pub(super) const SPAN: &str = "Eventflow-Span";
 /// Marks a failed event's retry on its subject of the failed stream: it is
 /// pending again.
 pub(super) const RETRIED: &str = "Eventflow-Retried";
@@ -423,6 +426,25 @@ pub(super) fn failed_message(record: &Record, error: &str, attempts: u32) -> (He
     )
 }
 
+/// Adds to a published event's headers the span that processed it.
+pub(super) fn add_span(headers: &mut HeaderMap, span: SpanRef) {
+    let mut value = String::with_capacity(49);
+    span.trace_id.push_hex(&mut value);
+    value.push('-');
+    value.push_str(&format!("{:016x}", span.span_id));
+    headers.insert(SPAN, value.as_str());
+}
+
+/// The span a published event's headers name, if any.
+pub(super) fn span_of(headers: Option<&HeaderMap>) -> Option<SpanRef> {
+    let (trace, span) = header(headers, SPAN)?.split_once('-')?;
+    let trace = opentelemetry::trace::TraceId::from_hex(trace).ok()?;
+    Some(SpanRef {
+        trace_id: TraceId::from_bytes(trace.to_bytes())?,
+        span_id: std::num::NonZeroU64::new(u64::from_str_radix(span, 16).ok()?)?,
+    })
+}
+
 /// Adds the attempts to a message's headers when there were several.
 pub(super) fn add_attempts(headers: &mut HeaderMap, attempts: u32) {
     if attempts > 1 {
@@ -595,6 +617,18 @@ mod tests {
             Outcome::Failed { error } => assert_eq!(&*error, "disk full"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_publication_names_the_span_that_processed_it() {
+        let span = SpanRef {
+            trace_id: TraceId::random(),
+            span_id: std::num::NonZeroU64::new(0x00ab_cdef_0123_4567).unwrap(),
+        };
+        let mut headers = HeaderMap::new();
+        add_span(&mut headers, span);
+        assert_eq!(span_of(Some(&headers)), Some(span));
+        assert_eq!(span_of(None), None);
     }
 
     #[test]

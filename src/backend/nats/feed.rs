@@ -168,6 +168,9 @@ impl Feed for NatsFeed {
                     event.processing.processed_at,
                 );
                 codec::add_attempts(&mut headers, nats.attempts.of(event.sequence));
+                if let Some(span) = event.span {
+                    codec::add_span(&mut headers, span);
+                }
                 Outgoing {
                     subject: nats.subjects.published_event(event.sequence),
                     headers,

@@ -22,7 +22,9 @@
 //! again; `skipped` counts the events history dropped ahead of the cursor
 //! now (JetStream keeps no count of those it passed over).
 //!
-//! Subscriptions use the reader connection, never the one ingest uses.
+//! A poll's trace links to each event's processing through the span its
+//! publication names (`Eventflow-Span`). Subscriptions use the reader
+//! connection, never the one ingest uses.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -345,7 +347,7 @@ impl NatsSubscriptions {
                 sequence,
                 delivery: u32::try_from(delivery.delivered).unwrap_or(u32::MAX),
                 line: FeedLine::Json(Arc::from(String::from_utf8_lossy(&message.payload))),
-                span: None,
+                span: super::codec::span_of(message.headers.as_ref()),
             });
         }
         Ok(came)
@@ -361,6 +363,9 @@ impl NatsSubscriptions {
     ) -> Result<(), SubscriptionError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(DELIVERIES, deliveries.to_string().as_str());
+        if let Some(span) = super::codec::span_of(message.headers.as_ref()) {
+            super::codec::add_span(&mut headers, span);
+        }
         let subject = self.nats.subjects.dead(name.as_str(), Some(sequence));
         let stored = async {
             self.nats
@@ -849,10 +854,14 @@ impl Subscriptions for NatsSubscriptions {
                 Err(error) => return Err(unavailable(error)),
             };
             let again = subjects.again(name.as_str(), Some(sequence));
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(span) = super::codec::span_of(Some(&message.headers)) {
+                super::codec::add_span(&mut headers, span);
+            }
             let stored = async {
                 self.nats
                     .read
-                    .publish(again, message.payload.clone())
+                    .publish_with_headers(again, headers, message.payload.clone())
                     .await?
                     .await
             };
