@@ -26,7 +26,7 @@ async fn connect_from(from: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStr
 }
 
 /// A client on its own loopback address.
-fn client_from(from: [u8; 4]) -> reqwest::Client {
+pub(crate) fn client_from(from: [u8; 4]) -> reqwest::Client {
     reqwest::Client::builder()
         .local_address(IpAddr::from(from))
         .timeout(Duration::from_secs(30))
@@ -36,7 +36,7 @@ fn client_from(from: [u8; 4]) -> reqwest::Client {
 
 /// A well-behaved writer: `n` single events from its own address, one after
 /// another; how many were answered 2xx.
-async fn writer_successes(
+pub(crate) async fn writer_successes(
     client: &reqwest::Client,
     addr: SocketAddr,
     tag: &str,
@@ -175,7 +175,7 @@ async fn pollers_that_never_read_take_only_the_answers_budget_and_hand_their_lea
 /// Opens connections that send `request(n)` and never read past the
 /// answer's head, until one is refused with 503 (at most `max`): the ones
 /// answered 200, still open, and the refusal's text.
-async fn until_refused(
+pub(crate) async fn until_refused(
     addr: SocketAddr,
     max: usize,
     request: impl Fn(usize) -> String,

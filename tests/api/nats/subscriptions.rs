@@ -316,7 +316,7 @@ async fn a_group_polling_and_acking_through_three_replicas_survives_one_being_ki
         // acknowledged through replica 1.
         let held: Value = client
             .post(format!(
-                "http://{}/subscriptions/group/poll?max=5&wait=5s",
+                "http://{}/subscriptions/group/poll?max=10&wait=5s",
                 addrs[0]
             ))
             .send()
@@ -385,4 +385,57 @@ async fn a_group_polling_and_acking_through_three_replicas_survives_one_being_ki
     assert_eq!(state["committed"], n as u64, "{state}");
     assert_eq!(state["pending"], 0, "{state}");
     eprintln!("group through 3 replicas, one killed: {n} acked, {redelivered} redelivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pollers_that_never_read_take_the_answers_budget_never_the_replicas_nats_connection() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let app = replica(&nats.url(), |s| {
+        s.server.max_inflight_answer_bytes = 16 << 20
+    })
+    .await;
+    let created = app
+        .put_subscription("hoard", json!({"start": "earliest", "ack_timeout": "1h"}))
+        .await;
+    assert_eq!(created.status(), 201);
+    // 400 events of 64 KiB of U+0001: 384 KiB each in a poll's answer.
+    let payload = "\u{1}".repeat(64 * 1024);
+    app.post_published(400, &payload).await;
+    // Pollers lease ten events a poll and never read the answer: what the
+    // kernel's socket buffers take leaves the service, the rest is held
+    // against the answers' budget, until a poll is refused at once.
+    let (pollers, refusal) = crate::readers::until_refused(app.addr, 40, |_| {
+        "POST /subscriptions/hoard/poll?max=10&wait=5s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+            .to_owned()
+    })
+    .await;
+    assert!(refusal.contains("retry-after: 1"), "{refusal}");
+    // A writer is not refused, its events are published, and NATS never
+    // had to cut the replica off.
+    let writer = crate::readers::client_from([127, 0, 0, 2]);
+    assert_eq!(
+        crate::readers::writer_successes(&writer, app.addr, "writer", 50).await,
+        50
+    );
+    app.wait_for_stdout_lines(450).await;
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    assert_eq!(nats.varz("slow_consumers").await, 0);
+    // The refused poll's leases went back: once the pollers leave, the
+    // next poll gets those ten first (JetStream hands back before new).
+    drop(pollers);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let again = loop {
+        let response = app.poll_subscription("hoard", "max=10").await;
+        if response.status() == 200 {
+            let body: Value = response.json().await.unwrap();
+            break body["events"].as_array().unwrap().clone();
+        }
+        assert!(Instant::now() < deadline, "polls never answered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(again.len(), 10);
+    let deliveries: Vec<&Value> = again.iter().map(|e| &e["delivery"]).collect();
+    assert!(deliveries.iter().all(|d| **d == 2), "{deliveries:?}");
 }
