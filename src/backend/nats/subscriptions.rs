@@ -353,6 +353,48 @@ impl NatsSubscriptions {
         Ok(came)
     }
 
+    /// Up to `max` leases, waiting until `deadline` for the first.
+    async fn lease(
+        &self,
+        name: &SubscriptionName,
+        handles: &Handles,
+        max: usize,
+        deadline: Instant,
+    ) -> Result<Vec<Lease>, SubscriptionError> {
+        let mut leases = Vec::new();
+        // Dead letters handed out again come first, then new ones; with
+        // none now, wait for the first new one, then take what is ready.
+        self.take(name, handles, true, max, None, &mut leases)
+            .await?;
+        loop {
+            let room = max - leases.len();
+            if room == 0 {
+                break;
+            }
+            let got = self
+                .take(name, handles, false, room, None, &mut leases)
+                .await?;
+            if got == room {
+                // Perhaps more are ready (or some were dead-lettered).
+                continue;
+            }
+            if !leases.is_empty() {
+                break;
+            }
+            if got > 0 {
+                // All of them dead-lettered: look again.
+                continue;
+            }
+            let got = self
+                .take(name, handles, false, 1, Some(deadline), &mut leases)
+                .await?;
+            if got == 0 {
+                break;
+            }
+        }
+        Ok(leases)
+    }
+
     /// Keeps `message` as a dead letter of `name`, then ends its deliveries.
     async fn dead_letter(
         &self,
@@ -680,38 +722,17 @@ impl Subscriptions for NatsSubscriptions {
         deadline: Instant,
     ) -> Result<Vec<Lease>, SubscriptionError> {
         let handles = self.handles(name).await?;
-        let mut leases = Vec::new();
-        // Dead letters handed out again come first, then new ones; with
-        // none now, wait for the first new one, then take what is ready.
-        self.take(name, &handles, true, max, None, &mut leases)
-            .await?;
-        loop {
-            let room = max - leases.len();
-            if room == 0 {
-                break;
-            }
-            let got = self
-                .take(name, &handles, false, room, None, &mut leases)
-                .await?;
-            if got == room {
-                // Perhaps more are ready (or some were dead-lettered).
-                continue;
-            }
-            if !leases.is_empty() {
-                break;
-            }
-            if got > 0 {
-                // All of them dead-lettered: look again.
-                continue;
-            }
-            let got = self
-                .take(name, &handles, false, 1, Some(deadline), &mut leases)
-                .await?;
-            if got == 0 {
-                break;
+        match self.lease(name, &handles, max, deadline).await {
+            Ok(leases) => Ok(leases),
+            Err(error) => {
+                // Deleted (on another replica) since its handles were read?
+                self.forget(name);
+                match self.main_info(name).await? {
+                    None => Err(SubscriptionError::NotFound(name.clone())),
+                    Some(_) => Err(error),
+                }
             }
         }
-        Ok(leases)
     }
 
     async fn ack(
@@ -902,16 +923,54 @@ pub(super) async fn upkeep(subscriptions: Arc<NatsSubscriptions>, every: Duratio
     let mut ticks = tokio::time::interval(every);
     loop {
         ticks.tick().await;
-        if subscriptions.check().is_err() {
-            continue;
+        if subscriptions.check().is_ok()
+            && let Err(error) = subscriptions.read_gauges().await
+        {
+            tracing::debug!(%error, "reading the subscriptions' gauges failed");
         }
-        if let Ok(states) = subscriptions.list().await {
-            let names: Vec<String> = states.iter().map(|s| s.name.to_string()).collect();
-            subscriptions
-                .figures
-                .lock()
-                .retain(|name, _| names.contains(name));
+    }
+}
+
+impl NatsSubscriptions {
+    /// Every subscription's pending and in-flight counts, from the two
+    /// streams' consumer lists (two requests, however many subscriptions).
+    async fn read_gauges(&self) -> Result<(), SubscriptionError> {
+        let mains: Vec<ConsumerInfo> = self
+            .nats
+            .published_read
+            .consumers()
+            .try_filter(|info| std::future::ready(info.name.starts_with(MAIN_PREFIX)))
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let agains: HashMap<String, ConsumerInfo> = self
+            .nats
+            .dead_read
+            .consumers()
+            .try_filter(|info| std::future::ready(info.name.starts_with(AGAIN_PREFIX)))
+            .map_ok(|info| (info.name[AGAIN_PREFIX.len()..].to_owned(), info))
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut names = Vec::with_capacity(mains.len());
+        for main in mains {
+            let Ok(name) = SubscriptionName::parse(&main.name[MAIN_PREFIX.len()..]) else {
+                continue;
+            };
+            let again = agains.get(name.as_str());
+            let figures = self.figures(&name);
+            figures.pending.store(
+                main.num_pending + again.map_or(0, |a| a.num_pending),
+                Ordering::Relaxed,
+            );
+            figures.in_flight.store(
+                (main.num_ack_pending + again.map_or(0, |a| a.num_ack_pending)) as u64,
+                Ordering::Relaxed,
+            );
+            names.push(name.to_string());
         }
+        self.figures.lock().retain(|name, _| names.contains(name));
+        Ok(())
     }
 }
 

@@ -448,3 +448,65 @@ async fn pollers_that_never_read_take_the_answers_budget_never_the_replicas_nats
     let deliveries: Vec<&Value> = again.iter().map(|e| &e["delivery"]).collect();
     assert!(deliveries.iter().all(|d| **d == 2), "{deliveries:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_reports_a_subscriptions_gauges_until_another_deletes_it() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let url = nats.url();
+    let a = replica(&url, |_| {}).await;
+    let b = replica(&url, |_| {}).await;
+    let made = a
+        .put_subscription("watched", json!({"start": "earliest"}))
+        .await;
+    assert_eq!(made.status(), 201);
+    let ids: Vec<String> = (0..7).map(|i| format!("w-{i}")).collect();
+    post_all(&a, &ids).await;
+    published_ids(&url, ids.len()).await;
+    // B polls once (and so holds the subscription's handles).
+    assert_eq!(b.poll_events("watched", "max=3").await.len(), 3);
+    // B's /metrics shows the shared gauges (read every two seconds).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = b.get("/metrics").await.text().await.unwrap();
+        let pending = text
+            .lines()
+            .any(|l| l == "eventflow_subscription_pending{subscription=\"watched\"} 4");
+        let in_flight = text
+            .lines()
+            .any(|l| l == "eventflow_subscription_in_flight{subscription=\"watched\"} 3");
+        if pending && in_flight {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never showed the gauges:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Deleted through A: B answers 404 at once, and its series leave.
+    let gone = a
+        .client
+        .delete(a.url("/subscriptions/watched"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 204);
+    assert_eq!(b.poll_subscription("watched", "max=1").await.status(), 404);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b
+        .get("/metrics")
+        .await
+        .text()
+        .await
+        .unwrap()
+        .contains("subscription=\"watched\"")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "B kept the deleted subscription's series"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
