@@ -45,6 +45,13 @@ impl TestApp {
             .unwrap()
     }
 
+    /// The answer of an ack request, which must be 200.
+    pub(crate) async fn acked(&self, name: &str, body: Value) -> Value {
+        let response = self.ack_subscription(name, body).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
     pub(crate) async fn subscription(&self, name: &str) -> Value {
         let response = self.get(&format!("/subscriptions/{name}")).await;
         assert_eq!(response.status(), 200);

@@ -395,6 +395,55 @@ impl NatsSubscriptions {
         Ok(leases)
     }
 
+    /// Every subscription's main consumer's info.
+    async fn main_infos(&self) -> Result<Vec<ConsumerInfo>, SubscriptionError> {
+        self.nats
+            .published_read
+            .consumers()
+            .try_filter(|info| std::future::ready(info.name.starts_with(MAIN_PREFIX)))
+            .try_collect()
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Writes a message to the dead-letter stream, within the deadline.
+    async fn store(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<(), SubscriptionError> {
+        let stored = async {
+            self.nats
+                .read
+                .publish_with_headers(subject, headers, payload)
+                .await?
+                .await
+        };
+        tokio::time::timeout(self.nats.deadline, stored)
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Removes the dead letters of `name` and its redeliveries.
+    async fn purge_dead_letters(&self, name: &SubscriptionName) -> Result<(), SubscriptionError> {
+        let subjects = &self.nats.subjects;
+        for subject in [
+            subjects.dead(name.as_str(), None),
+            subjects.again(name.as_str(), None),
+        ] {
+            self.nats
+                .dead_read
+                .purge()
+                .filter(subject)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     /// Keeps `message` as a dead letter of `name`, then ends its deliveries.
     async fn dead_letter(
         &self,
@@ -409,17 +458,8 @@ impl NatsSubscriptions {
             super::codec::add_span(&mut headers, span);
         }
         let subject = self.nats.subjects.dead(name.as_str(), Some(sequence));
-        let stored = async {
-            self.nats
-                .read
-                .publish_with_headers(subject, headers, message.payload.clone())
-                .await?
-                .await
-        };
-        tokio::time::timeout(self.nats.deadline, stored)
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?;
+        self.store(subject, headers, message.payload.clone())
+            .await?;
         message.ack_with(AckKind::Term).await.map_err(unavailable)?;
         tracing::debug!(subscription = %name, sequence, deliveries, "dead-lettered");
         Ok(())
@@ -585,19 +625,9 @@ impl Subscriptions for NatsSubscriptions {
                     .map_err(|e| SubscriptionError::InvalidStart(e.to_string()))?,
             },
         };
-        let subjects = &self.nats.subjects;
         // A name used before starts without the old one's dead letters.
-        for subject in [
-            subjects.dead(name.as_str(), None),
-            subjects.again(name.as_str(), None),
-        ] {
-            self.nats
-                .dead_read
-                .purge()
-                .filter(subject)
-                .await
-                .map_err(unavailable)?;
-        }
+        self.purge_dead_letters(name).await?;
+        let subjects = &self.nats.subjects;
         // The redeliveries' consumer first: a subscription is there once
         // its main consumer is.
         let again = lease_config(
@@ -653,14 +683,7 @@ impl Subscriptions for NatsSubscriptions {
 
     async fn list(&self) -> Result<Vec<State>, SubscriptionError> {
         self.check()?;
-        let infos: Vec<ConsumerInfo> = self
-            .nats
-            .published_read
-            .consumers()
-            .try_filter(|info| std::future::ready(info.name.starts_with(MAIN_PREFIX)))
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+        let infos = self.main_infos().await?;
         let mut states = Vec::with_capacity(infos.len());
         for info in infos {
             let Ok(name) = SubscriptionName::parse(&info.name[MAIN_PREFIX.len()..]) else {
@@ -700,19 +723,7 @@ impl Subscriptions for NatsSubscriptions {
                 .delete_consumer(&again_consumer(name))
                 .await,
         )?;
-        let subjects = &self.nats.subjects;
-        for subject in [
-            subjects.dead(name.as_str(), None),
-            subjects.again(name.as_str(), None),
-        ] {
-            self.nats
-                .dead_read
-                .purge()
-                .filter(subject)
-                .await
-                .map_err(unavailable)?;
-        }
-        Ok(())
+        self.purge_dead_letters(name).await
     }
 
     async fn poll(
@@ -879,17 +890,7 @@ impl Subscriptions for NatsSubscriptions {
             if let Some(span) = super::codec::span_of(Some(&message.headers)) {
                 super::codec::add_span(&mut headers, span);
             }
-            let stored = async {
-                self.nats
-                    .read
-                    .publish_with_headers(again, headers, message.payload.clone())
-                    .await?
-                    .await
-            };
-            tokio::time::timeout(self.nats.deadline, stored)
-                .await
-                .map_err(unavailable)?
-                .map_err(unavailable)?;
+            self.store(again, headers, message.payload.clone()).await?;
             self.nats
                 .dead_read
                 .purge()
@@ -935,14 +936,7 @@ impl NatsSubscriptions {
     /// Every subscription's pending and in-flight counts, from the two
     /// streams' consumer lists (two requests, however many subscriptions).
     async fn read_gauges(&self) -> Result<(), SubscriptionError> {
-        let mains: Vec<ConsumerInfo> = self
-            .nats
-            .published_read
-            .consumers()
-            .try_filter(|info| std::future::ready(info.name.starts_with(MAIN_PREFIX)))
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+        let mains = self.main_infos().await?;
         let agains: HashMap<String, ConsumerInfo> = self
             .nats
             .dead_read

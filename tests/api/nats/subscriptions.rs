@@ -13,6 +13,18 @@ use crate::binary;
 use crate::helpers::{TestApp, event};
 use crate::subscriptions::ack_ids;
 
+/// `N` replicas in this process on the NATS at `url`.
+async fn replicas<const N: usize>(url: &str) -> [TestApp; N] {
+    let mut apps = Vec::with_capacity(N);
+    for _ in 0..N {
+        apps.push(replica(url, |_| {}).await);
+    }
+    let Ok(apps) = apps.try_into() else {
+        unreachable!("N replicas were made")
+    };
+    apps
+}
+
 /// Posts `ids` to `app`, each answered 202.
 async fn post_all(app: &TestApp, ids: &[String]) {
     for id in ids {
@@ -26,9 +38,7 @@ async fn any_replica_answers_for_a_subscription_and_it_outlives_them_all() {
         return;
     };
     let url = nats.url();
-    let a = replica(&url, |_| {}).await;
-    let b = replica(&url, |_| {}).await;
-    let c = replica(&url, |_| {}).await;
+    let [a, b, c] = replicas::<3>(&url).await;
 
     let spec = json!({"start": "earliest", "ack_timeout": "3s", "max_deliver": 2});
     let made = a.put_subscription("orders", spec.clone()).await;
@@ -48,20 +58,10 @@ async fn any_replica_answers_for_a_subscription_and_it_outlives_them_all() {
     assert!(first.iter().all(|e| e["delivery"] == 1));
     assert!(first[0]["ack_id"].as_str().unwrap().starts_with("n1.p."));
     assert_eq!(first[0]["event"]["payload"], "X", "the published event");
-    let answer: Value = c
-        .ack_subscription("orders", json!({"ack_ids": ack_ids(&first)}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = c.acked("orders", json!({"ack_ids": ack_ids(&first)})).await;
     assert_eq!(answer, json!({"acked": 10, "nacked": 0, "expired": 0}));
     // The same ids again, on A: acknowledged already.
-    let again: Value = a
-        .ack_subscription("orders", json!({"ack_ids": ack_ids(&first)}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let again: Value = a.acked("orders", json!({"ack_ids": ack_ids(&first)})).await;
     assert_eq!(again["expired"], 10);
     let state = a.subscription("orders").await;
     assert_eq!(state["committed"], 10, "{state}");
@@ -73,12 +73,7 @@ async fn any_replica_answers_for_a_subscription_and_it_outlives_them_all() {
         let got = c.poll_events("orders", "max=1&wait=5s").await;
         assert_eq!(got[0]["delivery"], delivery);
         nacked = Some(got[0]["sequence"].clone());
-        let answer: Value = a
-            .ack_subscription("orders", json!({"nack_ids": ack_ids(&got)}))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let answer: Value = a.acked("orders", json!({"nack_ids": ack_ids(&got)})).await;
         assert_eq!(answer["nacked"], 1);
     }
     let nacked = nacked.unwrap();
@@ -118,12 +113,7 @@ async fn any_replica_answers_for_a_subscription_and_it_outlives_them_all() {
     assert_eq!(back[0]["sequence"], nacked);
     assert_eq!(back[0]["delivery"], 1);
     assert!(back[0]["ack_id"].as_str().unwrap().starts_with("n1.r."));
-    let answer: Value = a
-        .ack_subscription("orders", json!({"ack_ids": ack_ids(&back)}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = a.acked("orders", json!({"ack_ids": ack_ids(&back)})).await;
     assert_eq!(answer["acked"], 1);
     let state = c.subscription("orders").await;
     assert_eq!(state["dead_lettered"], 0, "{state}");
@@ -154,8 +144,7 @@ async fn a_latest_subscription_starts_at_the_head_and_a_long_poll_wakes_on_publi
         return;
     };
     let url = nats.url();
-    let a = replica(&url, |_| {}).await;
-    let b = replica(&url, |_| {}).await;
+    let [a, b] = replicas::<2>(&url).await;
     let before: Vec<String> = (0..5).map(|i| format!("old-{i}")).collect();
     post_all(&a, &before).await;
     published_ids(&url, before.len()).await;
@@ -455,8 +444,7 @@ async fn every_replica_reports_a_subscriptions_gauges_until_another_deletes_it()
         return;
     };
     let url = nats.url();
-    let a = replica(&url, |_| {}).await;
-    let b = replica(&url, |_| {}).await;
+    let [a, b] = replicas::<2>(&url).await;
     let made = a
         .put_subscription("watched", json!({"start": "earliest"}))
         .await;
