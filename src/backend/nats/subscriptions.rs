@@ -64,6 +64,12 @@ const DELIVERIES: &str = "Eventflow-Deliveries";
 const HANDLES_FRESH: Duration = Duration::from_secs(2);
 /// Acks sent at once.
 const ACKS_AT_ONCE: usize = 256;
+/// How long JetStream looks for ready messages when a poll does not wait.
+const READY_WAIT: Duration = Duration::from_millis(10);
+/// How often a waiting poll looks for redelivered dead letters.
+const AGAIN_RECHECK: Duration = Duration::from_secs(1);
+/// How often a waiting poll looks again when JetStream answered early.
+const WINDOW_RECHECK: Duration = Duration::from_millis(50);
 /// The shortest long-poll wait worth a pull request.
 const MIN_WAIT: Duration = Duration::from_millis(10);
 
@@ -93,6 +99,9 @@ struct Handles {
 struct Figures {
     pending: AtomicU64,
     in_flight: AtomicU64,
+    /// Redelivered dead letters not yet acknowledged, as last read (or
+    /// handed out again here since): polls look at them only while some are.
+    again_outstanding: AtomicU64,
     delivered: AtomicU64,
     acked: AtomicU64,
     dead_lettered: AtomicU64,
@@ -275,6 +284,9 @@ impl NatsSubscriptions {
         let figures = self.figures(name);
         figures.pending.store(state.pending, Ordering::Relaxed);
         figures.in_flight.store(state.in_flight, Ordering::Relaxed);
+        figures
+            .again_outstanding
+            .store(again_pending + again_in_flight, Ordering::Relaxed);
         Ok(state)
     }
 
@@ -362,11 +374,17 @@ impl NatsSubscriptions {
         deadline: Instant,
     ) -> Result<Vec<Lease>, SubscriptionError> {
         let mut leases = Vec::new();
-        // Dead letters handed out again come first, then new ones; with
-        // none now, wait for the first new one, then take what is ready.
-        self.take(name, handles, true, max, None, &mut leases)
-            .await?;
+        let figures = self.figures(name);
+        // Dead letters handed out again come first (while there are any),
+        // then new ones; with none now, wait for the first new one (looking
+        // for redeliveries again every AGAIN_RECHECK), then take what is
+        // ready.
         loop {
+            if figures.again_outstanding.load(Ordering::Relaxed) > 0 {
+                let room = max - leases.len();
+                self.take(name, handles, true, room, None, &mut leases)
+                    .await?;
+            }
             let room = max - leases.len();
             if room == 0 {
                 break;
@@ -385,11 +403,19 @@ impl NatsSubscriptions {
                 // All of them dead-lettered: look again.
                 continue;
             }
-            let got = self
-                .take(name, handles, false, 1, Some(deadline), &mut leases)
-                .await?;
-            if got == 0 {
+            let now = Instant::now();
+            if deadline.saturating_duration_since(now) < MIN_WAIT {
                 break;
+            }
+            let until = deadline.min(now + AGAIN_RECHECK);
+            let got = self
+                .take(name, handles, false, 1, Some(until), &mut leases)
+                .await?;
+            let early = until.saturating_duration_since(Instant::now());
+            if got == 0 && early >= MIN_WAIT {
+                // Answered before the wait was over with nothing: look
+                // again shortly rather than at once.
+                tokio::time::sleep(WINDOW_RECHECK.min(early)).await;
             }
         }
         Ok(leases)
@@ -523,9 +549,18 @@ async fn fetch(
     wait: Option<Instant>,
 ) -> Result<Vec<jetstream::Message>, SubscriptionError> {
     let (batch, give_up) = match wait {
+        // `no_wait` with a short `expires`: JetStream answers at once with
+        // what is ready, and otherwise within READY_WAIT; without `expires`
+        // a request that finds the window full would wait for room for
+        // ever, and deliver to a client long gone.
         None => (
-            consumer.fetch().max_messages(max).messages().await,
-            Duration::from_secs(5),
+            consumer
+                .fetch()
+                .max_messages(max)
+                .expires(READY_WAIT)
+                .messages()
+                .await,
+            READY_WAIT + Duration::from_secs(2),
         ),
         Some(deadline) => {
             let expires = deadline.saturating_duration_since(Instant::now());
@@ -564,9 +599,15 @@ async fn fetch(
     Ok(taken)
 }
 
+/// Whether a pull's error means only that nothing is to be had now: none
+/// ready, the wait over, or the window of unacknowledged events full
+/// (JetStream's `409 Exceeded MaxAckPending`).
 fn is_no_messages(error: &impl std::fmt::Display) -> bool {
     let text = error.to_string().to_ascii_lowercase();
-    text.contains("no messages") || text.contains("timed out") || text.contains("timeout")
+    text.contains("no messages")
+        || text.contains("timed out")
+        || text.contains("timeout")
+        || text.contains("maxackpending")
 }
 
 /// The number after a subject's last dot.
@@ -899,6 +940,9 @@ impl Subscriptions for NatsSubscriptions {
                 .map_err(unavailable)?;
             redelivered += 1;
         }
+        self.figures(name)
+            .again_outstanding
+            .fetch_add(redelivered, Ordering::Relaxed);
         Ok(redelivered)
     }
 
@@ -959,6 +1003,10 @@ impl NatsSubscriptions {
             );
             figures.in_flight.store(
                 (main.num_ack_pending + again.map_or(0, |a| a.num_ack_pending)) as u64,
+                Ordering::Relaxed,
+            );
+            figures.again_outstanding.store(
+                again.map_or(0, |a| a.num_pending + a.num_ack_pending as u64),
                 Ordering::Relaxed,
             );
             names.push(name.to_string());

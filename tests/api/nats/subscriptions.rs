@@ -498,3 +498,46 @@ async fn every_replica_reports_a_subscriptions_gauges_until_another_deletes_it()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_window_answers_polls_with_nothing_until_an_ack_makes_room() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let url = nats.url();
+    let app = replica(&url, |_| {}).await;
+    let made = app
+        .put_subscription("hoard", json!({"start": "earliest", "ack_timeout": "1h"}))
+        .await;
+    assert_eq!(made.status(), 201);
+    for batch in 0..11 {
+        let events = (0..1000)
+            .map(|i| event(&format!("w-{batch}-{i}"), "x"))
+            .collect();
+        assert_eq!(app.post_batch(events).await.status(), 202);
+    }
+    published_ids(&url, 11_000).await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.extend(app.poll_events("hoard", "max=1000").await);
+    }
+    assert_eq!(held.len(), 10_000, "the window");
+    // Full: an empty answer, at once or after the wait, never an error.
+    {
+        let r = app.poll_subscription("hoard", "max=10").await;
+        let st = r.status();
+        let body = r.text().await.unwrap();
+        assert_eq!(st, 200, "{body}");
+    }
+    let started = Instant::now();
+    assert!(app.poll_events("hoard", "max=10&wait=1s").await.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // An ack makes room: a waiting poll gets the next event.
+    let (polled, _) = tokio::join!(app.poll_events("hoard", "max=10&wait=8s"), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.acked("hoard", json!({"ack_ids": ack_ids(&held[..1])}))
+            .await
+    });
+    assert_eq!(polled.len(), 1);
+    assert_eq!(polled[0]["sequence"], 10_001);
+}
