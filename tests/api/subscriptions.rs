@@ -45,6 +45,17 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Deletes a subscription; the answer's status.
+    pub(crate) async fn delete_subscription(&self, name: &str) -> u16 {
+        self.client
+            .delete(self.url(&format!("/subscriptions/{name}")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// The answer of an ack request, which must be 200.
     pub(crate) async fn acked(&self, name: &str, body: Value) -> Value {
         let response = self.ack_subscription(name, body).await;

@@ -259,14 +259,7 @@ impl NatsSubscriptions {
             (info.num_pending, info.num_ack_pending as u64)
         });
         let dead_lettered = self.dead_sequences(name).await?.len() as u64;
-        let first = self
-            .nats
-            .published_read
-            .get_info()
-            .await
-            .map_err(unavailable)?
-            .state
-            .first_sequence;
+        let first = self.published().await?.first_sequence;
         let skipped = first.saturating_sub(1).saturating_sub(
             main.delivered
                 .stream_sequence
@@ -419,6 +412,17 @@ impl NatsSubscriptions {
             }
         }
         Ok(leases)
+    }
+
+    /// The published stream's state now.
+    async fn published(&self) -> Result<async_nats::jetstream::stream::State, SubscriptionError> {
+        Ok(self
+            .nats
+            .published_read
+            .get_info()
+            .await
+            .map_err(unavailable)?
+            .state)
     }
 
     /// Every subscription's main consumer's info.
@@ -642,14 +646,7 @@ impl Subscriptions for NatsSubscriptions {
         if count >= self.max_count {
             return Err(SubscriptionError::TooMany(self.max_count));
         }
-        let head = self
-            .nats
-            .published_read
-            .get_info()
-            .await
-            .map_err(unavailable)?
-            .state
-            .last_sequence;
+        let head = self.published().await?.last_sequence;
         let deliver_policy = match &spec.start {
             Start::Earliest => DeliverPolicy::All,
             Start::Latest => DeliverPolicy::New,

@@ -128,13 +128,7 @@ async fn any_replica_answers_for_a_subscription_and_it_outlives_them_all() {
     assert_eq!(state["ack_timeout"], "3s");
     let listed: Value = d.get("/subscriptions").await.json().await.unwrap();
     assert_eq!(listed["subscriptions"].as_array().unwrap().len(), 1);
-    let gone = d
-        .client
-        .delete(d.url("/subscriptions/orders"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gone.status(), 204);
+    assert_eq!(d.delete_subscription("orders").await, 204);
     assert_eq!(d.get("/subscriptions/orders").await.status(), 404);
 }
 
@@ -474,13 +468,7 @@ async fn every_replica_reports_a_subscriptions_gauges_until_another_deletes_it()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Deleted through A: B answers 404 at once, and its series leave.
-    let gone = a
-        .client
-        .delete(a.url("/subscriptions/watched"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gone.status(), 204);
+    assert_eq!(a.delete_subscription("watched").await, 204);
     assert_eq!(b.poll_subscription("watched", "max=1").await.status(), 404);
     let deadline = Instant::now() + Duration::from_secs(30);
     while b
