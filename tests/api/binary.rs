@@ -45,11 +45,19 @@ pub(crate) fn start(env: &[(&str, &str)]) -> Service {
         stderr: receiver,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut logged = Vec::new();
     loop {
-        let line = service
+        let line = match service
             .stderr
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the service logs that it listens");
+        {
+            Ok(line) => line,
+            Err(error) => panic!(
+                "the service did not log that it listens ({error}); it logged:\n{}",
+                logged.join("\n")
+            ),
+        };
+        logged.push(line.clone());
         let Ok(log) = serde_json::from_str::<Value>(&line) else {
             continue;
         };
