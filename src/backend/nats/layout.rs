@@ -145,6 +145,22 @@ fn backoff(ack_wait: Duration, max_deliver: i64) -> Vec<Duration> {
         .collect()
 }
 
+/// A JetStream API error that only settings cure, or one worth trying
+/// again: the API's own "temporarily unavailable" (503), and every error
+/// that is not the API's answer (a timeout on a busy server, a request that
+/// failed), are [`BackendError::Unreachable`].
+fn answer_error(
+    key: &'static str,
+    what: String,
+    api: Option<&jetstream::Error>,
+    error: impl std::fmt::Display,
+) -> BackendError {
+    match api {
+        Some(api) if api.code() != 503 => refused(key, what, error),
+        _ => BackendError::Unreachable(format!("{what}: {error}")),
+    }
+}
+
 fn refused(key: &'static str, what: String, reason: impl ToString) -> BackendError {
     BackendError::JetStream {
         key,
@@ -220,9 +236,12 @@ async fn ensure_stream(
                 {
                     create_stream(js, key, &what, wanted).await
                 }
-                GetStreamErrorKind::JetStream(_) => {
-                    Err(refused(key, format!("reading {what}"), error))
-                }
+                GetStreamErrorKind::JetStream(api) => Err(answer_error(
+                    key,
+                    format!("reading {what}"),
+                    Some(&api),
+                    &error,
+                )),
                 _ => Err(BackendError::Unreachable(format!(
                     "reading {what}: {error}"
                 ))),
@@ -271,11 +290,11 @@ async fn ensure_stream(
     if !same_limits {
         tracing::info!(stream = %wanted.name, "updating the stream's limits to the configured ones");
         js.update_stream(&wanted).await.map_err(|e| {
-            if matches!(e.kind(), CreateStreamErrorKind::JetStream(_)) {
-                refused(key, format!("updating {what}"), e)
-            } else {
-                BackendError::Unreachable(format!("updating {what}: {e}"))
-            }
+            let api = match e.kind() {
+                CreateStreamErrorKind::JetStream(api) => Some(api),
+                _ => None,
+            };
+            answer_error(key, format!("updating {what}"), api.as_ref(), &e)
         })?;
     }
     js.get_stream(&wanted.name)
@@ -293,6 +312,9 @@ async fn create_stream(
         let CreateStreamErrorKind::JetStream(api) = e.kind() else {
             return BackendError::Unreachable(format!("creating {what}: {e}"));
         };
+        if api.code() == 503 {
+            return BackendError::Unreachable(format!("creating {what}: {e}"));
+        }
         let reason = e.to_string();
         // JetStream reserves a stream's whole `max_bytes` when it is made;
         // say which settings to change when the server has too little.
@@ -324,7 +346,15 @@ async fn ensure_consumer(
         Ok(info) => Some(info.config),
         Err(error) => match error.kind() {
             ConsumerInfoErrorKind::NotFound => None,
-            ConsumerInfoErrorKind::JetStream(_) | ConsumerInfoErrorKind::InvalidName => {
+            ConsumerInfoErrorKind::JetStream(api) => {
+                return Err(answer_error(
+                    KEY,
+                    format!("reading {what}"),
+                    Some(&api),
+                    &error,
+                ));
+            }
+            ConsumerInfoErrorKind::InvalidName => {
                 return Err(refused(KEY, format!("reading {what}"), error));
             }
             _ => {
@@ -350,17 +380,42 @@ async fn ensure_consumer(
             && found.max_ack_pending == wanted.max_ack_pending;
         if !same {
             tracing::info!(consumer = %nats.consumer, "updating the consumer to the configured settings");
-            return backlog
-                .update_consumer(wanted)
-                .await
-                .map_err(|e| refused(KEY, format!("updating {what}"), e));
+            return backlog.update_consumer(wanted).await.map_err(|e| {
+                use async_nats::jetstream::stream::ConsumerUpdateErrorKind as Kind;
+                match e.kind() {
+                    Kind::JetStream(api) => {
+                        answer_error(KEY, format!("updating {what}"), Some(&api), &e)
+                    }
+                    Kind::TimedOut | Kind::Request => {
+                        answer_error(KEY, format!("updating {what}"), None, &e)
+                    }
+                    _ => refused(KEY, format!("updating {what}"), e),
+                }
+            });
         }
     }
     // Creating a durable that exists with the same settings returns it.
     backlog
         .create_consumer(wanted)
         .await
-        .map_err(|e| refused(KEY, format!("creating {what}"), e))
+        .map_err(|e| consumer_error(format!("creating {what}"), &e))
+}
+
+/// Why creating or updating the workers' consumer failed.
+fn consumer_error(
+    what: String,
+    error: &async_nats::jetstream::stream::ConsumerError,
+) -> BackendError {
+    use async_nats::jetstream::stream::ConsumerErrorKind;
+    match error.kind() {
+        ConsumerErrorKind::JetStream(api) => {
+            answer_error("backend.nats.consumer", what, Some(&api), error)
+        }
+        ConsumerErrorKind::InvalidName | ConsumerErrorKind::InvalidConsumerType => {
+            refused("backend.nats.consumer", what, error)
+        }
+        _ => answer_error("backend.nats.consumer", what, None, error),
+    }
 }
 
 #[cfg(test)]
