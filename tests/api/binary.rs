@@ -133,6 +133,20 @@ impl Service {
     }
 }
 
+/// `n` services started with `env`, each with its stdout read (a full pipe
+/// would stop its workers): the services and their stdout readers.
+pub(crate) fn start_reading(
+    env: &[(&str, &str)],
+    n: usize,
+) -> (Vec<Service>, Vec<std::thread::JoinHandle<String>>) {
+    let mut services: Vec<Service> = (0..n).map(|_| start(env)).collect();
+    let readers = services
+        .iter_mut()
+        .map(|s| stdout_reader(&mut s.child))
+        .collect();
+    (services, readers)
+}
+
 pub(crate) fn stdout_reader(child: &mut Child) -> std::thread::JoinHandle<String> {
     let mut stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {

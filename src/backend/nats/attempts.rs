@@ -7,6 +7,7 @@
 //! noted again by the read that precedes its use.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
@@ -17,6 +18,9 @@ const KEPT: usize = 65_536;
 #[derive(Debug, Default)]
 pub(super) struct Attempts {
     kept: Mutex<Kept>,
+    /// Whether any count was ever noted: until then every lookup (one per
+    /// event published or queued) answers 1 without taking the lock.
+    any: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +36,7 @@ impl Attempts {
         if attempts <= 1 {
             return;
         }
+        self.any.store(true, Ordering::Release);
         let mut kept = self.kept.lock();
         if kept.by_sequence.insert(sequence, attempts).is_none() {
             kept.order.push_back(sequence);
@@ -46,6 +51,9 @@ impl Attempts {
     /// Times the event of arrival sequence `sequence` was queued: 1 unless
     /// noted otherwise.
     pub(super) fn of(&self, sequence: u64) -> u32 {
+        if !self.any.load(Ordering::Acquire) {
+            return 1;
+        }
         self.kept
             .lock()
             .by_sequence

@@ -465,11 +465,7 @@ async fn a_replica_killed_mid_load_loses_nothing_its_survivors_finish_its_delive
         ("EVENTFLOW__PIPELINE__WORKERS", "2"),
         ("EVENTFLOW__PIPELINE__QUEUE_CAPACITY", "1024"),
     ];
-    let mut services: Vec<binary::Service> = (0..3).map(|_| binary::start(&env)).collect();
-    let readers: Vec<_> = services
-        .iter_mut()
-        .map(|s| binary::stdout_reader(&mut s.child))
-        .collect();
+    let (mut services, readers) = binary::start_reading(&env, 3);
     let addrs: Vec<_> = services.iter().map(|s| s.addr).collect();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

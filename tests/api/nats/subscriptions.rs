@@ -271,12 +271,7 @@ async fn a_group_polling_and_acking_through_three_replicas_survives_one_being_ki
         ("EVENTFLOW__BACKEND__NATS_URL", url.as_str()),
         ("EVENTFLOW__PIPELINE__WORKERS", "2"),
     ];
-    let mut services: Vec<binary::Service> = (0..3).map(|_| binary::start(&env)).collect();
-    // Their stdout read, or a full pipe would stop their workers.
-    let _readers: Vec<_> = services
-        .iter_mut()
-        .map(|s| binary::stdout_reader(&mut s.child))
-        .collect();
+    let (mut services, _readers) = binary::start_reading(&env, 3);
     let addrs: Vec<_> = services.iter().map(|s| s.addr).collect();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
