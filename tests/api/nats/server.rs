@@ -74,7 +74,10 @@ impl NatsNode {
         )
         .expect("the server's configuration is written");
         let monitor = free_port();
+        let log = dir.path().join("nats-server.log");
         let mut args = vec![
+            "-l".to_owned(),
+            log.display().to_string(),
             "-c".to_owned(),
             config.display().to_string(),
             "-js".to_owned(),
@@ -171,23 +174,52 @@ impl NatsNode {
             .unwrap_or_else(|| panic!("/varz has no {field}"))
     }
 
-    /// Waits until the node's JetStream answers its health check.
-    pub(crate) async fn wait_healthy(&self) {
-        let client = reqwest::Client::new();
+    /// Waits until the node's JetStream answers its health check; fails
+    /// the test with the server's log when it does not.
+    pub(crate) async fn wait_healthy(&mut self) {
+        if let Err(why) = self.try_wait_healthy().await {
+            panic!("nats-server did not become healthy: {why}");
+        }
+    }
+
+    /// Waits until the node's JetStream answers its health check, or says
+    /// why not (the process exited, or the deadline passed) with the tail
+    /// of its log.
+    async fn try_wait_healthy(&mut self) -> Result<(), String> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("an HTTP client");
         let url = format!("http://127.0.0.1:{}/healthz", self.monitor);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // A three-node cluster elects its meta leader in seconds; on a busy
+        // two-core machine running the whole suite it can take far longer.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(response) = client.get(&url).send().await
                 && response.status().is_success()
             {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not become healthy"
-            );
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!("it exited ({status}); {}", self.log_tail()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("60 s passed; {}", self.log_tail()));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The last lines the server logged.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self._dir.path().join("nats-server.log"))
+            .unwrap_or_else(|error| format!("(no log: {error})"));
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        format!("its log ends:\n{tail}")
     }
 }
 
@@ -207,21 +239,35 @@ pub(crate) async fn single() -> Option<NatsNode> {
 const TEST_FILE_STORE: &str = "64GB";
 
 /// A single node offering `max_file_store` of JetStream file storage.
+///
+/// A node that exits at start (its port taken between choosing and
+/// binding) is started again on fresh ports.
 pub(crate) async fn single_with_storage(max_file_store: &str) -> Option<NatsNode> {
-    let node = NatsNode::new(
-        binary_or_skip()?,
-        Vec::new(),
-        free_port(),
-        "single",
-        max_file_store,
+    let binary = binary_or_skip()?;
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        let mut node = NatsNode::new(
+            binary.clone(),
+            Vec::new(),
+            free_port(),
+            "single",
+            max_file_store,
+        );
+        match node.try_wait_healthy().await {
+            Ok(()) => return Some(node),
+            Err(why) if !node.is_running() => failures.push(why),
+            Err(why) => panic!("nats-server did not become healthy: {why}"),
+        }
+    }
+    panic!(
+        "nats-server exited at start three times: {}",
+        failures.join("\n---\n")
     );
-    node.wait_healthy().await;
-    Some(node)
 }
 
 /// A single node on `port` (one a service was pointed at before NATS ran).
 pub(crate) async fn single_at(port: u16) -> Option<NatsNode> {
-    let node = NatsNode::new(
+    let mut node = NatsNode::new(
         binary_or_skip()?,
         Vec::new(),
         port,
@@ -239,15 +285,44 @@ pub(crate) fn available() -> bool {
 }
 
 /// Three clustered nodes, ready (a JetStream meta leader elected).
+///
+/// The ports are chosen before the servers bind them, so another process
+/// can take one in between; a cluster whose node exits at start is made
+/// again on fresh ports (a cluster that is merely slow fails the test).
 pub(crate) async fn cluster() -> Option<Vec<NatsNode>> {
     let binary = binary_or_skip()?;
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        match try_cluster(&binary).await {
+            Ok(nodes) => return Some(nodes),
+            Err(ClusterStart::Exited(why)) => failures.push(why),
+            Err(ClusterStart::Slow(why)) => {
+                panic!("the nats cluster did not become healthy: {why}")
+            }
+        }
+    }
+    panic!(
+        "a nats cluster node exited at start three times: {}",
+        failures.join("\n---\n")
+    );
+}
+
+/// Why a cluster did not start.
+enum ClusterStart {
+    /// A node's process ended (a port taken by someone else, most likely).
+    Exited(String),
+    /// Every node runs, but one did not become healthy in time.
+    Slow(String),
+}
+
+async fn try_cluster(binary: &std::path::Path) -> Result<Vec<NatsNode>, ClusterStart> {
     let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let route_list = routes
         .iter()
         .map(|port| format!("nats://127.0.0.1:{port}"))
         .collect::<Vec<_>>()
         .join(",");
-    let nodes: Vec<NatsNode> = routes
+    let mut nodes: Vec<NatsNode> = routes
         .iter()
         .enumerate()
         .map(|(i, route)| {
@@ -260,7 +335,7 @@ pub(crate) async fn cluster() -> Option<Vec<NatsNode>> {
                 route_list.clone(),
             ];
             NatsNode::new(
-                binary.clone(),
+                binary.to_path_buf(),
                 extra,
                 free_port(),
                 &format!("n{i}"),
@@ -268,8 +343,14 @@ pub(crate) async fn cluster() -> Option<Vec<NatsNode>> {
             )
         })
         .collect();
-    for node in &nodes {
-        node.wait_healthy().await;
+    for node in &mut nodes {
+        if let Err(why) = node.try_wait_healthy().await {
+            return Err(if node.is_running() {
+                ClusterStart::Slow(why)
+            } else {
+                ClusterStart::Exited(why)
+            });
+        }
     }
-    Some(nodes)
+    Ok(nodes)
 }
