@@ -15,10 +15,13 @@
 //! subject per id), `ids` (a record per id, `Nats-Expected-Last-Subject-
 //! Sequence: 0`, acks awaited per batch), `ids-atomic` (the same as one
 //! atomic batch), `published` (a subject per publication and the same
-//! expectation), `published-plain` (one subject, no header),
+//! expectation), `published-processed` (the same and the service's
+//! `Eventflow-Processed` header), `published-subject` (a subject per
+//! publication, no header), `published-plain` (one subject, no header),
 //! `published-msgid` (one subject, `Nats-Msg-Id`), `chunks` (BATCH events
 //! per work-queue message, delivered and acked). `--max-bytes N` bounds the
-//! streams (when full, each write also drops the oldest message).
+//! streams (when full, each write also drops the oldest message);
+//! `--memory` keeps them in nats-server's memory instead of files.
 
 use std::time::Instant;
 
@@ -76,11 +79,19 @@ async fn fresh(js: &jetstream::Context, config: stream::Config) -> Result<stream
 /// also drop the oldest message, as a full history does), else 8 GiB.
 static MAX_BYTES: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
 
+/// `--memory`: the streams keep their messages in nats-server's memory.
+static MEMORY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 fn stream(name: &str, subjects: &str) -> stream::Config {
     stream::Config {
         name: name.into(),
         subjects: vec![subjects.into()],
         max_bytes: *MAX_BYTES.get().unwrap_or(&(8 << 30)),
+        storage: if MEMORY.get().copied().unwrap_or(false) {
+            stream::StorageType::Memory
+        } else {
+            stream::StorageType::File
+        },
         ..Default::default()
     }
 }
@@ -245,6 +256,24 @@ async fn scenario(
             })
             .await?;
         }
+        "published-processed" => {
+            fresh(js, stream("PUBLISHED", "published.>")).await?;
+            publish_all(js, n, batch, |i| {
+                let mut headers = expect_new();
+                headers.insert("Eventflow-Processed", "3 1700000000123456789");
+                let publish = PublishMessage::build().payload(body(i)).headers(headers);
+                (format!("published.{i}"), publish)
+            })
+            .await?;
+        }
+        "published-subject" => {
+            fresh(js, stream("PUBLISHED", "published.>")).await?;
+            publish_all(js, n, batch, |i| {
+                let publish = PublishMessage::build().payload(body(i));
+                (format!("published.{i}"), publish)
+            })
+            .await?;
+        }
         "published-plain" => {
             fresh(js, stream("PUBLISHED", "published.>")).await?;
             publish_all(js, n, batch, |i| {
@@ -335,6 +364,7 @@ async fn main() -> Result<(), Error> {
         .ok_or("--monitor PORT is required")?
         .parse()?;
     let pid: u32 = value("--pid").ok_or("--pid PID is required")?.parse()?;
+    let _ = MEMORY.set(args.iter().any(|a| a == "--memory"));
     if let Some(max_bytes) = value("--max-bytes") {
         let _ = MAX_BYTES.set(max_bytes.parse()?);
     }
@@ -355,8 +385,13 @@ async fn main() -> Result<(), Error> {
     use std::io::Write as _;
     writeln!(
         std::io::stdout().lock(),
-        "{name:16} batch {batch:5}: {n} events, {:.0}/s; nats-server {:.1} µs of CPU an event; \
+        "{name:16}{} batch {batch:5}: {n} events, {:.0}/s; nats-server {:.1} µs of CPU an event; \
          JetStream messages in {:.2} + out {:.2} an event",
+        if MEMORY.get().copied().unwrap_or(false) {
+            " (memory)"
+        } else {
+            ""
+        },
         n as f64 / elapsed.as_secs_f64(),
         cpu as f64 * 10_000.0 / n as f64,
         (in1 - in0) as f64 / n as f64,

@@ -536,10 +536,12 @@ bench_jetstream() {
   echo "== JetStream mechanisms: nats-server CPU and messages per event; nats-server on core $NATS_CPU, client on core $SERVER_CPU"
   local spec
   for spec in "earlier 50000 1000" "ids 200000 1000" "ids-atomic 200000 1000" "ids-atomic 200000 64" \
-      "published 200000 1000" "published-plain 200000 1000" "published-msgid 200000 1000" \
+      "published 200000 1000" "published-processed 200000 1000" "published-subject 200000 1000" \
+      "published-plain 200000 1000" "published-msgid 200000 1000" \
+      "ids 200000 1000 --memory" "published 200000 1000 --memory" \
       "chunks 200000 64" "chunks 200000 256"; do
     start_nats
-    # shellcheck disable=SC2086 # the spec is three words on purpose
+    # shellcheck disable=SC2086 # the spec is several words on purpose
     taskset -c "$SERVER_CPU" "$BIN/examples/jetstream_costs" $spec --url "$NATS_URL" --monitor "$NATS_MON" --pid "$NATS_PID"
     stop_nats
   done
