@@ -45,6 +45,16 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Asks for a subscription's dead letters to be handed out again.
+    pub(crate) async fn redeliver(&self, name: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/subscriptions/{name}/dead-letters/redeliver")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Deletes a subscription; the answer's status.
     pub(crate) async fn delete_subscription(&self, name: &str) -> u16 {
         self.client
@@ -312,13 +322,7 @@ async fn nacked_past_max_deliver_an_event_is_dead_lettered_then_redelivered() {
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains("eventflow_subscription_dead_lettered_total{subscription=\"dl\"} 1"));
 
-    let redelivered = app
-        .client
-        .post(app.url("/subscriptions/dl/dead-letters/redeliver"))
-        .json(&json!({"sequences": [1, 99]}))
-        .send()
-        .await
-        .unwrap();
+    let redelivered = app.redeliver("dl", json!({"sequences": [1, 99]})).await;
     assert_eq!(redelivered.status(), 202);
     assert_eq!(
         redelivered.json::<Value>().await.unwrap(),

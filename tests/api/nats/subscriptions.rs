@@ -120,16 +120,7 @@ async fn any_replica_answers_for_a_subscription_and_it_outlives_them_all() {
     assert_eq!(state["committed"], 30, "{state}");
 
     // Handed out again through B, counted from 1, acked through A.
-    let redelivered: Value = b
-        .client
-        .post(b.url("/subscriptions/orders/dead-letters/redeliver"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let redelivered: Value = b.redeliver("orders", json!({})).await.json().await.unwrap();
     assert_eq!(redelivered["redelivered"], 1);
     // C learns of the redelivery within its next reading of the consumers.
     let back = lease_n(&c, "orders", 1, 10).await;
