@@ -427,7 +427,7 @@ async fn pollers_that_never_read_take_the_answers_budget_never_the_replicas_nats
     // next poll gets those ten first (JetStream hands back before new).
     drop(pollers);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let again = loop {
+    let mut again = loop {
         let response = app.poll_subscription("hoard", "max=10").await;
         if response.status() == 200 {
             let body: Value = response.json().await.unwrap();
@@ -436,6 +436,9 @@ async fn pollers_that_never_read_take_the_answers_budget_never_the_replicas_nats
         assert!(Instant::now() < deadline, "polls never answered again");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // A poll that does not wait answers what is ready at once: on a busy
+    // machine, fewer than ten.
+    again.extend(lease_n(&app, "hoard", 10 - again.len(), 10).await);
     assert_eq!(again.len(), 10);
     let deliveries: Vec<&Value> = again.iter().map(|e| &e["delivery"]).collect();
     assert!(deliveries.iter().all(|d| **d == 2), "{deliveries:?}");
