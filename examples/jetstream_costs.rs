@@ -18,7 +18,8 @@
 //! expectation), `published-processed` (the same and the service's
 //! `Eventflow-Processed` header), `published-subject` (a subject per
 //! publication, no header), `published-plain` (one subject, no header),
-//! `published-msgid` (one subject, `Nats-Msg-Id`), `chunks` (BATCH events
+//! `published-msgid` (one subject, `Nats-Msg-Id`), `published-fast` (as
+//! `published`, in fast-ingest batches of BATCH, four at once), `chunks` (BATCH events
 //! per work-queue message, delivered and acked). `--max-bytes N` bounds the
 //! streams (when full, each write also drops the oldest message);
 //! `--memory` keeps them in nats-server's memory instead of files.
@@ -151,6 +152,72 @@ async fn atomic(
     Ok(())
 }
 
+/// Fast-ingest batches (ADR-50, nats-server 2.14+, `allow_batched`) of
+/// `batch` messages, `FAST_IN_FLIGHT` at once: the first message waits for
+/// the server's flow ack, the rest follow without waiting, the last
+/// commits; one pub ack a batch instead of one a message.
+async fn fast(
+    client: &async_nats::Client,
+    n: u64,
+    batch: u64,
+    message: impl Fn(u64) -> (String, HeaderMap, Bytes) + Send + Sync + 'static,
+) -> Result<(), Error> {
+    const FAST_IN_FLIGHT: u64 = 4;
+    let message = std::sync::Arc::new(message);
+    let batches = n.div_ceil(batch);
+    let mut tasks = Vec::new();
+    for lane in 0..FAST_IN_FLIGHT {
+        let client = client.clone();
+        let message = std::sync::Arc::clone(&message);
+        tasks.push(tokio::spawn(async move {
+            let inbox = client.new_inbox();
+            let mut replies = client.subscribe(format!("{inbox}.>")).await?;
+            let mut b = lane;
+            while b < batches {
+                let first = b * batch;
+                let last = n.min(first + batch) - 1;
+                for i in first..=last {
+                    let seq = i - first + 1;
+                    let op = if i == last {
+                        2
+                    } else if seq == 1 {
+                        0
+                    } else {
+                        1
+                    };
+                    let reply = format!("{inbox}.b{b}.{batch}.fail.{seq}.{op}.$FI");
+                    let (subject, headers, payload) = message(i);
+                    client
+                        .publish_with_reply_and_headers(subject, reply, headers, payload)
+                        .await?;
+                    if seq == 1 && i != last {
+                        let answer = replies.next().await.ok_or("no flow ack")?;
+                        if !answer.payload.starts_with(br#"{"type":"ack""#) {
+                            return Err(String::from_utf8_lossy(&answer.payload).into());
+                        }
+                    }
+                }
+                loop {
+                    let answer = replies.next().await.ok_or("no pub ack")?;
+                    let text = String::from_utf8_lossy(&answer.payload);
+                    if text.contains("\"error\"") || text.contains(r#""type":"err""#) {
+                        return Err(text.into());
+                    }
+                    if !text.contains(r#""type""#) {
+                        break;
+                    }
+                }
+                b += FAST_IN_FLIGHT;
+            }
+            Ok::<(), Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
 fn expect_new() -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
@@ -263,6 +330,15 @@ async fn scenario(
                 headers.insert("Eventflow-Processed", "3 1700000000123456789");
                 let publish = PublishMessage::build().payload(body(i)).headers(headers);
                 (format!("published.{i}"), publish)
+            })
+            .await?;
+        }
+        "published-fast" => {
+            let mut config = stream("PUBLISHED", "published.>");
+            config.allow_batch_publish = true;
+            fresh(js, config).await?;
+            fast(client, n, batch, |i| {
+                (format!("published.{i}"), expect_new(), body(i))
             })
             .await?;
         }

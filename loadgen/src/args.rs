@@ -26,6 +26,13 @@ pub(crate) struct Args {
     /// Requests per second (open loop only).
     #[arg(long)]
     pub(crate) rate: Option<f64>,
+    /// How the open loop keeps its schedule: `precise` (each request leaves
+    /// at its instant, and the generator's core never sleeps), or `tick`
+    /// (every millisecond, the requests that have come due leave together:
+    /// latencies include up to a millisecond of the generator's timer, and
+    /// it leaves the rest of its core to whatever shares it).
+    #[arg(long, value_enum, default_value_t = Pacing::Precise)]
+    pub(crate) pacing: Pacing,
     /// How long to run, e.g. `30s` (default 10s unless --requests is given).
     #[arg(long, short = 'd', value_parser = humantime::parse_duration)]
     pub(crate) duration: Option<Duration>,
@@ -109,9 +116,18 @@ pub(crate) struct Args {
 pub(crate) enum Mode {
     /// As fast as possible on N connections.
     Closed,
-    /// At a fixed rate, whatever the answers (paced to well under a millisecond,
-    /// so the generator keeps its core busy above ~1,000 requests/s).
+    /// At a fixed rate, whatever the answers (see --pacing).
     Open,
+}
+
+/// How the open loop keeps its schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Pacing {
+    /// Each request at its own instant, to well under a millisecond.
+    Precise,
+    /// The requests due, together, on each tick of a 1 ms timer.
+    Tick,
 }
 
 /// How batches are encoded.
@@ -132,6 +148,7 @@ pub(crate) struct Plan {
     pub(crate) mode: Mode,
     pub(crate) connections: usize,
     pub(crate) rate: Option<f64>,
+    pub(crate) pacing: Pacing,
     pub(crate) duration: Option<Duration>,
     pub(crate) requests: Option<u64>,
     /// Unmeasured load before the measured run.
@@ -246,6 +263,7 @@ impl Args {
             mode: self.mode,
             connections: self.connections,
             rate,
+            pacing: self.pacing,
             duration,
             requests: self.requests,
             warmup: self.warmup.unwrap_or_default(),

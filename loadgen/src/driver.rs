@@ -13,7 +13,7 @@ use http::{Request, header};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 
-use crate::args::{Mode, Plan};
+use crate::args::{Mode, Pacing, Plan};
 use crate::pacer;
 use crate::stats::{Outcome, Recorder, Timeline};
 use crate::workload::{Payload, Workload};
@@ -162,6 +162,8 @@ pub(crate) fn accepted_numbers(
 
 /// Open-loop tickets that may wait for a connection, per connection.
 const TICKETS_PER_CONNECTION: usize = 1024;
+/// The timer period of [`Pacing::Tick`].
+const TICK: Duration = Duration::from_millis(1);
 
 /// One connection's worker: sends requests and records what happened.
 struct Worker {
@@ -223,26 +225,37 @@ impl Worker {
 }
 
 /// Hands out open-loop tickets, (request number, due time), each at its
-/// due time (see [`pacer`] for why not on tokio's timer alone), until
-/// `deadline` or `limit`. At most `backlog` tickets wait for a connection:
-/// past that the schedule waits too, and the tickets it hands out late
-/// keep their due times, so the wait still shows in their latency.
+/// due time (see [`pacer`] for why not on tokio's timer alone) or, with
+/// [`Pacing::Tick`], on the first tick of a 1 ms timer at or after it,
+/// until `deadline` or `limit`. At most `backlog` tickets wait for a
+/// connection: past that the schedule waits too, and the tickets it hands
+/// out late keep their due times, so the wait still shows in their latency.
 fn schedule(
     start: Instant,
     interval: Duration,
+    pacing: Pacing,
     deadline: Option<Instant>,
     limit: Option<u64>,
     backlog: usize,
 ) -> async_channel::Receiver<(u64, Instant)> {
     let (sender, receiver) = async_channel::bounded::<(u64, Instant)>(backlog);
     tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut i: u64 = 0;
         loop {
             let due = start + interval.mul_f64(i as f64);
             if deadline.is_some_and(|d| due >= d) || limit.is_some_and(|l| i >= l) {
                 break;
             }
-            pacer::wait_until(due).await;
+            match pacing {
+                Pacing::Precise => pacer::wait_until(due).await,
+                Pacing::Tick => {
+                    while Instant::now() < due {
+                        ticks.tick().await;
+                    }
+                }
+            }
             if sender.send((i, due)).await.is_err() {
                 break;
             }
@@ -285,6 +298,7 @@ pub(crate) async fn run(
         Mode::Open => Some(schedule(
             start,
             interval,
+            plan.pacing,
             deadline,
             limit,
             plan.connections * TICKETS_PER_CONNECTION,
@@ -364,6 +378,25 @@ mod tests {
             body: Bytes::new(),
             first,
             count,
+        }
+    }
+
+    /// Every ticket of a schedule comes once, in order, never before its
+    /// due time, whichever the pacing.
+    #[tokio::test]
+    async fn tickets_come_in_order_and_never_early() {
+        for pacing in [Pacing::Precise, Pacing::Tick] {
+            let start = Instant::now();
+            let interval = Duration::from_micros(250);
+            let tickets = schedule(start, interval, pacing, None, Some(40), 64);
+            let mut expected = 0;
+            while let Ok((i, due)) = tickets.recv().await {
+                assert_eq!(i, expected, "{pacing:?}");
+                assert_eq!(due, start + interval * u32::try_from(i).unwrap_or(0));
+                assert!(Instant::now() >= due, "{pacing:?}: ticket {i} early");
+                expected += 1;
+            }
+            assert_eq!(expected, 40, "{pacing:?}");
         }
     }
 

@@ -163,6 +163,26 @@ async fn open_loop_paces_requests_and_verify_catches_refusals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tick_pacing_keeps_the_schedule_a_millisecond_at_a_time() {
+    let app = spawn_app().await;
+    let (code, s) = loadgen(
+        app.url(),
+        &[
+            "--mode", "open", "--pacing", "tick", "--rate", "2000", "-d", "1s", "-c", "8",
+            "--verify",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{s}");
+    // The requests due in the second are sent, two a tick.
+    let requests = s["requests"].as_u64().unwrap();
+    assert!((1990..=2000).contains(&requests), "{s}");
+    assert_eq!(s["verify"]["accepted"].as_u64().unwrap(), requests, "{s}");
+    assert_eq!(s["verify"]["lost"], 0);
+    assert_eq!(s["verify"]["duplicated"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_up_requests_are_verified_but_not_measured() {
     let app = spawn_app().await;
     let (code, s) = loadgen(
