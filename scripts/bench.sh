@@ -539,7 +539,7 @@ bench_jetstream() {
   local spec
   for spec in "earlier 50000 1000" "ids 200000 1000" "ids-atomic 200000 1000" "ids-atomic 200000 64" \
       "published 200000 1000" "published-processed 200000 1000" "published-subject 200000 1000" \
-      "published-plain 200000 1000" "published-msgid 200000 1000" \
+      "published-plain 200000 1000" "published-msgid 200000 1000" "published 200000 256" "published-fast 200000 256" \
       "ids 200000 1000 --memory" "published 200000 1000 --memory" \
       "chunks 200000 64" "chunks 200000 256"; do
     start_nats

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Nats;
 use super::codec;
-use super::publisher::{Ack, Outgoing};
+use super::publisher::{Ack, Fast, Outgoing};
 use crate::feed::{Feed, FeedError, FeedItem, FeedLine, Published, Subscription};
 
 /// Most items a subscriber takes at once.
@@ -90,6 +90,35 @@ impl NatsFeed {
             Arc::clone(&self.shared),
             self.stop.clone(),
         ));
+    }
+}
+
+impl NatsFeed {
+    /// The publications of `events`: each on its arrival sequence's
+    /// subject, which must hold nothing yet, so that an acceptance is
+    /// published once whoever delivers it.
+    fn outgoing(&self, events: &[Published<'_>]) -> Vec<Outgoing> {
+        let nats = &self.nats;
+        events
+            .iter()
+            .map(|event| {
+                let mut headers = nats.expect_new.clone();
+                codec::add_processed(
+                    &mut headers,
+                    event.processing.worker,
+                    event.processing.processed_at,
+                );
+                codec::add_attempts(&mut headers, nats.attempts.of(event.sequence));
+                if let Some(span) = event.span {
+                    codec::add_span(&mut headers, span);
+                }
+                Outgoing {
+                    subject: nats.subjects.published_event(event.sequence),
+                    headers,
+                    payload: Bytes::copy_from_slice(event.line.as_bytes()),
+                }
+            })
+            .collect()
     }
 }
 
@@ -156,31 +185,31 @@ async fn follow(published: Stream<()>, shared: Arc<Shared>, stop: CancellationTo
 impl Feed for NatsFeed {
     async fn append(&self, events: &[Published<'_>]) -> Result<(), FeedError> {
         let nats = &self.nats;
-        let outgoing = events
-            .iter()
-            .map(|event| {
-                let mut headers = nats.expect_new.clone();
-                // Once per acceptance, whoever delivers it: the subject is
-                // the arrival sequence and must hold nothing yet.
-                codec::add_processed(
-                    &mut headers,
-                    event.processing.worker,
-                    event.processing.processed_at,
-                );
-                codec::add_attempts(&mut headers, nats.attempts.of(event.sequence));
-                if let Some(span) = event.span {
-                    codec::add_span(&mut headers, span);
+        let started = std::time::Instant::now();
+        // A pass's publications go as one fast-ingest batch; when one was
+        // refused (published before: a chunk delivered again) or the batch
+        // broke off, the set goes again one by one, each message's ack
+        // saying whether it is stored or was already.
+        if events.len() > 1 {
+            match nats
+                .publish
+                .publish_fast(self.outgoing(events), nats.deadline)
+                .await
+            {
+                Ok(Fast::Stored(head)) => {
+                    self.shared.seen(head);
+                    return Ok(());
                 }
-                Outgoing {
-                    subject: nats.subjects.published_event(event.sequence),
-                    headers,
-                    payload: Bytes::copy_from_slice(event.line.as_bytes()),
+                Ok(Fast::Incomplete(why)) => {
+                    tracing::debug!(%why, "publishing a pass one by one");
                 }
-            })
-            .collect();
+                Err(error) => return Err(FeedError(error.to_string())),
+            }
+        }
+        let remaining = nats.deadline.saturating_sub(started.elapsed());
         let acks = nats
             .publish
-            .publish(outgoing, nats.deadline)
+            .publish(self.outgoing(events), remaining)
             .await
             .map_err(|error| FeedError(error.to_string()))?;
         let mut failure = None;

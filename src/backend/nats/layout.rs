@@ -81,6 +81,8 @@ fn streams(nats: &NatsSettings, subjects: &Subjects) -> [(&'static str, stream::
                 discard: DiscardPolicy::Old,
                 max_bytes: nats.history_max_bytes,
                 max_age: nats.history_max_age,
+                // A worker's pass of publications is one fast-ingest batch.
+                allow_batch_publish: true,
                 ..base.clone()
             },
         ),
@@ -286,7 +288,8 @@ async fn ensure_stream(
         && found.max_bytes == wanted.max_bytes
         && found.max_age == wanted.max_age
         && found.num_replicas == wanted.num_replicas
-        && found.allow_direct == wanted.allow_direct;
+        && found.allow_direct == wanted.allow_direct
+        && found.allow_batch_publish == wanted.allow_batch_publish;
     if !same_limits {
         tracing::info!(stream = %wanted.name, "updating the stream's limits to the configured ones");
         js.update_stream(&wanted).await.map_err(|e| {

@@ -8,10 +8,18 @@
 //! a set of publishes is one entry in a table, its acks fill the entry's
 //! slots in place, and the set is woken once, when the last one came (or
 //! its one deadline passed).
+//!
+//! A set of two or more can also go as one fast-ingest batch (ADR-50,
+//! nats-server 2.14+, `allow_batched` streams): the server stores each
+//! message as it comes and answers the batch once, at its commit, instead
+//! of once a message. `jetstream-extra`, which implements it, is built on
+//! another `async-nats` than ours, so the protocol is here: a reply subject
+//! per message, `<inbox>.<flow>.fail.<seq>.<op>.$FI`, on an inbox of the
+//! batch's own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Subject};
@@ -23,6 +31,12 @@ use tokio::sync::Notify;
 
 /// The JetStream error code of a failed `Nats-Expected-Last-Subject-Sequence`.
 const WRONG_LAST_SEQUENCE: u64 = 10071;
+/// The JetStream error code for a stream that does not take fast-ingest
+/// batches (`allow_batched` unset).
+const BATCH_PUBLISH_DISABLED: u64 = 10205;
+/// Most messages a fast-ingest batch asks the server to store between two
+/// of its flow acks (the server may ack more often, and never less).
+const FAST_FLOW: u16 = 256;
 
 /// How JetStream answered one publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +58,17 @@ pub(super) enum PublishError {
     /// A publish could not be sent.
     #[error("{0}")]
     Send(String),
+}
+
+/// How a fast-ingest batch ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Fast {
+    /// Every message stored, in order; the last at this stream sequence.
+    Stored(u64),
+    /// Not every message was stored (one refused, a gap), or the server
+    /// does not take fast-ingest batches: publish them one by one, whose
+    /// acks say which are stored.
+    Incomplete(String),
 }
 
 /// One message to publish.
@@ -70,6 +95,8 @@ pub(super) struct Publisher {
     sets: Arc<Mutex<HashMap<u64, Arc<Set>>>>,
     /// Started on first use (it needs a runtime and a subscription).
     started: tokio::sync::OnceCell<()>,
+    /// Cleared once the server shows it does not take fast-ingest batches.
+    fast: AtomicBool,
 }
 
 impl std::fmt::Debug for Set {
@@ -86,6 +113,77 @@ struct ApiAck {
     seq: Option<u64>,
     #[serde(default)]
     error: Option<ApiError>,
+}
+
+/// An answer to a fast-ingest batch: a flow ack, a gap or an error
+/// (`type`), or the batch's pub ack (no `type`).
+#[derive(Deserialize)]
+struct FastAnswer<'a> {
+    #[serde(default, rename = "type", borrow)]
+    kind: Option<&'a str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    count: Option<usize>,
+    #[serde(default)]
+    batch: Option<&'a str>,
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+/// What one answer to a fast-ingest batch says.
+#[derive(Debug, PartialEq, Eq)]
+enum FastReply {
+    /// A flow ack or a gap: the batch goes on (in `fail` mode, a gap ends
+    /// it with the pub ack that follows).
+    Progress,
+    /// A message was refused; the pub ack follows.
+    Refused(String),
+    /// The batch ended: this many stored, the last at this sequence.
+    Committed { sequence: u64, count: usize },
+    /// A plain pub ack: the server took the message as an ordinary publish.
+    NotBatched,
+    /// The batch ended refused.
+    Failed { code: u64, why: String },
+}
+
+fn read_fast(message: &async_nats::Message) -> FastReply {
+    if let Some(status) = message.status
+        && status != async_nats::StatusCode::OK
+    {
+        return FastReply::Failed {
+            code: 0,
+            why: format!("no stream took the batch ({status})"),
+        };
+    }
+    match serde_json::from_slice::<FastAnswer<'_>>(&message.payload) {
+        Ok(FastAnswer {
+            kind: Some("err"),
+            error,
+            ..
+        }) => FastReply::Refused(error.map(|e| e.description).unwrap_or_default()),
+        Ok(FastAnswer { kind: Some(_), .. }) => FastReply::Progress,
+        Ok(FastAnswer {
+            error: Some(error), ..
+        }) => FastReply::Failed {
+            code: error.err_code,
+            why: error.description,
+        },
+        Ok(FastAnswer {
+            seq: Some(sequence),
+            count: Some(count),
+            batch: Some(_),
+            ..
+        }) => FastReply::Committed { sequence, count },
+        Ok(FastAnswer { seq: Some(_), .. }) => FastReply::NotBatched,
+        _ => FastReply::Failed {
+            code: 0,
+            why: format!(
+                "an answer that is not an ack: {}",
+                crate::event::clip(&String::from_utf8_lossy(&message.payload))
+            ),
+        },
+    }
 }
 
 #[derive(Deserialize)]
@@ -105,6 +203,7 @@ impl Publisher {
             next_set: AtomicU64::new(0),
             sets: Arc::new(Mutex::new(HashMap::new())),
             started: tokio::sync::OnceCell::new(),
+            fast: AtomicBool::new(true),
         }
     }
 
@@ -188,6 +287,111 @@ impl Publisher {
             .into_iter()
             .map(|ack| ack.unwrap_or_else(|| Ack::Refused("no answer".to_owned())))
             .collect())
+    }
+}
+
+impl Publisher {
+    /// Publishes `messages` (two or more) as one fast-ingest batch that
+    /// stops at the first message refused, and waits, at most `deadline`,
+    /// for its end. The first message waits for the server's answer (it
+    /// says whether the server takes the batch); the rest follow without
+    /// waiting: a batch is one worker's pass, so what is in flight is
+    /// bounded as it is for [`Self::publish`].
+    pub(super) async fn publish_fast(
+        &self,
+        messages: Vec<Outgoing>,
+        deadline: Duration,
+    ) -> Result<Fast, PublishError> {
+        let count = messages.len();
+        if count < 2 || !self.fast.load(Ordering::Relaxed) {
+            return Ok(Fast::Incomplete("not a fast-ingest batch".to_owned()));
+        }
+        let send = |e: &dyn std::fmt::Display| PublishError::Send(e.to_string());
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(format!("{inbox}.>"))
+            .await
+            .map_err(|e| send(&e))?;
+        let batch = async {
+            let mut reply = String::with_capacity(inbox.len() + 48);
+            for (index, message) in messages.into_iter().enumerate() {
+                let sequence = index + 1;
+                // Start, append, commit (storing the last message).
+                let operation = match sequence {
+                    1 => '0',
+                    s if s == count => '2',
+                    _ => '1',
+                };
+                reply.clear();
+                reply.push_str(&inbox);
+                reply.push('.');
+                reply.push_str(itoa::Buffer::new().format(FAST_FLOW));
+                reply.push_str(".fail.");
+                reply.push_str(itoa::Buffer::new().format(sequence));
+                reply.push('.');
+                reply.push(operation);
+                reply.push_str(".$FI");
+                self.client
+                    .publish_with_reply_and_headers(
+                        message.subject,
+                        Subject::from(reply.as_str()),
+                        message.headers,
+                        message.payload,
+                    )
+                    .await
+                    .map_err(|e| send(&e))?;
+                if sequence == 1 {
+                    let answer = answers.next().await.ok_or_else(|| send(&"no answer"))?;
+                    match read_fast(&answer) {
+                        FastReply::Progress => {}
+                        FastReply::NotBatched
+                        | FastReply::Failed {
+                            code: BATCH_PUBLISH_DISABLED,
+                            ..
+                        } => {
+                            tracing::info!(
+                                "NATS does not take fast-ingest batches here: publishing one by one"
+                            );
+                            self.fast.store(false, Ordering::Relaxed);
+                            return Ok(Fast::Incomplete("not batched".to_owned()));
+                        }
+                        FastReply::Refused(why) | FastReply::Failed { why, .. } => {
+                            return Ok(Fast::Incomplete(why));
+                        }
+                        FastReply::Committed { .. } => {
+                            return Ok(Fast::Incomplete("ended at its start".to_owned()));
+                        }
+                    }
+                }
+            }
+            let mut refused = None;
+            loop {
+                let answer = answers.next().await.ok_or_else(|| send(&"no answer"))?;
+                match read_fast(&answer) {
+                    FastReply::Progress => {}
+                    FastReply::Refused(why) => refused = Some(why),
+                    FastReply::Committed {
+                        sequence,
+                        count: stored,
+                    } if stored == count && refused.is_none() => {
+                        return Ok(Fast::Stored(sequence));
+                    }
+                    FastReply::Committed { count: stored, .. } => {
+                        return Ok(Fast::Incomplete(
+                            refused.unwrap_or_else(|| format!("{stored} of {count} stored")),
+                        ));
+                    }
+                    FastReply::Failed { why, .. } => return Ok(Fast::Incomplete(why)),
+                    FastReply::NotBatched => {
+                        return Ok(Fast::Incomplete("not batched".to_owned()));
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(deadline, batch)
+            .await
+            .map_err(|_| PublishError::TimedOut(deadline))?
     }
 }
 
@@ -304,5 +508,44 @@ mod tests {
         let mut no_stream = reply("");
         no_stream.status = Some(async_nats::StatusCode::NO_RESPONDERS);
         assert!(matches!(read_ack(&no_stream), Ack::Refused(_)));
+    }
+
+    #[test]
+    fn fast_batch_answers_read_as_progress_refusal_commit_or_failure() {
+        let read = |payload: &str| read_fast(&reply(payload));
+        assert_eq!(
+            read(r#"{"type":"ack","seq":0,"msgs":1}"#),
+            FastReply::Progress
+        );
+        assert_eq!(
+            read(r#"{"type":"gap","last_seq":10,"seq":15}"#),
+            FastReply::Progress
+        );
+        assert_eq!(
+            read(
+                r#"{"type":"err","seq":3,"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 1"}}"#
+            ),
+            FastReply::Refused("wrong last sequence: 1".to_owned())
+        );
+        assert_eq!(
+            read(r#"{"stream":"P","seq":42,"batch":"abc","count":7}"#),
+            FastReply::Committed {
+                sequence: 42,
+                count: 7
+            }
+        );
+        // A server without fast ingest stores the first message as an
+        // ordinary publish.
+        assert_eq!(read(r#"{"stream":"P","seq":42}"#), FastReply::NotBatched);
+        assert_eq!(
+            read(
+                r#"{"stream":"P","error":{"code":400,"err_code":10205,"description":"batch publish not enabled"}}"#
+            ),
+            FastReply::Failed {
+                code: BATCH_PUBLISH_DISABLED,
+                why: "batch publish not enabled".to_owned()
+            }
+        );
+        assert!(matches!(read("garbage"), FastReply::Failed { code: 0, .. }));
     }
 }

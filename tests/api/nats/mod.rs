@@ -182,6 +182,45 @@ async fn stdout_ids(replicas: &[TestApp], n: usize) -> Vec<String> {
     }
 }
 
+/// A worker's pass goes to the published stream as one fast-ingest batch;
+/// when one of its events is there already (its chunk was delivered
+/// before), the batch stops there and the pass goes again one by one: the
+/// others are published once, and the one already there is not again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_with_an_event_published_before_publishes_the_others_once() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let app = replica(&nats.url(), |_| {}).await;
+    // What an earlier delivery of arrival sequence 2 published.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let earlier = async_nats::jetstream::message::PublishMessage::build()
+        .payload(r#"{"id":"earlier-2"}"#.into())
+        .expected_last_subject_sequence(0);
+    js.send_publish("eventflow.published.2", earlier)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let ids = ["pass-1", "pass-2", "pass-3", "pass-4"];
+    let batch = ids.iter().map(|id| event(id, "p")).collect();
+    assert_eq!(app.post_batch(batch).await.status(), 202);
+    for id in ["pass-1", "pass-3", "pass-4"] {
+        app.wait_for_status(id, "processed").await;
+    }
+    app.wait_until_idle().await;
+    let on_stream = published_ids(&nats.url(), 4).await;
+    let per_id = counts(on_stream.iter().map(String::as_str));
+    assert_eq!(on_stream.len(), 4, "{on_stream:?}");
+    for id in ["earlier-2", "pass-1", "pass-3", "pass-4"] {
+        assert_eq!(per_id.get(id), Some(&1), "{id} once: {on_stream:?}");
+    }
+    let errors = app.metric("eventflow_publish_errors_total").await;
+    assert_eq!(errors.unwrap_or(0.0), 0.0, "publish errors");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_pipeline_and_publish_each_event_exactly_once() {
     let Some(nats) = server::single().await else {
