@@ -308,12 +308,12 @@ impl Publisher {
         }
         let send = |e: &dyn std::fmt::Display| PublishError::Send(e.to_string());
         let inbox = self.client.new_inbox();
-        let mut answers = self
-            .client
-            .subscribe(format!("{inbox}.>"))
-            .await
-            .map_err(|e| send(&e))?;
         let batch = async {
+            let mut answers = self
+                .client
+                .subscribe(format!("{inbox}.>"))
+                .await
+                .map_err(|e| send(&e))?;
             let mut reply = String::with_capacity(inbox.len() + 48);
             for (index, message) in messages.into_iter().enumerate() {
                 let sequence = index + 1;

@@ -781,6 +781,37 @@ async fn streams_of_the_earlier_layout_stop_the_start_saying_how_to_move() {
     assert!(error.contains("backend.nats.subject_prefix"), "{error}");
 }
 
+/// The build before made the published stream without `allow_batched`:
+/// a replica starting on it turns it on, and publishes in fast batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_stream_without_fast_ingest_is_given_it_at_start() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let first = replica(&nats.url(), |_| {}).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut config = js
+        .get_stream("EVENTFLOW_PUBLISHED")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert!(config.allow_batch_publish, "made with fast ingest");
+    config.allow_batch_publish = false;
+    js.update_stream(&config).await.unwrap();
+    drop(first);
+
+    let app = replica(&nats.url(), |_| {}).await;
+    let info = js.get_stream("EVENTFLOW_PUBLISHED").await.unwrap();
+    assert!(info.cached_info().config.allow_batch_publish);
+    let ids: Vec<String> = (0..50).map(|i| format!("upgraded-{i}")).collect();
+    let batch = ids.iter().map(|id| event(id, "p")).collect();
+    assert_eq!(app.post_batch(batch).await.status(), 202);
+    assert_each_published_once(&nats.url(), &ids).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_room_for_the_streams_stops_the_start_naming_the_settings() {
     // JetStream reserves each stream's max_bytes (3 GiB in all by default)
