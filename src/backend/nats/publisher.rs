@@ -207,6 +207,19 @@ impl Publisher {
         }
     }
 
+    /// Sends `message` with `reply` for its answer.
+    async fn send(&self, message: Outgoing, reply: &str) -> Result<(), PublishError> {
+        self.client
+            .publish_with_reply_and_headers(
+                message.subject,
+                Subject::from(reply),
+                message.headers,
+                message.payload,
+            )
+            .await
+            .map_err(|e| PublishError::Send(e.to_string()))
+    }
+
     /// Subscribes to the acks (once), and reads them from then on.
     async fn start(&self) -> Result<(), PublishError> {
         self.started
@@ -263,15 +276,7 @@ impl Publisher {
             reply.push_str(itoa::Buffer::new().format(id));
             reply.push('.');
             reply.push_str(itoa::Buffer::new().format(index));
-            self.client
-                .publish_with_reply_and_headers(
-                    message.subject,
-                    Subject::from(reply.as_str()),
-                    message.headers,
-                    message.payload,
-                )
-                .await
-                .map_err(|e| PublishError::Send(e.to_string()))?;
+            self.send(message, &reply).await?;
         }
         let answered = async {
             while set.missing.load(Ordering::Acquire) > 0 {
@@ -332,15 +337,7 @@ impl Publisher {
                 reply.push('.');
                 reply.push(operation);
                 reply.push_str(".$FI");
-                self.client
-                    .publish_with_reply_and_headers(
-                        message.subject,
-                        Subject::from(reply.as_str()),
-                        message.headers,
-                        message.payload,
-                    )
-                    .await
-                    .map_err(|e| send(&e))?;
+                self.send(message, &reply).await?;
                 if sequence == 1 {
                     let answer = answers.next().await.ok_or_else(|| send(&"no answer"))?;
                     match read_fast(&answer) {

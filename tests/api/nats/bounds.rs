@@ -11,13 +11,12 @@ use base64::Engine as _;
 use eventflow::sink::{Publications, PublishError, Sink, SinkError};
 use serde_json::Value;
 
-use super::{nats_mode, replica, server};
+use super::{jetstream, nats_mode, replica, server};
 use crate::helpers::{event, spawn_app_with};
 
 /// The published stream's last sequence: how many publications it ever took.
 async fn publications(url: &str) -> u64 {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream(url).await;
     let stream = js.get_stream("EVENTFLOW_PUBLISHED").await.unwrap();
     stream.get_info().await.unwrap().state.last_sequence
 }
@@ -105,8 +104,7 @@ async fn a_crash_between_the_id_record_and_the_backlog_heals_on_the_clients_retr
     let app = replica(&nats.url(), |_| {}).await;
     // What a replica that died between its two writes leaves: the id's
     // record, and no chunk in the backlog.
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream(&nats.url()).await;
     let id = "crashed-1";
     let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id);
     // A record: when it was received and its trace id, then the event.

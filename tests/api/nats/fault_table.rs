@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 use serde_json::Value;
 
-use super::{scale, server};
+use super::{jetstream, scale, server};
 use crate::binary;
 use crate::helpers::event;
 
@@ -110,8 +110,7 @@ async fn load(
 /// it. Read from the start again after any error (a cluster electing a
 /// leader), within a bounded wait.
 async fn publications(url: &str) -> Vec<(String, SystemTime)> {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream(url).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     'read: loop {
         assert!(
@@ -355,8 +354,7 @@ async fn fault_table_cluster_loses_the_stream_leader() {
     let nodes_ref = &mut nodes;
     let (seen, recovered) = scenario("leader", &mut services, |_, _| async move {
         // The node leading the backlog stream.
-        let client = async_nats::connect(reader_url).await.unwrap();
-        let js = async_nats::jetstream::new(client);
+        let js = jetstream(&reader_url).await;
         let mut backlog = js.get_stream("EVENTFLOW_BACKLOG").await.unwrap();
         let leader = backlog
             .info()

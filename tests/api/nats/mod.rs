@@ -58,11 +58,15 @@ async fn start_error(url: &str) -> String {
     }
 }
 
+/// A JetStream context on the NATS at `url`.
+pub(crate) async fn jetstream(url: &str) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(url).await.unwrap())
+}
+
 /// The ids on the published stream, in publication order, once it holds at
 /// least `expected` messages (bounded wait).
 async fn published_ids(url: &str, expected: usize) -> Vec<String> {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream(url).await;
     let deadline = Instant::now() + Duration::from_secs(60 * scale() as u64);
     // A cluster that just lost a node may take a moment to answer.
     let stream = loop {
@@ -193,8 +197,7 @@ async fn a_pass_with_an_event_published_before_publishes_the_others_once() {
     };
     let app = replica(&nats.url(), |_| {}).await;
     // What an earlier delivery of arrival sequence 2 published.
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream(&nats.url()).await;
     let earlier = async_nats::jetstream::message::PublishMessage::build()
         .payload(r#"{"id":"earlier-2"}"#.into())
         .expected_last_subject_sequence(0);
@@ -744,8 +747,7 @@ async fn a_stream_that_exists_with_other_settings_stops_the_start_naming_the_key
     };
     // The ids stream made elsewhere (by this layout), in memory; eventflow
     // is told `file`.
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream(&nats.url()).await;
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "EVENTFLOW_IDS".into(),
         subjects: vec!["eventflow.ids.>".into()],
@@ -766,8 +768,7 @@ async fn streams_of_the_earlier_layout_stop_the_start_saying_how_to_move() {
         return;
     };
     // The published stream as the earlier version made it (no layout mark).
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream(&nats.url()).await;
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "EVENTFLOW_PUBLISHED".into(),
         subjects: vec!["eventflow.published.>".into()],
@@ -789,8 +790,7 @@ async fn a_published_stream_without_fast_ingest_is_given_it_at_start() {
         return;
     };
     let first = replica(&nats.url(), |_| {}).await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream(&nats.url()).await;
     let mut config = js
         .get_stream("EVENTFLOW_PUBLISHED")
         .await
