@@ -37,22 +37,16 @@ impl TestApp {
     }
 
     pub(crate) async fn ack_subscription(&self, name: &str, body: Value) -> reqwest::Response {
-        self.client
-            .post(self.url(&format!("/subscriptions/{name}/ack")))
-            .json(&body)
-            .send()
+        let path = format!("/subscriptions/{name}/ack");
+        self.post_raw(&path, "application/json", body.to_string())
             .await
-            .unwrap()
     }
 
     /// Asks for a subscription's dead letters to be handed out again.
     pub(crate) async fn redeliver(&self, name: &str, body: Value) -> reqwest::Response {
-        self.client
-            .post(self.url(&format!("/subscriptions/{name}/dead-letters/redeliver")))
-            .json(&body)
-            .send()
+        let path = format!("/subscriptions/{name}/dead-letters/redeliver");
+        self.post_raw(&path, "application/json", body.to_string())
             .await
-            .unwrap()
     }
 
     /// Deletes a subscription; the answer's status.
