@@ -83,6 +83,10 @@ static MAX_BYTES: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
 /// `--memory`: the streams keep their messages in nats-server's memory.
 static MEMORY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
+/// `--async`: the streams' files are written behind the acks
+/// (`persist_mode: async`, nats-server 2.12+) instead of before each.
+static ASYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 fn stream(name: &str, subjects: &str) -> stream::Config {
     stream::Config {
         name: name.into(),
@@ -93,6 +97,11 @@ fn stream(name: &str, subjects: &str) -> stream::Config {
         } else {
             stream::StorageType::File
         },
+        persist_mode: ASYNC
+            .get()
+            .copied()
+            .unwrap_or(false)
+            .then_some(stream::PersistenceMode::Async),
         ..Default::default()
     }
 }
@@ -441,6 +450,7 @@ async fn main() -> Result<(), Error> {
         .parse()?;
     let pid: u32 = value("--pid").ok_or("--pid PID is required")?.parse()?;
     let _ = MEMORY.set(args.iter().any(|a| a == "--memory"));
+    let _ = ASYNC.set(args.iter().any(|a| a == "--async"));
     if let Some(max_bytes) = value("--max-bytes") {
         let _ = MAX_BYTES.set(max_bytes.parse()?);
     }
@@ -465,6 +475,8 @@ async fn main() -> Result<(), Error> {
          JetStream messages in {:.2} + out {:.2} an event",
         if MEMORY.get().copied().unwrap_or(false) {
             " (memory)"
+        } else if ASYNC.get().copied().unwrap_or(false) {
+            " (async)"
         } else {
             ""
         },

@@ -40,6 +40,17 @@ named_choice!(
     }
 );
 
+named_choice!(
+    /// When a file stream's writes reach its files (`backend.nats.persist_mode`).
+    NatsPersistMode, "persist mode", {
+        /// Before each write is acknowledged.
+        Default = "default",
+        /// Behind the acknowledgements, a few milliseconds later (one copy
+        /// only: replicated streams already write behind their Raft log).
+        Async = "async",
+    }
+);
+
 /// `backend.nats.*` keys: the JetStream objects of the `nats` backend,
 /// created at start-up when missing and checked when present. Three bounds
 /// are kept apart: the backlog (accepted, not yet published; full → 503),
@@ -68,6 +79,11 @@ pub struct NatsSettings {
     pub replicas: usize,
     /// `file` or `memory`.
     pub storage: NatsStorage,
+    /// `default` (a write reaches the file before its ack) or `async`
+    /// (behind the acks: less server CPU, and a nats-server crash, not a
+    /// clean stop, can lose the last milliseconds of acknowledged writes);
+    /// `async` needs `replicas = 1` and `storage = "file"` (nats-server 2.12+).
+    pub persist_mode: NatsPersistMode,
     /// Bytes of accepted, unpublished events; a full backlog refuses new
     /// ones (503) and never drops one.
     pub backlog_max_bytes: i64,
@@ -170,6 +186,15 @@ impl BackendSettings {
         }
         if ![1, 3, 5].contains(&nats.replicas) {
             return Err(invalid("backend.nats.replicas", "must be 1, 3 or 5"));
+        }
+        if nats.persist_mode == NatsPersistMode::Async
+            && (nats.replicas != 1 || nats.storage != NatsStorage::File)
+        {
+            return Err(invalid(
+                "backend.nats.persist_mode",
+                "`async` needs backend.nats.replicas = 1 and backend.nats.storage = \"file\" \
+                 (replicated streams already write behind their Raft log)",
+            ));
         }
         for (key, value) in [
             ("backend.nats.backlog_max_bytes", nats.backlog_max_bytes),

@@ -66,7 +66,7 @@ mod telemetry;
 mod tests;
 
 pub use auth::AuthSettings;
-pub use backend::{BackendKind, BackendSettings, NatsSettings, NatsStorage};
+pub use backend::{BackendKind, BackendSettings, NatsPersistMode, NatsSettings, NatsStorage};
 pub use pipeline::{PipelineSettings, TransformKind};
 pub use publish::{NatsSinkSettings, PublishSettings, SinkKind};
 pub use server::ServerSettings;

@@ -417,6 +417,31 @@ fn bad_nats_settings_name_their_key() {
 }
 
 #[test]
+fn async_persistence_is_for_one_copy_on_file() {
+    let settings = load(&[("EVENTFLOW__BACKEND__NATS__PERSIST_MODE", "async")]).unwrap();
+    assert_eq!(settings.backend.nats.persist_mode, NatsPersistMode::Async);
+    for (key, value) in [
+        ("EVENTFLOW__BACKEND__NATS__REPLICAS", "3"),
+        ("EVENTFLOW__BACKEND__NATS__STORAGE", "memory"),
+    ] {
+        let error = load(&[
+            ("EVENTFLOW__BACKEND__NATS__PERSIST_MODE", "async"),
+            (key, value),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("backend.nats.persist_mode"),
+            "{key}: {error}"
+        );
+    }
+    let error = load(&[("EVENTFLOW__BACKEND__NATS__PERSIST_MODE", "later")])
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("valid values: default, async"), "{error}");
+}
+
+#[test]
 fn keys_of_the_earlier_nats_layout_are_refused_naming_their_replacements() {
     for (variable, key, replacement) in [
         (

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy, pull};
 use async_nats::jetstream::context::CreateStreamErrorKind;
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{
+    self, DiscardPolicy, PersistenceMode, RetentionPolicy, StorageType,
+};
 use async_nats::jetstream::{self};
 
 use super::codec::{self, Subjects};
 use super::{BackendError, Nats};
-use crate::config::{NatsSettings, NatsStorage, Settings};
+use crate::config::{NatsPersistMode, NatsSettings, NatsStorage, Settings};
 
 /// The metadata key every stream of this layout carries.
 const LAYOUT_KEY: &str = "eventflow_layout";
@@ -37,8 +39,13 @@ fn streams(nats: &NatsSettings, subjects: &Subjects) -> [(&'static str, stream::
         NatsStorage::File => StorageType::File,
         NatsStorage::Memory => StorageType::Memory,
     };
+    let persist_mode = match nats.persist_mode {
+        NatsPersistMode::Default => None,
+        NatsPersistMode::Async => Some(PersistenceMode::Async),
+    };
     let base = stream::Config {
         storage,
+        persist_mode,
         num_replicas: nats.replicas,
         allow_direct: true,
         metadata: HashMap::from([(LAYOUT_KEY.to_owned(), LAYOUT.to_owned())]),
@@ -282,6 +289,14 @@ async fn ensure_stream(
             "storage (backend.nats.storage)",
             format!("{:?}", found.storage),
             format!("{:?}", wanted.storage),
+        ));
+    }
+    // Fixed when a stream is made: nats-server refuses to change it.
+    if found.persist_mode.unwrap_or_default() != wanted.persist_mode.unwrap_or_default() {
+        return Err(incompatible(
+            "persist_mode (backend.nats.persist_mode; a stream's is fixed when it is made)",
+            format!("{:?}", found.persist_mode.unwrap_or_default()),
+            format!("{:?}", wanted.persist_mode.unwrap_or_default()),
         ));
     }
     let same_limits = found.discard == wanted.discard

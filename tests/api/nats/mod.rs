@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use eventflow::config::{BackendKind, Settings};
+use eventflow::config::{BackendKind, NatsPersistMode, Settings};
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -810,6 +810,37 @@ async fn a_published_stream_without_fast_ingest_is_given_it_at_start() {
     let batch = ids.iter().map(|id| event(id, "p")).collect();
     assert_eq!(app.post_batch(batch).await.status(), 202);
     assert_each_published_once(&nats.url(), &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_written_behind_their_acks_keep_that_mode_and_a_change_is_refused_naming_the_key() {
+    let Some(nats) = server::single().await else {
+        return;
+    };
+    let app = replica(&nats.url(), |settings| {
+        settings.backend.nats.persist_mode = NatsPersistMode::Async;
+    })
+    .await;
+    let js = jetstream(&nats.url()).await;
+    for stream in ["EVENTFLOW_IDS", "EVENTFLOW_BACKLOG", "EVENTFLOW_PUBLISHED"] {
+        let info = js.get_stream(stream).await.unwrap();
+        assert_eq!(
+            info.cached_info().config.persist_mode,
+            Some(async_nats::jetstream::stream::PersistenceMode::Async),
+            "{stream}"
+        );
+    }
+    let ids: Vec<String> = (0..50).map(|i| format!("behind-{i}")).collect();
+    let batch = ids.iter().map(|id| event(id, "p")).collect();
+    assert_eq!(app.post_batch(batch).await.status(), 202);
+    assert_each_published_once(&nats.url(), &ids).await;
+    drop(app);
+
+    // nats-server cannot change a stream's persist mode: the default
+    // settings meet async streams and say which key differs.
+    let error = start_error(&nats.url()).await;
+    assert!(error.contains("backend.nats.persist_mode"), "{error}");
+    assert!(error.contains("Async"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
