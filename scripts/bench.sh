@@ -451,6 +451,8 @@ nats_e2e() {
   if [[ "$backend" == nats* ]]; then
     start_nats
     env=(EVENTFLOW__BACKEND__KIND=nats EVENTFLOW__BACKEND__NATS_URL="$NATS_URL")
+    # `nats-async`: the streams written behind their acks.
+    [[ "$backend" == nats-async ]] && env+=(EVENTFLOW__BACKEND__NATS__PERSIST_MODE=async)
     read -r before_in before_out <<<"$(varz)"
   fi
   start_server "$server" "${env[@]}"
@@ -514,14 +516,15 @@ PY
 # nats: memory vs nats backend end to end, batches of 1,000 at BATCH_RATE
 # requests/s and single events at SINGLE_RATE requests/s, RUNS times each,
 # interleaved; the service on core 1, nats-server and the load generator on
-# core 0. With BASE=path/to/another/eventflow, that build's nats backend
-# runs beside them (`nats-base`).
+# core 0; `nats-async` is the nats backend with persist_mode = "async".
+# With BASE=path/to/another/eventflow, that build's nats backend runs
+# beside them (`nats-base`).
 bench_nats() {
   echo "== end to end, memory vs nats: ${NATS_DURATION}s x $RUNS each at $BATCH_RATE batches/s of 1,000 and $SINGLE_RATE single events/s; service on core $SERVER_CPU, nats-server on core $NATS_CPU, load on core $LOAD_CPU"
   local kind run backend
   for kind in batch single; do
     for run in $(seq "$RUNS"); do
-      local backends=(memory nats)
+      local backends=(memory nats nats-async)
       [[ -n "${BASE:-}" ]] && backends+=(nats-base)
       for backend in $(in_turn "$run" "${backends[@]}"); do
         nats_e2e "$backend" "$kind" | tee -a "$OUT/nats-e2e.jsonl"
@@ -540,6 +543,7 @@ bench_jetstream() {
   for spec in "earlier 50000 1000" "ids 200000 1000" "ids-atomic 200000 1000" "ids-atomic 200000 64" \
       "published 200000 1000" "published-processed 200000 1000" "published-subject 200000 1000" \
       "published-plain 200000 1000" "published-msgid 200000 1000" "published 200000 256" "published-fast 200000 256" \
+      "ids 200000 1000 --async" "published-fast 200000 256 --async" \
       "ids 200000 1000 --memory" "published 200000 1000 --memory" \
       "chunks 200000 64" "chunks 200000 256"; do
     start_nats
