@@ -292,11 +292,15 @@ async fn ensure_stream(
         ));
     }
     // Fixed when a stream is made: nats-server refuses to change it.
-    if found.persist_mode.unwrap_or_default() != wanted.persist_mode.unwrap_or_default() {
+    let mode = |mode: Option<PersistenceMode>| match mode.unwrap_or_default() {
+        PersistenceMode::Default => "\"default\"".to_owned(),
+        PersistenceMode::Async => "\"async\"".to_owned(),
+    };
+    if mode(found.persist_mode) != mode(wanted.persist_mode) {
         return Err(incompatible(
             "persist_mode (backend.nats.persist_mode; a stream's is fixed when it is made)",
-            format!("{:?}", found.persist_mode.unwrap_or_default()),
-            format!("{:?}", wanted.persist_mode.unwrap_or_default()),
+            mode(found.persist_mode),
+            mode(wanted.persist_mode),
         ));
     }
     let same_limits = found.discard == wanted.discard

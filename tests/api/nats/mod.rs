@@ -840,7 +840,7 @@ async fn streams_written_behind_their_acks_keep_that_mode_and_a_change_is_refuse
     // settings meet async streams and say which key differs.
     let error = start_error(&nats.url()).await;
     assert!(error.contains("backend.nats.persist_mode"), "{error}");
-    assert!(error.contains("Async"), "{error}");
+    assert!(error.contains(r#"persist_mode (backend.nats.persist_mode; a stream's is fixed when it is made) = "async""#), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
