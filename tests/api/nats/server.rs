@@ -125,6 +125,20 @@ impl NatsNode {
         }
     }
 
+    /// Stops the process cleanly (SIGTERM: nats-server writes what it
+    /// holds to its files first) and waits for it; killed after 30 s.
+    pub(crate) fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        if let Some(mut child) = self.child.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
