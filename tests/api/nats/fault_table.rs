@@ -258,6 +258,16 @@ where
     (running.await.unwrap(), recovered)
 }
 
+/// Takes NATS away for 10 s (`stop`: a kill or a clean stop), starts it
+/// again and returns when it is healthy: the moment recovery starts.
+async fn away_10s(node: &mut server::NatsNode, stop: fn(&mut server::NatsNode)) -> SystemTime {
+    stop(node);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    node.start();
+    node.wait_healthy().await;
+    SystemTime::now()
+}
+
 fn signal(service: &binary::Service, signal: nix::sys::signal::Signal) {
     let pid = nix::unistd::Pid::from_raw(service.child.id() as i32);
     nix::sys::signal::kill(pid, signal).unwrap();
@@ -320,12 +330,8 @@ async fn fault_table_nats_stopped_10s() {
     let url = nats.url();
     let mut services = replicas(&url, "1");
     let node = &mut nats;
-    let (seen, recovered) = scenario("stopped", &mut services, |_, _| async move {
-        node.kill();
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        node.start();
-        node.wait_healthy().await;
-        SystemTime::now()
+    let (seen, recovered) = scenario("stopped", &mut services, |_, _| {
+        away_10s(node, server::NatsNode::kill)
     })
     .await;
     row("NATS stopped 10 s, restarted", &url, &seen, recovered).await;
@@ -343,14 +349,10 @@ async fn fault_table_nats_stopped_cleanly_with_streams_written_behind_their_acks
         &[("EVENTFLOW__BACKEND__NATS__PERSIST_MODE", "async")],
     );
     let node = &mut nats;
-    let (seen, recovered) = scenario("behind", &mut services, |_, _| async move {
-        // A clean stop writes what the acks ran ahead of (a SIGKILL may
-        // not: docs/reliability.md).
-        node.stop();
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        node.start();
-        node.wait_healthy().await;
-        SystemTime::now()
+    // A clean stop writes what the acks ran ahead of (a SIGKILL may not:
+    // docs/reliability.md).
+    let (seen, recovered) = scenario("behind", &mut services, |_, _| {
+        away_10s(node, server::NatsNode::stop)
     })
     .await;
     row(
