@@ -191,7 +191,17 @@ pub(super) async fn set_up(handles: &Nats, settings: &Settings) -> Result<Ready,
             settings.backend.nats_url
         )));
     }
-    check_max_payload(client.server_info().max_payload, settings)?;
+    let max_payload = client.server_info().max_payload;
+    // The server's INFO can reach the client a moment after its state says
+    // connected (seen on a busy machine): until then its max_payload reads
+    // 0, which is no server's, so wait for it rather than refuse the start.
+    if max_payload == 0 {
+        return Err(BackendError::Unreachable(format!(
+            "waiting for the NATS server's INFO at {}",
+            settings.backend.nats_url
+        )));
+    }
+    check_max_payload(max_payload, settings)?;
     let mut published_head = 0;
     for (key, wanted) in streams(nats, subjects) {
         let name = wanted.name.clone();
