@@ -91,9 +91,7 @@ impl NatsFeed {
             self.stop.clone(),
         ));
     }
-}
 
-impl NatsFeed {
     /// The publications of `events`: each on its arrival sequence's
     /// subject, which must hold nothing yet, so that an acceptance is
     /// published once whoever delivers it.
@@ -190,7 +188,7 @@ impl Feed for NatsFeed {
         // refused (published before: a chunk delivered again) or the batch
         // broke off, the set goes again one by one, each message's ack
         // saying whether it is stored or was already.
-        if events.len() > 1 {
+        if events.len() > 1 && nats.publish.takes_fast_batches() {
             match nats
                 .publish
                 .publish_fast(self.outgoing(events), nats.deadline)

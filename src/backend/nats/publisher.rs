@@ -296,6 +296,12 @@ impl Publisher {
 }
 
 impl Publisher {
+    /// Whether a set may go as a fast-ingest batch: false once the server
+    /// showed it does not take them.
+    pub(super) fn takes_fast_batches(&self) -> bool {
+        self.fast.load(Ordering::Relaxed)
+    }
+
     /// Publishes `messages` (two or more) as one fast-ingest batch that
     /// stops at the first message refused, and waits, at most `deadline`,
     /// for its end. The first message waits for the server's answer (it
@@ -308,7 +314,7 @@ impl Publisher {
         deadline: Duration,
     ) -> Result<Fast, PublishError> {
         let count = messages.len();
-        if count < 2 || !self.fast.load(Ordering::Relaxed) {
+        if count < 2 || !self.takes_fast_batches() {
             return Ok(Fast::Incomplete("not a fast-ingest batch".to_owned()));
         }
         let send = |e: &dyn std::fmt::Display| PublishError::Send(e.to_string());
