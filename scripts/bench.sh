@@ -14,7 +14,8 @@
 # step of the sweep), OUT (target/bench, raw outputs); for `nats`:
 # NATS_CPU (the core nats-server runs on; default LOAD_CPU, beside the load
 # generator), NATS_DURATION (60 s), BATCH_RATE (50 requests/s of 1,000
-# events) and SINGLE_RATE (20,000 requests/s), the offered rates; for
+# events) and SINGLE_RATE (20,000 requests/s), the offered rates, and
+# NATS_KINDS ("batch single", or one of them); for
 # `subscriptions`: SUB_RATE (200 requests/s of 1,000 events beside the
 # consumers).
 set -euo pipefail
@@ -29,6 +30,7 @@ WARMUP="${WARMUP:-2}"
 OUT="${OUT:-target/bench}"
 NATS_CPU="${NATS_CPU:-$LOAD_CPU}"
 NATS_DURATION="${NATS_DURATION:-60}"
+NATS_KINDS="${NATS_KINDS:-batch single}"
 BATCH_RATE="${BATCH_RATE:-50}"
 SINGLE_RATE="${SINGLE_RATE:-20000}"
 SUB_RATE="${SUB_RATE:-200}"
@@ -522,7 +524,7 @@ PY
 bench_nats() {
   echo "== end to end, memory vs nats: ${NATS_DURATION}s x $RUNS each at $BATCH_RATE batches/s of 1,000 and $SINGLE_RATE single events/s; service on core $SERVER_CPU, nats-server on core $NATS_CPU, load on core $LOAD_CPU"
   local kind run backend
-  for kind in batch single; do
+  for kind in $NATS_KINDS; do
     for run in $(seq "$RUNS"); do
       local backends=(memory nats nats-async)
       [[ -n "${BASE:-}" ]] && backends+=(nats-base)
