@@ -33,6 +33,14 @@ pub(super) struct Ready {
     pub(super) published_head: u64,
 }
 
+/// The `backend.nats.persist_mode` a stream's mode stands for.
+fn setting_of(mode: Option<PersistenceMode>) -> NatsPersistMode {
+    match mode.unwrap_or_default() {
+        PersistenceMode::Default => NatsPersistMode::Default,
+        PersistenceMode::Async => NatsPersistMode::Async,
+    }
+}
+
 /// The five streams' configurations.
 fn streams(nats: &NatsSettings, subjects: &Subjects) -> [(&'static str, stream::Config); 5] {
     let storage = match nats.storage {
@@ -302,15 +310,15 @@ async fn ensure_stream(
         ));
     }
     // Fixed when a stream is made: nats-server refuses to change it.
-    let mode = |mode: Option<PersistenceMode>| match mode.unwrap_or_default() {
-        PersistenceMode::Default => "\"default\"".to_owned(),
-        PersistenceMode::Async => "\"async\"".to_owned(),
-    };
-    if mode(found.persist_mode) != mode(wanted.persist_mode) {
+    let (found_mode, wanted_mode) = (
+        setting_of(found.persist_mode),
+        setting_of(wanted.persist_mode),
+    );
+    if found_mode != wanted_mode {
         return Err(incompatible(
             "persist_mode (backend.nats.persist_mode; a stream's is fixed when it is made)",
-            mode(found.persist_mode),
-            mode(wanted.persist_mode),
+            format!("\"{}\"", found_mode.name()),
+            format!("\"{}\"", wanted_mode.name()),
         ));
     }
     let same_limits = found.discard == wanted.discard

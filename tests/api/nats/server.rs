@@ -129,14 +129,14 @@ impl NatsNode {
     /// holds to its files first) and waits for it; killed after 30 s.
     pub(crate) fn stop(&mut self) {
         self.signal(nix::sys::signal::Signal::SIGTERM);
-        if let Some(mut child) = self.child.take() {
+        if let Some(child) = self.child.as_mut() {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
+        // Reaps it, or kills it if it outlived the deadline.
+        self.kill();
     }
 
     pub(crate) fn url(&self) -> String {
